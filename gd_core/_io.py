@@ -1,0 +1,73 @@
+"""Atomic ``.npz`` files holding a JSON header and named arrays; never pickles."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ProfileError
+
+_META_KEY = "__meta_json__"
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same folder and an atomic rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def atomic_write_npz(path: str | os.PathLike[str], meta_json: str, arrays: dict[str, Any]) -> Path:
+    """Store a JSON header and arrays in one ``.npz``, atomically."""
+    buf = io.BytesIO()
+    payload = {_META_KEY: np.frombuffer(meta_json.encode("utf-8"), dtype=np.uint8)}
+    payload.update({k: np.asarray(v) for k, v in arrays.items()})
+    np.savez(buf, **payload)  # type: ignore[arg-type]
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def read_npz(
+    path: str | os.PathLike[str], what: str
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Load a file written by :func:`atomic_write_npz` with ``allow_pickle=False``."""
+    p = Path(path)
+    if not p.exists():
+        raise ProfileError(f"{what} file {str(p)!r} does not exist; fix: check the path")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            arrays = {k: np.array(data[k]) for k in data.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
+        raise ProfileError(
+            f"{what} file {str(p)!r} is truncated or corrupt ({type(exc).__name__}: {exc}); "
+            "fix: recompute it or copy it again"
+        ) from exc
+    raw = arrays.pop(_META_KEY, None)
+    if raw is None:
+        raise ProfileError(
+            f"{what} file {str(p)!r} has no guided-dropout header; it is not a file this library wrote"
+        )
+    try:
+        meta = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProfileError(f"{what} file {str(p)!r} has a corrupt header ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ProfileError(f"{what} file {str(p)!r} has a corrupt header (not a JSON object)")
+    return meta, arrays

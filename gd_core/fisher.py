@@ -1,0 +1,201 @@
+"""Streaming accumulation of the empirical Fisher diagonal.
+
+The empirical Fisher diagonal of parameter ``theta`` over samples ``x_1..x_N`` is
+``F = 1/N * sum_i (d loss(x_i) / d theta)**2`` -- squared *per-sample* gradients, averaged.
+Adapters compute per-sample squared gradients in their framework and hand *sums* over chunks of
+samples to :class:`FisherAccumulator`, which keeps float64 sums and the sample count. Partial
+accumulators (data shards, distributed ranks, an interrupted run) merge exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ._io import atomic_write_npz, read_npz
+from .errors import NonFiniteGradientError, ProfileError, bad_argument
+
+ACCUMULATOR_FORMAT = "gd-fisher-accumulator"
+ACCUMULATOR_VERSION = 1
+
+NonFinitePolicy = Literal["raise", "skip"]
+
+
+class FisherAccumulator:
+    """Float64 sums of squared per-sample gradients plus the number of samples they cover.
+
+    Example:
+        >>> import numpy as np
+        >>> acc = FisherAccumulator()
+        >>> acc.add_sample({"w": np.array([1.0, -2.0])})
+        True
+        >>> acc.add_sample({"w": np.array([3.0, 0.0])})
+        True
+        >>> acc.count, acc.mean()["w"].tolist()
+        (2, [5.0, 2.0])
+    """
+
+    def __init__(self, on_nonfinite: NonFinitePolicy = "raise") -> None:
+        if on_nonfinite not in ("raise", "skip"):
+            raise bad_argument(
+                "on_nonfinite", "'raise' or 'skip'", on_nonfinite, "use on_nonfinite='raise'"
+            )
+        self.on_nonfinite: NonFinitePolicy = on_nonfinite
+        self.sums: dict[str, np.ndarray] = {}
+        self.count = 0
+        self.skipped = 0
+        self.metadata: dict[str, Any] = {}
+
+    # -- adding -------------------------------------------------------------------------------
+    def add_sample(self, grads: Mapping[str, Any]) -> bool:
+        """Add one sample's (unsquared) gradients. Returns False if the sample was skipped."""
+        squared = {}
+        for name, g in grads.items():
+            arr = np.asarray(g, dtype=np.float64)
+            if not np.all(np.isfinite(arr)):
+                if self._nonfinite(name):
+                    return False
+            squared[name] = arr * arr
+        self._add_sums(squared, 1)
+        return True
+
+    def add(self, sq_sums: Mapping[str, Any], n: int, *, skipped: int = 0) -> bool:
+        """Add sums over ``n`` samples of squared per-sample gradients.
+
+        ``skipped`` counts samples the adapter dropped for non-finite gradients (with
+        ``on_nonfinite='skip'``, an adapter checks each sample before summing). Returns False when
+        the whole chunk was skipped because a sum was non-finite.
+        """
+        if not isinstance(n, (int, np.integer)) or n < 0:
+            raise bad_argument("n", "a non-negative int", n, "pass the number of samples summed")
+        arrays = {}
+        for name, s in sq_sums.items():
+            arr = np.asarray(s, dtype=np.float64)
+            if not np.all(np.isfinite(arr)):
+                if self._nonfinite(name, chunk=n):
+                    self.skipped += int(skipped)
+                    return False
+            if np.any(arr < 0):
+                raise bad_argument(
+                    f"sq_sums[{name!r}]",
+                    "sums of squared gradients (all >= 0)",
+                    f"an array with minimum {arr.min():g}",
+                    "square the per-sample gradients before summing them",
+                )
+            arrays[name] = arr
+        self.skipped += int(skipped)
+        self._add_sums(arrays, int(n))
+        return True
+
+    def record_skipped(self, n: int = 1) -> None:
+        """Count samples an adapter skipped for a non-finite gradient or loss."""
+        self.skipped += int(n)
+
+    def _nonfinite(self, name: str, chunk: int = 1) -> bool:
+        if self.on_nonfinite == "raise":
+            raise NonFiniteGradientError(
+                f"gradient of parameter {name!r} contains NaN or Inf; fix: check the loss and "
+                "inputs for that sample, or pass on_nonfinite='skip' to skip and count such samples",
+                parameter=name,
+            )
+        self.skipped += chunk
+        return True
+
+    def _add_sums(self, arrays: Mapping[str, np.ndarray], n: int) -> None:
+        for name, arr in arrays.items():
+            current = self.sums.get(name)
+            if current is None:
+                self.sums[name] = np.array(arr, dtype=np.float64, copy=True)
+            elif current.shape != arr.shape:
+                raise bad_argument(
+                    f"gradient for {name!r}",
+                    f"shape {current.shape} (as before)",
+                    f"shape {arr.shape}",
+                    "hand the accumulator gradients of the same model every time",
+                )
+            else:
+                current += arr
+        self.count += n
+
+    # -- combining ----------------------------------------------------------------------------
+    def merge(self, other: FisherAccumulator) -> FisherAccumulator:
+        """Return a new accumulator equal to having added both inputs' samples to one."""
+        if not isinstance(other, FisherAccumulator):
+            raise bad_argument(
+                "other", "a FisherAccumulator", type(other).__name__, "merge accumulators only"
+            )
+        out = FisherAccumulator(self.on_nonfinite)
+        out.metadata = {**other.metadata, **self.metadata}
+        for src in (self, other):
+            out._add_sums(src.sums, src.count)
+            out.skipped += src.skipped
+        return out
+
+    __add__ = merge
+
+    @classmethod
+    def merge_all(cls, parts: Iterable[FisherAccumulator]) -> FisherAccumulator:
+        out = cls()
+        for part in parts:
+            out = out.merge(part)
+        return out
+
+    # -- results ------------------------------------------------------------------------------
+    def mean(self) -> dict[str, np.ndarray]:
+        """The empirical Fisher diagonal: sums divided by the sample count."""
+        if self.count == 0:
+            raise bad_argument(
+                "accumulator", "at least one sample", "0 samples", "feed it some batches first"
+            )
+        return {name: s / self.count for name, s in self.sums.items()}
+
+    def __repr__(self) -> str:
+        return (
+            f"FisherAccumulator(parameters={len(self.sums)}, count={self.count}, "
+            f"skipped={self.skipped})"
+        )
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the state atomically (temp file, then rename) to ``path`` (an ``.npz``)."""
+        meta = {
+            "format": ACCUMULATOR_FORMAT,
+            "version": ACCUMULATOR_VERSION,
+            "count": self.count,
+            "skipped": self.skipped,
+            "on_nonfinite": self.on_nonfinite,
+            "names": list(self.sums),
+            "metadata": self.metadata,
+        }
+        arrays = {f"p{i}": arr for i, arr in enumerate(self.sums.values())}
+        return atomic_write_npz(path, json.dumps(meta), arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FisherAccumulator:
+        """Read a state written by :meth:`save`; errors say whether it is missing or corrupt."""
+        meta, arrays = read_npz(path, what="Fisher accumulator")
+        if meta.get("format") != ACCUMULATOR_FORMAT:
+            raise ProfileError(
+                f"{path}: not a Fisher accumulator file (format={meta.get('format')!r})"
+            )
+        if meta.get("version") != ACCUMULATOR_VERSION:
+            raise ProfileError(
+                f"{path}: accumulator format version {meta.get('version')!r} is not supported "
+                f"(this library reads version {ACCUMULATOR_VERSION}); recompute it"
+            )
+        acc = cls(meta.get("on_nonfinite", "raise"))
+        try:
+            acc.sums = {
+                name: arrays[f"p{i}"].astype(np.float64) for i, name in enumerate(meta["names"])
+            }
+            acc.count = int(meta["count"])
+            acc.skipped = int(meta["skipped"])
+        except KeyError as exc:
+            raise ProfileError(f"{path}: accumulator file is incomplete (missing {exc})") from exc
+        acc.metadata = dict(meta.get("metadata", {}))
+        return acc

@@ -1,0 +1,331 @@
+"""The sensitivity profile: the artifact users compute once per pretrained model and reuse.
+
+On disk a profile is one ``.npz`` file (read with ``allow_pickle=False``) holding a JSON header
+(format, version, sites, mapping, fingerprint, metadata) and float64 arrays (site scores, per-tensor
+Fisher means, optional per-unit scores). See ``docs/profile-format.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._io import atomic_write_npz, read_npz
+from ._version import __version__
+from .errors import ProfileError, ProfileMismatchError, bad_argument
+from .fingerprint import Fingerprint
+from .mappings import map_scores, unit_probabilities
+from .names import translator
+from .sites import Site, check_sites, site_score_from_stats, tensor_stats, unit_scores
+
+PROFILE_FORMAT = "guided-dropout-profile"
+PROFILE_VERSION = 1
+DEFAULT_MAPPING: dict[str, Any] = {
+    "name": "linear_rank",
+    "p_lower": 0.0,
+    "p_upper": 0.1,
+    "target_mean": None,
+}
+
+
+def _mapping_dict(mapping: str | Mapping[str, Any] | None, **overrides: Any) -> dict[str, Any]:
+    if mapping is None:
+        out = dict(DEFAULT_MAPPING)
+    elif isinstance(mapping, str):
+        out = {**DEFAULT_MAPPING, "name": mapping}
+    elif isinstance(mapping, Mapping):
+        out = {**DEFAULT_MAPPING, **mapping}
+    else:
+        raise bad_argument(
+            "mapping",
+            "a mapping name or a dict like {'name': 'linear_rank', 'p_upper': 0.1}",
+            mapping,
+            "pass mapping='linear_rank'",
+        )
+    out.update({k: v for k, v in overrides.items() if v is not None})
+    return out
+
+
+@dataclass(frozen=True)
+class SensitivityProfile:
+    """Per-site Fisher scores of a pretrained model and the dropout probabilities they imply.
+
+    Example:
+        >>> import numpy as np
+        >>> sites = [Site("a.dropout", ("a.weight",)), Site("b.dropout", ("b.weight",))]
+        >>> fisher = {"a.weight": np.array([4.0, 2.0]), "b.weight": np.array([1.0, 1.0])}
+        >>> prof = SensitivityProfile.from_fisher(fisher, sites)
+        >>> prof.probabilities()
+        {'a.dropout': 0.0, 'b.dropout': 0.1}
+    """
+
+    sites: tuple[Site, ...]
+    scores: np.ndarray
+    tensor_means: Mapping[str, float] = field(default_factory=dict)
+    tensor_sizes: Mapping[str, int] = field(default_factory=dict)
+    unit_scores: Mapping[str, np.ndarray] = field(default_factory=dict)
+    aggregation: str = "tensor_mean"
+    mapping: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_MAPPING))
+    fingerprint: Fingerprint | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_fisher(
+        cls,
+        fisher: Mapping[str, Any],
+        sites: Sequence[Site],
+        *,
+        aggregation: str = "tensor_mean",
+        mapping: str | Mapping[str, Any] | None = None,
+        fingerprint: Fingerprint | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        with_units: bool = True,
+    ) -> SensitivityProfile:
+        """Aggregate a per-parameter Fisher diagonal into a profile."""
+        sites_t = tuple(check_sites(sites))
+        guarded = {p for s in sites_t for p in s.params}
+        stats = tensor_stats({p: fisher[p] for p in guarded if p in fisher})
+        scores = np.array([site_score_from_stats(s, stats, aggregation) for s in sites_t])
+        units: dict[str, np.ndarray] = {}
+        if with_units:
+            for s in sites_t:
+                u = unit_scores(fisher, s) if s.unit_axes else None
+                if u is not None:
+                    units[s.name] = u
+        prof = cls(
+            sites=sites_t,
+            scores=scores,
+            tensor_means={p: m for p, (m, _) in stats.items()},
+            tensor_sizes={p: n for p, (_, n) in stats.items()},
+            unit_scores=units,
+            aggregation=aggregation,
+            mapping=_mapping_dict(mapping),
+            fingerprint=fingerprint,
+            metadata=dict(metadata or {}),
+        )
+        prof.probabilities()  # validate the mapping now, not at apply time
+        return prof
+
+    # -- views --------------------------------------------------------------------------------
+    @property
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"site {name!r} is not in this profile (sites: {self.site_names[:4]}...)")
+
+    def probability_array(
+        self,
+        mapping: str | Mapping[str, Any] | None = None,
+        *,
+        p_lower: float | None = None,
+        p_upper: float | None = None,
+        target_mean: float | None = None,
+    ) -> np.ndarray:
+        """Probabilities in site order, under the stored mapping or an override."""
+        base = self.mapping if mapping is None else mapping
+        m = _mapping_dict(base, p_lower=p_lower, p_upper=p_upper, target_mean=target_mean)
+        return map_scores(
+            self.scores,
+            m["name"],
+            p_lower=m["p_lower"],
+            p_upper=m["p_upper"],
+            target_mean=m["target_mean"],
+        )
+
+    def probabilities(
+        self,
+        mapping: str | Mapping[str, Any] | None = None,
+        *,
+        p_lower: float | None = None,
+        p_upper: float | None = None,
+        target_mean: float | None = None,
+    ) -> dict[str, float]:
+        """``{site name: dropout probability}`` under the stored mapping or an override."""
+        probs = self.probability_array(
+            mapping, p_lower=p_lower, p_upper=p_upper, target_mean=target_mean
+        )
+        return {s.name: float(p) for s, p in zip(self.sites, probs, strict=True)}
+
+    def unit_probabilities(
+        self, site_p: Mapping[str, float] | None = None, *, spread: float = 1.0
+    ) -> dict[str, np.ndarray]:
+        """Per-unit probabilities for sites that have unit scores (mean = the site's p)."""
+        probs = self.probabilities() if site_p is None else dict(site_p)
+        return {
+            name: unit_probabilities(u, probs[name], spread=spread)
+            for name, u in self.unit_scores.items()
+            if name in probs
+        }
+
+    def with_mapping(
+        self, mapping: str | Mapping[str, Any] | None = None, **overrides: Any
+    ) -> SensitivityProfile:
+        """A copy whose stored mapping is replaced (validated)."""
+        m = _mapping_dict(self.mapping if mapping is None else mapping, **overrides)
+        out = replace(self, mapping=m)
+        out.probabilities()
+        return out
+
+    def reaggregate(self, aggregation: str) -> SensitivityProfile:
+        """Recompute site scores with another aggregation from the stored per-tensor means."""
+        stats = {p: (self.tensor_means[p], self.tensor_sizes[p]) for p in self.tensor_means}
+        scores = np.array([site_score_from_stats(s, stats, aggregation) for s in self.sites])
+        return replace(self, scores=scores, aggregation=aggregation)
+
+    def translate(self, names: Mapping[str, str] | Callable[[str], str]) -> SensitivityProfile:
+        """Rename sites and parameters (e.g. from one framework's convention to another's)."""
+        fn = translator(names)
+        sites = tuple(
+            Site(
+                fn(s.name),
+                tuple(fn(p) for p in s.params),
+                s.units,
+                {fn(p): a for p, a in s.unit_axes.items()},
+                s.kind,
+            )
+            for s in self.sites
+        )
+        return replace(
+            self,
+            sites=sites,
+            tensor_means={fn(k): v for k, v in self.tensor_means.items()},
+            tensor_sizes={fn(k): v for k, v in self.tensor_sizes.items()},
+            unit_scores={fn(k): v for k, v in self.unit_scores.items()},
+            fingerprint=None
+            if self.fingerprint is None
+            else Fingerprint.from_shapes([(fn(n), s) for n, s in self.fingerprint.params]),
+        )
+
+    def check_fingerprint(self, fingerprint: Fingerprint | None, *, strict: bool = True) -> None:
+        """Refuse a model whose parameters differ from the profiled model's (unless not strict)."""
+        if not strict or fingerprint is None or self.fingerprint is None:
+            return
+        if fingerprint.digest != self.fingerprint.digest:
+            diffs = self.fingerprint.differences(fingerprint)
+            raise ProfileMismatchError(
+                "profile: expected a profile computed on this model's parameters, received one "
+                f"from a different model ({'; '.join(diffs)}); fix: compute a profile for this "
+                "model, or pass strict=False if the difference is intended"
+            )
+
+    def table(self, mapping: str | Mapping[str, Any] | None = None) -> str:
+        """A readable table: site, Fisher score, rank (1 = most important), probability."""
+        probs = self.probability_array(mapping)
+        order = np.argsort(-self.scores, kind="stable")
+        rank = np.empty(len(self.sites), dtype=int)
+        rank[order] = np.arange(1, len(self.sites) + 1)
+        width = max(len("site"), *(len(s.name) for s in self.sites))
+        lines = [f"{'site':<{width}}  {'fisher':>11}  {'rank':>4}  {'p':>6}"]
+        lines.append("-" * len(lines[0]))
+        for s, score, r, p in zip(self.sites, self.scores, rank, probs, strict=True):
+            lines.append(f"{s.name:<{width}}  {score:11.4e}  {r:4d}  {p:6.4f}")
+        m = _mapping_dict(self.mapping if mapping is None else mapping)
+        lines.append(
+            f"{len(self.sites)} sites; mapping {m['name']} [{m['p_lower']}, {m['p_upper']}]"
+            + (f" rescaled to mean {m['target_mean']}" if m["target_mean"] is not None else "")
+            + f"; mean p {probs.mean():.4f}"
+        )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"SensitivityProfile(sites={len(self.sites)}, aggregation={self.aggregation!r}, "
+            f"mapping={self.mapping.get('name')!r}, samples={self.metadata.get('samples')})"
+        )
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the profile atomically (temp file in the same folder, then rename)."""
+        tensor_names = list(self.tensor_means)
+        unit_names = list(self.unit_scores)
+        header = {
+            "format": PROFILE_FORMAT,
+            "version": PROFILE_VERSION,
+            "library_version": __version__,
+            "sites": [s.to_dict() for s in self.sites],
+            "aggregation": self.aggregation,
+            "mapping": dict(self.mapping),
+            "fingerprint": None if self.fingerprint is None else self.fingerprint.to_list(),
+            "fingerprint_digest": None if self.fingerprint is None else self.fingerprint.digest,
+            "tensor_names": tensor_names,
+            "unit_sites": unit_names,
+            "metadata": dict(self.metadata),
+        }
+        arrays: dict[str, Any] = {
+            "scores": np.asarray(self.scores, dtype=np.float64),
+            "tensor_means": np.array([self.tensor_means[n] for n in tensor_names], np.float64),
+            "tensor_sizes": np.array([self.tensor_sizes[n] for n in tensor_names], np.int64),
+        }
+        for i, name in enumerate(unit_names):
+            arrays[f"units_{i}"] = np.asarray(self.unit_scores[name], dtype=np.float64)
+        return atomic_write_npz(path, json.dumps(header, default=_json_default), arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SensitivityProfile:
+        """Read a profile; a truncated, corrupt, foreign or newer-version file raises ProfileError."""
+        header, arrays = read_npz(path, what="profile")
+        if header.get("format") != PROFILE_FORMAT:
+            raise ProfileError(
+                f"profile file {str(path)!r} is not a guided-dropout profile "
+                f"(format={header.get('format')!r})"
+            )
+        version = header.get("version")
+        if version != PROFILE_VERSION:
+            raise ProfileError(
+                f"profile file {str(path)!r} has format version {version!r}; this library "
+                f"(guided-dropout {__version__}) reads version {PROFILE_VERSION}; fix: upgrade "
+                "guided-dropout or recompute the profile"
+            )
+        try:
+            sites = tuple(Site.from_dict(d) for d in header["sites"])
+            scores = arrays["scores"]
+            names = header["tensor_names"]
+            means, sizes = arrays["tensor_means"], arrays["tensor_sizes"]
+            units = {n: arrays[f"units_{i}"] for i, n in enumerate(header["unit_sites"])}
+            fp = header.get("fingerprint")
+            prof = cls(
+                sites=sites,
+                scores=scores.astype(np.float64),
+                tensor_means={n: float(m) for n, m in zip(names, means, strict=True)},
+                tensor_sizes={n: int(s) for n, s in zip(names, sizes, strict=True)},
+                unit_scores=units,
+                aggregation=str(header["aggregation"]),
+                mapping=_mapping_dict(header["mapping"]),
+                fingerprint=None if fp is None else Fingerprint.from_list(fp),
+                metadata=dict(header.get("metadata", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProfileError(
+                f"profile file {str(path)!r} is incomplete or inconsistent ({type(exc).__name__}: "
+                f"{exc}); fix: recompute it"
+            ) from exc
+        if scores.shape != (len(sites),):
+            raise ProfileError(
+                f"profile file {str(path)!r} is inconsistent: {len(sites)} sites but "
+                f"{scores.shape} scores; fix: recompute it"
+            )
+        digest = header.get("fingerprint_digest")
+        if prof.fingerprint is not None and digest != prof.fingerprint.digest:
+            raise ProfileError(f"profile file {str(path)!r} has a corrupt fingerprint")
+        return prof
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"metadata value of type {type(obj).__name__} is not JSON serialisable")
