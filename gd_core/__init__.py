@@ -25,7 +25,7 @@ from .errors import (
     ProfileNotFoundError,
 )
 from .fingerprint import Fingerprint
-from .fisher import FisherAccumulator
+from .fisher import FisherAccumulator, FisherResult
 from .mappings import MAPPINGS, map_scores, rescale_to_mean, shuffled, unit_probabilities
 from .masks import binomial_halfwidth, mean_halfwidth, reference_dropout, reference_mask
 from .profile import SensitivityProfile
@@ -39,6 +39,7 @@ __all__ = [
     "ArgumentError",
     "Fingerprint",
     "FisherAccumulator",
+    "FisherResult",
     "GuidedDropoutError",
     "NoSitesError",
     "NonFiniteGradientError",

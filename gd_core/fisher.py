@@ -199,3 +199,34 @@ class FisherAccumulator:
             raise ProfileError(f"{path}: accumulator file is incomplete (missing {exc})") from exc
         acc.metadata = dict(meta.get("metadata", {}))
         return acc
+
+
+class FisherResult(dict[str, np.ndarray]):
+    """What every adapter's ``estimate_fisher`` returns: ``{parameter name: float64 Fisher
+    diagonal}`` plus ``count`` (samples used), ``skipped`` (samples skipped for non-finite values)
+    and ``accumulator`` (the :class:`FisherAccumulator`, to save, merge or resume).
+
+    Example:
+        >>> import numpy as np
+        >>> acc = FisherAccumulator()
+        >>> acc.add({"w": np.array([4.0])}, n=2)
+        True
+        >>> r = FisherResult.from_accumulator(acc)
+        >>> r["w"].tolist(), r.count, r.skipped
+        ([2.0], 2, 0)
+    """
+
+    count: int
+    skipped: int
+    accumulator: FisherAccumulator
+
+    @classmethod
+    def from_accumulator(cls, acc: FisherAccumulator) -> FisherResult:
+        out = cls(acc.mean())
+        out.count = acc.count
+        out.skipped = acc.skipped
+        out.accumulator = acc
+        return out
+
+    def __repr__(self) -> str:
+        return f"FisherResult(parameters={len(self)}, count={self.count}, skipped={self.skipped})"
