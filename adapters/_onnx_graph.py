@@ -1,0 +1,561 @@
+"""Graph helpers of the ONNX adapter: indexes, constants, parameter names, sites and repairs.
+
+Private: :mod:`adapters.onnx` is the public surface. Only ``onnx`` and NumPy are imported here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gd_core.errors import bad_argument
+from gd_core.names import from_onnx_node
+from gd_core.sites import Site
+
+from ._lazy import require
+
+onnx = require("onnx")
+numpy_helper = require("onnx.numpy_helper")
+
+#: element types that hold trainable weights
+FLOAT_TYPES = frozenset(
+    {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.BFLOAT16,
+    }
+)
+#: nodes whose initializer inputs are the weights a dropout site guards
+WEIGHT_OPS = frozenset(
+    {
+        "MatMul",
+        "Gemm",
+        "Add",
+        "Mul",
+        "Gather",
+        "LayerNormalization",
+        "Conv",
+        "ConvTranspose",
+        "Einsum",
+        "BatchNormalization",
+        "InstanceNormalization",
+        "GroupNormalization",
+        "SkipLayerNormalization",
+        "SimplifiedLayerNormalization",
+    }
+)
+#: ops an exporter puts between a weight initializer and the node that uses it
+PARAM_TRANSFORMS = frozenset({"Transpose", "Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze"})
+#: ops whose output depends only on their input's shape: no gradient flows through them
+SHAPE_OPS = frozenset({"Shape", "Size", "ConstantOfShape", "EyeLike"})
+DEFAULT_DOMAINS = ("", "ai.onnx")
+#: newest model IR version onnxruntime(-training) 1.19 loads, and the newest ai.onnx opset it runs
+MAX_IR_VERSION = 10
+MAX_OPSET = 21
+#: Dropout takes ``ratio`` and ``training_mode`` as inputs from this opset on
+MIN_DROPOUT_OPSET = 12
+TRAINING_MODE_NAME = "gd.training_mode"
+INERT_RATIO_NAME = "gd.inert_ratio"
+
+
+def opset_of(model: Any) -> int:
+    """The model's ai.onnx opset version (0 when it imports none)."""
+    for imp in model.opset_import:
+        if imp.domain in DEFAULT_DOMAINS:
+            return int(imp.version)
+    return 0
+
+
+def check_ort_compatible(model: Any, arg: str = "model_proto") -> None:
+    """Raise an ArgumentError for a model onnxruntime-training 1.19 cannot load or train."""
+    ir = int(model.ir_version)
+    if ir > MAX_IR_VERSION:
+        raise bad_argument(
+            arg,
+            f"an ONNX model with IR version <= {MAX_IR_VERSION} (the newest onnxruntime-training "
+            "1.19, its last release, loads)",
+            f"IR version {ir}",
+            "export with onnx==1.17.0 installed (newer onnx packages write newer IR versions) "
+            "and opset 14..17, or lower it with onnx.version_converter before saving",
+        )
+    opset = opset_of(model)
+    if opset > MAX_OPSET:
+        raise bad_argument(
+            arg,
+            f"an ai.onnx opset <= {MAX_OPSET} (what onnxruntime 1.19 implements)",
+            f"opset {opset}",
+            "re-export with opset_version=17 (or 14..16)",
+        )
+
+
+def check_dropout_opset(model: Any, arg: str = "model_proto") -> None:
+    """Dropout with a ratio input (and a training-mode input) needs opset >= 12."""
+    opset = opset_of(model)
+    if 0 < opset < MIN_DROPOUT_OPSET:
+        raise bad_argument(
+            arg,
+            f"an ai.onnx opset >= {MIN_DROPOUT_OPSET} (Dropout takes ratio and training_mode as "
+            "inputs from opset 12 on)",
+            f"opset {opset}",
+            "re-export with opset_version=14..17",
+        )
+
+
+class GraphIndex:
+    """Producers, consumers, initializers and Constant outputs of a graph (main graph only)."""
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+        self.nodes = list(graph.node)
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[tuple[int, int]]] = {}
+        for i, node in enumerate(self.nodes):
+            for out in node.output:
+                if out:
+                    self.producer[out] = i
+            for j, name in enumerate(node.input):
+                if name:
+                    self.consumers.setdefault(name, []).append((i, j))
+        self.inits = {t.name: t for t in graph.initializer}
+        self.inputs = {v.name for v in graph.input}
+        self.outputs = {v.name for v in graph.output}
+
+    def names(self) -> set[str]:
+        """Every tensor and node name in the graph (for making new names unique)."""
+        out = set(self.inits) | self.inputs | self.outputs
+        for node in self.nodes:
+            out.update(node.input)
+            out.update(node.output)
+            out.add(node.name)
+        for vi in self.graph.value_info:
+            out.add(vi.name)
+        return out
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of a tensor that is an initializer or a Constant node's output, else None."""
+        if not name:
+            return None
+        if name in self.inits and name not in self.inputs:
+            return np.asarray(numpy_helper.to_array(self.inits[name]))
+        i = self.producer.get(name)
+        if i is None or self.nodes[i].op_type != "Constant":
+            return None
+        for attr in self.nodes[i].attribute:
+            if attr.name == "value":
+                return np.asarray(numpy_helper.to_array(attr.t))
+            if attr.name in ("value_float", "value_int", "value_floats", "value_ints"):
+                return np.asarray(onnx.helper.get_attribute_value(attr))
+        return None
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``... whichever is not in ``taken`` (which is updated)."""
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Param:
+    """A trainable initializer: its ONNX name, canonical (torch-style) name, and layout.
+
+    ``transposed`` is True when the initializer holds the transpose of the canonical tensor
+    (``torch.onnx`` with constant folding stores ``Linear.weight`` as a ``[in, out]``
+    ``onnx::MatMul_N``); ``shape`` is the canonical (torch) shape.
+    """
+
+    onnx_name: str
+    name: str
+    shape: tuple[int, ...]
+    transposed: bool = False
+    note: str = ""
+
+
+_AUTO_NAME = re.compile(r"^onnx::[A-Za-z]+_\d+$")
+
+
+def _scope(node: Any) -> str | None:
+    """The module path of a ``torch.onnx`` node (``/a/b/MatMul`` -> ``a.b``), None if unscoped."""
+    if not node.name or "/" not in node.name.strip("/"):
+        return None
+    return from_onnx_node(node.name)
+
+
+def _attr(node: Any, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def param_table(model: Any) -> dict[str, Param]:
+    """``{onnx name: Param}`` for every float initializer with at least one axis.
+
+    Scalars are left out (exporters store constants such as ``sqrt(d)`` as 0-d initializers) and
+    so are initializers used only as a Dropout ratio. ``torch.onnx`` auto-names (``onnx::MatMul_N``)
+    of a MatMul/Gemm weight are mapped back to ``<module path>.weight`` (and Gemm's bias to
+    ``.bias``) from the consuming node's scope, transposed where the exporter stored ``W^T``.
+    """
+    index = GraphIndex(model.graph)
+    taken = set(index.inits)
+    out: dict[str, Param] = {}
+    for name, init in index.inits.items():
+        if init.data_type not in FLOAT_TYPES or len(init.dims) == 0 or name in index.inputs:
+            continue
+        uses = index.consumers.get(name, [])
+        if uses and all(index.nodes[i].op_type == "Dropout" and j > 0 for i, j in uses):
+            continue
+        shape = tuple(int(d) for d in init.dims)
+        param = Param(name, name, shape)
+        if _AUTO_NAME.match(name):
+            param = _canonical_auto(index, param, uses, taken)
+        out[name] = param
+    return out
+
+
+def _canonical_auto(
+    index: GraphIndex, param: Param, uses: Sequence[tuple[int, int]], taken: set[str]
+) -> Param:
+    for i, j in uses:
+        node = index.nodes[i]
+        scope = _scope(node)
+        if scope is None:
+            continue
+        if node.op_type == "MatMul" and j == 1:
+            leaf, transposed = "weight", len(param.shape) == 2
+        elif node.op_type == "Gemm" and j == 1:
+            leaf, transposed = "weight", not bool(_attr(node, "transB", 0))
+        elif node.op_type == "Gemm" and j == 2:
+            leaf, transposed = "bias", False
+        else:
+            continue
+        name = f"{scope}.{leaf}"
+        if name in taken:
+            return param
+        taken.add(name)
+        shape = param.shape[::-1] if transposed else param.shape
+        note = (
+            f"{param.onnx_name} holds {name} transposed ({list(param.shape)} = torch "
+            f"{list(shape)} transposed); Fisher and shapes are reported in torch layout"
+            if transposed
+            else f"{param.onnx_name} is {name}"
+        )
+        return Param(param.onnx_name, name, shape, transposed, note)
+    return param
+
+
+def trace_param(index: GraphIndex, name: str, params: dict[str, Param]) -> str | None:
+    """Follow ``name`` up through Transpose/Cast/Reshape... to a parameter initializer."""
+    seen = 0
+    while name and seen < 8:
+        if name in params:
+            return name
+        i = index.producer.get(name)
+        if i is None or index.nodes[i].op_type not in PARAM_TRANSFORMS:
+            return None
+        name = index.nodes[i].input[0] if index.nodes[i].input else ""
+        seen += 1
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# sites
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SiteInfo:
+    """One dropout site: its Site, the Dropout nodes (indices) realising it, and their state."""
+
+    site: Site
+    nodes: list[int] = field(default_factory=list)
+    ratio: float | None = None
+    active: bool | None = None
+    node_names: list[str] = field(default_factory=list)
+
+
+def site_name(node: Any, k: int) -> str:
+    """Canonical site name of a Dropout node (``k``: its position among Dropout nodes).
+
+    A node in the scope of a module whose name says dropout (``/x/dropout/Dropout``) is that
+    module (``x.dropout``). A Dropout in the scope of another module (``/x/self/Dropout``, the
+    functional dropout transformers applies to attention probabilities with the
+    ``self.dropout`` module's rate) is named ``x.self.dropout``, which is how the module holding
+    that rate is named in PyTorch.
+    """
+    if not node.name:
+        return f"dropout_{k}"
+    parts = [p for p in node.name.strip("/").split("/") if p]
+    base = from_onnx_node(node.name)
+    functional = re.fullmatch(r"Dropout(_\d+)?", parts[-1]) is not None
+    if len(parts) > 1 and functional and "drop" not in parts[-2].lower():
+        return f"{base}.dropout"
+    return base
+
+
+def _is_true(value: np.ndarray | None) -> bool | None:
+    if value is None or value.size != 1:
+        return None
+    return bool(value.reshape(()).item())
+
+
+def dropout_state(index: GraphIndex, node: Any) -> tuple[float | None, bool | None]:
+    """(ratio, training mode) of a Dropout node; None where not a constant."""
+    if len(node.input) > 1 and node.input[1]:
+        value = index.constant(node.input[1])
+        ratio = None if value is None or value.size != 1 else float(value.reshape(()).item())
+    else:
+        ratio = 0.5  # the ONNX default
+    if len(node.input) > 2 and node.input[2]:
+        active = _is_true(index.constant(node.input[2]))
+    else:
+        active = False  # no training_mode input: inference semantics, the node is inert
+    return ratio, active
+
+
+def guarded_params(index: GraphIndex, start: int, params: dict[str, Param]) -> list[str]:
+    """ONNX names of the parameters upstream of Dropout node ``start`` back to the previous site.
+
+    Walks producers backwards from the Dropout's data input, collecting parameters that weight
+    nodes (MatMul, Gemm, Add, Mul, Gather, LayerNormalization...) consume, and stops at another
+    Dropout, a graph input, an initializer or a shape-only op (``Shape``: no gradient flows
+    through it). The result is in graph order of the consuming node (then input position).
+    """
+    found: dict[str, tuple[int, int]] = {}
+    seen: set[int] = set()
+    stack = [index.nodes[start].input[0]] if index.nodes[start].input else []
+    while stack:
+        name = stack.pop()
+        i = index.producer.get(name)
+        if i is None or i in seen:
+            continue
+        seen.add(i)
+        node = index.nodes[i]
+        if node.op_type == "Dropout" or node.op_type in SHAPE_OPS:
+            continue
+        if node.op_type in WEIGHT_OPS:
+            for j, inp in enumerate(node.input):
+                p = trace_param(index, inp, params)
+                if p is not None:
+                    found[p] = min(found.get(p, (i, j)), (i, j))
+        stack.extend(x for x in node.input if x)
+    return sorted(found, key=lambda p: (found[p], p))
+
+
+def discover(model: Any, exclusive: bool = True) -> tuple[list[SiteInfo], dict[str, Param]]:
+    """Every Dropout node of the main graph grouped into sites (in graph order), plus params.
+
+    Nodes with the same canonical name (one module called twice) form one site. With
+    ``exclusive`` a parameter reached from several sites (a residual stream carries the output
+    of every earlier normalisation layer to every later site) is guarded only by the first of
+    them in graph order: the dropout right after it.
+    """
+    index = GraphIndex(model.graph)
+    params = param_table(model)
+    shapes = _inferred_last_dims(model)
+    infos: dict[str, SiteInfo] = {}
+    guarded: dict[str, list[str]] = {}
+    k = 0
+    for i, node in enumerate(index.nodes):
+        if node.op_type != "Dropout" or node.domain not in DEFAULT_DOMAINS:
+            continue
+        name = site_name(node, k)
+        k += 1
+        ratio, active = dropout_state(index, node)
+        info = infos.get(name)
+        if info is None:
+            info = infos[name] = SiteInfo(Site(name, kind="node"), ratio=ratio, active=active)
+            guarded[name] = []
+        elif info.ratio != ratio:
+            info.ratio = None
+        info.nodes.append(i)
+        info.node_names.append(node.name)
+        info.active = bool(info.active) or bool(active)
+        for p in guarded_params(index, i, params):
+            if p not in guarded[name]:
+                guarded[name].append(p)
+        units = shapes.get(node.input[0]) if node.input else None
+        if info.site.units is None and units is not None:
+            info.site = Site(name, kind="node", units=units)
+    out = []
+    claimed: set[str] = set()
+    for name, info in infos.items():
+        mine = [p for p in guarded[name] if not (exclusive and p in claimed)]
+        claimed.update(mine)
+        canon = tuple(params[p].name for p in mine)
+        info.site = Site(name, canon, info.site.units, kind="node")
+        out.append(info)
+    return out, params
+
+
+def _inferred_last_dims(model: Any) -> dict[str, int]:
+    """Static last-axis sizes of tensors, from shape inference (empty if inference fails)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - units are optional information
+        return {}
+    out: dict[str, int] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[-1].HasField("dim_value"):
+            out[vi.name] = int(dims[-1].dim_value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# repairs
+# ---------------------------------------------------------------------------------------------
+def repair_in_place(model: Any) -> list[str]:
+    """Make the graph one ORT 1.19's gradient builder handles correctly; return what changed.
+
+    - ``LayerNormalization`` (opset >= 17 exports): declare the ``Mean`` and ``InvStdDev``
+      outputs its gradient reads.
+    - ``Dropout`` with only its data output (torch's SDPA export): declare the ``mask`` output.
+    - ``Dropout`` that is inert (no ``training_mode`` input, or a constant False): its ratio is
+      set to 0. The forward pass is the identity either way, but ORT 1.19 scales the gradient
+      of such a node by ``1 / (1 - ratio)``, which would make every gradient upstream wrong.
+    """
+    index = GraphIndex(model.graph)
+    taken = index.names()
+    changes: list[str] = []
+    zero: str | None = None
+    replaced: list[str] = []
+    for node in model.graph.node:
+        if node.op_type != "Dropout" or node.domain not in DEFAULT_DOMAINS or not node.input:
+            continue
+        ratio, active = dropout_state(index, node)
+        if active is False and ratio != 0.0:
+            if zero is None:
+                zero = unique_name(INERT_RATIO_NAME, taken)
+                model.graph.initializer.append(
+                    numpy_helper.from_array(np.array(0.0, np.float32), zero)
+                )
+            while len(node.input) < 2:
+                node.input.append("")
+            replaced.append(node.input[1])
+            node.input[1] = zero
+            changes.append(
+                f"Dropout {node.name or node.output[0]!r}: inert (no training_mode), ratio set "
+                "to 0 (ORT 1.19 scales an inert Dropout's gradient by 1/(1-ratio))"
+            )
+    prune_unused(model, replaced)
+    for node in model.graph.node:
+        if node.domain not in DEFAULT_DOMAINS or not node.output:
+            continue
+        if node.op_type == "LayerNormalization":
+            wanted = ("mean", "inv_std_dev")
+            missing = [w for k, w in enumerate(wanted, start=1) if not _has_output(node, k)]
+            if missing:
+                for k, what in enumerate(wanted, start=1):
+                    _declare_output(node, k, f"{node.output[0]}.gd_{what}", taken)
+                changes.append(
+                    f"LayerNormalization {node.name or node.output[0]!r}: declared its optional "
+                    "Mean and InvStdDev outputs (ORT's LayerNormalization gradient reads them)"
+                )
+        elif node.op_type == "Dropout" and not _has_output(node, 1):
+            _declare_output(node, 1, f"{node.output[0]}.gd_mask", taken)
+            changes.append(
+                f"Dropout {node.name or node.output[0]!r}: declared its optional mask output "
+                "(ORT's Dropout gradient reads it)"
+            )
+    return changes
+
+
+def _has_output(node: Any, k: int) -> bool:
+    return len(node.output) > k and bool(node.output[k])
+
+
+def _declare_output(node: Any, k: int, base: str, taken: set[str]) -> None:
+    if _has_output(node, k):
+        return
+    name = unique_name(base, taken)
+    while len(node.output) <= k:
+        node.output.append("")
+    node.output[k] = name
+
+
+def set_seeds(model: Any, seed: int) -> None:
+    """Give the k-th Dropout node of the main graph the ``seed`` attribute ``seed + k``."""
+    k = 0
+    for node in model.graph.node:
+        if node.op_type != "Dropout" or node.domain not in DEFAULT_DOMAINS:
+            continue
+        keep = [a for a in node.attribute if a.name != "seed"]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+        node.attribute.append(onnx.helper.make_attribute("seed", int(seed + k)))
+        k += 1
+
+
+def prune_unused(model: Any, candidates: Iterable[str]) -> list[str]:
+    """Remove Constant nodes / initializers among ``candidates`` that nothing consumes anymore."""
+    index = GraphIndex(model.graph)
+    removed = []
+    dead_nodes = set()
+    for name in candidates:
+        if not name or name in index.consumers or name in index.outputs:
+            continue
+        i = index.producer.get(name)
+        if i is not None and index.nodes[i].op_type == "Constant":
+            dead_nodes.add(i)
+            removed.append(name)
+        elif name in index.inits and name not in index.inputs:
+            removed.append(name)
+    keep_inits = [t for t in model.graph.initializer if t.name not in set(removed)]
+    if len(keep_inits) != len(model.graph.initializer):
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep_inits)
+    if dead_nodes:
+        keep = [n for i, n in enumerate(model.graph.node) if i not in dead_nodes]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return removed
+
+
+def example_model(ratio: float = 0.1, hidden: int = 4) -> Any:
+    """A tiny ``torch.onnx``-style graph for examples: x -> Linear -> Dropout -> Linear -> y.
+
+    The first weight is stored transposed as ``onnx::MatMul_7`` the way ``torch.onnx`` folds it;
+    both Dropouts share one ratio constant, as some exporters do.
+    """
+    helper, tp = onnx.helper, onnx.TensorProto
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(hidden, hidden)).astype(np.float32)  # [in, out] = torch weight.T
+    inits = [
+        numpy_helper.from_array(w1, "onnx::MatMul_7"),
+        numpy_helper.from_array(np.zeros(hidden, np.float32), "dense.bias"),
+        numpy_helper.from_array(rng.normal(size=(2, hidden)).astype(np.float32), "head.weight"),
+        numpy_helper.from_array(np.zeros(2, np.float32), "head.bias"),
+        numpy_helper.from_array(np.array(ratio, np.float32), "shared_ratio"),
+        numpy_helper.from_array(np.array(True), "train"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "onnx::MatMul_7"], ["h0"], name="/dense/MatMul"),
+        helper.make_node("Add", ["h0", "dense.bias"], ["h1"], name="/dense/Add"),
+        helper.make_node(
+            "Dropout", ["h1", "shared_ratio", "train"], ["h2", "m1"], name="/dropout/Dropout"
+        ),
+        helper.make_node(
+            "Gemm", ["h2", "head.weight", "head.bias"], ["h3"], transB=1, name="/head/Gemm"
+        ),
+        helper.make_node(
+            "Dropout", ["h3", "shared_ratio", "train"], ["y", "m2"], name="/head_drop/Dropout"
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "example",
+        [helper.make_tensor_value_info("x", tp.FLOAT, ["batch", hidden])],
+        [helper.make_tensor_value_info("y", tp.FLOAT, ["batch", 2])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=7)

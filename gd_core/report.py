@@ -1,0 +1,132 @@
+"""What an adapter's ``apply`` changed: one row per dropout site, printable as a table.
+
+Framework-neutral, so the torch, Keras and ONNX adapters share one report type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SOURCES: tuple[str, ...] = ("profile", "keep", "upper", "user")
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One dropout site before and after ``apply``.
+
+    Attributes:
+        site: canonical site name.
+        old_p: the probability the model had.
+        new_p: the site probability installed (the mean of the unit probabilities if per-unit).
+        source: where ``new_p`` came from: ``profile``, ``keep`` (a site the profile lacks kept its
+            p), ``upper`` (such a site got the mapping's ``p_upper``) or ``user``.
+        units: number of per-unit probabilities installed, ``None`` for one probability.
+        note: anything the user should know about this site (e.g. why unit granularity was not
+            possible).
+
+    Example:
+        >>> ReportRow("enc.dropout", 0.1, 0.05, "profile").changed
+        True
+    """
+
+    site: str
+    old_p: float
+    new_p: float
+    source: str
+    units: int | None = None
+    note: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return abs(self.old_p - self.new_p) > 1e-12 or self.units is not None
+
+
+@dataclass
+class ApplyReport:
+    """The rows of an ``apply`` call plus report-wide notes; ``str()`` gives a table.
+
+    Example:
+        >>> r = ApplyReport([ReportRow("a.dropout", 0.1, 0.0, "profile"),
+        ...                  ReportRow("head.dropout", 0.1, 0.1, "keep")], framework="keras")
+        >>> r.probabilities()
+        {'a.dropout': 0.0, 'head.dropout': 0.1}
+        >>> print(str(r).splitlines()[0])
+        site          old p   new p  source
+    """
+
+    rows: list[ReportRow] = field(default_factory=list)
+    framework: str = ""
+    granularity: str = "site"
+    notes: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[ReportRow]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, site: str) -> ReportRow:
+        for row in self.rows:
+            if row.site == site:
+                return row
+        raise KeyError(f"site {site!r} is not in this report (sites: {self.sites[:4]}...)")
+
+    @property
+    def sites(self) -> list[str]:
+        return [r.site for r in self.rows]
+
+    def probabilities(self) -> dict[str, float]:
+        """``{site: new probability}``."""
+        return {r.site: r.new_p for r in self.rows}
+
+    def counts(self) -> dict[str, int]:
+        """How many sites came from each source."""
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r.source] = out.get(r.source, 0) + 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "framework": self.framework,
+            "granularity": self.granularity,
+            "rows": [asdict(r) for r in self.rows],
+            "notes": list(self.notes),
+        }
+
+    def table(self) -> str:
+        """Site, old p, new p, source (and units when any site is per-unit), then a summary."""
+        with_units = any(r.units is not None for r in self.rows)
+        width = max([len("site"), *(len(r.site) for r in self.rows)])
+        head = f"{'site':<{width}}  {'old p':>6}  {'new p':>6}  source"
+        if with_units:
+            head += "   units"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            line = f"{r.site:<{width}}  {r.old_p:6.4f}  {r.new_p:6.4f}  {r.source:<7}"
+            if with_units:
+                line += f"  {'' if r.units is None else r.units:>6}"
+            if r.note:
+                line += f"  ({r.note})"
+            lines.append(line.rstrip())
+        lines.append(_summary(self.rows, self.framework, self.granularity))
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _summary(rows: Sequence[ReportRow], framework: str, granularity: str) -> str:
+    if not rows:
+        return "0 sites"
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.source] = counts.get(r.source, 0) + 1
+    parts = ", ".join(f"{n} {k}" for k, n in counts.items())
+    old = sum(r.old_p for r in rows) / len(rows)
+    new = sum(r.new_p for r in rows) / len(rows)
+    where = f" ({framework}, {granularity} granularity)" if framework else ""
+    return f"{len(rows)} sites{where}: {parts}; mean p {old:.4f} -> {new:.4f}"
