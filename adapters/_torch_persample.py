@@ -251,6 +251,10 @@ class _Session:
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, torch.Tensor):
             return None  # left unrecorded: the graph-use count sends its params to the fallback
+        if kind == "embedding" and x.ndim == 1:
+            # 1-D ids (e.g. ``arange(T)`` for positions) may or may not index samples; a length
+            # that happens to equal the batch size would be misattributed, so take the exact path
+            return None
         replaced = None
         nh = self.n_hint
         if (

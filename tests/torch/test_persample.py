@@ -573,3 +573,25 @@ def test_minilm_contrastive_exact(monkeypatch):
         MaskedLMLoss(mask_token_id=tok.mask_token_id)(model, batch)
     report = check(model, make(), batch, make_loss=make)
     assert report["fallback"] == {}
+
+
+class _PositionsFromArange(nn.Module):
+    """Position embeddings looked up with 1-D ``arange(T)`` ids, broadcast over the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(20, 4)
+        self.pos = nn.Embedding(5, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+        return self.head(torch.tanh(h)).mean(dim=(1, 2))
+
+
+def test_one_dimensional_position_ids_equal_to_batch_size_are_exact():
+    # sequence length == batch size: the 1-D ids must not be taken for one id per sample
+    model = _PositionsFromArange().double()
+    ids = torch.randint(0, 20, (5, 5), generator=torch.Generator().manual_seed(0))
+    report = check(model, lambda m, b: m(b) ** 2, ids, rtol=1e-10)
+    assert "pos.weight" in report["fallback"]

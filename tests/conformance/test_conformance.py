@@ -1,0 +1,275 @@
+"""The conformance suite: every adapter against the NumPy core, on the same models and samples.
+
+See docs/conformance.md. Parametrised over ``harness.HARNESSES``; the Keras harness runs on the
+TensorFlow backend here and on the torch backend through ``test_keras_torch_backend``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from harness import HARNESSES, Harness
+from refmodels import encoder_spec, mlp_spec
+
+from gd_core import (
+    MAPPINGS,
+    ArgumentError,
+    FisherAccumulator,
+    NoSitesError,
+    ProfileMismatchError,
+    SensitivityProfile,
+    binomial_halfwidth,
+    mean_halfwidth,
+)
+
+SPECS = {"mlp": mlp_spec(), "encoder": encoder_spec()}
+
+
+@pytest.fixture(params=HARNESSES, ids=lambda h: h.name)
+def harness(request) -> Harness:
+    h = request.param
+    if h.missing:
+        pytest.skip(f"{h.name}: {h.missing}")
+    return h
+
+
+@pytest.fixture(params=list(SPECS), scope="module")
+def spec(request):
+    return SPECS[request.param]
+
+
+def reference_fisher(spec) -> dict[str, np.ndarray]:
+    """The reference: torch autograd one sample at a time, squared, into the core accumulator."""
+    torch = pytest.importorskip("torch")
+    from refmodels import build_torch
+
+    model = build_torch(spec, torch.float64).eval()
+    acc = FisherAccumulator()
+    params = dict(model.named_parameters())
+    for x, y in zip(spec.inputs, spec.labels, strict=True):
+        logits = model(torch.tensor(x[None]))
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor([y]))
+        grads = torch.autograd.grad(loss, list(params.values()))
+        acc.add_sample({n: g.numpy() for n, g in zip(params, grads, strict=True)})
+    return acc.mean()
+
+
+_REF: dict[str, dict[str, np.ndarray]] = {}
+
+
+def ref_fisher(spec):
+    if spec.name not in _REF:
+        _REF[spec.name] = reference_fisher(spec)
+    return _REF[spec.name]
+
+
+def assert_fisher_close(got, want, names):
+    # Parameters with an (analytically) zero Fisher, such as attention key biases, carry only
+    # rounding noise; the floor is relative to the largest Fisher value of the model.
+    floor = 1e-7 * max(float(want[n].max()) for n in names)
+    for name in names:
+        w = want[name]
+        g = np.asarray(got[name], dtype=np.float64)
+        assert g.shape == w.shape, f"{name}: shape {g.shape} vs {w.shape}"
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=floor, err_msg=name)
+
+
+# -- sites ------------------------------------------------------------------------------------
+def test_same_sites_same_order_same_guards(harness, spec):
+    sites = harness.sites(harness.build(spec), spec)
+    assert [s.name for s in sites] == spec.sites
+    for s in sites:
+        assert sorted(s.params) == sorted(spec.guards[s.name]), s.name
+
+
+# -- Fisher and profile -----------------------------------------------------------------------
+def test_same_fisher_per_parameter_and_site(harness, spec):
+    model = harness.build(spec)
+    fisher = harness.fisher(model, spec)
+    want = ref_fisher(spec)
+    guarded = [p for s in spec.sites for p in spec.guards[s]]
+    assert_fisher_close(fisher, want, guarded)
+    prof = harness.profile(model, spec)
+    assert prof.site_names == spec.sites
+    sites = [prof.site(n) for n in spec.sites]
+    expected = SensitivityProfile.from_fisher(want, sites).scores
+    np.testing.assert_allclose(prof.scores, expected, rtol=1e-4)
+
+
+# -- probabilities ----------------------------------------------------------------------------
+MAPPING_CASES = [{"name": m, "p_lower": 0.0, "p_upper": 0.3} for m in MAPPINGS] + [
+    {"name": "linear_rank", "p_lower": 0.0, "p_upper": 0.1, "target_mean": 0.1}
+]
+
+
+@pytest.mark.parametrize(
+    "mapping", MAPPING_CASES, ids=lambda m: m["name"] + ("+mean" if m.get("target_mean") else "")
+)
+def test_identical_site_probabilities_for_every_mapping(harness, mapping):
+    spec = SPECS["mlp"]
+    profile = reference_profile(spec)
+    model = harness.apply(harness.build(spec), spec, profile, mapping=mapping)
+    got = harness.installed(model, spec)
+    want = profile.probabilities(mapping)
+    for site in spec.sites:
+        assert float(np.mean(got[site])) == pytest.approx(want[site], abs=1e-6), site
+
+
+def test_identical_unit_probabilities(harness):
+    spec = SPECS["mlp"]
+    profile = reference_profile(spec)
+    model = harness.apply(harness.build(spec), spec, profile, granularity="unit")
+    got = harness.installed(model, spec)
+    want = profile.unit_probabilities()
+    for site in spec.sites:
+        np.testing.assert_allclose(
+            np.broadcast_to(got[site], want[site].shape), want[site], atol=1e-6
+        )
+
+
+def reference_profile(spec):
+    """The profile every adapter is handed: core aggregation of the reference Fisher."""
+    from gd_core import Site
+
+    fisher = ref_fisher(spec)
+    sites = [
+        Site(n, tuple(spec.guards[n]), 12, {p: 0 for p in spec.guards[n]})
+        if spec.name == "mlp"
+        else Site(n, tuple(spec.guards[n]))
+        for n in spec.sites
+    ]
+    return SensitivityProfile.from_fisher(fisher, sites)
+
+
+# -- dropout behaviour ------------------------------------------------------------------------
+ROWS = 3000
+
+
+def _drop_stats(harness, model, spec, site, seed=0, training=True):
+    x = np.random.default_rng(5).normal(size=(ROWS, spec.inputs.shape[1]))
+    i, o = harness.site_io(model, spec, site, x, seed, training)
+    live = np.abs(i) > 1e-9
+    return i, o, live
+
+
+@pytest.mark.parametrize("granularity", ["site", "unit"])
+def test_training_mode_statistics(harness, granularity):
+    spec = SPECS["mlp"]
+    profile = reference_profile(spec)
+    mapping = {"name": "linear_rank", "p_lower": 0.1, "p_upper": 0.4}
+    model = harness.apply(
+        harness.build(spec), spec, profile, mapping=mapping, granularity=granularity, seed=3
+    )
+    probs = harness.installed(model, spec)
+    for site in spec.sites:
+        i, o, live = _drop_stats(harness, model, spec, site)
+        p = np.broadcast_to(np.asarray(probs[site]), (i.shape[-1],))
+        dropped = (np.abs(o) < 1e-12) & live
+        for j in range(i.shape[-1]):
+            n = int(live[:, j].sum())
+            frac = dropped[:, j].sum() / n
+            assert abs(frac - p[j]) <= binomial_halfwidth(n, float(p[j])), (site, j, frac, p[j])
+        kept = live & ~dropped
+        ratio = np.where(kept, o / np.where(live, i, 1.0), 0.0)
+        np.testing.assert_allclose(
+            ratio[kept], np.broadcast_to(1 / (1 - p), ratio.shape)[kept], rtol=1e-5
+        )
+        n = int(live.sum())
+        assert abs(ratio[live].mean() - 1.0) <= mean_halfwidth(n, float(p.max())), site
+
+
+def test_inference_is_identity(harness):
+    spec = SPECS["mlp"]
+    model = harness.apply(
+        harness.build(spec),
+        spec,
+        reference_profile(spec),
+        mapping={"name": "uniform", "p_upper": 0.5},
+    )
+    for site in spec.sites:
+        i, o, _ = _drop_stats(harness, model, spec, site, training=False)
+        np.testing.assert_array_equal(i, o)
+
+
+def test_seeds(harness):
+    spec = SPECS["mlp"]
+    mapping = {"name": "uniform", "p_upper": 0.5}
+    site = spec.sites[0]
+
+    def mask(seed):
+        model = harness.apply(
+            harness.build(spec), spec, reference_profile(spec), mapping=mapping, seed=seed
+        )
+        _, o, _ = _drop_stats(harness, model, spec, site, seed=seed)
+        return o == 0
+
+    a, b, c = mask(11), mask(11), mask(12)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).mean() > 0.1
+
+
+# -- errors -----------------------------------------------------------------------------------
+def _message(fn):
+    with pytest.raises(Exception) as info:
+        fn()
+    return type(info.value), str(info.value)
+
+
+def test_same_errors_for_same_bad_inputs(harness):
+    spec = SPECS["mlp"]
+    other = reference_profile(SPECS["encoder"])
+    mine = reference_profile(spec)
+    bad_p = {"name": "linear_rank", "p_lower": 0.0, "p_upper": 1.5}
+    errors = {
+        "other model": _message(lambda: harness.apply(harness.build(spec), spec, other)),
+        "p out of range": _message(
+            lambda: harness.apply(harness.build(spec), spec, mine, mapping=bad_p)
+        ),
+        "no sites": _message(lambda: harness.sites(harness.build(spec, dropout=False), spec)),
+    }
+    assert errors["other model"][0] is ProfileMismatchError
+    assert issubclass(errors["p out of range"][0], ArgumentError)
+    assert errors["no sites"][0] is NoSitesError
+    _ERRORS.setdefault("all", {})[harness.name] = errors
+    first = next(iter(_ERRORS["all"].values()))
+    assert errors == first, "adapters disagree on error type or message"
+
+
+_ERRORS: dict[str, dict] = {}
+
+
+# -- the torch backend of Keras ---------------------------------------------------------------
+@pytest.mark.slow
+def test_keras_torch_backend():
+    pytest.importorskip("keras")
+    pytest.importorskip("torch")
+    if os.environ.get("KERAS_BACKEND") == "torch":
+        pytest.skip("already running on the torch backend")
+    env = {**os.environ, "KERAS_BACKEND": "torch", "GD_CONFORMANCE_ONLY": "keras"}
+    here = Path(__file__).resolve().parent
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            str(here / "test_conformance.py"),
+            "-k",
+            "not keras_torch_backend",
+            "-p",
+            "no:cacheprovider",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=here.parents[1],
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "keras-torch" in out.stdout or " passed" in out.stdout
