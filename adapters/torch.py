@@ -21,7 +21,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,8 @@ from gd_core import align as _align
 from gd_core import cache as _cache
 from gd_core.errors import bad_argument
 from gd_core.profile import _mapping_dict
+from gd_core.report import ApplyReport as _CoreReport
+from gd_core.report import ReportRow
 
 from ._lazy import require
 
@@ -53,7 +55,6 @@ from ._torch_persample import CausalLMLoss, ContrastiveLoss, MaskedLMLoss  # noq
 
 __all__ = [
     "ApplyReport",
-    "ApplyRow",
     "CausalLMLoss",
     "ContrastiveLoss",
     "FisherResult",
@@ -1168,86 +1169,26 @@ def profile(
 # ---------------------------------------------------------------------------------------------
 # apply
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ApplyRow:
-    """One site of an :class:`ApplyReport`.
+class ApplyReport(_CoreReport):
+    """What :func:`apply` changed: one :class:`gd_core.report.ReportRow` per site.
 
-    ``how`` says what was changed: ``p`` (the module's ``.p``), ``attribute`` (a rate attribute),
-    ``hook`` (guided dropout added after a module), ``unit rates (N)`` (a :class:`GuidedDropout`
-    with N per-unit rates), ``uniform rate`` (a GuidedDropout without unit scores), or ``p (...)``
-    with the reason unit granularity was not possible there. ``source`` is where ``new_p`` came
-    from: ``profile``, ``given``, ``keep`` (site absent from the profile) or ``upper``.
-
-    Example:
-        >>> import torch
-        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
-        >>> row = next(iter(apply(net, {"1": 0.05})))
-        >>> row.site, row.old_p, row.new_p, row.how, row.source
-        ('1', 0.1, 0.05, 'p', 'given')
-    """
-
-    site: str
-    old_p: float
-    new_p: float
-    how: str
-    source: str
-    kind: str = "module"
-
-
-class ApplyReport:
-    """What :func:`apply` changed: one :class:`ApplyRow` per site; printable and iterable.
+    Rows carry ``how`` (``p``: the module's ``.p``; ``attribute``: a rate attribute; ``hook``:
+    guided dropout added after a module; ``unit rates (N)``: a :class:`GuidedDropout` with N
+    per-unit rates; ``uniform rate``; or ``p (...)`` with the reason unit granularity was not
+    possible there) and ``source`` (``profile``, ``given``, ``keep`` or ``upper``).
 
     Example:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
         >>> report = apply(net, {"1": 0.03})
-        >>> report.probabilities, [r.old_p for r in report]
-        ({'1': 0.03}, [0.1])
+        >>> report.probabilities(), [(r.old_p, r.how, r.source) for r in report]
+        ({'1': 0.03}, [(0.1, 'p', 'given')])
     """
 
-    def __init__(self, model: Any, rows: Sequence[ApplyRow], granularity: str) -> None:
+    def __init__(self, model: Any, rows: Sequence[ReportRow], granularity: str) -> None:
+        super().__init__(list(rows), framework="torch", granularity=granularity)
         self.model = model
-        self.rows = list(rows)
-        self.granularity = granularity
         self.scheduler: Scheduler | None = None
-
-    @property
-    def probabilities(self) -> dict[str, float]:
-        """``{site: new probability}`` (for unit granularity, the mean of the unit rates)."""
-        return {r.site: r.new_p for r in self.rows}
-
-    def __iter__(self) -> Iterator[ApplyRow]:
-        return iter(self.rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, site: str) -> ApplyRow:
-        for r in self.rows:
-            if r.site == site:
-                return r
-        raise KeyError(
-            f"site {site!r} is not in this report (sites: {[r.site for r in self.rows[:3]]}...)"
-        )
-
-    def __str__(self) -> str:
-        w = max(len("site"), *(len(r.site) for r in self.rows)) if self.rows else 4
-        hw = max(len("how"), *(len(r.how) for r in self.rows)) if self.rows else 3
-        head = f"{'site':<{w}}  {'old p':>6}  {'new p':>6}  {'how':<{hw}}  source"
-        lines = [head, "-" * len(head)]
-        for r in self.rows:
-            lines.append(
-                f"{r.site:<{w}}  {r.old_p:6.4f}  {r.new_p:6.4f}  {r.how:<{hw}}  {r.source}"
-            )
-        counts: dict[str, int] = {}
-        for r in self.rows:
-            counts[r.source] = counts.get(r.source, 0) + 1
-        mean = sum(r.new_p for r in self.rows) / max(len(self.rows), 1)
-        parts = ", ".join(f"{n} {src}" for src, n in counts.items())
-        lines.append(
-            f"{len(self.rows)} sites ({parts}); granularity {self.granularity}; mean p {mean:.4f}"
-        )
-        return "\n".join(lines)
 
     def __repr__(self) -> str:
         return f"ApplyReport(sites={len(self.rows)}, granularity={self.granularity!r})"
@@ -1375,7 +1316,7 @@ def apply(
         >>> prof = profile(net, [torch.randn(8, 3)], loss=lambda m, b: m(b).pow(2).mean(-1),
         ...                progress=False)
         >>> report = apply(net, prof)
-        >>> report.probabilities == prof.probabilities()
+        >>> report.probabilities() == prof.probabilities()
         True
     """
     root = _unwrap(model)
@@ -1437,7 +1378,7 @@ def apply(
                     else f"{type(mod).__name__} kept"
                 )
                 how = f"p ({why})"
-        rows.append(ApplyRow(name, old, p, how, source, f.site.kind))
+        rows.append(ReportRow(name, old, p, source, how=how, kind=f.site.kind))
     report = ApplyReport(root, rows, granularity)
     if schedule is not None:
         report.scheduler = Scheduler(report, schedule)

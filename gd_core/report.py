@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SOURCES: tuple[str, ...] = ("profile", "keep", "upper", "user")
+SOURCES: tuple[str, ...] = ("profile", "keep", "upper", "given")
 
 
 @dataclass(frozen=True)
@@ -21,10 +21,14 @@ class ReportRow:
         old_p: the probability the model had.
         new_p: the site probability installed (the mean of the unit probabilities if per-unit).
         source: where ``new_p`` came from: ``profile``, ``keep`` (a site the profile lacks kept its
-            p), ``upper`` (such a site got the mapping's ``p_upper``) or ``user``.
+            p), ``upper`` (such a site got the mapping's ``p_upper``) or ``given`` (a probability
+            the user passed directly).
         units: number of per-unit probabilities installed, ``None`` for one probability.
         note: anything the user should know about this site (e.g. why unit granularity was not
             possible).
+        how: what the adapter changed, in its own terms (e.g. ``p``, ``attribute``, ``hook``,
+            ``unit rates (384)``); empty if the adapter has one way only.
+        kind: the site's kind (``module``, ``attribute``, ``hook``, ``node``).
 
     Example:
         >>> ReportRow("enc.dropout", 0.1, 0.05, "profile").changed
@@ -37,6 +41,8 @@ class ReportRow:
     source: str
     units: int | None = None
     note: str = ""
+    how: str = ""
+    kind: str = ""
 
     @property
     def changed(self) -> bool:
@@ -53,7 +59,7 @@ class ApplyReport:
         >>> r.probabilities()
         {'a.dropout': 0.0, 'head.dropout': 0.1}
         >>> print(str(r).splitlines()[0])
-        site          old p   new p  source
+        site           old p   new p  source
     """
 
     rows: list[ReportRow] = field(default_factory=list)
@@ -97,15 +103,19 @@ class ApplyReport:
         }
 
     def table(self) -> str:
-        """Site, old p, new p, source (and units when any site is per-unit), then a summary."""
+        """Site, old p, new p, how (when given), source, units (when any), then a summary."""
         with_units = any(r.units is not None for r in self.rows)
+        with_how = any(r.how for r in self.rows)
         width = max([len("site"), *(len(r.site) for r in self.rows)])
-        head = f"{'site':<{width}}  {'old p':>6}  {'new p':>6}  source"
+        hw = max([len("how"), *(len(r.how) for r in self.rows)])
+        head = f"{'site':<{width}}  {'old p':>6}  {'new p':>6}  "
+        head += f"{'how':<{hw}}  source" if with_how else "source"
         if with_units:
             head += "   units"
         lines = [head, "-" * len(head)]
         for r in self.rows:
-            line = f"{r.site:<{width}}  {r.old_p:6.4f}  {r.new_p:6.4f}  {r.source:<7}"
+            line = f"{r.site:<{width}}  {r.old_p:6.4f}  {r.new_p:6.4f}  "
+            line += f"{r.how:<{hw}}  {r.source:<7}" if with_how else f"{r.source:<7}"
             if with_units:
                 line += f"  {'' if r.units is None else r.units:>6}"
             if r.note:

@@ -58,7 +58,7 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
         if rank == 0:
             arrays = {k.replace(".", "_"): v for k, v in result.items()}
             arrays["count"] = np.array(result.count)
-            arrays["p"] = np.array(report.probabilities["2"])
+            arrays["p"] = np.array(report.probabilities()["2"])
             arrays["p_after"] = np.array(model[2].p)
             np.savez(Path(out_dir) / "rank0.npz", **arrays)
     finally:

@@ -461,7 +461,7 @@ def test_apply_aligns_encoder_profile_to_classifier(encoder_profile):
     before = {k: v.clone() for k, v in clf.state_dict().items()}
     report = gdt.apply(clf, encoder_profile)
     expected = {"bert." + k: v for k, v in encoder_profile.probabilities().items()}
-    assert {k: v for k, v in report.probabilities.items() if k != "dropout"} == expected
+    assert {k: v for k, v in report.probabilities().items() if k != "dropout"} == expected
     modules = dict(clf.named_modules())
     for site, p in expected.items():
         assert modules[site].p == pytest.approx(p)
@@ -480,7 +480,7 @@ def test_missing_policy_keep_upper_error(encoder_profile):
     assert gdt.apply(clf, encoder_profile, missing="keep")["dropout"].new_p == 0.3
     report = gdt.apply(clf, encoder_profile, missing="upper", mapping={"p_upper": 0.2})
     assert report["dropout"].new_p == 0.2 and report["dropout"].source == "upper"
-    assert max(report.probabilities.values()) == pytest.approx(0.2)
+    assert max(report.probabilities().values()) == pytest.approx(0.2)
     with pytest.raises(ProfileMismatchError, match="missing='keep'"):
         gdt.apply(clf, encoder_profile, missing="error")
     with pytest.raises(ArgumentError, match="missing"):
@@ -524,7 +524,7 @@ def test_cache_lookup_and_not_found_message(tmp_path, monkeypatch, bert_encoder)
         bert_encoder, token_batches(1, 3), loss=ContrastiveLoss(), progress=False, cache=True
     )
     assert list((tmp_path / "cache").glob("*.profile.npz"))
-    assert gdt.apply(bert_encoder).probabilities == prof.probabilities()
+    assert gdt.apply(bert_encoder).probabilities() == prof.probabilities()
     report = gdt.apply(clf)  # found by alignment (bert. prefix) in the cache
     assert report["bert.encoder.layer.1.output.dropout"].new_p == pytest.approx(
         prof.probabilities()["encoder.layer.1.output.dropout"]
