@@ -42,6 +42,7 @@ from gd_core import (
 from gd_core import align as _align
 from gd_core import cache as _cache
 from gd_core.errors import bad_argument
+from gd_core.fisher import FisherResult
 from gd_core.profile import _mapping_dict
 from gd_core.report import ApplyReport as _CoreReport
 from gd_core.report import ReportRow
@@ -591,32 +592,6 @@ def fingerprint(model: Any, params: Iterable[str] | None = None) -> Fingerprint:
 # ---------------------------------------------------------------------------------------------
 # Fisher estimation
 # ---------------------------------------------------------------------------------------------
-class FisherResult(dict):  # type: ignore[type-arg]
-    """``{parameter name: float64 Fisher diagonal}`` with ``count``, ``skipped``, ``accumulator``.
-
-    Example:
-        >>> import numpy as np
-        >>> acc = FisherAccumulator()
-        >>> acc.add({"w": np.array([4.0])}, n=2)
-        True
-        >>> r = FisherResult.from_accumulator(acc)
-        >>> r["w"].tolist(), r.count, r.skipped
-        ([2.0], 2, 0)
-    """
-
-    count: int
-    skipped: int
-    accumulator: FisherAccumulator
-
-    @classmethod
-    def from_accumulator(cls, acc: FisherAccumulator) -> FisherResult:
-        out = cls(acc.mean())
-        out.count = acc.count
-        out.skipped = acc.skipped
-        out.accumulator = acc
-        return out
-
-
 def _persample() -> Any:
     from . import _torch_persample
 
