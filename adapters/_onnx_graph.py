@@ -61,6 +61,18 @@ MAX_OPSET = 21
 MIN_DROPOUT_OPSET = 12
 TRAINING_MODE_NAME = "gd.training_mode"
 INERT_RATIO_NAME = "gd.inert_ratio"
+#: doc_string prefixes marking the nodes ``apply(granularity="unit")`` adds
+UNIT_MARK = "guided-dropout unit dropout"
+MODE_MARK = "guided-dropout training-mode signal"
+#: node-name infix of those nodes (a second marker, for tools that strip doc strings)
+UNIT_INFIX = "/gd_unit_dropout/"
+MODE_PREFIX = "/gd_training_signal/"
+MODE_SIGNAL_NAME = "gd.training_signal"
+#: elements of the mode-signal Dropout: in training mode all of them are dropped (which would
+#: read as eval mode) with probability 2**-MODE_SIGNAL_SIZE
+MODE_SIGNAL_SIZE = 128
+#: element types RandomUniformLike draws (its T2), i.e. the types unit dropout supports
+UNIT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
 
 
 def opset_of(model: Any) -> int:
@@ -153,6 +165,15 @@ class GraphIndex:
         return None
 
 
+def gd_role(node: Any) -> str | None:
+    """``"unit"`` / ``"mode"`` for nodes that unit granularity added, else None."""
+    if node.doc_string.startswith(UNIT_MARK) or UNIT_INFIX in node.name:
+        return "unit"
+    if node.doc_string.startswith(MODE_MARK) or node.name.startswith(MODE_PREFIX):
+        return "mode"
+    return None
+
+
 def unique_name(base: str, taken: set[str]) -> str:
     """``base``, or ``base_1``, ``base_2``... whichever is not in ``taken`` (which is updated)."""
     name, k = base, 0
@@ -203,9 +224,10 @@ def param_table(model: Any) -> dict[str, Param]:
     """``{onnx name: Param}`` for every float initializer with at least one axis.
 
     Scalars are left out (exporters store constants such as ``sqrt(d)`` as 0-d initializers) and
-    so are initializers used only as a Dropout ratio. ``torch.onnx`` auto-names (``onnx::MatMul_N``)
-    of a MatMul/Gemm weight are mapped back to ``<module path>.weight`` (and Gemm's bias to
-    ``.bias``) from the consuming node's scope, transposed where the exporter stored ``W^T``.
+    so are initializers used only as a Dropout ratio or as per-unit rates. ``torch.onnx``
+    auto-names (``onnx::MatMul_N``) of a MatMul/Gemm weight are mapped back to
+    ``<module path>.weight`` (and Gemm's bias to ``.bias``) from the consuming node's scope,
+    transposed where the exporter stored ``W^T``.
     """
     index = GraphIndex(model.graph)
     taken = set(index.inits)
@@ -216,6 +238,8 @@ def param_table(model: Any) -> dict[str, Param]:
         uses = index.consumers.get(name, [])
         if uses and all(index.nodes[i].op_type == "Dropout" and j > 0 for i, j in uses):
             continue
+        if uses and all(gd_role(index.nodes[i]) is not None for i, _ in uses):
+            continue  # per-unit dropout rates
         shape = tuple(int(d) for d in init.dims)
         param = Param(name, name, shape)
         if _AUTO_NAME.match(name):
@@ -327,8 +351,9 @@ def guarded_params(index: GraphIndex, start: int, params: dict[str, Param]) -> l
 
     Walks producers backwards from the Dropout's data input, collecting parameters that weight
     nodes (MatMul, Gemm, Add, Mul, Gather, LayerNormalization...) consume, and stops at another
-    Dropout, a graph input, an initializer or a shape-only op (``Shape``: no gradient flows
-    through it). The result is in graph order of the consuming node (then input position).
+    Dropout (or per-unit dropout), a graph input, an initializer or a shape-only op (``Shape``:
+    no gradient flows through it). The result is in graph order of the consuming node (then
+    input position).
     """
     found: dict[str, tuple[int, int]] = {}
     seen: set[int] = set()
@@ -340,7 +365,7 @@ def guarded_params(index: GraphIndex, start: int, params: dict[str, Param]) -> l
             continue
         seen.add(i)
         node = index.nodes[i]
-        if node.op_type == "Dropout" or node.op_type in SHAPE_OPS:
+        if node.op_type == "Dropout" or node.op_type in SHAPE_OPS or gd_role(node):
             continue
         if node.op_type in WEIGHT_OPS:
             for j, inp in enumerate(node.input):
@@ -366,7 +391,7 @@ def discover(model: Any, exclusive: bool = True) -> tuple[list[SiteInfo], dict[s
     guarded: dict[str, list[str]] = {}
     k = 0
     for i, node in enumerate(index.nodes):
-        if node.op_type != "Dropout" or node.domain not in DEFAULT_DOMAINS:
+        if node.op_type != "Dropout" or node.domain not in DEFAULT_DOMAINS or gd_role(node):
             continue
         name = site_name(node, k)
         k += 1
@@ -411,6 +436,229 @@ def _inferred_last_dims(model: Any) -> dict[str, int]:
     return out
 
 
+def inferred_types(model: Any) -> dict[str, tuple[int, int | None]]:
+    """``{tensor: (element type, static last-axis size or None)}`` from shape inference.
+
+    Tensors of rank 0 or unknown rank have last-axis size None; empty if inference fails.
+    """
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - the caller falls back to site level
+        return {}
+    out: dict[str, tuple[int, int | None]] = {}
+    values = list(inferred.graph.value_info) + list(inferred.graph.input)
+    values += list(inferred.graph.output)
+    for vi in values:
+        tt = vi.type.tensor_type
+        if not tt.elem_type:
+            continue
+        dims = tt.shape.dim if tt.HasField("shape") else []
+        last = int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") else None
+        out[vi.name] = (int(tt.elem_type), last)
+    for init in model.graph.initializer:
+        out.setdefault(init.name, (int(init.data_type), int(init.dims[-1]) if init.dims else None))
+    return out
+
+
+def from_softmax(index: GraphIndex, name: str, depth: int = 4) -> bool:
+    """Whether ``name`` is a Softmax output, possibly through Cast/Identity/Where/Reshape.
+
+    Such a tensor holds attention probabilities: its last axis is the key sequence, not features.
+    """
+    stack = [(name, 0)]
+    seen: set[str] = set()
+    while stack:
+        current, d = stack.pop()
+        if current in seen or d > depth:
+            continue
+        seen.add(current)
+        i = index.producer.get(current)
+        if i is None:
+            continue
+        node = index.nodes[i]
+        if node.op_type in ("Softmax", "LogSoftmax"):
+            return True
+        if node.op_type in ("Cast", "Identity", "Reshape"):
+            stack.append((node.input[0], d + 1))
+        elif node.op_type == "Where":
+            stack.extend((x, d + 1) for x in node.input[1:3] if x)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# per-unit dropout
+# ---------------------------------------------------------------------------------------------
+def _const(name: str, value: np.ndarray, doc: str, node_name: str) -> Any:
+    node = onnx.helper.make_node(
+        "Constant", [], [name], name=node_name, value=numpy_helper.from_array(value, name)
+    )
+    node.doc_string = doc
+    return node
+
+
+def mode_signal_nodes(taken: set[str]) -> tuple[list[Any], str]:
+    """Nodes computing a scalar bool that is True in training graphs and False in eval graphs.
+
+    ``generate_artifacts`` derives the eval graph by removing every Dropout's ``training_mode``
+    input and nothing else, so the signal is read off a Dropout: ``MODE_SIGNAL_SIZE`` ones
+    dropped with ratio 0.5 contain a 2 (a kept, rescaled one) unless every element was dropped
+    (probability ``2**-128``); without ``training_mode`` (eval) they stay ones. Returns the
+    nodes and the signal's name.
+    """
+    doc = f"{MODE_MARK}: True in training graphs, False once training_mode is removed"
+    names = {
+        k: unique_name(f"{MODE_SIGNAL_NAME}.{k}", taken)
+        for k in ("ones", "ratio", "on", "dropped", "max", "threshold")
+    }
+    out = unique_name(MODE_SIGNAL_NAME, taken)
+    prefix = MODE_PREFIX
+
+    def node(op: str, inputs: list[str], outputs: list[str], **attrs: Any) -> Any:
+        n = onnx.helper.make_node(op, inputs, outputs, name=prefix + op, **attrs)
+        n.doc_string = doc
+        return n
+
+    nodes = [
+        _const(names["ones"], np.ones(MODE_SIGNAL_SIZE, np.float32), doc, prefix + "Ones"),
+        _const(names["ratio"], np.array(0.5, np.float32), doc, prefix + "Ratio"),
+        _const(names["on"], np.array(True), doc, prefix + "On"),
+        node("Dropout", [names["ones"], names["ratio"], names["on"]], [names["dropped"]]),
+        node("ReduceMax", [names["dropped"]], [names["max"]], keepdims=0),
+        _const(names["threshold"], np.array(1.5, np.float32), doc, prefix + "Threshold"),
+        node("Greater", [names["max"], names["threshold"]], [out]),
+    ]
+    return nodes, out
+
+
+def unit_dropout_nodes(
+    dropout: Any,
+    *,
+    site: str,
+    rates: str,
+    keep_scale: str,
+    cond: str,
+    dtype: int,
+    mask: bool,
+    taken: set[str],
+) -> list[Any]:
+    """Inverted per-unit dropout replacing node ``dropout`` (same data input and outputs).
+
+    ``y = Where(cond, x * Cast(RandomUniformLike(x) >= rates) / keep_scale, x)`` with
+    ``keep_scale = 1 - rates`` (computed once per site by :func:`rate_scale_nodes`), and the
+    mask ``Or(keep, Not(cond))`` when ``mask``. The RandomUniformLike keeps the Dropout's seed.
+    Gradients reach ``x`` through Mul and Where only.
+    """
+    x, y = dropout.input[0], dropout.output[0]
+    base = (dropout.name or y).rstrip("/") + UNIT_INFIX
+    doc = f"{UNIT_MARK} site={site}"
+    seed = _attr(dropout, "seed")
+    names = {k: unique_name(f"{y}.gd_{k}", taken) for k in ("u", "keep", "keepf", "w", "xd")}
+
+    def node(op: str, inputs: list[str], outputs: list[str], **attrs: Any) -> Any:
+        n = onnx.helper.make_node(op, inputs, outputs, name=unique_name(base + op, taken), **attrs)
+        n.doc_string = doc
+        return n
+
+    extra = {} if seed is None else {"seed": float(seed)}
+    nodes = [
+        node("RandomUniformLike", [x], [names["u"]], **extra),
+        node("GreaterOrEqual", [names["u"], rates], [names["keep"]]),
+        node("Cast", [names["keep"]], [names["keepf"]], to=int(dtype)),
+        node("Div", [names["keepf"], keep_scale], [names["w"]]),
+        node("Mul", [x, names["w"]], [names["xd"]]),
+        node("Where", [cond, names["xd"], x], [y]),
+    ]
+    if mask:
+        off = unique_name(f"{y}.gd_not_training", taken)
+        nodes.append(node("Not", [cond], [off]))
+        nodes.append(node("Or", [names["keep"], off], [dropout.output[1]]))
+    return nodes
+
+
+def rate_scale_nodes(site: str, rates: str, dtype: int, taken: set[str]) -> tuple[list[Any], str]:
+    """``1 - rates`` (the keep probabilities), once per site; returns the nodes and its name."""
+    doc = f"{UNIT_MARK} site={site}"
+    one = unique_name(f"{rates}.one", taken)
+    out = unique_name(f"{rates}.keep", taken)
+    np_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    base = f"/{site}{UNIT_INFIX}"
+    sub = onnx.helper.make_node("Sub", [one, rates], [out], name=unique_name(base + "Sub", taken))
+    sub.doc_string = doc
+    return [_const(one, np.array(1.0, np_type), doc, unique_name(base + "One", taken)), sub], out
+
+
+@dataclass
+class UnitDropout:
+    """One Dropout node replaced by per-unit dropout: its site, data in/out and rate tensor."""
+
+    site: str
+    x: str
+    y: str
+    rates: str
+    cond: str
+    mask: str = ""
+
+
+def unit_dropouts(model: Any) -> list[UnitDropout]:
+    """The per-unit dropouts ``apply(granularity="unit")`` put in the main graph, in order."""
+    index = GraphIndex(model.graph)
+    out = []
+    for node in index.nodes:
+        if node.op_type != "Where" or gd_role(node) != "unit":
+            continue
+        site = node.doc_string.partition("site=")[2] or node.name.partition(UNIT_INFIX)[0]
+        rates = mask = ""
+        xd = index.producer.get(node.input[1])
+        w = index.producer.get(index.nodes[xd].input[1]) if xd is not None else None
+        cast = index.producer.get(index.nodes[w].input[0]) if w is not None else None
+        ge = index.producer.get(index.nodes[cast].input[0]) if cast is not None else None
+        if ge is not None and index.nodes[ge].op_type == "GreaterOrEqual":
+            rates = index.nodes[ge].input[1]
+            for i, _ in index.consumers.get(index.nodes[ge].output[0], []):
+                if index.nodes[i].op_type == "Or":
+                    mask = index.nodes[i].output[0]
+        out.append(UnitDropout(site, node.input[2], node.output[0], rates, node.input[0], mask))
+    return out
+
+
+def remove_unit_dropout(model: Any) -> list[str]:
+    """Replace every per-unit dropout by the identity (in place); returns the rate tensors.
+
+    Consumers of a unit dropout's output read its input instead; a consumed mask output becomes
+    all True (what an inactive Dropout returns). The training-mode signal goes too, and the rate
+    and constant tensors left unused are removed (rate graph inputs are not).
+    """
+    units = {u.y: u for u in unit_dropouts(model)}
+    if not units and not any(gd_role(n) for n in model.graph.node):
+        return []
+    index = GraphIndex(model.graph)
+    taken = index.names()
+    nodes: list[Any] = []
+    for node in model.graph.node:
+        if gd_role(node) is None:
+            nodes.append(node)
+            for j, name in enumerate(node.input):
+                if name in units:
+                    node.input[j] = units[name].x
+            continue
+        u = units.get(node.output[0]) if node.op_type == "Where" else None
+        if u is None:
+            continue
+        # what replaces this unit dropout goes where its output was produced (graph order)
+        if u.mask and (u.mask in index.consumers or u.mask in index.outputs):
+            shape = unique_name(f"{u.mask}.shape", taken)
+            nodes.append(onnx.helper.make_node("Shape", [u.x], [shape]))
+            true = numpy_helper.from_array(np.array([True]))
+            nodes.append(onnx.helper.make_node("ConstantOfShape", [shape], [u.mask], value=true))
+        if u.y in index.outputs:
+            nodes.append(onnx.helper.make_node("Identity", [u.x], [u.y]))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    rates = [u.rates for u in units.values() if u.rates]
+    prune_unused(model, rates)
+    return rates
+
+
 # ---------------------------------------------------------------------------------------------
 # repairs
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +679,8 @@ def repair_in_place(model: Any) -> list[str]:
     replaced: list[str] = []
     for node in model.graph.node:
         if node.op_type != "Dropout" or node.domain not in DEFAULT_DOMAINS or not node.input:
+            continue
+        if gd_role(node):
             continue
         ratio, active = dropout_state(index, node)
         if active is False and ratio != 0.0:
@@ -461,7 +711,7 @@ def repair_in_place(model: Any) -> list[str]:
                     f"LayerNormalization {node.name or node.output[0]!r}: declared its optional "
                     "Mean and InvStdDev outputs (ORT's LayerNormalization gradient reads them)"
                 )
-        elif node.op_type == "Dropout" and not _has_output(node, 1):
+        elif node.op_type == "Dropout" and not _has_output(node, 1) and not gd_role(node):
             _declare_output(node, 1, f"{node.output[0]}.gd_mask", taken)
             changes.append(
                 f"Dropout {node.name or node.output[0]!r}: declared its optional mask output "
@@ -484,15 +734,26 @@ def _declare_output(node: Any, k: int, base: str, taken: set[str]) -> None:
 
 
 def set_seeds(model: Any, seed: int) -> None:
-    """Give the k-th Dropout node of the main graph the ``seed`` attribute ``seed + k``."""
+    """Give the k-th dropout node of the main graph the ``seed`` attribute ``seed + k``.
+
+    Dropout nodes and the RandomUniformLike nodes of per-unit dropout count, in graph order
+    (a RandomUniformLike's seed is a float); the training-mode signal does not.
+    """
     k = 0
     for node in model.graph.node:
-        if node.op_type != "Dropout" or node.domain not in DEFAULT_DOMAINS:
+        if node.domain not in DEFAULT_DOMAINS:
+            continue
+        role = gd_role(node)
+        if node.op_type == "Dropout" and role is None:
+            value: Any = int(seed + k)
+        elif node.op_type == "RandomUniformLike" and role == "unit":
+            value = float(seed + k)
+        else:
             continue
         keep = [a for a in node.attribute if a.name != "seed"]
         del node.attribute[:]
         node.attribute.extend(keep)
-        node.attribute.append(onnx.helper.make_attribute("seed", int(seed + k)))
+        node.attribute.append(onnx.helper.make_attribute("seed", value))
         k += 1
 
 

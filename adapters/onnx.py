@@ -7,8 +7,10 @@ A thin translator over :mod:`gd_core`:
   initializers it guards;
 - :func:`apply` gives each site its own ratio (an initializer ``<site>.ratio`` or, with
   ``ratios_as_inputs=True``, a graph input of that name so a schedule can change it every step),
-  and by default runs :func:`prepare_for_training`, which declares the optional outputs ORT's
-  gradient builders need;
+  or with ``granularity="unit"`` per-unit rates (``<site>.rates``, one per feature of the last
+  axis) realised by a small inverted-dropout subgraph, and by default runs
+  :func:`prepare_for_training`, which declares the optional outputs ORT's gradient builders
+  need;
 - :func:`make_artifacts` wraps ``onnxruntime.training.artifacts.generate_artifacts``;
 - :func:`estimate_fisher` / :func:`profile` compute the empirical Fisher diagonal from per-sample
   gradients read through ``onnxruntime.training.api`` with dropout switched off.
@@ -278,7 +280,10 @@ class OnnxApplyReport(ApplyReport):
 
     Attributes:
         ratio_inputs: ``{site: graph input name}`` when ``ratios_as_inputs=True``.
-        ratio_names: ``{site: ratio tensor name}`` (initializer or input).
+        ratio_names: ``{site: ratio tensor name}`` (initializer or input; ``<site>.rates`` for
+            per-unit sites).
+        unit_rates: ``{site: per-unit rates}`` of the sites given unit granularity (arrays of the
+            dropped tensor's element type, one rate per feature of its last axis).
         nodes: ``{site: Dropout node names}``.
         absent: profile sites (after renaming) with no Dropout node in the graph, e.g.
             attention-probability dropout an exporter folded away.
@@ -294,6 +299,7 @@ class OnnxApplyReport(ApplyReport):
 
     ratio_inputs: dict[str, str] = field(default_factory=dict)
     ratio_names: dict[str, str] = field(default_factory=dict)
+    unit_rates: dict[str, np.ndarray] = field(default_factory=dict)
     nodes: dict[str, list[str]] = field(default_factory=dict)
     absent: list[str] = field(default_factory=list)
     activated: list[str] = field(default_factory=list)
@@ -410,6 +416,157 @@ def _owned_by(index: GraphIndex, name: str, nodes: Sequence[int]) -> bool:
     return bool(uses) and all(i in nodes and j == 1 for i, j in uses)
 
 
+def _refuse_unit_rewritten(model: Any) -> None:
+    found = _g.unit_dropouts(model)
+    if found:
+        raise bad_argument(
+            "model_proto",
+            "an ONNX graph with Dropout nodes (an export, or the result of a site-level apply)",
+            f"a graph apply(granularity='unit') already rewrote ({len(found)} per-unit dropout(s), "
+            f"e.g. site {found[0].site!r})",
+            "apply the profile to the original export",
+        )
+
+
+def _unit_width(
+    info: SiteInfo,
+    index: GraphIndex,
+    types: Mapping[str, tuple[int, int | None]],
+    scores: np.ndarray | None,
+) -> tuple[int | None, int, str]:
+    """(units, element type, "") when a site can take per-unit rates, else (None, 0, why)."""
+    widths: set[int | None] = set()
+    dtypes: set[int] = set()
+    for i in info.nodes:
+        x = index.nodes[i].input[0]
+        if _g.from_softmax(index, x):
+            return None, 0, "attention probabilities (the last axis is the key sequence, not units)"
+        dtype, width = types.get(x, (0, None))
+        widths.add(width)
+        dtypes.add(dtype)
+    if None in widths:
+        return None, 0, "no known unit count (the last axis has no static size)"
+    if len(widths) > 1:
+        known = sorted(w for w in widths if w is not None)
+        return None, 0, f"its Dropout nodes drop tensors of different widths {known}"
+    (dtype,) = dtypes if len(dtypes) == 1 else (0,)
+    if dtype not in _g.UNIT_TYPES:
+        name = onnx.TensorProto.DataType.Name(dtype) if dtype else "unknown"
+        return None, 0, f"element type {name} (per-unit dropout needs float, float16 or double)"
+    (width,) = widths
+    if scores is not None and len(scores) != width:
+        return None, 0, f"the profile has {len(scores)} unit scores, the last axis {width} units"
+    return width, dtype, ""
+
+
+class _UnitRewrite:
+    """Collects the per-unit dropout subgraphs of one ``apply`` call, then splices them in."""
+
+    def __init__(self, index: GraphIndex, taken: set[str]) -> None:
+        self.index = index
+        self.taken = taken
+        self.signal: str | None = None
+        self.signal_nodes: list[Any] = []
+        self.replacements: dict[int, list[Any]] = {}
+        self.replaced: list[str] = []
+        self.drop_names: set[str] = set()
+        self.new_inits: list[Any] = []
+        self.new_inputs: list[Any] = []
+
+    def _signal(self) -> str:
+        if self.signal is None:
+            self.signal_nodes, self.signal = _g.mode_signal_nodes(self.taken)
+        return self.signal
+
+    def rewrite(
+        self,
+        info: SiteInfo,
+        p: float,
+        source: str,
+        old: float,
+        width: int,
+        dtype: int,
+        rates: np.ndarray | None,
+        *,
+        ratios_as_inputs: bool,
+        activate: bool,
+        report: OnnxApplyReport,
+    ) -> ReportRow:
+        site = info.site.name
+        values = np.full(width, p) if rates is None else np.asarray(rates, dtype=np.float64)
+        if not np.all((values >= 0) & (values < 1)):
+            raise bad_argument(
+                f"rates of site {site!r}", "probabilities in [0, 1)", values, "lower p_upper"
+            )
+        values = values.astype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
+        rname = _g.unique_name(f"{site}.rates", self.taken)
+        if ratios_as_inputs:
+            self.new_inputs.append(onnx.helper.make_tensor_value_info(rname, dtype, [width]))
+            report.ratio_inputs[site] = rname
+        else:
+            self.new_inits.append(onnx.numpy_helper.from_array(values, rname))
+        report.ratio_names[site] = rname
+        report.unit_rates[site] = values
+        scale_nodes, keep_scale = _g.rate_scale_nodes(site, rname, dtype, self.taken)
+        notes = [] if rates is not None else ["no unit scores in the profile: the site p per unit"]
+        first = True
+        for i in info.nodes:
+            node = self.index.nodes[i]
+            _, active = _g.dropout_state(self.index, node)
+            mode = node.input[2] if len(node.input) > 2 else ""
+            extra: list[Any] = []
+            if active is True or (active is False and activate):
+                cond = self._signal()
+                if active is False:
+                    if site not in report.activated:
+                        report.activated.append(site)
+                    notes.append("was inert (no training_mode); activated")
+            elif active is None:  # a training_mode computed in the graph or fed: respect it
+                cond = _g.unique_name(f"{node.output[0]}.gd_training", self.taken)
+                extra.append(
+                    onnx.helper.make_node(
+                        "And",
+                        [mode, self._signal()],
+                        [cond],
+                        name=_g.unique_name(f"{node.name or site}{_g.UNIT_INFIX}And", self.taken),
+                        doc_string=f"{_g.UNIT_MARK} site={site}",
+                    )
+                )
+            else:  # inert and not to be activated: left as it is
+                continue
+            ratio = node.input[1] if len(node.input) > 1 else ""
+            if ratio and ratio in self.index.inputs and _owned_by(self.index, ratio, info.nodes):
+                self.drop_names.add(ratio)  # the ratio input of an earlier site-level apply
+            self.replaced.extend(n for n in (ratio, mode) if n)
+            used = _g._has_output(node, 1) and (
+                node.output[1] in self.index.consumers or node.output[1] in self.index.outputs
+            )
+            extra += _g.unit_dropout_nodes(
+                node,
+                site=site,
+                rates=rname,
+                keep_scale=keep_scale,
+                cond=cond,
+                dtype=dtype,
+                mask=used,
+                taken=self.taken,
+            )
+            self.replacements[i] = (scale_nodes if first else []) + extra
+            first = False
+        note = "; ".join(dict.fromkeys(notes))
+        return ReportRow(site, old, _f32(float(values.mean(dtype=np.float64))), source, width, note)
+
+    def splice(self, model: Any) -> None:
+        """Put the subgraphs in place of their Dropout nodes, the mode signal first."""
+        if not self.replacements:
+            return
+        nodes = list(self.signal_nodes)
+        for i, node in enumerate(model.graph.node):
+            nodes.extend(self.replacements.get(i, [node]))
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+
+
 def apply(
     model_proto: ModelLike,
     profile: Any,
@@ -422,6 +579,8 @@ def apply(
     activate: bool = True,
     check: bool = True,
     seed: int | None = None,
+    granularity: str = "site",
+    spread: float = 1.0,
 ) -> tuple[Any, OnnxApplyReport]:
     """Rewrite every Dropout's ratio from a profile; returns ``(new ModelProto, report)``.
 
@@ -445,6 +604,17 @@ def apply(
     Dropout nodes' ``seed`` attributes (``seed``, ``seed + 1``, ... in graph order) so that the
     masks a session draws are reproducible.
 
+    ``granularity="unit"`` gives each site whose dropped tensor has a static feature axis (the
+    last) one rate per feature: the profile's per-unit probabilities
+    (``profile.unit_probabilities``, mean = the site's p, ``spread`` as there) or, for a site
+    without unit scores, its p for every unit. Its Dropout nodes are replaced by
+    ``Where(training, x * Cast(RandomUniformLike(x) >= r) / (1 - r), x)`` with ``r`` the float
+    initializer (or, with ``ratios_as_inputs``, the graph input) ``<site>.rates`` of shape
+    ``[units]``; ``training`` is True in the training graph and False in the eval graph
+    ``generate_artifacts`` derives (and False where the node's own ``training_mode`` is). Sites
+    without a static feature axis, e.g. attention-probability dropout (last axis = key sequence),
+    stay site level; their report rows say why. Rows of unit sites carry ``units``.
+
     Example:
         >>> from adapters._onnx_graph import example_model
         >>> m, report = apply(example_model(), {"dropout": 0.0, "head_drop": 0.2},
@@ -453,23 +623,35 @@ def apply(
         {'dropout': 'dropout.ratio', 'head_drop': 'head_drop.ratio'}
         >>> [i.name for i in m.graph.input]
         ['x', 'dropout.ratio', 'head_drop.ratio']
+        >>> m, report = apply(example_model(), {"dropout": 0.1}, granularity="unit")
+        >>> report["dropout"].units, report["dropout"].new_p, report.ratio_names["dropout"]
+        (4, 0.1, 'dropout.rates')
     """
     model = _load(model_proto)
     _g.check_ort_compatible(model)
     _g.check_dropout_opset(model)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
         raise bad_argument("seed", "an int or None", seed, "pass e.g. seed=0")
+    if granularity not in ("site", "unit"):
+        raise bad_argument("granularity", "'site' or 'unit'", granularity, "use granularity='site'")
+    if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0 <= spread <= 1:
+        raise bad_argument("spread", "a float in [0, 1]", spread, "pass e.g. spread=1.0")
+    _refuse_unit_rewritten(model)
     out = _copy(model)
     infos, table = _discover(out)
     names = [i.site.name for i in infos]
     current = {i.site.name: (i.ratio if i.ratio is not None else 0.0) for i in infos}
     prof = _as_profile(profile)
     notes: list[str] = []
+    unit_p: dict[str, np.ndarray] = {}
     if isinstance(prof, SensitivityProfile):
         aligned = align(prof, names, None, strict=strict)
         if strict:
             _check_params(aligned, table)
         resolved = resolve(aligned, names, current, mapping=mapping, missing=missing)
+        if granularity == "unit":
+            from_profile = {s: p for s, (p, src) in resolved.items() if src == "profile"}
+            unit_p = aligned.unit_probabilities(from_profile, spread=float(spread))
         absent = [s for s in aligned.site_names if s not in set(names)]
         if aligned.site_names != prof.site_names:
             notes.append(
@@ -498,8 +680,10 @@ def apply(
     new_inits: list[Any] = []
     new_inputs: list[Any] = []
     rows: list[ReportRow] = []
-    report = OnnxApplyReport(framework="onnx", granularity="site")
+    report = OnnxApplyReport(framework="onnx", granularity=granularity)
     tm_name: str | None = None
+    types = _g.inferred_types(out) if granularity == "unit" else {}
+    unit = _UnitRewrite(index, taken)
     for info in infos:
         site = info.site.name
         p, source = resolved[site]
@@ -522,6 +706,25 @@ def apply(
                 )
             )
             continue
+        level_note = ""
+        if granularity == "unit":
+            width, dtype, why = _unit_width(info, index, types, unit_p.get(site))
+            if width is not None:
+                row = unit.rewrite(
+                    info,
+                    p,
+                    source,
+                    old,
+                    width,
+                    dtype,
+                    unit_p.get(site),
+                    ratios_as_inputs=ratios_as_inputs,
+                    activate=activate,
+                    report=report,
+                )
+                rows.append(row)
+                continue
+            level_note = f"site level: {why}"
         rname = f"{site}.ratio"
         if rname in taken and _owned_by(index, rname, info.nodes):
             drop_names.add(rname)  # this graph went through apply before: replace our own ratio
@@ -556,8 +759,20 @@ def apply(
         else:
             new_inits.append(onnx.numpy_helper.from_array(value, rname))
         report.ratio_names[site] = rname
+        note = "; ".join(n for n in (level_note, note) if n)
         rows.append(ReportRow(site, old, _f32(p), source, note=note))
 
+    replaced.extend(unit.replaced)
+    drop_names.update(unit.drop_names)
+    new_inits.extend(unit.new_inits)
+    new_inputs.extend(unit.new_inputs)
+    unit.splice(out)
+    if granularity == "unit":
+        n_unit = sum(r.units is not None for r in rows)
+        notes.append(
+            f"unit granularity: {n_unit} site(s) per unit, {len(rows) - n_unit} at site level "
+            "(their rows say why)"
+        )
     if drop_names:
         keep_inits = [t for t in out.graph.initializer if t.name not in drop_names]
         del out.graph.initializer[:]
@@ -621,8 +836,9 @@ def ratio_feeds(
     """Values for the ratio inputs of a graph rewritten with ``ratios_as_inputs=True``.
 
     Each site's probability times ``multiplier`` (times ``schedule.multiplier(step)``), as a
-    float32 scalar keyed by input name. ``report`` is :func:`apply`'s report, or
-    ``{site: p}`` for inputs named ``<site>.ratio``.
+    float32 scalar keyed by input name; for a per-unit site (``granularity="unit"``) its rates
+    times the same factor, as a vector of the rates' type. ``report`` is :func:`apply`'s report,
+    or ``{site: p}`` for inputs named ``<site>.ratio``.
 
     Example:
         >>> from gd_core import Schedule
@@ -631,9 +847,11 @@ def ratio_feeds(
         >>> {k: round(float(v), 4) for k, v in feeds.items()}
         {'enc.dropout.ratio': 0.05}
     """
+    vectors: Mapping[str, np.ndarray] = {}
     if isinstance(report, OnnxApplyReport):
         probs = report.probabilities()
         names = dict(report.ratio_inputs)
+        vectors = report.unit_rates
         if not names:
             raise bad_argument(
                 "report",
@@ -651,6 +869,17 @@ def ratio_feeds(
     scale = float(multiplier) * (schedule.multiplier(step) if schedule is not None else 1.0)
     out = {}
     for site, name in names.items():
+        if site in vectors:
+            rates = np.asarray(vectors[site], dtype=np.float64) * scale
+            if not np.all((rates >= 0.0) & (rates < 1.0)):
+                raise bad_argument(
+                    f"rates of {site!r}",
+                    "probabilities in [0, 1)",
+                    f"max {rates.max():.4g}",
+                    "lower multiplier",
+                )
+            out[name] = rates.astype(vectors[site].dtype)
+            continue
         p = probs[site] * scale
         if not 0.0 <= p < 1.0:
             raise bad_argument(
@@ -697,7 +926,7 @@ def _onnx_names(names: Iterable[str], table: Mapping[str, Param], arg: str) -> l
 
 
 def _ratio_inputs(model: Any) -> dict[str, str]:
-    """``{site: input}`` for graph inputs used as a Dropout ratio."""
+    """``{site: input}`` for graph inputs used as a Dropout ratio or as per-unit rates."""
     index = GraphIndex(model.graph)
     out = {}
     for info in _g.discover(model)[0]:
@@ -705,7 +934,22 @@ def _ratio_inputs(model: Any) -> dict[str, str]:
             node = index.nodes[i]
             if len(node.input) > 1 and node.input[1] in index.inputs:
                 out[info.site.name] = node.input[1]
+    for unit in _g.unit_dropouts(model):
+        if unit.rates in index.inputs:
+            out[unit.site] = unit.rates
     return out
+
+
+def _applies_dropout(model: Any, infos: Sequence[SiteInfo]) -> bool:
+    """Whether fixed (non-input) ratios or rates make the training graph drop anything."""
+    if any(i.active and (i.ratio or 0) > 0 for i in infos):
+        return True
+    index = GraphIndex(model.graph)
+    for unit in _g.unit_dropouts(model):
+        rates = index.constant(unit.rates)
+        if unit.rates not in index.inputs and (rates is None or np.any(rates > 0)):
+            return True
+    return False
 
 
 def make_artifacts(
@@ -754,12 +998,12 @@ def make_artifacts(
     frozen = [n for n in table if n not in set(trained)]
     ratio_inputs = _ratio_inputs(model)
     infos = _g.discover(model)[0]
-    if not infos:
+    if not infos and not _g.unit_dropouts(model):
         dropout = "none"
     elif ratio_inputs:
         dropout = "inputs"
     else:
-        dropout = "constant" if any(i.active and (i.ratio or 0) > 0 for i in infos) else "off"
+        dropout = "constant" if _applies_dropout(model, infos) else "off"
     meta = Artifacts(
         Path(out_dir),
         requires_grad=trained,
@@ -813,9 +1057,11 @@ def _dropout_off(model: Any) -> Any:
     """A copy whose Dropout nodes have no training_mode input (inference semantics: identity).
 
     :func:`prepare_for_training` then sets their ratios to 0, without which ORT 1.19 would scale
-    the gradients through them by ``1 / (1 - ratio)``.
+    the gradients through them by ``1 / (1 - ratio)``. Per-unit dropouts are removed (their
+    consumers read their input).
     """
     out = _copy(model)
+    _g.remove_unit_dropout(out)
     dropped = []
     for node in out.graph.node:
         if node.op_type == "Dropout" and node.domain in _g.DEFAULT_DOMAINS and len(node.input) > 2:
@@ -917,6 +1163,14 @@ def _fisher_from_artifacts(
             "pass the ONNX model itself (a dropout-free copy is trained), or build the "
             "artifacts from apply(..., ratios_as_inputs=True)",
         )
+    vectors = _vector_ratio_inputs(art)
+    if vectors:
+        raise bad_argument(
+            "artifacts_dir_or_model",
+            "a model, or artifacts whose ratio inputs are scalars",
+            f"artifacts in {str(art.directory)!r} with per-unit rate inputs {vectors[:3]}",
+            "pass the ONNX model itself (a copy without dropout is trained)",
+        )
     if not art.requires_grad:  # artifacts not made by make_artifacts: ask the checkpoint
         _, _, state = art.open(device, optimizer=False)
         art.requires_grad = [n for n, p in state.parameters if p.requires_grad]
@@ -944,6 +1198,19 @@ def _fisher_from_artifacts(
         )
     acc.metadata.update({"framework": "onnxruntime-training", "loss": art.loss})
     return FisherResult.from_accumulator(acc)
+
+
+def _vector_ratio_inputs(art: Artifacts) -> list[str]:
+    """Ratio inputs of the training graph that are vectors (per-unit rates)."""
+    names = set(art.ratio_inputs.values())
+    if not names or not art.training_model.is_file():
+        return []
+    model = onnx.load(str(art.training_model), load_external_data=False)
+    return [
+        v.name
+        for v in model.graph.input
+        if v.name in names and len(v.type.tensor_type.shape.dim) > 0
+    ]
 
 
 def profile(
