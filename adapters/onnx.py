@@ -38,7 +38,7 @@ import numpy as np
 from gd_core.align import align, find_renaming, resolve
 from gd_core.errors import NoSitesError, ProfileMismatchError, bad_argument
 from gd_core.fingerprint import Fingerprint
-from gd_core.fisher import FisherAccumulator
+from gd_core.fisher import FisherAccumulator, FisherResult
 from gd_core.profile import DEFAULT_MAPPING, SensitivityProfile
 from gd_core.report import ApplyReport, ReportRow
 from gd_core.schedules import Schedule
@@ -1027,32 +1027,6 @@ def make_artifacts(
 # ---------------------------------------------------------------------------------------------
 # Fisher
 # ---------------------------------------------------------------------------------------------
-class FisherResult(dict):  # type: ignore[type-arg]
-    """``{canonical parameter name: Fisher diagonal (float64, torch layout)}`` plus ``count``,
-    ``skipped`` and ``accumulator`` (the :class:`gd_core.FisherAccumulator`).
-
-    Example:
-        >>> acc = FisherAccumulator()
-        >>> acc.add({"w": np.array([4.0])}, n=2)
-        True
-        >>> r = FisherResult.from_accumulator(acc)
-        >>> r["w"].tolist(), r.count, r.skipped
-        ([2.0], 2, 0)
-    """
-
-    count: int
-    skipped: int
-    accumulator: FisherAccumulator
-
-    @classmethod
-    def from_accumulator(cls, acc: FisherAccumulator) -> FisherResult:
-        out = cls(acc.mean())
-        out.count = acc.count
-        out.skipped = acc.skipped
-        out.accumulator = acc
-        return out
-
-
 def _dropout_off(model: Any) -> Any:
     """A copy whose Dropout nodes have no training_mode input (inference semantics: identity).
 
