@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from gd_core.align import align, find_renaming, resolve
-from gd_core.errors import NoSitesError, ProfileMismatchError, bad_argument
+from gd_core.errors import ProfileMismatchError, bad_argument, no_sites
 from gd_core.fingerprint import Fingerprint
 from gd_core.fisher import FisherAccumulator, FisherResult
 from gd_core.profile import DEFAULT_MAPPING, SensitivityProfile
@@ -108,11 +108,11 @@ def _discover(
 ) -> tuple[list[SiteInfo], dict[str, Param]]:
     infos, params = _g.discover(model, exclusive)
     if not infos:
-        raise NoSitesError(
-            f"{arg}: expected an ONNX graph with Dropout nodes, received one with none "
-            f"({len(model.graph.node)} nodes); fix: export in training mode so dropout is kept: "
-            "torch.onnx.export(..., training=torch.onnx.TrainingMode.TRAINING, "
-            "do_constant_folding=False, dynamo=False)"
+        raise no_sites(
+            "export in training mode so dropout is kept: torch.onnx.export(..., "
+            "training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False, dynamo=False)",
+            arg=arg,
+            detail=f"an ONNX graph of {len(model.graph.node)} nodes without Dropout",
         )
     if mapping is not None:
         _override_params(infos, params, mapping)

@@ -32,7 +32,6 @@ from gd_core import (
     Fingerprint,
     FisherAccumulator,
     NonFiniteGradientError,
-    NoSitesError,
     ProfileMismatchError,
     ProfileNotFoundError,
     Schedule,
@@ -41,7 +40,7 @@ from gd_core import (
 )
 from gd_core import align as _align
 from gd_core import cache as _cache
-from gd_core.errors import bad_argument
+from gd_core.errors import bad_argument, no_sites
 from gd_core.fisher import FisherResult
 from gd_core.profile import _mapping_dict
 from gd_core.report import ApplyReport as _CoreReport
@@ -536,11 +535,10 @@ def _discover(
         found.extend(_virtual_hook_site(index, t) for t in _hook_targets(index, add_sites))
     found = _apply_mapping(index, found, mapping)
     if required and not found:
-        raise NoSitesError(
-            f"model: expected at least one dropout site (nn.Dropout modules, dropout-rate "
-            f"attributes, or LayerNorm outputs to add dropout after), received a "
-            f"{type(root).__name__} with none; fix: pass add_sites=['<module name>', ...] to "
-            "add guided dropout after those modules"
+        raise no_sites(
+            "use a model with nn.Dropout modules or dropout-rate attributes, or pass "
+            "add_sites=['<module name>', ...] to add guided dropout after those modules",
+            detail=type(root).__name__,
         )
     return index, found
 

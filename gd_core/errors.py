@@ -57,3 +57,16 @@ def bad_argument(
         'p_upper: expected a float in [p_lower, 1), received 1.5; fix: pass e.g. p_upper=0.1'
     """
     return cls(f"{name}: expected {expected}, received {_show(received)}; fix: {fix}")
+
+
+def no_sites(fix: str, arg: str = "model", detail: str = "") -> NoSitesError:
+    """The one "no dropout site" error every adapter raises; only the fix is framework-specific.
+
+    Example:
+        >>> str(no_sites("add Dropout layers"))
+        'model: expected at least one dropout site, received a model with none; fix: add Dropout layers'
+    """
+    extra = f" ({detail})" if detail else ""
+    return NoSitesError(
+        f"{arg}: expected at least one dropout site, received a model with none{extra}; fix: {fix}"
+    )

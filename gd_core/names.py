@@ -65,3 +65,29 @@ def translator(mapping: Mapping[str, str] | Callable[[str], str]) -> Callable[[s
         type(mapping).__name__,
         "pass e.g. {'dense/kernel': 'dense.weight'}",
     )
+
+
+#: Keras layer names cannot contain "." on the torch backend; "__" stands for "." there
+KERAS_DOT = "__"
+
+
+def from_keras_layer(name: str) -> str:
+    """Canonical name of a Keras layer: ``__`` stands for ``.`` (dots are not allowed in layer
+    names on Keras' torch backend), so ``encoder__layer__0__output__dropout`` mirrors
+    ``encoder.layer.0.output.dropout``. Names with dots (TensorFlow backend) pass unchanged.
+
+    Example:
+        >>> from_keras_layer("encoder__layer__0__output__dropout")
+        'encoder.layer.0.output.dropout'
+    """
+    return name.replace(KERAS_DOT, ".")
+
+
+def to_keras_layer(name: str) -> str:
+    """A Keras layer name valid on every backend for a canonical name.
+
+    Example:
+        >>> to_keras_layer("block1.fc")
+        'block1__fc'
+    """
+    return name.replace(".", KERAS_DOT)

@@ -14,6 +14,7 @@ import numpy as np
 from refmodels import RefSpec, build_keras, build_torch, torch_layout
 
 from gd_core import SensitivityProfile, Site
+from gd_core.names import to_keras_layer
 
 
 def _have(*modules: str) -> str | None:
@@ -217,7 +218,7 @@ class KerasHarness(Harness):
     def installed(self, model, spec):
         out = {}
         for site in spec.sites:
-            layer = model.get_layer(site)
+            layer = model.get_layer(to_keras_layer(site))
             rates = getattr(layer, "rates", None)
             out[site] = (
                 np.asarray(rates, dtype=np.float64) if rates is not None else np.float64(layer.rate)
@@ -227,10 +228,10 @@ class KerasHarness(Harness):
     def site_io(self, model, spec, site, x, seed, training):
         import keras
 
-        layer = model.get_layer(site)
+        layer = model.get_layer(to_keras_layer(site))
         probe = keras.Model(model.inputs, [layer.input, layer.output])
         i, o = probe(self._x(spec, x), training=training)
-        return np.asarray(i), np.asarray(o)
+        return keras.ops.convert_to_numpy(i), keras.ops.convert_to_numpy(o)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -230,11 +230,13 @@ def build_keras(spec: RefSpec, dropout_cls=None):
     import keras
     from keras import layers, ops
 
+    from gd_core.names import to_keras_layer
+
     drop = dropout_cls or layers.Dropout
     w = spec.weights
 
     def dense(name, units, act=None):
-        lay = layers.Dense(units, activation=act, name=name, dtype="float64")
+        lay = layers.Dense(units, activation=act, name=to_keras_layer(name), dtype="float64")
         return lay
 
     def set_dense(lay, name):
@@ -249,25 +251,32 @@ def build_keras(spec: RefSpec, dropout_cls=None):
         for b, i in (("block1", MLP_IN), ("block2", MLP_HIDDEN)):
             del i
             denses[f"{b}.fc"] = d = dense(f"{b}.fc", MLP_HIDDEN, "tanh")
-            x = drop(0.1, name=f"{b}.dropout", dtype="float64")(d(x))
+            x = drop(0.1, name=to_keras_layer(f"{b}.dropout"), dtype="float64")(d(x))
         denses["head"] = d = dense("head", MLP_OUT)
         out = d(x)
     else:
         inp = keras.Input((TF_LEN,), dtype="int32", name="ids")
         we = layers.Embedding(
-            TF_VOCAB, TF_HIDDEN, name="embeddings.word_embeddings", dtype="float64"
+            TF_VOCAB, TF_HIDDEN, name=to_keras_layer("embeddings.word_embeddings"), dtype="float64"
         )
         pe = layers.Embedding(
-            TF_LEN, TF_HIDDEN, name="embeddings.position_embeddings", dtype="float64"
+            TF_LEN,
+            TF_HIDDEN,
+            name=to_keras_layer("embeddings.position_embeddings"),
+            dtype="float64",
         )
         positions = ops.cumsum(ops.ones_like(inp), axis=1) - 1  # symbolic, so pe stays in the graph
         h = we(inp) + pe(positions)
 
         def ln(name):
-            norms[name] = lay = layers.LayerNormalization(epsilon=1e-6, name=name, dtype="float64")
+            norms[name] = lay = layers.LayerNormalization(
+                epsilon=1e-6, name=to_keras_layer(name), dtype="float64"
+            )
             return lay
 
-        h = drop(0.1, name="embeddings.dropout", dtype="float64")(ln("embeddings.LayerNorm")(h))
+        h = drop(0.1, name=to_keras_layer("embeddings.dropout"), dtype="float64")(
+            ln("embeddings.LayerNorm")(h)
+        )
         d = TF_HIDDEN // TF_HEADS
         for i in range(TF_LAYERS):
             p = f"encoder.layer.{i}"
@@ -282,21 +291,25 @@ def build_keras(spec: RefSpec, dropout_cls=None):
                 qkv[proj] = heads(lay(h))
             scores = ops.matmul(qkv["query"], ops.transpose(qkv["key"], (0, 1, 3, 2)))
             probs = ops.softmax(scores / math.sqrt(d), axis=-1)
-            probs = drop(0.1, name=f"{p}.attention.self.dropout", dtype="float64")(probs)
+            probs = drop(0.1, name=to_keras_layer(f"{p}.attention.self.dropout"), dtype="float64")(
+                probs
+            )
             ctx = ops.reshape(
                 ops.transpose(ops.matmul(probs, qkv["value"]), (0, 2, 1, 3)),
                 (-1, TF_LEN, TF_HIDDEN),
             )
             name = f"{p}.attention.output.dense"
             denses[name] = lay = dense(name, TF_HIDDEN)
-            a = drop(0.1, name=f"{p}.attention.output.dropout", dtype="float64")(lay(ctx))
+            a = drop(0.1, name=to_keras_layer(f"{p}.attention.output.dropout"), dtype="float64")(
+                lay(ctx)
+            )
             a = ln(f"{p}.attention.output.LayerNorm")(a + h)
             name = f"{p}.intermediate.dense"
             denses[name] = lay = dense(name, TF_FFN, "tanh")
             inter = lay(a)
             name = f"{p}.output.dense"
             denses[name] = lay = dense(name, TF_HIDDEN)
-            o = drop(0.1, name=f"{p}.output.dropout", dtype="float64")(lay(inter))
+            o = drop(0.1, name=to_keras_layer(f"{p}.output.dropout"), dtype="float64")(lay(inter))
             h = ln(f"{p}.output.LayerNorm")(o + a)
         denses["classifier"] = lay = dense("classifier", TF_OUT)
         out = lay(ops.mean(h, axis=1))

@@ -1,0 +1,338 @@
+"""Canonical names, dropout sites and guarded weights of Keras 3 models (private helpers).
+
+The index walks a model's layer tree once and records, in graph order, every layer, the canonical
+name of every weight (``<layer name>.<weight|bias|...>``) and the dropout sites. Guarded weights of
+a site are found by walking the functional graph backwards from the dropout's input until another
+dropout site or the model inputs; for subclassed models (no graph) the weight-carrying layers
+between the previous site and this one in layer order stand in for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gd_core.errors import bad_argument, no_sites
+from gd_core.names import LEAF_ALIASES, from_keras_layer
+from gd_core.sites import Site
+
+from ._keras_layer import GuidedDropout, _children, keras
+
+SITE_KIND = "layer"
+
+
+def site_classes() -> tuple[type, ...]:
+    """Bernoulli dropout layer classes that are dropout sites (not GaussianDropout/Noise)."""
+    classes: list[type] = [keras.layers.Dropout, GuidedDropout]  # Dropout covers SpatialDropoutND
+    alpha = getattr(keras.layers, "AlphaDropout", None)
+    if alpha is not None:
+        classes.append(alpha)
+    return tuple(classes)
+
+
+def is_site(layer: Any) -> bool:
+    return isinstance(layer, site_classes())
+
+
+def layer_rate(layer: Any) -> float:
+    return float(getattr(layer, "rate", 0.0))
+
+
+def _is_graph_model(layer: Any) -> bool:
+    return isinstance(layer, keras.Model) and hasattr(layer, "_nodes_by_depth")
+
+
+@dataclass
+class ModelIndex:
+    """Everything adapters.keras needs to know about a model's layers and weights."""
+
+    model: Any
+    layers: list[Any] = field(default_factory=list)  # depth first, graph order, each once
+    parent: dict[int, Any] = field(default_factory=dict)
+    layer_names: dict[int, str] = field(default_factory=dict)
+    var_names: dict[int, str] = field(default_factory=dict)  # id(variable) -> canonical name
+    variables: dict[str, Any] = field(default_factory=dict)  # canonical name -> variable
+    owner: dict[str, Any] = field(default_factory=dict)  # canonical name -> owning layer
+    site_layers: list[Any] = field(default_factory=list)
+    holders: set[int] = field(default_factory=set)  # ids of sites and layers containing one
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def build(cls, model: Any) -> ModelIndex:
+        if not isinstance(model, keras.layers.Layer):
+            raise bad_argument(
+                "model",
+                "a Keras 3 model or layer",
+                type(model).__name__,
+                "pass a keras.Model (Sequential, functional or subclassed)",
+            )
+        idx = cls(model)
+        paths: dict[int, tuple[str, ...]] = {}
+
+        def visit(layer: Any, path: tuple[str, ...]) -> None:
+            if id(layer) in paths:
+                return
+            paths[id(layer)] = path
+            idx.layers.append(layer)
+            if layer is not model and is_site(layer):
+                idx.site_layers.append(layer)
+                return  # a site's own variables (seed, step) are not model weights
+            for child in _children(layer):
+                if id(child) not in paths:
+                    idx.parent[id(child)] = layer
+                visit(child, (*path, child.name))
+
+        visit(model, ())
+        for site in idx.site_layers:
+            cur: Any = site
+            while cur is not None:
+                idx.holders.add(id(cur))
+                cur = idx.parent.get(id(cur))
+        counts: dict[str, int] = {}
+        for layer in idx.layers[1:]:
+            counts[layer.name] = counts.get(layer.name, 0) + 1
+        for layer in idx.layers[1:]:
+            unique = counts[layer.name] == 1
+            parts = [layer.name] if unique else paths[id(layer)]
+            idx.layer_names[id(layer)] = ".".join(from_keras_layer(p) for p in parts)
+        idx.layer_names[id(model)] = ""
+        for layer in idx.layers:
+            if layer is not model and is_site(layer):
+                continue
+            for var in own_weights(layer):
+                if id(var) in idx.var_names:
+                    continue  # shared (tied) weights keep their first name
+                leaf = str(var.name).split("/")[-1].split(":")[0]
+                leaf = LEAF_ALIASES.get(leaf, leaf)
+                prefix = idx.layer_names[id(layer)]
+                name = f"{prefix}.{leaf}" if prefix else leaf
+                base, k = name, 1
+                while name in idx.variables:
+                    name, k = f"{base}_{k}", k + 1
+                idx.var_names[id(var)] = name
+                idx.variables[name] = var
+                idx.owner[name] = layer
+        return idx
+
+    # -- views --------------------------------------------------------------------------------
+    def site_name(self, layer: Any) -> str:
+        if isinstance(layer, GuidedDropout) and layer._site:
+            return layer._site
+        return self.layer_names[id(layer)]
+
+    def trainable(self) -> dict[str, Any]:
+        return {n: v for n, v in self.variables.items() if bool(getattr(v, "trainable", True))}
+
+    def subtree_weights(self, layer: Any) -> list[str]:
+        """Canonical names of the trainable weights held by ``layer`` and its sublayers."""
+        ids = {id(v) for v in layer.weights}
+        return [n for n, v in self.trainable().items() if id(v) in ids]
+
+    def contains_site(self, layer: Any) -> bool:
+        return id(layer) in self.holders or is_site(layer)
+
+
+def own_weights(layer: Any) -> list[Any]:
+    """The weights a layer holds itself (not through its sublayers)."""
+    try:
+        mine = list(layer.weights)
+    except Exception:  # noqa: BLE001 - unbuilt layers may raise
+        return []
+    sub: set[int] = set()
+    for child in _children(layer):
+        try:
+            sub.update(id(v) for v in child.weights)
+        except Exception:  # noqa: BLE001
+            continue
+    return [v for v in mine if id(v) not in sub]
+
+
+def _site_units(layer: Any) -> int | None:
+    if isinstance(layer, GuidedDropout) and layer.rates is not None:
+        return len(layer.rates)
+    try:
+        shape = layer.input.shape
+    except Exception:  # noqa: BLE001 - never called symbolically (subclassed models)
+        return None
+    if not shape:
+        return None
+    if getattr(layer, "data_format", "channels_last") == "channels_first":
+        return None  # the unit (channel) axis is not the last one
+    last = shape[-1]
+    return None if last is None else int(last)
+
+
+# -- guarded weights -------------------------------------------------------------------------
+def _graph_nodes(graph_model: Any, layer: Any) -> list[Any]:
+    keys = getattr(graph_model, "_nodes", None)
+    nodes = list(getattr(layer, "_inbound_nodes", []))
+    if keys is None:
+        return nodes
+    out = []
+    for i, node in enumerate(nodes):
+        if f"{id(layer)}_ib-{i}" in keys:
+            out.append(node)
+    return out
+
+
+def _nearest_graph(idx: ModelIndex, layer: Any) -> Any | None:
+    """The functional model whose graph calls ``layer`` directly (None inside custom layers)."""
+    parent = idx.parent.get(id(layer))
+    return parent if parent is not None and _is_graph_model(parent) else None
+
+
+def _walk_back(idx: ModelIndex, graph_model: Any, site: Any) -> list[Any] | None:
+    """Weight-carrying layers feeding ``site`` up to the previous site or the model inputs."""
+    start = _graph_nodes(graph_model, site)
+    if not start:
+        return None
+    stack = [p for node in start for p in node.parent_nodes]
+    seen: set[int] = set()
+    found: dict[int, Any] = {}
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        op = node.operation
+        if isinstance(op, keras.layers.InputLayer):
+            continue
+        if idx.contains_site(op):
+            # another dropout site ends this branch; a block holding one contributes the
+            # weight layers after its last inner site (e.g. an attention block's output dense)
+            for layer in _trailing(idx, op):
+                found[id(layer)] = layer
+            continue
+        if isinstance(op, keras.layers.Layer) and op.weights:
+            found[id(op)] = op
+        stack.extend(node.parent_nodes)
+    return list(found.values())
+
+
+def _trailing(idx: ModelIndex, holder: Any) -> list[Any]:
+    """Weight-carrying layers inside ``holder`` after its last dropout site (layer order)."""
+    if is_site(holder):
+        return []
+    inside = [layer for layer in idx.layers if _is_under(idx, layer, holder)]
+    last = max((i for i, layer in enumerate(inside) if is_site(layer)), default=-1)
+    return [
+        layer for layer in inside[last + 1 :] if own_weights(layer) and not idx.contains_site(layer)
+    ]
+
+
+def _is_under(idx: ModelIndex, layer: Any, ancestor: Any) -> bool:
+    cur = idx.parent.get(id(layer))
+    while cur is not None:
+        if cur is ancestor:
+            return True
+        cur = idx.parent.get(id(cur))
+    return False
+
+
+def _walk_order(idx: ModelIndex, site: Any) -> list[Any]:
+    """Weight-carrying layers between the previous site and ``site`` in layer order."""
+    pos = next(i for i, layer in enumerate(idx.layers) if layer is site)
+    out = []
+    for layer in reversed(idx.layers[:pos]):
+        if is_site(layer):
+            break
+        if own_weights(layer) and not idx.contains_site(layer):
+            out.append(layer)
+    return out[::-1]
+
+
+def default_params(idx: ModelIndex, site: Any) -> list[str]:
+    graph = _nearest_graph(idx, site)
+    layers = _walk_back(idx, graph, site) if graph is not None else None
+    if layers is None:
+        layers = _walk_order(idx, site)
+    chosen = {id(layer) for layer in layers}
+    ordered = [layer for layer in idx.layers if id(layer) in chosen]
+    names: list[str] = []
+    for layer in ordered:
+        for n in idx.subtree_weights(layer):
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def _unit_axes(idx: ModelIndex, params: Sequence[str], units: int | None) -> dict[str, int]:
+    if units is None:
+        return {}
+    out = {}
+    for p in params:
+        shape = tuple(idx.variables[p].shape)
+        if shape and shape[-1] == units:
+            out[p] = len(shape) - 1  # Keras keeps output features last: Dense (in, out) -> 1
+    return out
+
+
+def discover(model: Any, mapping: Mapping[str, Sequence[str]] | None = None) -> list[Site]:
+    """The model's dropout sites as gd_core Sites, in graph order."""
+    idx = ModelIndex.build(model)
+    return sites_of(idx, mapping)
+
+
+def sites_of(idx: ModelIndex, mapping: Mapping[str, Sequence[str]] | None = None) -> list[Site]:
+    if not idx.site_layers:
+        raise no_sites(
+            "add keras.layers.Dropout (or SpatialDropout, AlphaDropout, GuidedDropout) layers "
+            "where dropout belongs; dropout drawn inside call() with keras.random.dropout "
+            "cannot be guided",
+            detail=f"{type(idx.model).__name__} {idx.model.name!r}",
+        )
+    names = [idx.site_name(layer) for layer in idx.site_layers]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise bad_argument(
+            "model",
+            "dropout layers with unique names",
+            f"duplicate site names {dup[:3]}",
+            "give every dropout layer (and GuidedDropout site) its own name",
+        )
+    if mapping is not None:
+        _check_mapping(idx, names, mapping)
+    out = []
+    for layer, name in zip(idx.site_layers, names, strict=True):
+        if mapping is not None and name in mapping:
+            params = list(mapping[name])
+        else:
+            params = default_params(idx, layer)
+        units = _site_units(layer)
+        out.append(Site(name, tuple(params), units, _unit_axes(idx, params, units), SITE_KIND))
+    return out
+
+
+def _check_mapping(idx: ModelIndex, names: list[str], mapping: Any) -> None:
+    if not isinstance(mapping, Mapping):
+        raise bad_argument(
+            "mapping",
+            "a dict {site name: [weight names]}",
+            type(mapping).__name__,
+            "pass e.g. {'dropout': ['dense.weight', 'dense.bias']}",
+        )
+    unknown = [s for s in mapping if s not in names]
+    if unknown:
+        raise bad_argument(
+            "mapping",
+            f"keys naming dropout sites of this model (e.g. {names[:3]})",
+            unknown[:3],
+            "list the model's sites with adapters.keras.sites(model)",
+        )
+    for site, params in mapping.items():
+        if isinstance(params, str) or not isinstance(params, Sequence):
+            raise bad_argument(
+                f"mapping[{site!r}]",
+                "a list of weight names",
+                params,
+                "wrap a single name in a list",
+            )
+        missing = [p for p in params if p not in idx.variables]
+        if missing:
+            raise bad_argument(
+                f"mapping[{site!r}]",
+                f"canonical weight names of this model (e.g. {list(idx.variables)[:3]})",
+                missing[:3],
+                "list them with adapters.keras.fingerprint(model).params",
+            )
