@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from gd_core import cache as _cache
-from gd_core.align import MISSING_POLICIES, align, find_cached, find_renaming, resolve
+from gd_core.align import align, find_cached, resolve, resolve_given
 from gd_core.errors import (
     ArgumentError,
     ProfileMismatchError,
@@ -41,7 +41,7 @@ from gd_core.errors import (
 )
 from gd_core.fingerprint import Fingerprint
 from gd_core.fisher import FisherResult
-from gd_core.profile import SensitivityProfile, _mapping_dict
+from gd_core.profile import SensitivityProfile, as_profile
 from gd_core.report import ApplyReport, ReportRow
 from gd_core.schedules import Schedule
 from gd_core.sites import Site
@@ -267,19 +267,6 @@ def _resolve_sites(idx: ModelIndex, given: Any) -> list[tuple[Site, Any]]:
 
 
 # -- apply --------------------------------------------------------------------------------------
-def _load_profile(profile: Any) -> SensitivityProfile:
-    if isinstance(profile, SensitivityProfile):
-        return profile
-    if isinstance(profile, (str, os.PathLike)):
-        return SensitivityProfile.load(profile)
-    raise bad_argument(
-        "profile",
-        "None (use the cache), a SensitivityProfile, the path of a saved one, or {site: p}",
-        type(profile).__name__,
-        "compute one with adapters.keras.profile(model, dataset, loss)",
-    )
-
-
 def _check_p(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise bad_argument(what, "a float in [0, 1)", value, "pass a dropout probability")
@@ -287,44 +274,6 @@ def _check_p(value: Any, what: str) -> float:
     if not np.isfinite(p) or not 0.0 <= p < 1.0:
         raise bad_argument(what, "a float in [0, 1)", value, "pass a dropout probability")
     return p
-
-
-def _given(
-    given: Mapping[str, Any],
-    names: list[str],
-    current: Mapping[str, float],
-    missing: str,
-    mapping: Any,
-) -> dict[str, tuple[float, str]]:
-    """``{site: (p, source)}`` from user-given probabilities (names aligned by prefix)."""
-    if missing not in MISSING_POLICIES:
-        raise bad_argument("missing", f"one of {MISSING_POLICIES}", missing, "use missing='keep'")
-    rename = find_renaming(list(given), names)
-    probs = {rename(str(k)): v for k, v in given.items()}
-    unknown = [k for k in probs if k not in names]
-    if unknown:
-        raise bad_argument(
-            "profile",
-            "a dict whose keys are dropout sites of this model",
-            unknown[:3],
-            f"use names from adapters.keras.sites(model), e.g. {names[:3]}",
-        )
-    absent = [n for n in names if n not in probs]
-    if absent and missing == "error":
-        raise ProfileMismatchError(
-            f"profile: expected a probability for every dropout site, received none for "
-            f"{absent[:3]}; fix: pass missing='keep' (leave them) or missing='upper' (p_upper)"
-        )
-    upper = float(_mapping_dict(mapping)["p_upper"])
-    out: dict[str, tuple[float, str]] = {}
-    for n in names:
-        if n in probs:
-            out[n] = (_check_p(probs[n], f"profile[{n!r}]"), "given")
-        elif missing == "upper":
-            out[n] = (upper, "upper")
-        else:
-            out[n] = (float(current[n]), "keep")
-    return out
 
 
 def _spatial_noise_shape(layer: Any) -> tuple[int | None, ...] | None:
@@ -457,7 +406,14 @@ def apply(
     current = {site.name: layer_rate(layer) for site, layer in pairs}
     unit_p: dict[str, np.ndarray] = {}
     if isinstance(profile, Mapping):
-        resolved = _given(profile, names, current, missing, mapping)
+        resolved, _ = resolve_given(
+            profile,
+            names,
+            current,
+            mapping=mapping,
+            missing=missing,
+            sites_hint="adapters.keras.sites(model)",
+        )
     else:
         fp = _fingerprint(idx)
         if profile is None:
@@ -470,7 +426,9 @@ def apply(
                     "adapters.keras.profile(model, dataset, loss, cache=True) once"
                 )
         else:
-            prof = _load_profile(profile)
+            prof = as_profile(
+                profile, "compute one with adapters.keras.profile(model, dataset, loss)"
+            )
         aligned = align(prof, names, fp, strict=strict)
         resolved = resolve(aligned, names, current, mapping=mapping, missing=missing)
         if granularity == "unit":

@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from gd_core.align import align, find_renaming, resolve
+from gd_core.align import align, resolve, resolve_given
 from gd_core.errors import ProfileMismatchError, bad_argument, no_sites
 from gd_core.fingerprint import Fingerprint
 from gd_core.fisher import FisherAccumulator, FisherResult
-from gd_core.profile import DEFAULT_MAPPING, SensitivityProfile
+from gd_core.profile import SensitivityProfile
 from gd_core.report import ApplyReport, ReportRow
 from gd_core.schedules import Schedule
 from gd_core.sites import Site
@@ -366,45 +366,6 @@ def _check_params(prof: SensitivityProfile, table: Mapping[str, Param]) -> None:
         )
 
 
-def _resolve_given(
-    given: Mapping[str, float],
-    names: Sequence[str],
-    current: Mapping[str, float],
-    mapping: Any,
-    missing: str,
-    strict: bool,
-) -> tuple[dict[str, tuple[float, str]], list[str]]:
-    renaming = find_renaming(list(given), names)
-    given = {renaming(k): v for k, v in given.items()}
-    absent = [k for k in given if k not in set(names)]
-    if strict and absent and len(absent) == len(given):
-        raise ProfileMismatchError(
-            f"profile: expected probabilities for this model's dropout sites, received sites "
-            f"like {absent[:3]} while the model has {list(names)[:3]}; fix: use adapters.onnx."
-            "sites(model) for the names"
-        )
-    if missing not in ("keep", "upper", "error"):
-        raise bad_argument("missing", "one of ('keep', 'upper', 'error')", missing, "use 'keep'")
-    unknown = [s for s in names if s not in given]
-    if unknown and missing == "error":
-        raise ProfileMismatchError(
-            f"profile: expected a probability for every dropout site, received none for "
-            f"{unknown[:3]}; fix: pass missing='keep' (leave them) or missing='upper' (p_upper)"
-        )
-    upper = float(DEFAULT_MAPPING["p_upper"])
-    if isinstance(mapping, Mapping) and "p_upper" in mapping:
-        upper = float(mapping["p_upper"])
-    out = {}
-    for s in names:
-        if s in given:
-            out[s] = (given[s], "user")
-        elif missing == "upper":
-            out[s] = (upper, "upper")
-        else:
-            out[s] = (float(current.get(s, 0.0)), "keep")
-    return out, absent
-
-
 def _f32(x: float) -> float:
     """A float32 value as the shortest decimal that rounds to it (0.1, not 0.10000000149)."""
     return float(str(np.float32(x)))
@@ -659,7 +620,16 @@ def apply(
                 f"{aligned.site_names[0]!r})"
             )
     else:
-        resolved, absent = _resolve_given(prof, names, current, mapping, missing, strict)
+        resolved, absent = resolve_given(
+            prof,
+            names,
+            current,
+            mapping=mapping,
+            missing=missing,
+            allow_absent=True,
+            strict=strict,
+            sites_hint="adapters.onnx.sites(model)",
+        )
     if absent:
         notes.append(
             f"{len(absent)} profile site(s) have no Dropout node in this graph (the exporter "

@@ -32,7 +32,6 @@ from gd_core import (
     Fingerprint,
     FisherAccumulator,
     NonFiniteGradientError,
-    ProfileMismatchError,
     ProfileNotFoundError,
     Schedule,
     SensitivityProfile,
@@ -42,7 +41,7 @@ from gd_core import align as _align
 from gd_core import cache as _cache
 from gd_core.errors import bad_argument, no_sites
 from gd_core.fisher import FisherResult
-from gd_core.profile import _mapping_dict
+from gd_core.profile import as_profile
 from gd_core.report import ApplyReport as _CoreReport
 from gd_core.report import ReportRow
 
@@ -1195,58 +1194,6 @@ def _not_found(root: Any) -> ProfileNotFoundError:
     )
 
 
-def _given_probabilities(
-    given: Mapping[str, Any],
-    names: list[str],
-    current: Mapping[str, float],
-    missing: str,
-    mapping: Any,
-) -> dict[str, tuple[float, str]]:
-    renaming = _align.find_renaming(list(given), names)
-    probs = {renaming(k): v for k, v in given.items()}
-    unknown = [k for k in probs if k not in names]
-    if unknown:
-        raise bad_argument(
-            "profile",
-            "a dict whose keys are dropout sites of this model",
-            unknown[:3],
-            f"use names from adapters.torch.sites(model), e.g. {names[:3]}",
-        )
-    if missing not in _align.MISSING_POLICIES:
-        raise bad_argument(
-            "missing", f"one of {_align.MISSING_POLICIES}", missing, "use missing='keep'"
-        )
-    absent = [n for n in names if n not in probs]
-    if absent and missing == "error":
-        raise ProfileMismatchError(
-            f"profile: expected a probability for every dropout site, received none for "
-            f"{absent[:3]}; fix: pass missing='keep' (leave them) or missing='upper' (p_upper)"
-        )
-    upper = float(_mapping_dict(mapping)["p_upper"])
-    out = {}
-    for n in names:
-        if n in probs:
-            out[n] = (_check_p(probs[n], f"profile[{n!r}]"), "given")
-        elif missing == "upper":
-            out[n] = (upper, "upper")
-        else:
-            out[n] = (current[n], "keep")
-    return out
-
-
-def _load_profile(profile: Any) -> SensitivityProfile:
-    if isinstance(profile, SensitivityProfile):
-        return profile
-    if isinstance(profile, (str, os.PathLike)):
-        return SensitivityProfile.load(profile)
-    raise bad_argument(
-        "profile",
-        "None (use the cache), a SensitivityProfile, a path to one, or {site: p}",
-        type(profile).__name__,
-        "pass profile=adapters.torch.profile(model, batches) or a saved profile's path",
-    )
-
-
 def _install_hook(f: _Found, p: float, generator: Any, device: Any) -> _Found:
     target = f.owner
     gd = GuidedDropout(p, generator, hook=True).to(device)
@@ -1300,7 +1247,14 @@ def apply(
     current = {f.site.name: _get_p(f) for f in found}
     unit_p: dict[str, np.ndarray] = {}
     if isinstance(profile, Mapping):
-        resolved = _given_probabilities(profile, names, current, missing, mapping)
+        resolved, _ = _align.resolve_given(
+            profile,
+            names,
+            current,
+            mapping=mapping,
+            missing=missing,
+            sites_hint="adapters.torch.sites(model)",
+        )
     else:
         fp = fingerprint(root)
         if profile is None:
@@ -1308,7 +1262,9 @@ def apply(
             if prof is None:
                 raise _not_found(root)
         else:
-            prof = _load_profile(profile)
+            prof = as_profile(
+                profile, "pass profile=adapters.torch.profile(model, batches) or a saved path"
+            )
         aligned = _align.align(prof, names, fp, strict=strict)
         resolved = _align.resolve(aligned, names, current, mapping=mapping, missing=missing)
         if granularity == "unit":

@@ -157,3 +157,64 @@ def find_cached(
         except Exception:  # noqa: BLE001 - an incompatible or unreadable cache entry is skipped
             continue
     return None
+
+
+def resolve_given(
+    given: Mapping[str, Any],
+    model_sites: Sequence[str],
+    current: Mapping[str, float],
+    *,
+    mapping: str | Mapping[str, Any] | None = None,
+    missing: str = "keep",
+    allow_absent: bool = False,
+    strict: bool = True,
+    sites_hint: str = "the adapter's sites(model)",
+) -> tuple[dict[str, tuple[float, str]], list[str]]:
+    """Like :func:`resolve` for probabilities a user gives directly as ``{site: p}``.
+
+    Keys are aligned to the model's names by prefix. A key that names no site of the model is an
+    error, unless ``allow_absent`` (a graph whose exporter folded some dropout away): then the
+    unmatched keys are returned as ``absent``, and with ``strict`` matching none is an error.
+    Returns ``({site: (p, source)}, absent)`` with source ``given``, ``keep`` or ``upper``.
+
+    Example:
+        >>> resolve_given({"enc.dropout": 0.05}, ["bert.enc.dropout", "head.dropout"],
+        ...               {"head.dropout": 0.1})[0]
+        {'bert.enc.dropout': (0.05, 'given'), 'head.dropout': (0.1, 'keep')}
+    """
+    if missing not in MISSING_POLICIES:
+        raise bad_argument("missing", f"one of {MISSING_POLICIES}", missing, "use missing='keep'")
+    names = list(model_sites)
+    renaming = find_renaming([str(k) for k in given], names)
+    probs = {renaming(str(k)): v for k, v in given.items()}
+    absent = [k for k in probs if k not in set(names)]
+    if absent and (not allow_absent or (strict and len(absent) == len(probs))):
+        raise bad_argument(
+            "profile",
+            "a dict whose keys are dropout sites of this model",
+            absent[:3],
+            f"use names from {sites_hint}, e.g. {names[:3]}",
+        )
+    for site, p in probs.items():
+        if isinstance(p, bool) or not hasattr(p, "__float__"):
+            raise bad_argument(f"profile[{site!r}]", "a float in [0, 1)", p, "pass a probability")
+        if not 0.0 <= float(p) < 1.0:
+            raise bad_argument(
+                f"profile[{site!r}]", "a float in [0, 1)", p, "pass a dropout probability"
+            )
+    unknown = [n for n in names if n not in probs]
+    if unknown and missing == "error":
+        raise ProfileMismatchError(
+            f"profile: expected a probability for every dropout site, received none for "
+            f"{unknown[:3]}; fix: pass missing='keep' (leave them) or missing='upper' (p_upper)"
+        )
+    upper = float(_mapping_dict(mapping)["p_upper"])
+    out: dict[str, tuple[float, str]] = {}
+    for n in names:
+        if n in probs:
+            out[n] = (float(probs[n]), "given")
+        elif missing == "upper":
+            out[n] = (upper, "upper")
+        else:
+            out[n] = (float(current.get(n, 0.0)), "keep")
+    return out, absent

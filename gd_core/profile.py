@@ -329,3 +329,24 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"metadata value of type {type(obj).__name__} is not JSON serialisable")
+
+
+def as_profile(profile: Any, fix: str) -> SensitivityProfile:
+    """A :class:`SensitivityProfile` from a profile or the path of a saved one.
+
+    Example:
+        >>> as_profile(3, "pass a profile")
+        Traceback (most recent call last):
+        ...
+        gd_core.errors.ArgumentError: profile: expected None (use the cache), a SensitivityProfile, the path of a saved one, or {site: p}, received 'int'; fix: pass a profile
+    """
+    if isinstance(profile, SensitivityProfile):
+        return profile
+    if isinstance(profile, (str, os.PathLike)):
+        return SensitivityProfile.load(profile)
+    raise bad_argument(
+        "profile",
+        "None (use the cache), a SensitivityProfile, the path of a saved one, or {site: p}",
+        type(profile).__name__,
+        fix,
+    )
