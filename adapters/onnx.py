@@ -294,7 +294,7 @@ class OnnxApplyReport(ApplyReport):
         >>> from adapters._onnx_graph import example_model
         >>> _, report = apply(example_model(), {"dropout": 0.05})
         >>> report.probabilities(), report.counts()
-        ({'dropout': 0.05, 'head_drop': 0.1}, {'user': 1, 'keep': 1})
+        ({'dropout': 0.05, 'head_drop': 0.1}, {'given': 1, 'keep': 1})
     """
 
     ratio_inputs: dict[str, str] = field(default_factory=dict)
