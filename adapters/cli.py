@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from gd_core import MAPPINGS, GuidedDropoutError, SensitivityProfile, __version__
 
@@ -21,8 +22,26 @@ EPILOG_SHOW = """examples:
 """
 
 
+EPILOG_MAIN = """examples:
+  gd demo                                           # the whole tour, offline, in a few minutes
+  gd profile --model minilm --corpus wiki.txt --out minilm.profile.npz
+  gd show minilm.profile.npz --plot minilm.png
+  gd apply-onnx classifier.onnx minilm.profile.npz classifier.guided.onnx
+  gd landscape --model minilm --profile minilm.profile.npz --corpus wiki.txt --out land.png
+
+`gd COMMAND --help` describes each command; docs/cli.md has the full reference.
+"""
+
+
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
 def _mapping_args(p: argparse.ArgumentParser) -> None:
@@ -65,9 +84,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gd",
         description="Guided dropout: Fisher-informed per-layer dropout for fine-tuning.",
+        epilog=EPILOG_MAIN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"guided-dropout {__version__}")
@@ -118,7 +138,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(exc).split())
         print(f"gd {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a bug or an environment problem: still one line
+        if os.environ.get("GD_DEBUG"):
+            raise
+        message = " ".join(str(exc).split())[:300]
+        print(
+            f"gd {args.command}: internal error: {type(exc).__name__}: {message} "
+            "(set GD_DEBUG=1 to see the traceback)",
+            file=sys.stderr,
+        )
+        return 3
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m adapters.cli` (e.g. under torchrun)
+    from adapters.cli import main as _main  # the module the sub-commands register into
+
+    sys.exit(_main())

@@ -509,7 +509,7 @@ def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable
     except Exception as exc:  # noqa: BLE001 - any failure to rebuild is reported with its cause
         raise _cannot_rewrite(model, f"keras.models.clone_model failed ({exc!s:.300})") from exc
     for old, new in pairs:
-        if old.weights:
+        if getattr(old, "weights", None):
             try:
                 new.set_weights(old.get_weights())
             except Exception as exc:  # noqa: BLE001

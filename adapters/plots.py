@@ -45,6 +45,12 @@ def plot_profile(
     ax1.set_yticks(y, names, fontsize=7)
     ax1.invert_yaxis()
     ax2.barh(y, probs, color="#cc6677")
+    order = np.argsort(-profile.scores, kind="stable")
+    rank = np.empty(len(names), dtype=int)
+    rank[order] = np.arange(1, len(names) + 1)
+    for yi, r, p in zip(y, rank, probs, strict=True):
+        ax2.text(p, yi, f" {p:.3f} (#{r})", va="center", fontsize=6.5, color="#444444")
+    ax2.set_xlim(0, max(float(np.max(probs)), 1e-9) * 1.3)
     ax2.set_xlabel("dropout probability")
     ax2.axvline(
         float(np.mean(probs)), color="k", lw=0.8, ls="--", label=f"mean {np.mean(probs):.3f}"
