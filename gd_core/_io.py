@@ -54,6 +54,13 @@ def read_npz(
     p = Path(path)
     if not p.exists():
         raise ProfileError(f"{what} file {str(p)!r} does not exist; fix: check the path")
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    if magic[:2] != b"PK":
+        raise ProfileError(
+            f"{what} file {str(p)!r} is not an .npz archive (it does not start like a zip file); "
+            "fix: pass a file this library wrote"
+        )
     try:
         with np.load(p, allow_pickle=False) as data:
             arrays = {k: np.array(data[k]) for k in data.files}

@@ -108,6 +108,10 @@ def test_load_rejects_bad_files(tmp_path):
         SensitivityProfile.load(tmp_path / "trunc.npz")
     with pytest.raises(ProfileError, match="does not exist"):
         SensitivityProfile.load(tmp_path / "missing.npz")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(ProfileError, match="not an .npz archive") as info:
+        SensitivityProfile.load(tmp_path / "text.npz")
+    assert "pickle" not in str(info.value)
     np.savez(tmp_path / "foreign.npz", x=np.ones(2))
     with pytest.raises(ProfileError, match="no guided-dropout header"):
         SensitivityProfile.load(tmp_path / "foreign.npz")
