@@ -1,0 +1,527 @@
+"""Fisher-estimation benchmark: throughput, peak memory and agreement of per-sample Fisher methods.
+
+Every (method, number of samples, repeat) cell runs in a FRESH subprocess so that its peak memory
+is its own: the worker loads the model and data, warms the method up on one small batch, resets
+the peak RSS (``/proc/self/clear_refs``), then times the method on N samples and reads
+``VmHWM`` (peak resident memory) from ``/proc/self/status``. Peak growth = VmHWM after - VmRSS
+before. One JSON line per cell goes to the results file (append, flush; reruns skip done cells).
+
+Methods (all on the same samples, the same per-sample loss, the same parameters):
+
+* ``gd``           ``adapters.torch.estimate_fisher`` (hooks: one forward + one backward per batch)
+* ``train_step``   an ordinary batched training step: forward + ``losses.sum().backward()``, no
+                   optimizer (the cost floor; computes no Fisher)
+* ``loop_inplace`` batch of one, ``torch.autograd.grad``, squares added in place (``addcmul_``)
+* ``authors``      a faithful re-implementation of the authors' approach: batch of one,
+                   ``torch.autograd.grad``, squared gradients kept in a Python list and summed
+                   every 100 samples
+* ``opacus``       Opacus ``GradSampleModule`` (``p.grad_sample``), squared and summed
+* ``torch_func``   ``torch.func.vmap(grad(...))`` over the batch with ``functional_call``
+
+The per-sample loss is the library's ``ContrastiveLoss`` (MiniLM is a bare sentence encoder) with
+``drop_prob=0`` and a fixed bank of 32 reference paragraphs, so that each sample's loss does not
+depend on which other samples share its batch (needed to compare batch-of-one methods with
+batched ones); dropout is off (p = 0) in every method. Agreement with ``gd`` (same N) is checked in
+the worker, after the timed section: ``numpy.allclose(F, F_gd, rtol=1e-5, atol=...)`` per tensor
+(see ``--atol-rel``) and the largest relative error are recorded.
+
+Examples::
+
+    python bench/fisher.py --smoke                         # < 1 minute, tiny random BERT
+    python bench/fisher.py                                 # MiniLM, batch 16, len 64, N 16,64,128
+    python bench/fisher.py --samples 16,64 --methods gd,train_step,authors --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import _common as C
+import numpy as np
+
+METHODS = ("gd", "train_step", "loop_inplace", "authors", "opacus", "torch_func")
+HOLD = 100  # the authors' approach sums its list of squared gradients every 100 samples
+
+
+# --------------------------------------------------------------------------------------------
+# worker: one method, one N, in this (fresh) process
+# --------------------------------------------------------------------------------------------
+
+
+def _setup(spec: dict[str, Any]) -> tuple[Any, Any, list[dict[str, Any]], list[str]]:
+    import torch
+
+    from adapters import corpus as gdc
+    from adapters._torch_persample import ContrastiveLoss
+
+    C.set_threads(spec["threads"])
+    tok = C.tokenizer()
+    model = C.load_model(
+        spec["model"],
+        "BertModel",
+        init_kwargs={"add_pooling_layer": False},
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    ).eval()
+    n, bs, t = spec["n_samples"], spec["batch_size"], spec["seq_len"]
+    chosen = gdc.select(C.corpus_paragraphs(), 32 + n, seed=0)
+    refs, texts = chosen[:32], chosen[32:]
+
+    def enc(xs: list[str]) -> dict[str, Any]:
+        b = C.encode(tok, xs, t)
+        b["position_ids"] = torch.arange(t).expand(len(xs), t).clone()
+        return b
+
+    batches = [enc(texts[i : i + bs]) for i in range(0, n, bs)]
+    loss = ContrastiveLoss(
+        drop_prob=0.0, references=enc(refs), special_token_ids=tok.all_special_ids
+    )
+    with torch.no_grad():  # builds the fixed reference bank once, outside the timed section
+        loss(model, _take(batches[0], 0, 1))
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    return model, loss, batches, names
+
+
+def _take(batch: dict[str, Any], lo: int, hi: int) -> dict[str, Any]:
+    return {k: v[lo:hi] for k, v in batch.items()}
+
+
+def _rows(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for b in batches:
+        for i in range(b["input_ids"].shape[0]):
+            out.append(_take(b, i, i + 1))
+    return out
+
+
+def run_gd(
+    model: Any, loss: Any, batches: list[dict[str, Any]], names: list[str], spec: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    import adapters.torch as gdt
+
+    res = gdt.estimate_fisher(
+        model,
+        batches,
+        loss=loss,
+        max_samples=spec["n_samples"],
+        progress=False,
+        chunk_size=spec.get("chunk_size") or None,
+        params=names,
+    )
+    return {k: np.asarray(v) for k, v in res.items()}
+
+
+def run_train_step(
+    model: Any, loss: Any, batches: list[dict[str, Any]], names: list[str], spec: dict[str, Any]
+) -> None:
+    for b in batches:
+        model.zero_grad(set_to_none=True)
+        loss(model, b).sum().backward()
+    return None
+
+
+def run_loop_inplace(
+    model: Any, loss: Any, batches: list[dict[str, Any]], names: list[str], spec: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    import torch
+
+    params = dict(model.named_parameters())
+    plist = [params[n] for n in names]
+    acc = [torch.zeros_like(p) for p in plist]
+    count = 0
+    for one in _rows(batches):
+        grads = torch.autograd.grad(loss(model, one).sum(), plist, allow_unused=True)
+        for a, g in zip(acc, grads, strict=True):
+            if g is not None:
+                a.addcmul_(g, g)
+        count += 1
+    return {n: a.double().numpy() / count for n, a in zip(names, acc, strict=True)}
+
+
+def run_authors(
+    model: Any, loss: Any, batches: list[dict[str, Any]], names: list[str], spec: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """Batch of one; ``torch.autograd.grad``; squared gradients appended to a Python list that is
+    summed (and emptied) every 100 samples."""
+    import torch
+
+    params = dict(model.named_parameters())
+    plist = [params[n] for n in names]
+    held: list[list[Any]] = []
+    total: list[Any] | None = None
+    count = 0
+
+    def fold() -> None:
+        nonlocal total, held
+        summed = [sum(sample[k] for sample in held) for k in range(len(plist))]
+        total = summed if total is None else [a + b for a, b in zip(total, summed, strict=True)]
+        held = []
+
+    for one in _rows(batches):
+        grads = torch.autograd.grad(loss(model, one)[0], plist, allow_unused=True)
+        held.append(
+            [torch.zeros_like(p) if g is None else g**2 for p, g in zip(plist, grads, strict=True)]
+        )
+        count += 1
+        if len(held) == HOLD:
+            fold()
+    if held:
+        fold()
+    assert total is not None
+    return {n: t.double().numpy() / count for n, t in zip(names, total, strict=True)}
+
+
+_OPACUS: dict[int, Any] = {}
+
+
+def run_opacus(
+    model: Any, loss: Any, batches: list[dict[str, Any]], names: list[str], spec: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    import torch
+    from opacus import GradSampleModule
+
+    gsm = _OPACUS.get(id(model))
+    if gsm is None:  # wrap once (the warm-up call and the timed call share the wrapper)
+        gsm = _OPACUS[id(model)] = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    gsm.train()  # Opacus records activations only in training mode (dropout is 0 here)
+    params = dict(model.named_parameters())
+    acc = {n: torch.zeros_like(params[n]) for n in names}
+    count = 0
+    for b in batches:
+        gsm.zero_grad(set_to_none=True)
+        loss(gsm, b).sum().backward()
+        for n in names:
+            gs = params[n].grad_sample
+            if gs is not None:
+                acc[n].add_(gs.square().sum(0))
+            params[n].grad_sample = None
+        count += int(b["input_ids"].shape[0])
+    return {n: a.double().numpy() / count for n, a in acc.items()}
+
+
+def run_torch_func(
+    model: Any, loss: Any, batches: list[dict[str, Any]], names: list[str], spec: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    bank = loss.bank
+    temp = loss.temperature
+
+    def one(ps: dict[str, Any], ids: Any, att: Any, tt: Any, pos: Any) -> Any:
+        kwargs = {
+            "input_ids": ids[None],
+            "attention_mask": att[None],
+            "token_type_ids": tt[None],
+            "position_ids": pos[None],
+        }
+        h = functional_call(model, ps, (), kwargs).last_hidden_state
+        m = att[None].to(h.dtype).unsqueeze(-1)
+        z = F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1)
+        p = z.detach()  # drop_prob=0: the positive is the same embedding under stop-gradient
+        s_pos = (z * p).sum(-1, keepdim=True)
+        s_neg = (z @ bank.T).masked_fill((p @ bank.T) > 1.0 - 1e-4, float("-inf"))
+        return -torch.log_softmax(torch.cat([s_pos, s_neg], 1) / temp, 1)[0, 0]
+
+    per_sample = vmap(grad(one), in_dims=(None, 0, 0, 0, 0))
+    acc = {n: torch.zeros_like(p) for n, p in params.items()}
+    count = 0
+    for b in batches:
+        g = per_sample(
+            params, b["input_ids"], b["attention_mask"], b["token_type_ids"], b["position_ids"]
+        )
+        for n in names:
+            acc[n].add_(g[n].square().sum(0))
+        count += int(b["input_ids"].shape[0])
+    return {n: a.double().numpy() / count for n, a in acc.items()}
+
+
+RUNNERS = {
+    "gd": run_gd,
+    "train_step": run_train_step,
+    "loop_inplace": run_loop_inplace,
+    "authors": run_authors,
+    "opacus": run_opacus,
+    "torch_func": run_torch_func,
+}
+
+
+def agreement(
+    fisher: dict[str, np.ndarray], ref: dict[str, np.ndarray], rtol: float, atol_rel: float
+) -> dict[str, Any]:
+    """``allclose(F, F_ref, rtol, atol)`` for every tensor, with ``atol = atol_rel x`` the largest
+    reference Fisher value of the whole model (a floor for entries that are numerically zero,
+    e.g. attention key biases, whose exact gradient is 0), plus error summaries."""
+    scale = max((float(np.max(np.abs(r))) for r in ref.values() if r.size), default=0.0)
+    atol = atol_rel * scale
+    failed = []
+    worst_rel = 0.0
+    beyond = 0.0
+    total = 0
+    for name, r in ref.items():
+        a = fisher.get(name)
+        if a is None or a.shape != r.shape:
+            failed.append(name)
+            continue
+        diff = np.abs(a - r)
+        if not np.allclose(a, r, rtol=rtol, atol=atol):
+            failed.append(name)
+        big = np.abs(r) > atol
+        if big.any():
+            worst_rel = max(worst_rel, float(np.max(diff[big] / np.abs(r[big]))))
+        beyond += float(np.sum(diff > rtol * np.abs(r)))
+        total += r.size
+    return {
+        "agree": not failed,
+        "rtol": rtol,
+        "atol": atol,
+        "atol_rel": atol_rel,
+        "tensors_failed": failed[:10],
+        "n_tensors_failed": len(failed),
+        "max_rel_err_above_atol": worst_rel,
+        "frac_elements_beyond_rtol_no_atol": beyond / max(total, 1),
+    }
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` plus the innermost library frame that raised it (``file:line fn``)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    lib = [f for f in frames if "site-packages" in f.filename and "/torch/" not in f.filename]
+    where = lib[-1] if lib else (frames[-1] if frames else None)
+    loc = ""
+    if where is not None:
+        short = where.filename.split("site-packages/")[-1]
+        loc = f" [at {short}:{where.lineno} {where.name}: {str(where.line).strip()[:120]}]"
+    return f"{type(exc).__name__}: {str(exc)[:300]}{loc}"
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one cell and return its measured fields (called in a fresh process)."""
+    import torch
+
+    from gd_core._io import atomic_write_npz, read_npz
+
+    method = spec["method"]
+    _OPACUS.clear()
+    model, loss, batches, names = _setup(spec)
+    n_params = sum(int(p.numel()) for n, p in model.named_parameters() if n in names)
+    out: dict[str, Any] = {"n_params": n_params, "status": "ok"}
+    if method == "authors":
+        need_gb = min(spec["n_samples"], HOLD) * n_params * 4 / 1e9 + 1.0
+        avail = C.mem_available_gb()
+        out["est_need_gb"] = round(need_gb, 2)
+        if avail is not None and need_gb > 0.8 * avail:
+            out.update(
+                status="skipped",
+                reason=f"needs ~{need_gb:.1f} GB (holds {min(spec['n_samples'], HOLD)} squared "
+                f"gradients), {avail:.1f} GB available",
+            )
+            return out
+    runner = RUNNERS[method]
+    # peak memory is measured from here (model, data and reference bank loaded): the warm-up on
+    # one small batch (first-call allocations, hook set-up) is included, it is small
+    gc.collect()
+    rss0 = C.proc_status().get("VmRSS", 0)
+    reset_ok = C.reset_peak_rss()
+    try:
+        runner(
+            model,
+            loss,
+            [_take(batches[0], 0, min(2, spec["batch_size"]))],
+            names,
+            {**spec, "n_samples": 2},
+        )
+    except Exception as exc:  # noqa: BLE001 - a comparison row that cannot run is a result
+        out.update(status="error", error=_describe(exc))
+        return out
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    try:
+        fisher = runner(model, loss, batches, names, spec)
+    except Exception as exc:  # noqa: BLE001
+        out.update(status="error", error=_describe(exc))
+        return out
+    seconds = time.perf_counter() - t0
+    st = C.proc_status()
+    n = spec["n_samples"]
+    out.update(
+        seconds=round(seconds, 4),
+        samples_per_s=round(n / seconds, 3),
+        s_per_16=round(seconds / n * 16, 4),
+        rss_before_mb=round(rss0 / 1024, 1),
+        peak_rss_mb=round(st.get("VmHWM", 0) / 1024, 1),
+        peak_growth_mb=round((st.get("VmHWM", 0) - rss0) / 1024, 1),
+        peak_reset=reset_ok,
+        threads=torch.get_num_threads(),
+    )
+    ref_path = spec.get("ref")
+    if fisher is not None and ref_path:
+        if method == "gd" and spec.get("write_ref"):
+            atomic_write_npz(
+                ref_path, json.dumps({"names": list(fisher)}), dict(enumerate_keys(fisher))
+            )
+        elif Path(ref_path).exists():
+            meta, arrays = read_npz(ref_path, what="Fisher reference")
+            ref = {name: arrays[f"a{i}"] for i, name in enumerate(meta["names"])}
+            out["agreement"] = agreement(fisher, ref, spec["rtol"], spec["atol_rel"])
+    return out
+
+
+def enumerate_keys(fisher: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+    return [(f"a{i}", v) for i, v in enumerate(fisher.values())]
+
+
+# --------------------------------------------------------------------------------------------
+# parent: plan, spawn workers, record
+# --------------------------------------------------------------------------------------------
+
+
+def spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run ``worker(spec)`` in a fresh interpreter; its last stdout line is the JSON result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "reason": f"worker exceeded {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or "").strip().splitlines()[-3:]
+        return {
+            "status": "crashed",
+            "returncode": proc.returncode,
+            "reason": " | ".join(tail)[:600] or "no output (killed, e.g. out of memory?)",
+        }
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def run_in_process(spec: dict[str, Any]) -> dict[str, Any]:
+    """``worker(spec)`` in this process (smoke runs: no interpreter start-up per cell)."""
+    try:
+        return worker(spec)
+    except Exception as exc:  # noqa: BLE001 - recorded like a crashed worker
+        return {"status": "crashed", "reason": _describe(exc)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="tiny random BERT, 8 samples")
+    ap.add_argument("--model", default="minilm", choices=("minilm", "tiny", "smoke"))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--samples", default="16,64,128", help="comma list of N")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--chunk-size", type=int, default=0, help="gd chunk_size (0 = its default)")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--rtol", type=float, default=1e-5)
+    ap.add_argument(
+        "--atol-rel",
+        type=float,
+        default=1e-6,
+        help="absolute tolerance as a fraction of each tensor's largest Fisher value",
+    )
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
+    ap.add_argument("--ref-dir", default="/tmp/gd-bench-fisher-refs")
+    ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run cells in this process (no fresh interpreter; peaks not separable; --smoke)",
+    )
+    args = ap.parse_args(argv)
+
+    if args.worker is not None:
+        res = worker(json.loads(args.worker))
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+
+    if args.smoke:
+        args.model, args.samples, args.batch_size, args.seq_len = "smoke", "8", 4, 16
+        args.in_process = True
+        default_out = Path("/tmp/gd-bench-smoke/fisher-smoke.jsonl")
+    else:
+        default_out = C.RESULTS_DIR / "fisher.jsonl"
+    out_path = Path(args.out) if args.out else default_out
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"--methods: expected names from {METHODS}, received {m!r}")
+    sizes = [int(s) for s in args.samples.split(",") if s]
+    results = C.Results(out_path)
+    machine = C.machine_info()
+    ref_dir = Path(args.ref_dir)
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    base = {
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "threads": args.threads,
+        "chunk_size": args.chunk_size,
+    }
+    for rep in range(args.repeats):
+        for n in sizes:
+            ref = ref_dir / (f"{args.model}-n{n}-bs{args.batch_size}-len{args.seq_len}.fisher.npz")
+            # gd first: its Fisher is the reference the other methods are checked against
+            order = (["gd"] if "gd" in methods or not ref.exists() else []) + [
+                m for m in methods if m != "gd"
+            ]
+            for method in order:
+                key = {**base, "method": method, "n_samples": n, "repeat": rep}
+                recorded = method in methods and not results.done(key)
+                if method == "gd":
+                    need_ref = not ref.exists() and any(
+                        m not in ("gd", "train_step")
+                        and not results.done({**base, "method": m, "n_samples": n, "repeat": rep})
+                        for m in methods
+                    )
+                    if not recorded and not need_ref:
+                        continue
+                elif not recorded:
+                    continue
+                spec = {
+                    **base,
+                    "method": method,
+                    "n_samples": n,
+                    "ref": str(ref),
+                    "write_ref": method == "gd" and not ref.exists(),
+                    "rtol": args.rtol,
+                    "atol_rel": args.atol_rel,
+                }
+                C.log(f"fisher: {method} N={n} repeat {rep} ...")
+                res = run_in_process(spec) if args.in_process else spawn(spec, args.timeout)
+                if not recorded:
+                    continue
+                res["machine"] = {**machine, "loadavg_1m": C.machine_info()["loadavg_1m"]}
+                res["bench"] = "fisher"
+                results.append(key, res)
+                agree = res.get("agreement", {})
+                C.log(
+                    f"  {res.get('status')}: "
+                    + (
+                        f"{res['seconds']:.2f} s, {res['samples_per_s']:.2f} samples/s, "
+                        f"peak +{res['peak_growth_mb']:.0f} MB"
+                        if res.get("status") == "ok"
+                        else str(res.get("reason") or res.get("error"))
+                    )
+                    + (f", agree={agree.get('agree')}" if agree else "")
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

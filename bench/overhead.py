@@ -1,0 +1,522 @@
+"""Fine-tuning overhead: training-step time of guided dropout against standard dropout.
+
+For each cell (framework x model x granularity) a FRESH subprocess builds two copies of the same
+classifier: **A** with standard dropout at the mean probability of the guided profile (every
+profiled site at that p), **B** with guided dropout applied from the profile. It then times
+``--pairs`` interleaved A/B pairs of training steps (forward, loss, backward, optimizer step on
+one fixed batch) in random order within each pair, after ``--warmup`` steps of each, and records
+the ratio ``t_B / t_A`` of every pair: its median, quartiles and IQR go into one JSON line per
+cell (append, flush; a rerun skips cells already present).
+
+Frameworks: ``torch`` (``adapters.torch.apply``, granularity ``site`` and ``unit``), ``keras``
+(``adapters.keras.apply`` on a functional Keras 3 BERT with the same shapes and names as the torch
+model; TensorFlow backend; granularity ``site`` and ``unit``), ``ort`` (the torch classifier
+exported to ONNX in training mode, ``adapters.onnx.apply`` + ``make_artifacts``, one
+``onnxruntime.training.api`` step; site granularity only). Models: ``tiny`` (random BERT 2x128)
+and ``minilm`` (the packaged MiniLM-L6, 6x384, pretrained for torch/ORT; same shapes, random
+weights, for Keras). The classification head's dropout is not profiled and stays 0.1 in A and B.
+
+Targets (from the issue): site level <= 1.01, unit level <= 1.05.
+
+Examples::
+
+    python bench/overhead.py --smoke
+    python bench/overhead.py --frameworks torch,keras,ort --models tiny,minilm --pairs 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import _common as C
+import numpy as np
+
+TARGET = {"site": 1.01, "unit": 1.05}
+GRANULARITIES = {"torch": ("site", "unit"), "keras": ("site", "unit"), "ort": ("site",)}
+
+
+# --------------------------------------------------------------------------------------------
+# shared set-up (inside a worker)
+# --------------------------------------------------------------------------------------------
+
+
+def get_profile(spec: dict[str, Any]) -> Any:
+    """The guided profile of ``spec['model']`` (cached under bench/results/, or a temp dir)."""
+    import glue
+
+    model = spec["model"]
+    samples, seq_len = spec["profile_samples"], spec["profile_len"]
+    folder = Path(spec["profile_dir"])
+    path = folder / f"{model}-wikitext2-contrastive-{samples}x{seq_len}.profile.npz"
+    return glue.ensure_profile(path, model, samples, seq_len)
+
+
+def fixed_batch(spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``batch_size`` WikiText-2 paragraphs padded to ``seq_len`` and seeded random labels."""
+    tok = C.tokenizer()
+    texts = C.corpus_paragraphs()[: spec["batch_size"]]
+    enc = tok(
+        texts,
+        truncation=True,
+        max_length=spec["seq_len"],
+        padding="max_length",
+        return_tensors="np",
+    )
+    labels = np.random.default_rng(0).integers(0, 2, spec["batch_size"])
+    return {
+        "input_ids": enc["input_ids"].astype(np.int64),
+        "attention_mask": enc["attention_mask"].astype(np.int64),
+        "labels": labels.astype(np.int64),
+    }
+
+
+def summarize(ta: list[float], tb: list[float], granularity: str) -> dict[str, Any]:
+    """Median, quartiles and IQR of the per-pair ratios t_B / t_A, and the target verdict."""
+    r = np.asarray(tb) / np.asarray(ta)
+    q25, med, q75 = (float(v) for v in np.percentile(r, [25, 50, 75]))
+    return {
+        "pairs": len(r),
+        "ratio_median": round(med, 4),
+        "ratio_q25": round(q25, 4),
+        "ratio_q75": round(q75, 4),
+        "ratio_iqr": round(q75 - q25, 4),
+        "t_a_median_s": round(float(np.median(ta)), 5),
+        "t_b_median_s": round(float(np.median(tb)), 5),
+        "target": TARGET[granularity],
+        "meets_target": med <= TARGET[granularity],
+        "t_a_s": [round(v, 5) for v in ta],
+        "t_b_s": [round(v, 5) for v in tb],
+    }
+
+
+def interleave(
+    step_a: Callable[[], None], step_b: Callable[[], None], pairs: int, warmup: int, seed: int
+) -> tuple[list[float], list[float]]:
+    """``warmup`` steps of each, then ``pairs`` A/B pairs in random order; returns both timings."""
+    for _ in range(warmup):
+        step_a()
+        step_b()
+    rng = np.random.default_rng(seed)
+    ta: list[float] = []
+    tb: list[float] = []
+    for _ in range(pairs):
+        order = (("a", step_a), ("b", step_b))
+        if rng.random() < 0.5:
+            order = order[::-1]
+        for which, fn in order:
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            (ta if which == "a" else tb).append(dt)
+    return ta, tb
+
+
+def _mean_p(profile: Any) -> float:
+    return float(np.mean(list(profile.probabilities().values())))
+
+
+# --------------------------------------------------------------------------------------------
+# torch
+# --------------------------------------------------------------------------------------------
+
+
+def _torch_classifier(model: str, p: float, attn: str | None = None) -> Any:
+    extra = {} if attn is None else {"_attn_implementation": attn}
+    return C.load_model(
+        model,
+        "BertForSequenceClassification",
+        num_labels=2,
+        hidden_dropout_prob=p,
+        attention_probs_dropout_prob=p,
+        classifier_dropout=0.1,
+        **extra,
+    )
+
+
+def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    import adapters.torch as gdt
+
+    C.set_threads(spec["threads"])
+    profile = get_profile(spec)
+    pbar = _mean_p(profile)
+    a = _torch_classifier(spec["model"], pbar).train()
+    b = _torch_classifier(spec["model"], pbar).train()
+    report = gdt.apply(b, profile, granularity=spec["granularity"], missing="keep")
+    batch = {k: torch.from_numpy(v) for k, v in fixed_batch(spec).items()}
+    labels = batch.pop("labels")
+
+    def make_step(model: Any) -> Callable[[], None]:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(**batch).logits, labels)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    ta, tb = interleave(make_step(a), make_step(b), spec["pairs"], spec["warmup"], spec["seed"])
+    hows: dict[str, int] = {}
+    for r in report:
+        hows[r.how] = hows.get(r.how, 0) + 1
+    return {
+        "mean_p": round(pbar, 5),
+        "applied": hows,
+        **summarize(ta, tb, spec["granularity"]),
+        "threads": torch.get_num_threads(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# keras (TensorFlow backend): a functional BERT with torch-style names
+# --------------------------------------------------------------------------------------------
+
+
+def _keras_layers() -> dict[str, Any]:
+    """Small Keras layers for the BERT mirror, so the functional graph holds only layers."""
+    import keras
+    from keras import ops
+
+    class Positions(keras.layers.Layer):
+        def call(self, ids: Any) -> Any:
+            return ops.cumsum(ops.ones_like(ids), axis=1) - 1
+
+    class Zeros(keras.layers.Layer):
+        def call(self, ids: Any) -> Any:
+            return ops.zeros_like(ids)
+
+    class MaskBias(keras.layers.Layer):
+        def call(self, mask: Any) -> Any:
+            return (1.0 - ops.cast(mask, "float32"))[:, None, None, :] * -1e9
+
+    class Scores(keras.layers.Layer):
+        def __init__(self, heads: int, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.heads = heads
+
+        def get_config(self) -> dict[str, Any]:
+            return {**super().get_config(), "heads": self.heads}
+
+        def split(self, t: Any) -> Any:
+            shape = ops.shape(t)
+            t = ops.reshape(t, (shape[0], shape[1], self.heads, shape[2] // self.heads))
+            return ops.transpose(t, (0, 2, 1, 3))
+
+        def call(self, q: Any, k: Any, bias: Any) -> Any:
+            q, k = self.split(q), self.split(k)
+            d = ops.cast(ops.shape(q)[-1], "float32")
+            return ops.softmax(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) / ops.sqrt(d) + bias)
+
+    class Context(Scores):
+        def call(self, probs: Any, v: Any) -> Any:  # type: ignore[override]
+            out = ops.transpose(ops.matmul(probs, self.split(v)), (0, 2, 1, 3))
+            shape = ops.shape(out)
+            return ops.reshape(out, (shape[0], shape[1], shape[2] * shape[3]))
+
+    class First(keras.layers.Layer):
+        def call(self, x: Any) -> Any:
+            return x[:, 0]
+
+    return {
+        "Positions": Positions,
+        "Zeros": Zeros,
+        "MaskBias": MaskBias,
+        "Scores": Scores,
+        "Context": Context,
+        "First": First,
+    }
+
+
+def keras_bert(cfg: Any, seq_len: int, p: float) -> Any:
+    """Functional Keras 3 BERT classifier whose layer names mirror BertForSequenceClassification."""
+    import keras
+    from keras import layers
+
+    L = _keras_layers()
+    h_dim, heads, eps = cfg.hidden_size, cfg.num_attention_heads, cfg.layer_norm_eps
+    ids = keras.Input((seq_len,), dtype="int32", name="input_ids")
+    mask = keras.Input((seq_len,), dtype="int32", name="attention_mask")
+    we = layers.Embedding(cfg.vocab_size, h_dim, name="bert.embeddings.word_embeddings")(ids)
+    pe = layers.Embedding(
+        cfg.max_position_embeddings, h_dim, name="bert.embeddings.position_embeddings"
+    )(L["Positions"](name="positions")(ids))
+    te = layers.Embedding(cfg.type_vocab_size, h_dim, name="bert.embeddings.token_type_embeddings")(
+        L["Zeros"](name="token_types")(ids)
+    )
+    x = layers.Add(name="embeddings_sum")([we, pe, te])
+    x = layers.LayerNormalization(epsilon=eps, name="bert.embeddings.LayerNorm")(x)
+    x = layers.Dropout(p, name="bert.embeddings.dropout")(x)
+    bias = L["MaskBias"](name="mask_bias")(mask)
+    for i in range(cfg.num_hidden_layers):
+        pre = f"bert.encoder.layer.{i}"
+        q = layers.Dense(h_dim, name=f"{pre}.attention.self.query")(x)
+        k = layers.Dense(h_dim, name=f"{pre}.attention.self.key")(x)
+        v = layers.Dense(h_dim, name=f"{pre}.attention.self.value")(x)
+        probs = L["Scores"](heads, name=f"{pre}.scores")(q, k, bias)
+        probs = layers.Dropout(p, name=f"{pre}.attention.self.dropout")(probs)
+        ctx = L["Context"](heads, name=f"{pre}.context")(probs, v)
+        a = layers.Dense(h_dim, name=f"{pre}.attention.output.dense")(ctx)
+        a = layers.Dropout(p, name=f"{pre}.attention.output.dropout")(a)
+        a = layers.Add(name=f"{pre}.attention.residual")([a, x])
+        x = layers.LayerNormalization(epsilon=eps, name=f"{pre}.attention.output.LayerNorm")(a)
+        f = layers.Dense(
+            cfg.intermediate_size, activation="gelu", name=f"{pre}.intermediate.dense"
+        )(x)
+        f = layers.Dense(h_dim, name=f"{pre}.output.dense")(f)
+        f = layers.Dropout(p, name=f"{pre}.output.dropout")(f)
+        f = layers.Add(name=f"{pre}.output.residual")([f, x])
+        x = layers.LayerNormalization(epsilon=eps, name=f"{pre}.output.LayerNorm")(f)
+    pooled = layers.Dense(h_dim, activation="tanh", name="bert.pooler.dense")(
+        L["First"](name="cls_token")(x)
+    )
+    pooled = layers.Dropout(0.1, name="dropout")(pooled)
+    logits = layers.Dense(2, name="classifier")(pooled)
+    return keras.Model([ids, mask], logits, name="bert_classifier")
+
+
+def run_keras(spec: dict[str, Any]) -> dict[str, Any]:
+    import keras
+
+    import adapters.keras as gdk
+
+    if spec["threads"]:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
+    profile = get_profile(spec)
+    pbar = _mean_p(profile)
+    cfg = C.bert_config(spec["model"])
+    keras.utils.set_random_seed(0)
+    a = keras_bert(cfg, spec["seq_len"], pbar)
+    b0 = keras_bert(cfg, spec["seq_len"], pbar)
+    b0.set_weights(a.get_weights())
+    b, report = gdk.apply(
+        b0, profile, granularity=spec["granularity"], missing="keep", strict=False
+    )
+    batch = fixed_batch(spec)
+    x = [batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)]
+    y = batch["labels"]
+    for m in (a, b):
+        m.compile(
+            optimizer=keras.optimizers.AdamW(1e-5),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+
+    def make_step(m: Any) -> Callable[[], None]:
+        def step() -> None:
+            m.train_on_batch(x, y)
+
+        return step
+
+    ta, tb = interleave(make_step(a), make_step(b), spec["pairs"], spec["warmup"], spec["seed"])
+    rows = list(report)
+    sources: dict[str, int] = {}
+    for r in rows:
+        src = getattr(r, "source", "?")
+        sources[src] = sources.get(src, 0) + 1
+    units = sum(1 for r in rows if getattr(r, "units", None))
+    return {
+        "mean_p": round(pbar, 5),
+        "applied": {"sources": sources, "unit_sites": units},
+        "backend": keras.backend.backend(),
+        **summarize(ta, tb, spec["granularity"]),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# ORT Training
+# --------------------------------------------------------------------------------------------
+
+
+def run_ort(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    import adapters.onnx as ao
+
+    C.set_threads(spec["threads"])
+    profile = get_profile(spec)
+    pbar = _mean_p(profile)
+    # eager attention exports its probability dropout as a Dropout node
+    model = _torch_classifier(spec["model"], 0.1, attn="eager")
+    batch = fixed_batch(spec)
+    work = Path(tempfile.mkdtemp(prefix="gd-bench-ort-"))
+    onnx_path = work / "model.onnx"
+    ids = torch.from_numpy(batch["input_ids"][:2])
+    mask = torch.from_numpy(batch["attention_mask"][:2])
+    model.train()
+    torch.onnx.export(
+        model,
+        (ids, mask),
+        str(onnx_path),
+        training=torch.onnx.TrainingMode.TRAINING,
+        do_constant_folding=False,
+        dynamo=False,
+        opset_version=14,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits"],
+        dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}},
+    )
+    guided = profile.probabilities()
+    uniform = {k: pbar for k in guided}
+    arts = {}
+    notes = {}
+    for which, probs in (("a", uniform), ("b", guided)):
+        out, report = ao.apply(str(onnx_path), probs, missing="keep")
+        arts[which] = ao.make_artifacts(out, work / which, loss="cross_entropy")
+        notes[which] = {"absent": list(getattr(report, "absent", []) or [])}
+    steps = {}
+    for which, art in arts.items():
+        module, opt, _ = art.open()
+        module.train()
+        feeds = ao.module_inputs(module, batch)
+
+        def step(module: Any = module, opt: Any = opt, feeds: Any = feeds) -> None:
+            module.lazy_reset_grad()
+            module(*feeds)
+            opt.step()
+
+        steps[which] = step
+    ta, tb = interleave(steps["a"], steps["b"], spec["pairs"], spec["warmup"], spec["seed"])
+    return {
+        "mean_p": round(pbar, 5),
+        "applied": notes,
+        **summarize(ta, tb, spec["granularity"]),
+    }
+
+
+RUNNERS = {"torch": run_torch, "keras": run_keras, "ort": run_ort}
+
+
+# --------------------------------------------------------------------------------------------
+# parent
+# --------------------------------------------------------------------------------------------
+
+
+def spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "reason": f"worker exceeded {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or "").strip().splitlines()[-4:]
+        return {
+            "status": "crashed",
+            "returncode": proc.returncode,
+            "reason": " | ".join(tail)[:800] or "no output",
+        }
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return {"status": "ok", **RUNNERS[spec["framework"]](spec)}
+    except Exception as exc:  # noqa: BLE001 - a framework that cannot run is a result
+        import traceback
+
+        traceback.print_exc()
+        return {"status": "error", "error": f"{type(exc).__name__}: {str(exc)[:600]}"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="tiny random BERT, 3 pairs")
+    ap.add_argument("--frameworks", default="torch,keras,ort")
+    ap.add_argument("--models", default="tiny,minilm")
+    ap.add_argument("--granularities", default="site,unit")
+    ap.add_argument("--pairs", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile-samples", type=int, default=512)
+    ap.add_argument("--profile-len", type=int, default=128)
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run cells in this process (no fresh interpreter; peaks not separable; --smoke)",
+    )
+    args = ap.parse_args(argv)
+
+    if args.worker is not None:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+
+    if args.smoke:
+        args.models, args.pairs, args.warmup = "smoke", 3, 1
+        args.in_process = True
+        args.batch_size, args.seq_len = 4, 16
+        args.profile_samples, args.profile_len = 8, 16
+        default_out = Path("/tmp/gd-bench-smoke/overhead-smoke.jsonl")
+        profile_dir = default_out.parent
+    else:
+        default_out = C.RESULTS_DIR / "overhead.jsonl"
+        profile_dir = C.RESULTS_DIR
+    out_path = Path(args.out) if args.out else default_out
+    results = C.Results(out_path)
+    machine = C.machine_info()
+    wanted = set(args.granularities.split(","))
+    for model in args.models.split(","):
+        for fw in args.frameworks.split(","):
+            if fw not in RUNNERS:
+                ap.error(f"--frameworks: expected names from {sorted(RUNNERS)}, received {fw!r}")
+            for gran in GRANULARITIES[fw]:
+                if gran not in wanted:
+                    continue
+                key = {
+                    "framework": fw,
+                    "model": model,
+                    "granularity": gran,
+                    "batch_size": args.batch_size,
+                    "seq_len": args.seq_len,
+                    "pairs": args.pairs,
+                    "threads": args.threads,
+                }
+                if results.done(key):
+                    continue
+                spec = {
+                    **key,
+                    "warmup": args.warmup,
+                    "seed": args.seed,
+                    "profile_samples": args.profile_samples,
+                    "profile_len": args.profile_len,
+                    "profile_dir": str(profile_dir),
+                }
+                C.log(f"overhead: {fw} {model} {gran} ({args.pairs} pairs) ...")
+                with C.Timer() as t:
+                    res = worker(spec) if args.in_process else spawn(spec, args.timeout)
+                res["wall_s"] = round(t.seconds, 1)
+                res["bench"] = "overhead"
+                res["machine"] = {**machine, "loadavg_1m": C.machine_info()["loadavg_1m"]}
+                results.append(key, res)
+                if res.get("status") == "ok":
+                    C.log(
+                        f"  ratio median {res['ratio_median']:.4f} (IQR {res['ratio_iqr']:.4f}); "
+                        f"A {res['t_a_median_s'] * 1e3:.1f} ms, B {res['t_b_median_s'] * 1e3:.1f} ms"
+                    )
+                else:
+                    C.log(f"  {res.get('status')}: {res.get('error') or res.get('reason')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
