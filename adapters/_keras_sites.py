@@ -15,7 +15,7 @@ from typing import Any
 
 from gd_core.errors import bad_argument, no_sites
 from gd_core.names import LEAF_ALIASES, from_keras_layer
-from gd_core.sites import Site
+from gd_core.sites import Site, site_mapping
 
 from ._keras_layer import GuidedDropout, _children, keras
 
@@ -292,7 +292,7 @@ def sites_of(idx: ModelIndex, mapping: Mapping[str, Sequence[str]] | None = None
             "give every dropout layer (and GuidedDropout site) its own name",
         )
     if mapping is not None:
-        _check_mapping(idx, names, mapping)
+        mapping = _check_mapping(idx, names, mapping)
     out = []
     for layer, name in zip(idx.site_layers, names, strict=True):
         if mapping is not None and name in mapping:
@@ -304,35 +304,5 @@ def sites_of(idx: ModelIndex, mapping: Mapping[str, Sequence[str]] | None = None
     return out
 
 
-def _check_mapping(idx: ModelIndex, names: list[str], mapping: Any) -> None:
-    if not isinstance(mapping, Mapping):
-        raise bad_argument(
-            "mapping",
-            "a dict {site name: [weight names]}",
-            type(mapping).__name__,
-            "pass e.g. {'dropout': ['dense.weight', 'dense.bias']}",
-        )
-    unknown = [s for s in mapping if s not in names]
-    if unknown:
-        raise bad_argument(
-            "mapping",
-            f"keys naming dropout sites of this model (e.g. {names[:3]})",
-            unknown[:3],
-            "list the model's sites with adapters.keras.sites(model)",
-        )
-    for site, params in mapping.items():
-        if isinstance(params, str) or not isinstance(params, Sequence):
-            raise bad_argument(
-                f"mapping[{site!r}]",
-                "a list of weight names",
-                params,
-                "wrap a single name in a list",
-            )
-        missing = [p for p in params if p not in idx.variables]
-        if missing:
-            raise bad_argument(
-                f"mapping[{site!r}]",
-                f"canonical weight names of this model (e.g. {list(idx.variables)[:3]})",
-                missing[:3],
-                "list them with adapters.keras.fingerprint(model).params",
-            )
+def _check_mapping(idx: ModelIndex, names: list[str], mapping: Any) -> dict[str, list[str]]:
+    return site_mapping(mapping, names, idx.variables, sites_hint="adapters.keras.sites(model)")

@@ -42,7 +42,7 @@ from gd_core.fisher import FisherAccumulator, FisherResult
 from gd_core.profile import SensitivityProfile
 from gd_core.report import ApplyReport, ReportRow
 from gd_core.schedules import Schedule
-from gd_core.sites import Site
+from gd_core.sites import Site, site_mapping
 
 from . import _onnx_graph as _g
 from . import _onnx_train as _t
@@ -121,37 +121,13 @@ def _discover(
 
 def _override_params(infos: list[SiteInfo], table: Mapping[str, Param], mapping: Any) -> None:
     """Replace the guarded parameters of the sites ``mapping`` names (in place)."""
-    names = [i.site.name for i in infos]
-    if callable(mapping) and not isinstance(mapping, Mapping):
-        given = {n: v for n in names if (v := mapping(n)) is not None}
-    elif isinstance(mapping, Mapping):
-        given = dict(mapping)
-        unknown = [k for k in given if k not in names]
-        if unknown:
-            raise bad_argument(
-                "mapping",
-                "keys that are dropout site names of this graph",
-                unknown[:3],
-                f"use names from adapters.onnx.sites(model), e.g. {names[:3]}",
-            )
-    else:
-        raise bad_argument(
-            "mapping",
-            "None, a dict {site name: [parameter names]} or a function site name -> names",
-            type(mapping).__name__,
-            "pass e.g. {'encoder.0.dropout': ['encoder.0.dense.weight']}",
-        )
+    given = site_mapping(
+        mapping, [i.site.name for i in infos], sites_hint="adapters.onnx.sites(model)"
+    )
     for info in infos:
         if info.site.name not in given:
             continue
         params = given[info.site.name]
-        if isinstance(params, str) or not isinstance(params, Iterable):
-            raise bad_argument(
-                f"mapping[{info.site.name!r}]",
-                "a list of parameter names",
-                params,
-                "wrap a single name in a list",
-            )
         onnx_names = _onnx_names(params, table, f"mapping[{info.site.name!r}]")
         canonical = tuple(table[n].name for n in onnx_names)
         info.site = Site(info.site.name, canonical, info.site.units, kind="node")

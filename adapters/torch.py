@@ -44,6 +44,7 @@ from gd_core.fisher import FisherResult
 from gd_core.profile import as_profile
 from gd_core.report import ApplyReport as _CoreReport
 from gd_core.report import ReportRow
+from gd_core.sites import site_mapping
 
 from ._lazy import require
 
@@ -464,52 +465,15 @@ def _virtual_hook_site(index: _Index, target: str) -> _Found:
 def _apply_mapping(index: _Index, found: list[_Found], mapping: Any) -> list[_Found]:
     if mapping is None:
         return found
-    names = [f.site.name for f in found]
-    if callable(mapping) and not isinstance(mapping, Mapping):
-        given = {}
-        for n in names:
-            val = mapping(n)
-            if val is not None:
-                given[n] = val
-    elif isinstance(mapping, Mapping):
-        given = dict(mapping)
-        unknown = [k for k in given if k not in names]
-        if unknown:
-            raise bad_argument(
-                "mapping",
-                "keys that are dropout site names of this model",
-                unknown[:3],
-                f"use names from adapters.torch.sites(model), e.g. {names[:3]}",
-            )
-    else:
-        raise bad_argument(
-            "mapping",
-            "None, a dict {site name: [parameter names]} or a function site name -> names",
-            type(mapping).__name__,
-            "pass e.g. {'encoder.0.dropout': ['encoder.0.dense.weight']}",
-        )
+    given = site_mapping(
+        mapping, [f.site.name for f in found], index.owner, sites_hint="adapters.torch.sites(model)"
+    )
     out = []
     for f in found:
         if f.site.name not in given:
             out.append(f)
             continue
         params = given[f.site.name]
-        if isinstance(params, str) or not isinstance(params, Iterable):
-            raise bad_argument(
-                f"mapping[{f.site.name!r}]",
-                "a list of parameter names",
-                params,
-                "wrap a single name in a list",
-            )
-        params = list(params)
-        bad = [p for p in params if p not in index.owner]
-        if bad:
-            raise bad_argument(
-                f"mapping[{f.site.name!r}]",
-                "parameter names of this model (from model.named_parameters())",
-                bad[:3],
-                f"use names such as {list(index.owner)[:3]}",
-            )
         units = f.site.units
         if units is None and f.role == "hidden" and params:
             units = _hidden_units([index.owner[params[-1]][0]])

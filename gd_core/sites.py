@@ -7,7 +7,7 @@ output it guards and the number of units (features along the last axis) it drops
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -180,3 +180,62 @@ def unit_scores(fisher: Mapping[str, Any], site: Site) -> np.ndarray | None:
             "point unit_axes at the output-feature axis of each guarded tensor",
         )
     return np.mean(np.stack(rows), axis=0)
+
+
+def site_mapping(
+    mapping: Any,
+    site_names: Sequence[str],
+    param_names: Collection[str] | None = None,
+    *,
+    sites_hint: str = "the adapter's sites(model)",
+) -> dict[str, list[str]]:
+    """Validate a user's override of guarded parameters: ``{site: [param names]}`` or a function
+    ``site name -> [param names] | None``. Returns the overrides for the sites it names.
+
+    Example:
+        >>> site_mapping({"a.dropout": ["a.weight"]}, ["a.dropout", "b.dropout"], ["a.weight"])
+        {'a.dropout': ['a.weight']}
+        >>> site_mapping(lambda s: ["a.weight"] if s.startswith("a") else None, ["a.dropout"])
+        {'a.dropout': ['a.weight']}
+    """
+    names = list(site_names)
+    if callable(mapping) and not isinstance(mapping, Mapping):
+        given = {n: v for n in names if (v := mapping(n)) is not None}
+    elif isinstance(mapping, Mapping):
+        given = dict(mapping)
+        unknown = [k for k in given if k not in names]
+        if unknown:
+            raise bad_argument(
+                "mapping",
+                "keys that are dropout site names of this model",
+                unknown[:3],
+                f"use names from {sites_hint}, e.g. {names[:3]}",
+            )
+    else:
+        raise bad_argument(
+            "mapping",
+            "None, a dict {site name: [parameter names]} or a function site name -> names",
+            type(mapping).__name__,
+            "pass e.g. {'encoder.0.dropout': ['encoder.0.dense.weight']}",
+        )
+    out: dict[str, list[str]] = {}
+    for site, params in given.items():
+        if isinstance(params, str) or not isinstance(params, Iterable):
+            raise bad_argument(
+                f"mapping[{site!r}]",
+                "a list of parameter names",
+                params,
+                "wrap a single name in a list",
+            )
+        params = [str(p) for p in params]
+        if param_names is not None:
+            bad = [p for p in params if p not in param_names]
+            if bad:
+                raise bad_argument(
+                    f"mapping[{site!r}]",
+                    "parameter names of this model",
+                    bad[:3],
+                    f"use names such as {list(param_names)[:3]}",
+                )
+        out[site] = params
+    return out

@@ -192,3 +192,18 @@ def test_translate_and_names():
         "bert.encoder.layer.0.output.dropout"
     )
     assert from_path("model/dense_1/kernel:0") == "model.dense_1.weight"
+
+
+def test_site_mapping_validation():
+    from gd_core.sites import site_mapping
+
+    names, params = ["a.dropout", "b.dropout"], {"a.weight", "b.weight"}
+    assert site_mapping({"b.dropout": ("b.weight",)}, names, params) == {"b.dropout": ["b.weight"]}
+    with pytest.raises(ArgumentError, match="keys that are dropout site names.*'x.dropout'"):
+        site_mapping({"x.dropout": ["a.weight"]}, names, params)
+    with pytest.raises(ArgumentError, match=r"mapping\['a.dropout'\]: expected a list"):
+        site_mapping({"a.dropout": "a.weight"}, names, params)
+    with pytest.raises(ArgumentError, match="parameter names of this model.*'c.weight'"):
+        site_mapping({"a.dropout": ["c.weight"]}, names, params)
+    with pytest.raises(ArgumentError, match="None, a dict"):
+        site_mapping(3, names, params)

@@ -116,11 +116,11 @@ def test_mapping_overrides_guarded_weights_and_is_validated(mlp):
     assert found[1].params == ("classifier.weight",)
     assert found[1].unit_axes == {}  # (8, 3): the last axis is not the site's 8 units
     assert found[0].params == ("enc0_dense.weight", "enc0_dense.bias")
-    with pytest.raises(ArgumentError, match=r"mapping: expected keys naming dropout sites"):
+    with pytest.raises(ArgumentError, match=r"mapping: expected keys that are dropout site names"):
         gdk.sites(mlp, {"nope": []})
     with pytest.raises(ArgumentError, match=r"mapping\['enc0_dropout'\].*'dense.kernel'"):
         gdk.sites(mlp, {"enc0_dropout": ["dense.kernel"]})
-    with pytest.raises(ArgumentError, match="a list of weight names"):
+    with pytest.raises(ArgumentError, match="a list of parameter names"):
         gdk.sites(mlp, {"enc0_dropout": "enc0_dense.weight"})
 
 
