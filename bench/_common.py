@@ -361,3 +361,22 @@ def set_threads(threads: int | None) -> None:
 def log(*parts: object) -> None:
     """Progress line on stderr (results go to the JSONL file)."""
     print(*parts, file=sys.stderr, flush=True)
+
+
+def spawn_worker(script: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run ``script --worker SPEC`` in a fresh interpreter; its last ``RESULT {json}`` stdout line
+    is the result (a fresh process per cell keeps peak-memory readings and imports separate)."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "reason": f"worker exceeded {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or "").strip().splitlines()[-4:]
+        return {
+            "status": "crashed",
+            "returncode": proc.returncode,
+            "reason": " | ".join(tail)[:800] or "no output (killed, e.g. out of memory?)",
+        }
+    return json.loads(lines[-1][len("RESULT ") :])

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -388,24 +387,6 @@ def enumerate_keys(fisher: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]
 # --------------------------------------------------------------------------------------------
 
 
-def spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run ``worker(spec)`` in a fresh interpreter; its last stdout line is the JSON result."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "reason": f"worker exceeded {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or "").strip().splitlines()[-3:]
-        return {
-            "status": "crashed",
-            "returncode": proc.returncode,
-            "reason": " | ".join(tail)[:600] or "no output (killed, e.g. out of memory?)",
-        }
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
 def run_in_process(spec: dict[str, Any]) -> dict[str, Any]:
     """``worker(spec)`` in this process (smoke runs: no interpreter start-up per cell)."""
     try:
@@ -503,7 +484,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "atol_rel": args.atol_rel,
                 }
                 C.log(f"fisher: {method} N={n} repeat {rep} ...")
-                res = run_in_process(spec) if args.in_process else spawn(spec, args.timeout)
+                res = (
+                    run_in_process(spec)
+                    if args.in_process
+                    else C.spawn_worker(__file__, spec, args.timeout)
+                )
                 if not recorded:
                     continue
                 res["machine"] = {**machine, "loadavg_1m": C.machine_info()["loadavg_1m"]}

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -404,23 +403,6 @@ RUNNERS = {"torch": run_torch, "keras": run_keras, "ort": run_ort}
 # --------------------------------------------------------------------------------------------
 
 
-def spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "reason": f"worker exceeded {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or "").strip().splitlines()[-4:]
-        return {
-            "status": "crashed",
-            "returncode": proc.returncode,
-            "reason": " | ".join(tail)[:800] or "no output",
-        }
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         return {"status": "ok", **RUNNERS[spec["framework"]](spec)}
@@ -503,7 +485,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 }
                 C.log(f"overhead: {fw} {model} {gran} ({args.pairs} pairs) ...")
                 with C.Timer() as t:
-                    res = worker(spec) if args.in_process else spawn(spec, args.timeout)
+                    res = (
+                        worker(spec)
+                        if args.in_process
+                        else C.spawn_worker(__file__, spec, args.timeout)
+                    )
                 res["wall_s"] = round(t.seconds, 1)
                 res["bench"] = "overhead"
                 res["machine"] = {**machine, "loadavg_1m": C.machine_info()["loadavg_1m"]}
