@@ -113,11 +113,21 @@ class Results:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(rec, default=_json_default, allow_nan=True)
         with self.path.open("a", encoding="utf-8") as fh:
+            _lock(fh)  # several worker processes (``glue.py --jobs``) append to one file
             fh.write(line + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         self._keys.add(cell_key(key))
         return rec
+
+
+def _lock(fh: Any) -> None:
+    """Exclusive advisory lock on an open file until it is closed (POSIX; a no-op elsewhere)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
 
 
 def _json_default(obj: Any) -> Any:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -583,6 +584,31 @@ def parse_seeds(text: str) -> list[int]:
     return out
 
 
+def run_jobs(args: argparse.Namespace, argv: Sequence[str] | None, jobs: int) -> int:
+    """Run the remaining runs in ``jobs`` worker processes (``--shard i/jobs``), each pinned to
+    ``--threads`` (default: the machine's cores split between them), all appending to one file.
+
+    Runs are dealt round-robin from the seed-major plan, so the workers move through the grid
+    together and a grid cut short still holds complete seed pairs.
+    """
+    import subprocess
+
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    base = list(sys.argv[1:] if argv is None else argv)
+    extra = ["--threads", str(threads), "--out", args.out]
+    if args.profile:
+        extra += ["--profile", args.profile]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), *base, *extra, "--shard", f"{i}/{jobs}"]
+        )
+        for i in range(jobs)
+    ]
+    C.log(f"{jobs} workers of {threads} thread(s) started")
+    codes = [proc.wait() for proc in procs]
+    return max(codes)
+
+
 def make_settings(args: argparse.Namespace) -> dict[str, Setting]:
     return {
         "full": Setting("full", 1.0, args.epochs, args.lr),
@@ -606,13 +632,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--low-size", type=int, default=500)
-    ap.add_argument("--low-epochs", type=int, default=10)
-    ap.add_argument("--low-lr", type=float, default=5e-5)
+    ap.add_argument("--low-epochs", type=int, default=None, help="default 10 (--quick: 4)")
+    ap.add_argument("--low-lr", type=float, default=None, help="default 5e-5 (--quick: 1e-4)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=128, help="single sentences")
-    ap.add_argument("--max-len-pair", type=int, default=128, help="sentence pairs")
+    ap.add_argument("--max-len-pair", type=int, default=None, help="pairs; 128 (--quick: 96)")
     ap.add_argument("--eval-cap", type=int, default=0, help="max eval examples (0 = all)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="worker processes sharing the runs (default 1; --quick: 2 where there are 2+ cores; "
+        "on 2 cores, 2 workers of 1 thread finish a grid about twice as fast as 1 of 2 threads)",
+    )
+    ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "i/N", set by --jobs
     ap.add_argument("--profile", default=None, help="profile file (default: cached per model)")
     ap.add_argument("--profile-samples", type=int, default=512)
     ap.add_argument("--profile-len", type=int, default=128)
@@ -631,7 +665,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = args.seeds or "0"
         default_out = Path("/tmp/gd-bench-smoke/glue-smoke.jsonl")
     elif args.quick:
-        args.max_len, args.max_len_pair = min(args.max_len, 64), min(args.max_len_pair, 128)
+        # sized to fit ~90 minutes on 2 cores (docs/benchmarks.md: "Sizing the quick grid")
+        args.max_len = min(args.max_len, 64)
+        args.max_len_pair = args.max_len_pair or 96
+        args.low_epochs = args.low_epochs or 4
+        args.low_lr = args.low_lr or 1e-4
+        if args.jobs is None:
+            args.jobs = 2 if (os.cpu_count() or 1) >= 2 else 1
         args.eval_cap = args.eval_cap or 500
         tasks = args.tasks or "CoLA,MRPC,RTE,STS-B"
         settings = args.settings or "low"
@@ -644,7 +684,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods = args.methods or ",".join(METHODS)
         seeds = args.seeds or ""
         default_out = C.RESULTS_DIR / "glue.jsonl"
+    args.max_len_pair = args.max_len_pair or 128
+    args.low_epochs = args.low_epochs or 10
+    args.low_lr = args.low_lr or 5e-5
+    args.jobs = args.jobs or 1
     out_path = Path(args.out) if args.out else default_out
+    args.out = str(out_path)
     task_list = [TASKS[t] for t in tasks.split(",")]
     all_settings = make_settings(args)
     setting_list = [all_settings[s] for s in settings.split(",")]
@@ -657,10 +702,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = []
     for setting in setting_list:
         seed_list = parse_seeds(seeds) if seeds else list(range(10 if setting.name == "low" else 5))
-        # seed-major order: every method of a seed runs before the next seed, so a grid cut
-        # short still holds complete pairs
-        for task in task_list:
-            for seed in seed_list:
+        # seed-major order: every task and method of a seed runs before the next seed, so a
+        # grid cut short still holds complete pairs on every task
+        for seed in seed_list:
+            for task in task_list:
                 for method in method_list:
                     key = {
                         "task": task.name,
@@ -678,6 +723,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     todo = [p for p in plan if not results.done(p[0])]
     C.log(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {out_path}")
     est = sum(estimate_seconds(t, s, len_examples(t.name)) for _, t, s, _, _ in todo)
+    if args.jobs < 1:
+        ap.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.shard:
+        index, count = (int(v) for v in args.shard.split("/"))
+        todo = todo[index::count]
+    elif args.jobs > 1:
+        est /= min(args.jobs, max(1, len(todo)))
     C.log(f"rough estimate for the runs left: {est / 3600:.1f} h (quiet 2-core machine)")
     if args.dry_run:
         for key, *_ in todo:
@@ -699,6 +751,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 / f"{args.model}-wikitext2-contrastive-{args.profile_samples}x{args.profile_len}.profile.npz"
             )
         profile = ensure_profile(prof_path, args.model, args.profile_samples, args.profile_len)
+        args.profile = str(prof_path)  # workers read the profile made here, never race for it
+    if args.jobs > 1 and not args.shard:
+        return run_jobs(args, argv, min(args.jobs, len(todo)))
     tok = C.tokenizer()
     machine = C.machine_info()
     data: dict[str, list[Example]] = {}
@@ -723,7 +778,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         eta = elapsed / (i + 1) * (len(todo) - i - 1)
         m = fields["metrics"]
         C.log(
-            f"[{i + 1}/{len(todo)}] {task.name} {setting.name} {method.name} seed {seed}: "
+            (f"worker {args.shard}: " if args.shard else "")
+            + f"[{i + 1}/{len(todo)}] {task.name} {setting.name} {method.name} seed {seed}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
             + f"{'' if fields['learned'] else ' (NOT LEARNED)'}; {t.seconds:.0f} s; "
             f"eta {eta / 60:.0f} min"
