@@ -9,7 +9,8 @@ Reads every record of the given files (default: ``bench/results/*.jsonl``) and p
 * **fisher**: per method and N, seconds per 16 samples, samples/s, cost relative to a training
   step and to the authors' approach, peak memory growth, agreement with ``gd``;
 * **overhead**: per framework / model / granularity, the median step-time ratio guided/standard,
-  its quartiles and IQR, and the target verdict.
+  its distribution-free 95% interval, quartiles and IQR, and the target verdict from the
+  interval (meets / misses only when the whole interval is on one side of the target).
 
 Examples::
 
@@ -305,11 +306,53 @@ def fisher_tables(records: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def median_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval for the median: order statistics ``x_(k)`` and
+    ``x_(n-k+1)`` with the largest ``k`` whose binomial tail keeps coverage >= ``level``.
+
+    Example:
+        >>> median_ci(list(range(1, 31)))  # n = 30: x_(10), x_(21), coverage 95.7%
+        (10.0, 21.0)
+        >>> median_ci([1.0, 2.0, 3.0])  # too few values for 95%: the full range
+        (1.0, 3.0)
+    """
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    n = len(x)
+    alpha = (1.0 - level) / 2.0
+    k, tail = 0, 0.0  # tail = P(Bin(n, 1/2) <= k - 1)
+    while k < n // 2:
+        nxt = tail + math.comb(n, k) / 2.0**n
+        if nxt > alpha:
+            break
+        tail, k = nxt, k + 1
+    k = max(k, 1)
+    return float(x[k - 1]), float(x[n - k])
+
+
+def overhead_verdict(median: float, lo: float, hi: float, target: float) -> str:
+    """Verdict of one overhead cell from the median ratio and its 95% interval.
+
+    Example:
+        >>> overhead_verdict(0.99, 0.97, 1.00, 1.01)
+        'meets (95% CI below the target)'
+        >>> overhead_verdict(1.02, 1.015, 1.03, 1.01)
+        'misses (95% CI above the target)'
+        >>> overhead_verdict(1.0, 0.98, 1.02, 1.01)
+        'median meets; not resolved (target inside the 95% CI)'
+    """
+    if hi <= target:
+        return "meets (95% CI below the target)"
+    if lo > target:
+        return "misses (95% CI above the target)"
+    side = "meets" if median <= target else "misses"
+    return f"median {side}; not resolved (target inside the 95% CI)"
+
+
 def overhead_tables(records: list[dict[str, Any]]) -> str:
     lines = [
-        "| framework | model | granularity | batch × len | pairs | median t_B/t_A | IQR [q25, q75] "
-        "| t_A median ms | t_B median ms | target | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| framework | model | granularity | batch × len | pairs | median t_B/t_A | 95% CI of the "
+        "median | IQR [q25, q75] | t_A median ms | t_B median ms | target | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(records, key=lambda r: (r["model"], r["framework"], r["granularity"])):
         if r.get("status") != "ok":
@@ -318,12 +361,12 @@ def overhead_tables(records: list[dict[str, Any]]) -> str:
                 f"| – | – | – | – | – | – | {_short(r)} |"
             )
             continue
-        verdict = "meets" if r["meets_target"] else "misses"
-        if r["ratio_q25"] <= r["target"] < r["ratio_q75"]:
-            verdict += " (target inside the IQR: not resolved at this noise)"
+        ratios = np.asarray(r["t_b_s"], dtype=np.float64) / np.asarray(r["t_a_s"], dtype=np.float64)
+        lo, hi = median_ci(ratios)
+        verdict = overhead_verdict(r["ratio_median"], lo, hi, r["target"])
         lines.append(
             f"| {r['framework']} | {r['model']} | {r['granularity']} | {r['batch_size']} × {r['seq_len']} "
-            f"| {r['pairs']} | {r['ratio_median']:.4f} | {r['ratio_iqr']:.4f} "
+            f"| {r['pairs']} | {r['ratio_median']:.4f} | [{lo:.4f}, {hi:.4f}] | {r['ratio_iqr']:.4f} "
             f"[{r['ratio_q25']:.4f}, {r['ratio_q75']:.4f}] | {r['t_a_median_s'] * 1e3:.1f} "
             f"| {r['t_b_median_s'] * 1e3:.1f} | ≤ {r['target']} | {verdict} |"
         )
