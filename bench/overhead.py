@@ -12,7 +12,8 @@ Frameworks: ``torch`` (``adapters.torch.apply``, granularity ``site`` and ``unit
 (``adapters.keras.apply`` on a functional Keras 3 BERT with the same shapes and names as the torch
 model; TensorFlow backend; granularity ``site`` and ``unit``), ``ort`` (the torch classifier
 exported to ONNX in training mode, ``adapters.onnx.apply`` + ``make_artifacts``, one
-``onnxruntime.training.api`` step; site granularity only). Models: ``tiny`` (random BERT 2x128)
+``onnxruntime.training.api`` step; granularity ``site`` and ``unit``, the latter a per-unit
+rate subgraph in front of each hidden-state Dropout). Models: ``tiny`` (random BERT 2x128)
 and ``minilm`` (the packaged MiniLM-L6, 6x384, pretrained for torch/ORT; same shapes, random
 weights, for Keras). The classification head's dropout is not profiled and stays 0.1 in A and B.
 
@@ -39,7 +40,7 @@ import _common as C
 import numpy as np
 
 TARGET = {"site": 1.01, "unit": 1.05}
-GRANULARITIES = {"torch": ("site", "unit"), "keras": ("site", "unit"), "ort": ("site",)}
+GRANULARITIES = {"torch": ("site", "unit"), "keras": ("site", "unit"), "ort": ("site", "unit")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,8 +372,15 @@ def run_ort(spec: dict[str, Any]) -> dict[str, Any]:
     uniform = {k: pbar for k in guided}
     arts = {}
     notes = {}
-    for which, probs in (("a", uniform), ("b", guided)):
-        out, report = ao.apply(str(onnx_path), probs, missing="keep")
+    # B at unit granularity needs the profile itself (its per-unit scores), not {site: p}
+    b_source = guided if spec["granularity"] == "site" else profile
+    for which, probs in (("a", uniform), ("b", b_source)):
+        out, report = ao.apply(
+            str(onnx_path),
+            probs,
+            missing="keep",
+            granularity="site" if which == "a" else spec["granularity"],
+        )
         arts[which] = ao.make_artifacts(out, work / which, loss="cross_entropy")
         notes[which] = {"absent": list(getattr(report, "absent", []) or [])}
     steps = {}
