@@ -9,8 +9,8 @@ the ratio ``t_B / t_A`` of every pair: its median, quartiles and IQR go into one
 cell (append, flush; a rerun skips cells already present).
 
 Frameworks: ``torch`` (``adapters.torch.apply``, granularity ``site`` and ``unit``), ``keras``
-(``adapters.keras.apply`` on a functional Keras 3 BERT with the same shapes and names as the torch
-model; TensorFlow backend; granularity ``site`` and ``unit``), ``ort`` (the torch classifier
+(``adapters.keras.apply`` on ``adapters.demo.keras_bert_classifier``, the functional Keras 3 BERT
+with the torch model's shapes and layer names; TensorFlow backend; granularity ``site`` and ``unit``), ``ort`` (the torch classifier
 exported to ONNX in training mode, ``adapters.onnx.apply`` + ``make_artifacts``, one
 ``onnxruntime.training.api`` step; granularity ``site`` and ``unit``, the latter a per-unit
 rate subgraph in front of each hidden-state Dropout). Models: ``tiny`` (random BERT 2x128)
@@ -184,112 +184,11 @@ def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _keras_layers() -> dict[str, Any]:
-    """Small Keras layers for the BERT mirror, so the functional graph holds only layers."""
-    import keras
-    from keras import ops
-
-    class Positions(keras.layers.Layer):
-        def call(self, ids: Any) -> Any:
-            return ops.cumsum(ops.ones_like(ids), axis=1) - 1
-
-    class Zeros(keras.layers.Layer):
-        def call(self, ids: Any) -> Any:
-            return ops.zeros_like(ids)
-
-    class MaskBias(keras.layers.Layer):
-        def call(self, mask: Any) -> Any:
-            return (1.0 - ops.cast(mask, "float32"))[:, None, None, :] * -1e9
-
-    class Scores(keras.layers.Layer):
-        def __init__(self, heads: int, **kw: Any) -> None:
-            super().__init__(**kw)
-            self.heads = heads
-
-        def get_config(self) -> dict[str, Any]:
-            return {**super().get_config(), "heads": self.heads}
-
-        def split(self, t: Any) -> Any:
-            shape = ops.shape(t)
-            t = ops.reshape(t, (shape[0], shape[1], self.heads, shape[2] // self.heads))
-            return ops.transpose(t, (0, 2, 1, 3))
-
-        def call(self, q: Any, k: Any, bias: Any) -> Any:
-            q, k = self.split(q), self.split(k)
-            d = ops.cast(ops.shape(q)[-1], "float32")
-            return ops.softmax(ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) / ops.sqrt(d) + bias)
-
-    class Context(Scores):
-        def call(self, probs: Any, v: Any) -> Any:  # type: ignore[override]
-            out = ops.transpose(ops.matmul(probs, self.split(v)), (0, 2, 1, 3))
-            shape = ops.shape(out)
-            return ops.reshape(out, (shape[0], shape[1], shape[2] * shape[3]))
-
-    class First(keras.layers.Layer):
-        def call(self, x: Any) -> Any:
-            return x[:, 0]
-
-    return {
-        "Positions": Positions,
-        "Zeros": Zeros,
-        "MaskBias": MaskBias,
-        "Scores": Scores,
-        "Context": Context,
-        "First": First,
-    }
-
-
-def keras_bert(cfg: Any, seq_len: int, p: float) -> Any:
-    """Functional Keras 3 BERT classifier whose layer names mirror BertForSequenceClassification."""
-    import keras
-    from keras import layers
-
-    L = _keras_layers()
-    h_dim, heads, eps = cfg.hidden_size, cfg.num_attention_heads, cfg.layer_norm_eps
-    ids = keras.Input((seq_len,), dtype="int32", name="input_ids")
-    mask = keras.Input((seq_len,), dtype="int32", name="attention_mask")
-    we = layers.Embedding(cfg.vocab_size, h_dim, name="bert.embeddings.word_embeddings")(ids)
-    pe = layers.Embedding(
-        cfg.max_position_embeddings, h_dim, name="bert.embeddings.position_embeddings"
-    )(L["Positions"](name="positions")(ids))
-    te = layers.Embedding(cfg.type_vocab_size, h_dim, name="bert.embeddings.token_type_embeddings")(
-        L["Zeros"](name="token_types")(ids)
-    )
-    x = layers.Add(name="embeddings_sum")([we, pe, te])
-    x = layers.LayerNormalization(epsilon=eps, name="bert.embeddings.LayerNorm")(x)
-    x = layers.Dropout(p, name="bert.embeddings.dropout")(x)
-    bias = L["MaskBias"](name="mask_bias")(mask)
-    for i in range(cfg.num_hidden_layers):
-        pre = f"bert.encoder.layer.{i}"
-        q = layers.Dense(h_dim, name=f"{pre}.attention.self.query")(x)
-        k = layers.Dense(h_dim, name=f"{pre}.attention.self.key")(x)
-        v = layers.Dense(h_dim, name=f"{pre}.attention.self.value")(x)
-        probs = L["Scores"](heads, name=f"{pre}.scores")(q, k, bias)
-        probs = layers.Dropout(p, name=f"{pre}.attention.self.dropout")(probs)
-        ctx = L["Context"](heads, name=f"{pre}.context")(probs, v)
-        a = layers.Dense(h_dim, name=f"{pre}.attention.output.dense")(ctx)
-        a = layers.Dropout(p, name=f"{pre}.attention.output.dropout")(a)
-        a = layers.Add(name=f"{pre}.attention.residual")([a, x])
-        x = layers.LayerNormalization(epsilon=eps, name=f"{pre}.attention.output.LayerNorm")(a)
-        f = layers.Dense(
-            cfg.intermediate_size, activation="gelu", name=f"{pre}.intermediate.dense"
-        )(x)
-        f = layers.Dense(h_dim, name=f"{pre}.output.dense")(f)
-        f = layers.Dropout(p, name=f"{pre}.output.dropout")(f)
-        f = layers.Add(name=f"{pre}.output.residual")([f, x])
-        x = layers.LayerNormalization(epsilon=eps, name=f"{pre}.output.LayerNorm")(f)
-    pooled = layers.Dense(h_dim, activation="tanh", name="bert.pooler.dense")(
-        L["First"](name="cls_token")(x)
-    )
-    pooled = layers.Dropout(0.1, name="dropout")(pooled)
-    logits = layers.Dense(2, name="classifier")(pooled)
-    return keras.Model([ids, mask], logits, name="bert_classifier")
-
-
 def run_keras(spec: dict[str, Any]) -> dict[str, Any]:
     import keras
 
     import adapters.keras as gdk
+    from adapters.demo import keras_bert_classifier
 
     if spec["threads"]:
         import tensorflow as tf
@@ -297,16 +196,22 @@ def run_keras(spec: dict[str, Any]) -> dict[str, Any]:
         tf.config.threading.set_intra_op_parallelism_threads(spec["threads"])
     profile = get_profile(spec)
     pbar = _mean_p(profile)
-    cfg = C.bert_config(spec["model"])
+    # every encoder site at the profile's mean p; the head's dropout stays 0.1 in A and B
+    cfg = C.bert_config(
+        spec["model"],
+        hidden_dropout_prob=pbar,
+        attention_probs_dropout_prob=pbar,
+        classifier_dropout=0.1,
+    )
     keras.utils.set_random_seed(0)
-    a = keras_bert(cfg, spec["seq_len"], pbar)
-    b0 = keras_bert(cfg, spec["seq_len"], pbar)
+    a = keras_bert_classifier(cfg)
+    b0 = keras_bert_classifier(cfg)
     b0.set_weights(a.get_weights())
     b, report = gdk.apply(
         b0, profile, granularity=spec["granularity"], missing="keep", strict=False
     )
     batch = fixed_batch(spec)
-    x = [batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)]
+    x = {k: batch[k].astype(np.int32) for k in ("input_ids", "attention_mask")}
     y = batch["labels"]
     for m in (a, b):
         m.compile(
