@@ -288,8 +288,10 @@ METHODS = {
     "guided": Method("guided", None, 0.1, PAPER),
     "guided_rescaled": Method("guided_rescaled", None, 0.1, {**PAPER, "target_mean": 0.1}),
     "none": Method("none", 0.0, 0.0),
-    "random_order": Method("random_order", None, 0.1, PAPER, shuffle=True),
-    "depth": Method("depth", None, 0.1, {**PAPER, "name": "depth_linear"}),
+    # the controls are also paired with guided: does the Fisher ordering beat a random or a
+    # depth ordering of the same probabilities?
+    "random_order": Method("random_order", None, 0.1, PAPER, shuffle=True, baseline="guided"),
+    "depth": Method("depth", None, 0.1, {**PAPER, "name": "depth_linear"}, baseline="guided"),
     "uniform_0.15": Method("uniform_0.15", 0.15, 0.15),
     "guided_0.3": Method(
         "guided_0.3", None, 0.15, {**PAPER, "p_upper": 0.3}, baseline="uniform_0.15"

@@ -3,8 +3,10 @@
 Reads every record of the given files (default: ``bench/results/*.jsonl``) and prints, per kind:
 
 * **glue**: per task / setting / method, mean +- std of each metric over seeds, the paired
-  difference of the primary metric to standard dropout (and to the method's own baseline) with a
-  95% t-interval over seeds, a verdict (win / loss when the interval excludes 0, else tie), and
+  difference of the primary metric to standard dropout (and to the method's own baseline:
+  ``guided`` for the random-order and depth controls, ``uniform_0.15`` for ``guided_0.3``) with a
+  95% t-interval over seeds, a verdict against the last of them (win / loss when the interval
+  excludes 0, else tie), and
   the cells whose baseline has not learned (flagged instead of reported as ties);
 * **fisher**: per method and N, seconds per 16 samples, samples/s, cost relative to a training
   step and to the authors' approach, peak memory growth, agreement with ``gd``;
@@ -202,7 +204,8 @@ def glue_tables(records: list[dict[str, Any]]) -> str:
                                 verdict = "loss"
                             else:
                                 verdict = "tie"
-                            verdicts[verdict] += 1
+                            verdicts[verdict + label] += 1
+                            verdict += label
                     diff_txt = "; ".join(parts) or "no paired seeds"
                 lines.append(
                     f"| {m} | {len(runs)} | "
