@@ -162,19 +162,14 @@ def _cpu_model() -> str:
 
 def git_commit() -> str | None:
     """The checked-out commit (read-only ``git rev-parse``), plus ``+dirty`` if files differ."""
+
+    def git(*args: str) -> str:
+        cmd = ["git", "-C", str(ROOT), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
         return (head + ("+dirty" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -373,6 +368,28 @@ def log(*parts: object) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
+def add_worker_args(ap: Any) -> None:
+    """The options of a script whose cells run through :func:`spawn_worker`."""
+    import argparse
+
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # set by spawn_worker
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run cells in this process (no fresh interpreter; peaks not separable; --smoke)",
+    )
+
+
+def answer_worker(spec_json: str, fn: Any) -> int:
+    """The worker side of :func:`spawn_worker`: run ``fn(spec)``, print its ``RESULT`` line."""
+    print(_RESULT + json.dumps(fn(json.loads(spec_json))), flush=True)
+    return 0
+
+
+_RESULT = "RESULT "
+
+
 def spawn_worker(script: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Run ``script --worker SPEC`` in a fresh interpreter; its last ``RESULT {json}`` stdout line
     is the result (a fresh process per cell keeps peak-memory readings and imports separate)."""
@@ -381,7 +398,7 @@ def spawn_worker(script: str, spec: dict[str, Any], timeout: float) -> dict[str,
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "reason": f"worker exceeded {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_RESULT)]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or "").strip().splitlines()[-4:]
         return {
@@ -389,4 +406,4 @@ def spawn_worker(script: str, spec: dict[str, Any], timeout: float) -> dict[str,
             "returncode": proc.returncode,
             "reason": " | ".join(tail)[:800] or "no output (killed, e.g. out of memory?)",
         }
-    return json.loads(lines[-1][len("RESULT ") :])
+    return json.loads(lines[-1][len(_RESULT) :])

@@ -399,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    C.add_worker_args(ap)
     ap.add_argument("--smoke", action="store_true", help="tiny random BERT, 8 samples")
     ap.add_argument("--model", default="minilm", choices=("minilm", "tiny", "smoke"))
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -416,20 +416,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1e-6,
         help="absolute tolerance as a fraction of each tensor's largest Fisher value",
     )
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
     ap.add_argument("--ref-dir", default="/tmp/gd-bench-fisher-refs")
     ap.add_argument("--out", default=None)
-    ap.add_argument(
-        "--in-process",
-        action="store_true",
-        help="run cells in this process (no fresh interpreter; peaks not separable; --smoke)",
-    )
     args = ap.parse_args(argv)
 
     if args.worker is not None:
-        res = worker(json.loads(args.worker))
-        print("RESULT " + json.dumps(res), flush=True)
-        return 0
+        return C.answer_worker(args.worker, worker)
 
     if args.smoke:
         args.model, args.samples, args.batch_size, args.seq_len = "smoke", "8", 4, 16

@@ -28,7 +28,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -330,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    C.add_worker_args(ap)
     ap.add_argument("--smoke", action="store_true", help="tiny random BERT, 3 pairs")
     ap.add_argument("--frameworks", default="torch,keras,ort")
     ap.add_argument("--models", default="tiny,minilm")
@@ -343,18 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile-samples", type=int, default=512)
     ap.add_argument("--profile-len", type=int, default=128)
-    ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--out", default=None)
-    ap.add_argument(
-        "--in-process",
-        action="store_true",
-        help="run cells in this process (no fresh interpreter; peaks not separable; --smoke)",
-    )
     args = ap.parse_args(argv)
 
     if args.worker is not None:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
-        return 0
+        return C.answer_worker(args.worker, worker)
 
     if args.smoke:
         args.models, args.pairs, args.warmup = "smoke", 3, 1
