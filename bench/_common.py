@@ -34,7 +34,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
-DATA_DIR = ROOT.parent / "shared" / "data"
+# $GD_DATA_DIR: a copy made by bench/gpu_carry.py on a machine without ../shared
+DATA_DIR = Path(os.environ.get("GD_DATA_DIR") or ROOT.parent / "shared" / "data")
 GLUE_DIR = DATA_DIR / "glue"
 CORPUS = DATA_DIR / "corpus" / "wikitext-2-raw-test.txt"
 

@@ -4,7 +4,9 @@ Writes ``bench/carry/`` (git-ignored, about 46 MB, under the 64 MiB a device cal
 
 * ``minilm-fp16/``: the packaged MiniLM-L6 as float16 safetensors (loaded back as float32 by
   ``bench/_common.py load_model``), its config and its tokenizer files;
-* the MiniLM profile the grid uses (computed here on WikiText-2 if it is not there yet).
+* the MiniLM profile the grid uses (computed here on WikiText-2 if it is not there yet);
+* ``data/glue/``: a copy of the four GLUE tasks from ``../shared/data`` (which a device call does
+  not send), read there through ``$GD_DATA_DIR``.
 
 Examples::
 
@@ -94,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
 
         glue.ensure_profile(src, "minilm", 512, 128)
     shutil.copy2(src, CARRY / PROFILE)
+    # the GLUE files travel too (../shared is not sent); never committed: bench/carry is ignored
+    for task in ("CoLA", "MRPC", "RTE", "STS-B"):
+        (CARRY / "data" / "glue" / task).mkdir(parents=True, exist_ok=True)
+        for split in ("train", "dev"):
+            shutil.copy2(C.GLUE_DIR / task / f"{split}.tsv", CARRY / "data" / "glue" / task)
     total = sum(f.stat().st_size for f in CARRY.rglob("*") if f.is_file())
     C.log(f"bench/carry holds {total / 2**20:.1f} MiB (a device call carries at most 64 MiB)")
     if total > 60 * 2**20:

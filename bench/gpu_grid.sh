@@ -28,6 +28,9 @@ jobs=${GD_JOBS:-8}
 deadline=${GD_DEADLINE:-420}
 started=$(date +%s)
 export GD_MINILM_PATH=${GD_MINILM_PATH:-$PWD/bench/carry/minilm-fp16}
+if [ -z "${GD_DATA_DIR:-}" ] && [ ! -d ../shared/data/glue ] && [ -d bench/carry/data/glue ]; then
+  export GD_DATA_DIR=$PWD/bench/carry/data  # ../shared does not travel to a lent machine
+fi
 export GD_COMMIT=${GD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 common=(--device "$device" --jobs "$jobs" --deadline "$deadline" --started "$started")
 if [ -n "${GD_SMOKE:-}" ]; then
