@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         C.log("too large to carry")
         return 1
     if args.check:
-        C.log(f"largest relative weight difference of the float16 copy: {check_copy(MODEL_DIR):.2e}")
+        C.log(
+            f"largest relative weight difference of the float16 copy: {check_copy(MODEL_DIR):.2e}"
+        )
     return 0
 
 
