@@ -57,7 +57,7 @@ def test_torchrun_two_processes_equal_one(tiny_model, corpus_file, tmp_path: Pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = tmp_path / "two.npz"
     res = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "-m", "adapters.cli", *common, "--out", str(two),
+        [str(torchrun), "--nproc-per-node", "2", "-m", "gd_cli", *common, "--out", str(two),
          "--device", "cpu"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
@@ -65,7 +65,7 @@ def test_torchrun_two_processes_equal_one(tiny_model, corpus_file, tmp_path: Pat
     assert "2 process(es)" in res.stdout
     one = tmp_path / "one.npz"
     res = subprocess.run(
-        [sys.executable, "-m", "adapters.cli", *common, "--out", str(one), "--device", "cpu"],
+        [sys.executable, "-m", "gd_cli", *common, "--out", str(one), "--device", "cpu"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
@@ -80,7 +80,7 @@ def test_keras_replica_matches_torch_and_takes_the_profile(tmp_path: Path) -> No
 
     import adapters.keras as gdk
     import adapters.torch as gdt
-    from adapters.demo import keras_bert_classifier, load_torch_weights
+    from gd_cli.models import keras_bert_classifier, load_torch_weights
 
     cfg = transformers.BertConfig(
         vocab_size=40, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
