@@ -226,6 +226,7 @@ def _keras_stage(clf: Any, prof: SensitivityProfile, batch: dict[str, Any], path
     guided.save(str(tmp))
     os.replace(tmp, path)
     print(
-        f"  wrote {path}; load it after `import adapters.keras, gd_cli.models` with keras.models.load_model"
+        f"  wrote {path}; load it with keras.models.load_model after\n"
+        "  `import adapters.keras, gd_cli.models` and `gd_cli.models.register_keras_layers()`"
     )
     return path

@@ -114,8 +114,11 @@ def export_training_onnx(
 _KERAS_LAYERS: dict[str, Any] = {}
 
 
-def _keras_layers() -> dict[str, Any]:
-    """Weightless helper layers of the Keras replica (registered for ``.keras`` files).
+def register_keras_layers() -> dict[str, Any]:
+    """Define and register the weightless helper layers of the Keras replica; returns them by name.
+
+    Call it before ``keras.models.load_model`` reads a ``.keras`` file of the replica (``gd demo``
+    writes one); :func:`keras_bert_classifier` calls it. Imports Keras.
 
     Plain Keras layers only (no raw ``keras.ops`` nodes in the functional graph), so that
     ``keras.models.clone_model`` -- which :func:`adapters.keras.apply` uses -- rebuilds it.
@@ -214,7 +217,7 @@ def keras_bert_classifier(config: Any, num_labels: int = 2, prefix: str = "bert.
 
     Inputs ``input_ids`` and ``attention_mask`` (int, shape ``(batch, tokens)``); output logits.
     Load the torch weights with :func:`load_torch_weights`. Loading a saved ``.keras`` file of it
-    needs ``import gd_cli.models`` (its weightless helper layers) and ``import adapters.keras``.
+    needs :func:`register_keras_layers` (its weightless helper layers) and ``import adapters.keras``.
 
     Example:
         >>> import transformers  # doctest: +SKIP
@@ -225,7 +228,7 @@ def keras_bert_classifier(config: Any, num_labels: int = 2, prefix: str = "bert.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     keras = require("keras", "the Keras stage of gd demo")
-    L = _keras_layers()
+    L = register_keras_layers()
     layers = keras.layers
     hidden, heads = int(config.hidden_size), int(config.num_attention_heads)
     eps = float(getattr(config, "layer_norm_eps", 1e-12))

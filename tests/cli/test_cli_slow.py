@@ -116,3 +116,24 @@ def test_keras_replica_matches_torch_and_takes_the_profile(tmp_path: Path) -> No
     np.testing.assert_allclose(
         np.asarray(loaded(feeds, training=False)), np.asarray(guided(feeds, training=False))
     )
+
+
+def test_a_saved_keras_replica_loads_in_a_fresh_process(tmp_path: Path) -> None:
+    """What `gd demo` tells its user to do with the .keras file it writes."""
+    pytest.importorskip("keras")
+    from gd_cli.models import keras_bert_classifier
+
+    cfg = transformers.BertConfig(
+        vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=12, max_position_embeddings=16,
+    )  # fmt: skip
+    path = tmp_path / "m.keras"
+    keras_bert_classifier(cfg).save(str(path))
+    code = (
+        "import keras, adapters.keras, gd_cli.models\n"
+        "gd_cli.models.register_keras_layers()\n"
+        f"print(keras.models.load_model({str(path)!r}).output.shape)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("(None, 2)"), out.stdout
