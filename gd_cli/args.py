@@ -82,6 +82,22 @@ def mapping_override(args: argparse.Namespace) -> dict[str, Any] | None:
     return out or None
 
 
+def int_option(
+    p: argparse.ArgumentParser, flag: str, default: int, metavar: str, help_: str, low: int = 1
+) -> None:
+    """An option taking an int >= ``low``, its default shown in the help.
+
+    Example:
+        >>> p = argparse.ArgumentParser()
+        >>> int_option(p, "--points", 11, "P", "odd number of steps", low=3)
+        >>> p.parse_args([]).points, p.parse_args(["--points", "5"]).points
+        (11, 5)
+    """
+    p.add_argument(
+        flag, type=positive(low), default=default, metavar=metavar, help=f"{help_} (%(default)s)"
+    )
+
+
 def text_args(p: argparse.ArgumentParser, samples: int, batch_size: int) -> None:
     """The options of a command that reads text into a model: objective, sizes, seed, device."""
     p.add_argument(
@@ -91,27 +107,9 @@ def text_args(p: argparse.ArgumentParser, samples: int, batch_size: int) -> None
         help="pretraining loss (default: mlm for a masked-LM checkpoint, clm for a causal LM, "
         "contrastive for a bare encoder such as minilm)",
     )
-    p.add_argument(
-        "--samples",
-        type=positive(),
-        default=samples,
-        metavar="N",
-        help="paragraphs to use (%(default)s)",
-    )
-    p.add_argument(
-        "--seq-len",
-        type=positive(2),
-        default=64,
-        metavar="L",
-        help="tokens per sample (%(default)s)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=positive(),
-        default=batch_size,
-        metavar="B",
-        help="samples per batch (%(default)s)",
-    )
+    int_option(p, "--samples", samples, "N", "paragraphs to use")
+    int_option(p, "--seq-len", 64, "L", "tokens per sample", low=2)
+    int_option(p, "--batch-size", batch_size, "B", "samples per batch")
     p.add_argument(
         "--seed",
         type=int,

@@ -45,7 +45,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``gd`` parser with every sub-command of :data:`COMMANDS`."""
+    """The ``gd`` parser with every sub-command of :data:`COMMANDS`.
+
+    Example:
+        >>> p = build_parser()
+        >>> p.parse_args(["show", "x.npz", "--p-upper", "0.2"]).p_upper
+        0.2
+        >>> p.parse_args(["profile", "--model", "m", "--corpus", "c"]).checkpoint_every
+        25
+        >>> p.parse_args(["apply-onnx", "a.onnx", "p.npz", "b.onnx"]).missing
+        'keep'
+        >>> p.parse_args(["landscape", "--model", "m", "--profile", "p", "--corpus", "c",
+        ...               "--out", "x.png"]).directions
+        3
+        >>> p.parse_args(["demo"]).samples
+        64
+    """
     parser = _Parser(
         prog="gd",
         description="Guided dropout: Fisher-informed per-layer dropout for fine-tuning.",

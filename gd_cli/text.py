@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 from gd_core import ArgumentError
 
 from . import corpus as gdc
+from .distributed import Dist
 
 #: the contrastive objective's fixed negative bank has at most this many paragraphs
 REFERENCE_SAMPLES = 32
@@ -147,6 +149,27 @@ def prepare_text(
         "batch_size": batch_size,
     }
     return tm, text, batches, loss, notes
+
+
+def prepare_text_for(args: argparse.Namespace, d: Dist) -> tuple[Any, ...]:
+    """:func:`prepare_text` with a command's options (``--model``, ``--corpus`` and those of
+    :func:`gd_cli.args.text_args`) for the process ``d`` (its device and share).
+
+    Example:
+        >>> tm, corpus, batches, loss, notes = prepare_text_for(args, Dist())  # doctest: +SKIP
+    """
+    return prepare_text(
+        args.model,
+        args.corpus,
+        objective=args.objective,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=d.device,
+        rank=d.rank,
+        world=d.world,
+    )
 
 
 def profile_metadata(tm: gdc.TextModel, text: gdc.Corpus, seq_len: int) -> dict[str, Any]:

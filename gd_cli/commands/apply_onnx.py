@@ -54,14 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: SubParsers) -> None:
-    """Add ``gd apply-onnx`` to the ``gd`` parser.
-
-    Example:
-        >>> import argparse
-        >>> p = argparse.ArgumentParser(); add_parser(p.add_subparsers(dest="command"))
-        >>> p.parse_args(["apply-onnx", "a.onnx", "p.npz", "b.onnx"]).missing
-        'keep'
-    """
+    """Add ``gd apply-onnx`` to the ``gd`` parser."""
     a = add_command(sub, "apply-onnx", "set an ONNX graph's dropout ratios from a profile", EPILOG)
     a.add_argument("input", metavar="IN.onnx", help="model exported in training mode")
     a.add_argument("profile", metavar="PROFILE", help="a profile file written by `gd profile`")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..args import SubParsers, add_command, positive
+from ..args import SubParsers, add_command, int_option
 
 EPILOG = """examples:
   gd demo                                   # MiniLM on Python's own documentation, ./gd-demo-out
@@ -32,14 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: SubParsers) -> None:
-    """Add ``gd demo`` to the ``gd`` parser.
-
-    Example:
-        >>> import argparse
-        >>> p = argparse.ArgumentParser(); add_parser(p.add_subparsers(dest="command"))
-        >>> p.parse_args(["demo"]).samples
-        64
-    """
+    """Add ``gd demo`` to the ``gd`` parser."""
     dm = add_command(
         sub, "demo", "profile the bundled MiniLM and apply it in torch, ONNX and Keras", EPILOG
     )
@@ -53,22 +46,8 @@ def add_parser(sub: SubParsers) -> None:
     dm.add_argument(
         "--out", default="gd-demo-out", metavar="DIR", help="output folder (%(default)s)"
     )
-    dm.add_argument(
-        "--samples", type=positive(), default=64, metavar="N", help="Fisher samples (%(default)s)"
-    )
-    dm.add_argument(
-        "--seq-len",
-        type=positive(2),
-        default=64,
-        metavar="L",
-        help="tokens per sample (%(default)s)",
-    )
-    dm.add_argument(
-        "--batch-size",
-        type=positive(),
-        default=16,
-        metavar="B",
-        help="samples per batch (%(default)s)",
-    )
+    int_option(dm, "--samples", 64, "N", "Fisher samples")
+    int_option(dm, "--seq-len", 64, "L", "tokens per sample", low=2)
+    int_option(dm, "--batch-size", 16, "B", "samples per batch")
     dm.add_argument("--quiet", action="store_true", help="no progress bars")
     dm.set_defaults(func=run)

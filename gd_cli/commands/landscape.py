@@ -9,13 +9,13 @@ from ..args import (
     CLIError,
     SubParsers,
     add_command,
+    int_option,
     load_profile,
-    positive,
     positive_float,
     text_args,
 )
 from ..distributed import finish_distributed, init_distributed
-from ..text import prepare_text
+from ..text import prepare_text_for
 
 EPILOG = """examples:
   gd landscape --model minilm --profile minilm.profile.npz --corpus wiki.txt --out land.png
@@ -38,16 +38,7 @@ def run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     d = init_distributed(args.device, distributed=False)  # one process computes it all
     try:
-        tm, text, batches, loss, notes = prepare_text(
-            args.model,
-            args.corpus,
-            objective=args.objective,
-            samples=args.samples,
-            seq_len=args.seq_len,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            device=d.device,
-        )
+        tm, text, batches, loss, notes = prepare_text_for(args, d)
         print(
             f"gd landscape: {tm.name}, objective {tm.objective}, {notes['used']} samples, "
             f"{args.directions} direction(s) x {args.points} points in [-{args.radius:g}, "
@@ -83,15 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: SubParsers) -> None:
-    """Add ``gd landscape`` to the ``gd`` parser.
-
-    Example:
-        >>> import argparse
-        >>> p = argparse.ArgumentParser(); add_parser(p.add_subparsers(dest="command"))
-        >>> p.parse_args(["landscape", "--model", "m", "--profile", "p", "--corpus", "c",
-        ...               "--out", "x.png"]).directions
-        3
-    """
+    """Add ``gd landscape`` to the ``gd`` parser."""
     ls = add_command(
         sub,
         "landscape",
@@ -104,13 +87,7 @@ def add_parser(sub: SubParsers) -> None:
     ls.add_argument("--profile", required=True, help="a profile of that model")
     ls.add_argument("--corpus", required=True, metavar="FILE", help="text, one paragraph per line")
     ls.add_argument("--out", required=True, metavar="FILE.png", help="where to write the plot")
-    ls.add_argument(
-        "--directions",
-        type=positive(),
-        default=3,
-        metavar="K",
-        help="random directions (%(default)s)",
-    )
+    int_option(ls, "--directions", 3, "K", "random directions")
     ls.add_argument(
         "--radius",
         type=positive_float,
@@ -118,13 +95,7 @@ def add_parser(sub: SubParsers) -> None:
         metavar="R",
         help="largest step (%(default)s)",
     )
-    ls.add_argument(
-        "--points",
-        type=positive(3),
-        default=11,
-        metavar="P",
-        help="odd number of steps (%(default)s)",
-    )
+    int_option(ls, "--points", 11, "P", "odd number of steps", low=3)
     ls.add_argument(
         "--normalization",
         choices=("filter", "plain"),

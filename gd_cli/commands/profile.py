@@ -22,13 +22,13 @@ from ..args import (
     CLIError,
     SubParsers,
     add_command,
+    int_option,
     mapping_args,
     mapping_override,
-    positive,
     text_args,
 )
 from ..distributed import Dist, finish_distributed, init_distributed, say
-from ..text import prepare_text, profile_metadata
+from ..text import prepare_text_for, profile_metadata
 
 EPILOG = """examples:
   gd profile --model minilm --corpus wiki.txt --samples 1000 --out minilm.profile.npz
@@ -98,18 +98,7 @@ def _profile(args: argparse.Namespace, d: Dist, out: Path, ckpt: Path, key_path:
     from gd_core import cache
 
     start = time.perf_counter()
-    tm, text, batches, loss, notes = prepare_text(
-        args.model,
-        args.corpus,
-        objective=args.objective,
-        samples=args.samples,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=d.device,
-        rank=d.rank,
-        world=d.world,
-    )
+    tm, text, batches, loss, notes = prepare_text_for(args, d)
     if notes["used"] < notes["requested"]:
         why = (
             f"the corpus has {notes['available']} paragraphs"
@@ -188,14 +177,7 @@ def _profile(args: argparse.Namespace, d: Dist, out: Path, ckpt: Path, key_path:
 
 
 def add_parser(sub: SubParsers) -> None:
-    """Add ``gd profile`` to the ``gd`` parser.
-
-    Example:
-        >>> import argparse
-        >>> p = argparse.ArgumentParser(); add_parser(p.add_subparsers(dest="command"))
-        >>> p.parse_args(["profile", "--model", "m", "--corpus", "c"]).checkpoint_every
-        25
-    """
+    """Add ``gd profile`` to the ``gd`` parser."""
     p = add_command(
         sub, "profile", "estimate a pretrained model's Fisher and write a profile", EPILOG
     )
@@ -214,13 +196,7 @@ def add_parser(sub: SubParsers) -> None:
         action="store_true",
         help="keep OUT.partial.npz after success (to extend the run later with --resume)",
     )
-    p.add_argument(
-        "--checkpoint-every",
-        type=positive(),
-        default=25,
-        metavar="K",
-        help="batches between checkpoints (%(default)s)",
-    )
+    int_option(p, "--checkpoint-every", 25, "K", "batches between checkpoints")
     p.add_argument("--cache", action="store_true", help="also store it in the per-user cache")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     mapping_args(p)

