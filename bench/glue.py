@@ -332,7 +332,7 @@ def ensure_profile(
 ) -> Any:
     """Load the MiniLM profile from ``path`` or compute it on the WikiText-2 sample and save it.
 
-    Contrastive objective (MiniLM is a bare sentence encoder): ``adapters.corpus.objective_loss``
+    Contrastive objective (MiniLM is a bare sentence encoder): ``gd_cli.corpus.objective_loss``
     with a fixed bank of 32 reference paragraphs disjoint from the samples.
     """
     from gd_core import SensitivityProfile
@@ -340,7 +340,8 @@ def ensure_profile(
     if path.exists():
         return SensitivityProfile.load(path)
     import adapters.torch as gdt
-    from adapters import corpus as gdc
+    from gd_cli import corpus as gdc
+    from gd_cli.text import text_batches
 
     paragraphs = C.corpus_paragraphs()
     chosen = gdc.select(paragraphs, samples + 32, seed=0)
@@ -348,9 +349,9 @@ def ensure_profile(
     tok = C.tokenizer()
     model = C.load_model(model_name, "BertModel").eval()
     tm = gdc.TextModel(model, tok, "contrastive", model_name, "")
-    ref_batch = gdc.tokenize(tok, refs, seq_len=seq_len, batch_size=len(refs))[0]
-    loss = gdc.objective_loss(tm, seed=0, references=ref_batch)
-    batches = gdc.tokenize(tok, texts, seq_len=seq_len, batch_size=batch_size)
+    batches, loss = text_batches(
+        tm, texts, seq_len=seq_len, batch_size=batch_size, seed=0, references=refs
+    )
     C.log(f"profiling {model_name} on {samples} WikiText-2 paragraphs (len {seq_len}) ...")
     with C.Timer() as t:
         prof = gdt.profile(

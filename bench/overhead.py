@@ -9,7 +9,7 @@ the ratio ``t_B / t_A`` of every pair: its median, quartiles and IQR go into one
 cell (append, flush; a rerun skips cells already present).
 
 Frameworks: ``torch`` (``adapters.torch.apply``, granularity ``site`` and ``unit``), ``keras``
-(``adapters.keras.apply`` on ``adapters.demo.keras_bert_classifier``, the functional Keras 3 BERT
+(``adapters.keras.apply`` on ``gd_cli.models.keras_bert_classifier``, the functional Keras 3 BERT
 with the torch model's shapes and layer names; TensorFlow backend; granularity ``site`` and ``unit``), ``ort`` (the torch classifier
 exported to ONNX in training mode, ``adapters.onnx.apply`` + ``make_artifacts``, one
 ``onnxruntime.training.api`` step; granularity ``site`` and ``unit``, the latter a per-unit
@@ -187,7 +187,7 @@ def run_keras(spec: dict[str, Any]) -> dict[str, Any]:
     import keras
 
     import adapters.keras as gdk
-    from adapters.demo import keras_bert_classifier
+    from gd_cli.models import keras_bert_classifier
 
     if spec["threads"]:
         import tensorflow as tf
@@ -248,6 +248,7 @@ def run_ort(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import adapters.onnx as ao
+    from gd_cli.models import export_training_onnx
 
     C.set_threads(spec["threads"])
     profile = get_profile(spec)
@@ -259,19 +260,7 @@ def run_ort(spec: dict[str, Any]) -> dict[str, Any]:
     onnx_path = work / "model.onnx"
     ids = torch.from_numpy(batch["input_ids"][:2])
     mask = torch.from_numpy(batch["attention_mask"][:2])
-    model.train()
-    torch.onnx.export(
-        model,
-        (ids, mask),
-        str(onnx_path),
-        training=torch.onnx.TrainingMode.TRAINING,
-        do_constant_folding=False,
-        dynamo=False,
-        opset_version=14,
-        input_names=["input_ids", "attention_mask"],
-        output_names=["logits"],
-        dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}},
-    )
+    export_training_onnx(model, (ids, mask), onnx_path, opset=14)
     guided = profile.probabilities()
     uniform = {k: pbar for k in guided}
     arts = {}

@@ -24,7 +24,7 @@ def _profile(path: Path) -> Path:
 
 def test_version_is_printed_without_importing_a_framework() -> None:
     code = (
-        "import sys; from adapters.cli import main\n"
+        "import sys; from gd_cli.main import main\n"
         "try:\n    main(['--version'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
         "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'onnx') if m in sys.modules))"
     )
@@ -144,7 +144,7 @@ def test_bad_argument_from_the_console_is_one_line() -> None:
         [
             sys.executable,
             "-m",
-            "adapters.cli",
+            "gd_cli",
             "profile",
             "--model",
             "m",

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 import adapters._torch_persample as persample  # noqa: E402
 import adapters.torch as gdt  # noqa: E402
-from adapters import corpus as gdc  # noqa: E402
+from gd_cli import corpus as gdc  # noqa: E402
 from gd_core import SensitivityProfile  # noqa: E402
 
 
