@@ -125,10 +125,8 @@ def _add_reduced(st: Any, sq: Any, lead: int) -> None:
     f64 = acc.total.dtype
     if lead:
         sq = sq.sum(tuple(range(lead)))
-    if sq.ndim == 0:
+    if sq.ndim == 0:  # a scalar parameter: no axis, the total only
         acc.total.add_(sq.to(f64))
-        for a, m in acc.marginals.items():
-            m.add_(sq.to(f64).reshape(1))
         return
     for a, m in acc.marginals.items():
         others = tuple(d for d in range(sq.ndim) if d != a)
@@ -552,5 +550,5 @@ class _NormsMixin:
         return flatten(sums), int(n), losses
 
     def _raise(self, name: str | None, what: str = "gradient") -> None:
-        base = type(self).__mro__[1]
+        base: Any = type(self).__mro__[1]
         base._raise(self, None if name is None else name.rpartition(_SEP)[0], what)

@@ -1136,9 +1136,7 @@ def profile(
     if tf is not None:
         meta["transformers_version"] = getattr(tf, "__version__", "")
     meta.update(dict(metadata or {}))
-    build = (
-        _norms().profile_from_norms if method == "norms" else SensitivityProfile.from_fisher
-    )
+    build = _norms().profile_from_norms if method == "norms" else SensitivityProfile.from_fisher
     prof = build(
         result,
         measured,
