@@ -42,10 +42,14 @@ from gd_core.sites import check_sites, site_score_from_stats, unit_scores
 
 __all__ = ["FisherNorms", "SqNorm", "use_gram"]
 
-#: Cost, in multiply-adds, of one element-wise pass-equivalent of a materialised block element
-#: (square, sum over samples, float64 add are memory-bound: one element costs far more than one
-#: multiply-add of a matrix product). Measured on the MiniLM shapes, see docs/benchmarks.md.
-ELEMENTWISE_COST = 24
+#: Cost, in multiply-adds, of the element-wise work on one element of a materialised block
+#: (writing it, squaring it, summing it over samples: memory-bound passes over blocks larger
+#: than the caches cost far more than one multiply-add of a matrix product). Rough, from
+#: timing both routes on the MiniLM shapes (n 16, T 64-384, 2 threads; docs/benchmarks.md):
+#: both routes tie near T = 384 for 384 x 384 and 384 x 1536 weights.
+ELEMENTWISE_COST = 128
+#: The same for one element of the (T x features) products of the Gram route (cache-friendly).
+GRAM_ELEMENTWISE_COST = 4
 
 #: ``"auto"`` (the cost rule), ``"gram"`` or ``"blocks"``: forces one route for every
 #: linear-type weight (tests use it to compare both routes); env ``GD_NORMS_ROUTE``.
@@ -68,7 +72,7 @@ class SqNorm:
 def gram_cost(t: int, p: int, q: int, axes: Iterable[int]) -> int:
     """Multiply-adds per sample of the Gram route for ``W = X^T Y`` (X: t x p, Y: t x q)."""
     k = max(1, len(set(axes) & {0, 1}))  # total only or one marginal: 1 pass; both: 2
-    return k * t * t * (p + q) + ELEMENTWISE_COST * t * (p + q)
+    return k * t * t * (p + q) + GRAM_ELEMENTWISE_COST * t * (p + q)
 
 
 def block_cost(t: int, p: int, q: int) -> int:
@@ -88,7 +92,7 @@ def use_gram(t: int, p: int, q: int, axes: Iterable[int] = (0,)) -> bool:
     """Whether the Gram route is cheaper than materialised blocks for this call shape.
 
     Example:
-        >>> use_gram(64, 384, 1536), use_gram(512, 384, 384)
+        >>> use_gram(64, 384, 1536), use_gram(1024, 384, 384)
         (True, False)
     """
     return route(t, p, q, axes) == "gram"
@@ -128,10 +132,13 @@ def _add_reduced(st: Any, sq: Any, lead: int) -> None:
     if sq.ndim == 0:  # a scalar parameter: no axis, the total only
         acc.total.add_(sq.to(f64))
         return
+    total = None
     for a, m in acc.marginals.items():
         others = tuple(d for d in range(sq.ndim) if d != a)
-        m.add_(sq.sum(others, dtype=f64) if others else sq.to(f64))
-    acc.total.add_(sq.sum(dtype=f64))
+        marg = (sq.sum(others) if others else sq).to(f64)  # (a float64 reduction is slow)
+        m.add_(marg)
+        total = marg.sum() if total is None else total
+    acc.total.add_(sq.sum().to(f64) if total is None else total)
 
 
 def add_full(st: Any, sq: Any) -> None:
@@ -148,11 +155,11 @@ def _gram(st: Any, x: Any, y: Any) -> None:
     kx = ky = None
     if 0 in axes:
         ky = torch.bmm(y, y.transpose(1, 2))
-        m0 = (torch.bmm(ky, x).mul_(x)).sum((0, 1), dtype=f64)
+        m0 = torch.bmm(ky, x).mul_(x).reshape(-1, x.shape[2]).sum(0).to(f64)
         acc.marginals[0].add_(m0)
     if 1 in axes:
         kx = torch.bmm(x, x.transpose(1, 2))
-        m1 = (torch.bmm(kx, y).mul_(y)).sum((0, 1), dtype=f64)
+        m1 = torch.bmm(kx, y).mul_(y).reshape(-1, y.shape[2]).sum(0).to(f64)
         acc.marginals[1].add_(m1)
     if 0 in axes:
         acc.total.add_(m0.sum())
@@ -161,7 +168,7 @@ def _gram(st: Any, x: Any, y: Any) -> None:
     else:
         ky = torch.bmm(y, y.transpose(1, 2))
         kx = torch.bmm(x, x.transpose(1, 2))
-        acc.total.add_((kx.mul_(ky)).sum(dtype=f64))
+        acc.total.add_(kx.mul_(ky).sum().to(f64))
 
 
 def _blocks_xy(sess: Any, st: Any, x: Any, y: Any) -> None:
@@ -209,11 +216,11 @@ def _embedding(sess: Any, st: Any, call: Any) -> None:
     sq = buf.square_()
     acc = _acc(st)
     f64 = acc.total.dtype
-    per_row = sq.sum(1, dtype=f64)
+    per_row = sq.sum(1).to(f64)
     if 0 in acc.marginals:
         acc.marginals[0].index_add_(0, uniq % num, per_row)
     if 1 in acc.marginals:
-        acc.marginals[1].add_(sq.sum(0, dtype=f64))
+        acc.marginals[1].add_(sq.sum(0).to(f64))
     acc.total.add_(per_row.sum())
 
 

@@ -251,15 +251,15 @@ def test_requested_axes_only_and_wrong_sums_detected(monkeypatch):
         per_sample_sq_grad_sums(model, seq_loss, seq_batch(), norms={"fc.weight": (2,)})
 
 
-def test_cost_rule():
-    # MiniLM shapes: FFN (384 x 1536) pays off with Gram products at length 64, a square
-    # 384 x 384 projection stops paying off somewhere between 64 and 512
-    assert norms_mod.use_gram(64, 1536, 384)
+def test_cost_rule(monkeypatch):
+    # MiniLM shapes: Gram products pay off at length 64 and 128, not at 512
+    assert norms_mod.use_gram(64, 1536, 384) and norms_mod.use_gram(128, 384, 384)
     assert norms_mod.use_gram(1, 384, 384)
     assert not norms_mod.use_gram(512, 384, 384)
-    assert norms_mod.gram_cost(64, 384, 384, (0, 1)) == 2 * norms_mod.gram_cost(
-        64, 384, 384, (0,)
-    ) - (norms_mod.ELEMENTWISE_COST * 64 * 768)
+    one = norms_mod.gram_cost(64, 384, 1536, (0,))
+    assert norms_mod.gram_cost(64, 384, 1536, (0, 1)) - one == 64 * 64 * (384 + 1536)
+    monkeypatch.setenv(norms_mod.ROUTE_ENV, "blocks")
+    assert not norms_mod.use_gram(1, 384, 384)
 
 
 # ------------------------------------------------------------------------------------------
