@@ -256,9 +256,9 @@ def _wsum(sess: Any, st: Any, pairs: Sequence[tuple[Any, str]]) -> None:
 def _finish(sess: Any, st: Any, pairs: Sequence[tuple[Any, str]]) -> None:
     if sess.r is not None:
         _wsum(sess, st, pairs)
-        st.sq = _acc(st).total  # the verification's scale
-    else:
-        _acc(st)
+    # the verification's scale, and what the engine hands back in place of a full-size sum
+    # (which it would otherwise allocate zero-filled for every parameter)
+    st.sq = _acc(st).total
 
 
 def process_single(sess: Any, st: Any, call: Any, role: str) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from _torch_dist_worker import loss, make_batches, make_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable by name when spawned
+from _torch_dist_worker import loss, make_batches, make_model  # noqa: E402
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
