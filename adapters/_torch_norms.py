@@ -45,9 +45,10 @@ __all__ = ["FisherNorms", "SqNorm", "use_gram"]
 #: Cost, in multiply-adds, of the element-wise work on one element of a materialised block
 #: (writing it, squaring it, summing it over samples: memory-bound passes over blocks larger
 #: than the caches cost far more than one multiply-add of a matrix product). Rough, from
-#: timing both routes on the MiniLM shapes (n 16, T 64-384, 2 threads; docs/benchmarks.md):
-#: both routes tie near T = 384 for 384 x 384 and 384 x 1536 weights.
-ELEMENTWISE_COST = 128
+#: timing on MiniLM (n 16, 2 threads, loaded machine; docs/benchmarks.md): Gram products pay
+#: off for the whole model at T = 64 and 128, blocks were 9% faster at T = 256; with 64 the rule
+#: switches 384 x 384 weights to blocks from T ~ 240 and 384 x 1536 ones from T ~ 360.
+ELEMENTWISE_COST = 64
 #: The same for one element of the (T x features) products of the Gram route (cache-friendly).
 GRAM_ELEMENTWISE_COST = 4
 
