@@ -559,6 +559,12 @@ def _persample() -> Any:
     return _torch_persample
 
 
+def _norms() -> Any:
+    from adapters import _torch_norms
+
+    return _torch_norms
+
+
 def _resolve_loss(loss: Any, seed: int) -> tuple[Callable[..., Any], str]:
     if isinstance(loss, str):
         mod = _persample()
@@ -824,7 +830,9 @@ def estimate_fisher(
     *,
     params: Sequence[str] | None = None,
     seed: int = 0,
-) -> FisherResult:
+    output: str = "diagonal",
+    norm_axes: Mapping[str, Sequence[int]] | None = None,
+) -> Any:
     """The exact empirical Fisher diagonal: the mean over samples of squared per-sample gradients.
 
     The model is put in eval mode while estimating (and restored after). Sums are kept on the
@@ -838,6 +846,13 @@ def estimate_fisher(
     ``on_nonfinite='skip'`` the offending samples are skipped and counted in ``.skipped``. Under
     ``torch.distributed`` the sums and counts of every rank are added together (each rank feeds
     its own shard of the data).
+
+    ``output="norms"`` returns a :class:`adapters._torch_norms.FisherNorms` instead: per tensor
+    the sum of its Fisher diagonal (the mean squared per-sample gradient norm) and, per
+    ``norm_axes`` (``{name: axes}``; default: each tensor's output-unit axis, the one per-unit
+    scores use), the diagonal summed over every other axis -- what :func:`profile` needs,
+    computed with Gram products where cheaper, without per-sample weight gradients and without
+    per-parameter float64 buffers.
 
     Example:
         >>> import torch
@@ -857,6 +872,8 @@ def estimate_fisher(
         chunk_size = _check_int("chunk_size", chunk_size, 1, "8")
     checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1, "50")
     acc = FisherAccumulator(on_nonfinite)  # validates on_nonfinite
+    if output not in ("diagonal", "norms"):
+        raise bad_argument("output", "'diagonal' or 'norms'", output, "use output='diagonal'")
     all_params = dict(root.named_parameters())
     if params is None:
         names = [n for n, p in all_params.items() if p.requires_grad]
@@ -883,11 +900,17 @@ def estimate_fisher(
         acc = FisherAccumulator.load(checkpoint)
         acc.on_nonfinite = on_nonfinite  # type: ignore[assignment]
         meta = acc.metadata
-        if meta.get("loss") not in (None, loss_name) or int(meta.get("world_size", 1)) != world:
+        if (
+            meta.get("loss") not in (None, loss_name)
+            or int(meta.get("world_size", 1)) != world
+            or meta.get("output", "diagonal") != output
+        ):
             raise bad_argument(
                 "resume",
-                f"a checkpoint of the same run (loss {loss_name!r}, {world} process(es))",
-                f"one with loss {meta.get('loss')!r} and {meta.get('world_size', 1)} process(es)",
+                f"a checkpoint of the same run (loss {loss_name!r}, {world} process(es), "
+                f"output {output!r})",
+                f"one with loss {meta.get('loss')!r}, {meta.get('world_size', 1)} process(es), "
+                f"output {meta.get('output', 'diagonal')!r}",
                 "delete the checkpoint file or pass resume=False to start over",
             )
         batches_done = int(meta.get("batches_done", 0))
@@ -901,7 +924,16 @@ def estimate_fisher(
         )
     acc.metadata.update({"loss": loss_name, "world_size": world})
 
-    est = _Estimator(root, loss_fn, names, chunk_size, on_nonfinite)
+    if output == "norms":
+        nm = _norms()
+        axes = nm.default_axes(root, names, _features, ())
+        if norm_axes is not None:
+            axes = nm.resolve_axes(names, {n: all_params[n].shape for n in names}, norm_axes)
+        acc.metadata["output"] = "norms"
+        acc.metadata["norm_shapes"] = {n: list(all_params[n].shape) for n in names}
+        est = nm.make_estimator(_Estimator, root, loss_fn, names, chunk_size, on_nonfinite, axes)
+    else:
+        est = _Estimator(root, loss_fn, names, chunk_size, on_nonfinite)
     est.local_samples = base_local
     est.skip_batches(batches_done)
     bar = _progress(max_samples, progress)
@@ -950,6 +982,8 @@ def estimate_fisher(
             f"{acc.skipped} skipped sample(s)" if acc.skipped else "no batches",
             "pass a non-empty iterable of batches (and check the inputs for NaN)",
         )
+    if output == "norms":
+        return _norms().FisherNorms.from_accumulator(acc)
     return FisherResult.from_accumulator(acc)
 
 
@@ -982,6 +1016,12 @@ def _resolve_sites(model: Any, sites_arg: Any, add_sites: Any) -> tuple[_Index, 
     return index, out
 
 
+def _norms_args(root: Any, guarded: Sequence[str], found: Sequence[Any]) -> dict[str, Any]:
+    names = list(guarded) or [n for n, p in root.named_parameters() if p.requires_grad]
+    extra = [(p, a) for f in found for p, a in f.site.unit_axes.items()]
+    return {"output": "norms", "norm_axes": _norms().default_axes(root, names, _features, extra)}
+
+
 def _model_name(root: Any) -> str:
     cfg = getattr(root, "config", None)
     name = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None)
@@ -1007,6 +1047,7 @@ def profile(
     cache: bool = False,
     metadata: Mapping[str, Any] | None = None,
     seed: int = 0,
+    method: str = "norms",
 ) -> SensitivityProfile:
     """Estimate the Fisher diagonal of the guarded parameters and build a sensitivity profile.
 
@@ -1015,6 +1056,9 @@ def profile(
     profile), ``cache`` (store it in the per-user cache so :func:`apply` finds it) and
     ``metadata`` (merged into the profile's). The width of each dropped tensor is measured
     during estimation, so per-unit scores are right even where the structure is ambiguous.
+    ``method="norms"`` (default) estimates only what the profile keeps (per-tensor and
+    per-unit sums, :func:`estimate_fisher` with ``output="norms"``); ``method="diagonal"``
+    estimates the full diagonal first (same scores to float rounding, slower).
 
     Example:
         >>> import torch
@@ -1027,6 +1071,8 @@ def profile(
         (['1', '3'], 8)
     """
     root = _unwrap(model)
+    if method not in ("norms", "diagonal"):
+        raise bad_argument("method", "'norms' or 'diagonal'", method, "use method='norms'")
     index, found = _resolve_sites(root, sites, add_sites)
     _, loss_name = _resolve_loss(loss, seed)
     guarded = [n for n in index.owner if any(n in f.site.params for f in found)]
@@ -1062,6 +1108,7 @@ def profile(
             resume=resume,
             params=guarded or None,
             seed=seed,
+            **(_norms_args(root, guarded, found) if method == "norms" else {}),
         )
     finally:
         for h in handles:
@@ -1089,7 +1136,8 @@ def profile(
     if tf is not None:
         meta["transformers_version"] = getattr(tf, "__version__", "")
     meta.update(dict(metadata or {}))
-    prof = SensitivityProfile.from_fisher(
+    build = _norms().profile_from_norms if method == "norms" else SensitivityProfile.from_fisher
+    prof = build(
         result,
         measured,
         aggregation=aggregation,
