@@ -62,22 +62,44 @@ def read_npz(
             "fix: pass a file this library wrote"
         )
     try:
+        # read every member in full first: the zip's CRC-32 of each member then proves that the
+        # bytes numpy parses below are the bytes that were written (a damaged array header could
+        # otherwise make numpy stop early, before the checksum is reached)
+        with zipfile.ZipFile(p) as zf:
+            broken = zf.testzip()
+            if broken is not None:
+                raise zipfile.BadZipFile(f"bad CRC-32 of member {broken!r}")
+            names = zf.namelist()
+            if len(set(names)) != len(names):
+                raise zipfile.BadZipFile("duplicate member names")
         with np.load(p, allow_pickle=False) as data:
             arrays = {k: np.array(data[k]) for k in data.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zipfile and numpy raise many kinds on damaged
+        # bytes (BadZipFile, NotImplementedError for an unknown compression method or flag,
+        # zlib.error, EOFError, OSError, ValueError, KeyError, struct.error, ...): all are
+        # "this file is damaged", and a reader says so in one line
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise ProfileError(
-            f"{what} file {str(p)!r} is truncated or corrupt ({type(exc).__name__}: {exc}); "
+            f"{what} file {str(p)!r} is truncated or corrupt ({type(exc).__name__}: {detail}); "
             "fix: recompute it or copy it again"
         ) from exc
+    if any(a.dtype.hasobject for a in arrays.values()):
+        raise ProfileError(f"{what} file {str(p)!r} is corrupt (an object array)")
     raw = arrays.pop(_META_KEY, None)
     if raw is None:
         raise ProfileError(
             f"{what} file {str(p)!r} has no guided-dropout header; it is not a file this library wrote"
         )
     try:
+        if raw.dtype != np.uint8 or raw.ndim != 1:
+            raise ValueError(f"header array of dtype {raw.dtype} and shape {raw.shape}")
         meta = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProfileError(f"{what} file {str(p)!r} has a corrupt header ({exc})") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProfileError(
+            f"{what} file {str(p)!r} has a corrupt header ({exc}); fix: recompute it"
+        ) from exc
     if not isinstance(meta, dict):
         raise ProfileError(f"{what} file {str(p)!r} has a corrupt header (not a JSON object)")
     return meta, arrays

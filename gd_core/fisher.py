@@ -132,11 +132,12 @@ class FisherAccumulator:
             raise bad_argument(
                 "other", "a FisherAccumulator", type(other).__name__, "merge accumulators only"
             )
-        if None not in (self.settings, other.settings) and self.settings != other.settings:
+        mine, theirs = self.settings, other.settings
+        if mine is not None and theirs is not None and mine != theirs:
             raise bad_argument(
                 "other",
                 "an accumulator of the same run settings",
-                f"settings that differ ({'; '.join(settings_diff(self.settings, other.settings))})",
+                f"settings that differ ({'; '.join(settings_diff(mine, theirs))})",
                 "merge only partial sums of one estimation",
             )
         out = FisherAccumulator(self.on_nonfinite)
