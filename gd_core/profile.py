@@ -359,10 +359,8 @@ def _from_stored(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) ->
     for i, name in enumerate(unit_sites):
         if name not in by_name:
             raise ValueError(f"unit scores of {name!r}, which is not one of the profile's sites")
-        width = by_name[name].units
-        if width is None:
-            raise ValueError(f"unit scores of {name!r}, a site without a unit count")
-        units[name] = _float_vector(arrays, f"units_{i}", width)
+        # a site's unit count, when known, is the length its unit scores must have
+        units[name] = _float_vector(arrays, f"units_{i}", by_name[name].units)
     expected = {
         "scores",
         "tensor_means",
