@@ -23,6 +23,7 @@ from .errors import (
     ProfileError,
     ProfileMismatchError,
     ProfileNotFoundError,
+    ResumeMismatchError,
 )
 from .fingerprint import Fingerprint
 from .fisher import FisherAccumulator, FisherResult
@@ -45,6 +46,7 @@ __all__ = [
     "NonFiniteGradientError",
     "ProfileError",
     "ProfileMismatchError",
+    "ResumeMismatchError",
     "ProfileNotFoundError",
     "Schedule",
     "SensitivityProfile",

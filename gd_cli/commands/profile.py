@@ -1,6 +1,6 @@
 """``gd profile``: estimate a pretrained model's Fisher on a corpus and write a profile.
 
-Resumable (``OUT.partial.npz`` and ``OUT.partial.json``), data-parallel under ``torchrun``.
+Resumable (``OUT.partial.npz``, which records the run's settings), data-parallel under ``torchrun``.
 
 Example:
     >>> from gd_cli.main import main
@@ -10,13 +10,10 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-from gd_core._io import atomic_write_bytes
 
 from ..args import (
     CLIError,
@@ -63,20 +60,32 @@ def _run_key(args: argparse.Namespace, tm: Any, text: Any, world: int) -> dict[s
     }
 
 
-def _check_resume(key_path: Path, key: dict[str, Any], ckpt: Path) -> None:
-    if not key_path.exists():
-        return
+def _check_resume(ckpt: Path, key: dict[str, Any]) -> None:
+    """Refuse to continue ``ckpt`` unless the settings stored inside it are this run's."""
+    from gd_core import FisherAccumulator, GuidedDropoutError
+
     try:
-        old = json.loads(key_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    diffs = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in key.items() if old.get(k) != v]
-    if diffs:
-        raise CLIError(
-            f"--resume: expected the settings of the interrupted run, received different ones "
-            f"({'; '.join(diffs[:3])}); fix: rerun with the original settings, or delete "
-            f"{ckpt} to start over"
-        )
+        acc = FisherAccumulator.load(ckpt)
+        acc.check_settings(key, source=str(ckpt))
+    except GuidedDropoutError as exc:
+        text = str(exc)
+        if "fix:" not in text:
+            text += f"; fix: delete {ckpt} to start over"
+        raise CLIError(f"--resume: {text}") from exc
+
+
+def _start_checkpoint(ckpt: Path, key: dict[str, Any], world: int) -> None:
+    """Replace any earlier partial run by an empty checkpoint that records this run's settings.
+
+    Every later checkpoint is this accumulator with more samples, saved atomically with the
+    settings in its header, so a resume can prove which run it continues.
+    """
+    from gd_core import FisherAccumulator
+
+    acc = FisherAccumulator()
+    acc.settings = dict(key)
+    acc.metadata.update({"world_size": world, "batches_done": 0, "rank_samples": [0] * world})
+    acc.save(ckpt)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,15 +94,14 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and out.is_dir():
         raise CLIError(f"--out: expected a file path, received the folder {str(out)!r}")
     ckpt = Path(f"{out}.partial.npz")
-    key_path = Path(f"{out}.partial.json")
     d = init_distributed(args.device)
     try:
-        return _profile(args, d, out, ckpt, key_path)
+        return _profile(args, d, out, ckpt)
     finally:
         finish_distributed(d)
 
 
-def _profile(args: argparse.Namespace, d: Dist, out: Path, ckpt: Path, key_path: Path) -> int:
+def _profile(args: argparse.Namespace, d: Dist, out: Path, ckpt: Path) -> int:
     import adapters.torch as gdt
     from gd_core import cache
 
@@ -107,17 +115,21 @@ def _profile(args: argparse.Namespace, d: Dist, out: Path, ckpt: Path, key_path:
         )
         say(d, f"gd profile: note: using {notes['used']} samples ({why})")
     key = _run_key(args, tm, text, d.world)
-    if args.resume and ckpt.exists():
-        _check_resume(key_path, key, ckpt)
+    resuming = bool(args.resume) and ckpt.exists()
+    if resuming:
+        _check_resume(ckpt, key)
         say(d, f"gd profile: resuming from {ckpt}")
-    elif args.resume:
-        say(d, f"gd profile: note: no partial run at {ckpt}; starting from the beginning")
-    elif ckpt.exists():
-        say(
-            d, f"gd profile: note: replacing the earlier partial run {ckpt} (--resume continues it)"
-        )
-    if d.main:
-        atomic_write_bytes(key_path, json.dumps(key, indent=1).encode("utf-8"))
+    else:
+        if args.resume:
+            say(d, f"gd profile: note: no partial run at {ckpt}; starting from the beginning")
+        elif ckpt.exists():
+            say(
+                d,
+                f"gd profile: note: replacing the earlier partial run {ckpt} "
+                "(--resume continues it)",
+            )
+        if d.main:
+            _start_checkpoint(ckpt, key, d.world)
     say(
         d,
         f"gd profile: {tm.name} ({type(tm.model).__name__}), objective {tm.objective}, "
@@ -139,7 +151,9 @@ def _profile(args: argparse.Namespace, d: Dist, out: Path, ckpt: Path, key_path:
             progress=not args.quiet,
             checkpoint=ckpt,
             checkpoint_every=args.checkpoint_every,
-            resume=bool(args.resume),
+            # the main process continues the checkpoint it just started (an empty accumulator that
+            # carries the settings); the others start empty unless resuming
+            resume=resuming or d.main,
             mapping=mapping_override(args),
             metadata=meta,
             seed=args.seed,
@@ -158,9 +172,8 @@ def _profile(args: argparse.Namespace, d: Dist, out: Path, ckpt: Path, key_path:
     if args.cache:
         cache.store(prof)
     if not args.keep_checkpoint:
-        for p in (ckpt, key_path):
-            if p.exists():
-                p.unlink()
+        if ckpt.exists():
+            ckpt.unlink()
     elapsed = time.perf_counter() - start
     done = int(prof.metadata.get("samples", 0))
     if done > notes["used"]:
