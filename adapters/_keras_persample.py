@@ -17,7 +17,8 @@ follow in closed form:
                          over the unique (sample, id) keys, squared, then summed per id, so no
                          (batch x vocabulary x width) tensor is built.
 
-Squares are taken in float64 and summed over the samples in the framework: the same output
+Squares are summed over the samples in the weight's dtype (float32 sums of 16-ish samples, as the
+torch engine does), then cast to float64, in the framework: the same output
 contract as ``_keras_fisher._BatchFn`` (sums in variable order, per-sample finite flags, per-sample
 loss-finite flags). Variables of other layers (custom weights, LoRA or quantized layers, layers
 called with a different leading dimension) fall back to the exact ``GradientTape.jacobian`` path,
@@ -219,41 +220,54 @@ class TFPerSampleBatchFn(_BatchFn):
             grads = tape.gradient(total, probes, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             gz = {id(z): g for z, g in zip(probes, grads, strict=True)}
             loss_ok = tf.math.is_finite(tf.cast(losses, tf.float64))
+            # finiteness from the small tensors (inputs, output gradients), not the per-sample
+            # blocks; an overflow inside a block is caught on the sums below
             finite = loss_ok
+            for layer, _, _ in plan:
+                for x, z in records.get(id(layer), []):
+                    finite = tf.logical_and(finite, _sample_finite(gz[id(z)], n))
+                    if x.dtype.is_floating:
+                        finite = tf.logical_and(finite, _sample_finite(x, n))
+            use = tf.range(n) < limit
+            mask = tf.logical_and(use, finite) if skip else use
             per: dict[int, Any] = {}  # variable index -> (n, ...) per-sample gradient
             emb: dict[int, list[tuple[Any, Any]]] = {}
             for layer, role, vi in plan:
-                calls = records.get(id(layer), [])
-                for x, z in calls:
-                    g = gz[id(z)]
+                for x, z in records.get(id(layer), []):
+                    g = _masked(gz[id(z)], mask)  # masked samples contribute exact zeros
+                    xm = _masked(x, mask) if x.dtype.is_floating else x
                     if type(layer).__name__ == "Embedding":
                         emb.setdefault(vi, []).append((x, g))
-                        finite = tf.logical_and(finite, _sample_finite(g, n))
                         continue
-                    p = _per_sample(layer, role, x, g, n)
+                    p = _per_sample(layer, role, xm, g, n)
                     per[vi] = p if vi not in per else per[vi] + p
+            sums = []
             if rest:
                 jac = tape.jacobian(
                     losses,
                     [variables[i] for i in rest],
                     unconnected_gradients=tf.UnconnectedGradients.ZERO,
                 )
-                per.update(dict(zip(rest, jac, strict=True)))
-            for p in per.values():
-                finite = tf.logical_and(finite, _sample_finite(p, n))
-            use = tf.range(n) < limit
-            mask = tf.logical_and(use, finite) if skip else use
-            sums = []
+                jac64 = [tf.cast(j, tf.float64) for j in jac]
+                for j in jac64:
+                    finite = tf.logical_and(finite, _sample_finite(j, n))
+                mask = tf.logical_and(use, finite) if skip else use
+                for i, j in zip(rest, jac64, strict=True):
+                    per[i] = _masked(j, mask)
             for i, v in enumerate(variables):
                 if i in emb:
-                    sums.append(_embedding_sums(emb[i], v, mask, n))
+                    sums.append(_embedding_sums(emb[i], v, n))
                 elif i in per:
-                    p64 = tf.cast(per[i], tf.float64)
-                    m = tf.reshape(mask, [-1] + [1] * (len(v.shape)))
-                    sq = tf.where(m, p64 * p64, tf.zeros_like(p64))
-                    sums.append(tf.reduce_sum(sq, axis=0))
+                    # squares summed over the batch in the weight's dtype (as the torch engine),
+                    # then float64 for the accumulator
+                    sums.append(tf.cast(tf.reduce_sum(tf.square(per[i]), axis=0), tf.float64))
                 else:  # never used by this batch (e.g. a layer not called)
                     sums.append(tf.zeros(v.shape, tf.float64))
+            ok = tf.reduce_all([tf.reduce_all(tf.math.is_finite(s)) for s in sums])
+            # overflow inside a block: flag every sample, as the jacobian path does
+            clean = tf.reduce_all(tf.logical_or(finite, tf.logical_not(mask)))
+            overflow = tf.logical_and(tf.logical_not(ok), clean)
+            finite = tf.cond(overflow, lambda: tf.zeros_like(finite), lambda: finite)
             return sums, finite, loss_ok
 
         return run
@@ -266,7 +280,14 @@ class TFPerSampleBatchFn(_BatchFn):
         return [s.numpy() for s in sums], finite.numpy(), loss_ok.numpy()
 
 
-def _embedding_sums(calls: list[tuple[Any, Any]], var: Any, mask: Any, n: Any) -> Any:
+def _masked(t: Any, mask: Any) -> Any:
+    import tensorflow as tf
+
+    m = tf.reshape(mask, [-1] + [1] * (len(t.shape) - 1))
+    return tf.where(m, t, tf.zeros_like(t))
+
+
+def _embedding_sums(calls: list[tuple[Any, Any]], var: Any, n: Any) -> Any:
     """Sum over samples of the squared per-sample embedding gradient, via unique (sample, id)."""
     import tensorflow as tf
 
@@ -277,16 +298,12 @@ def _embedding_sums(calls: list[tuple[Any, Any]], var: Any, mask: Any, n: Any) -
         length = tf.shape(ids, out_type=tf.int64)[1]
         sample = tf.repeat(tf.range(tf.cast(n, tf.int64)), length)
         keys.append(sample * vocab + tf.reshape(ids, (-1,)))
-        gm = tf.where(
-            tf.reshape(mask, (-1, 1, 1)), _flat_tokens(g, n), tf.zeros_like(_flat_tokens(g, n))
-        )
-        rows.append(tf.reshape(gm, (-1, int(var.shape[1]))))
+        rows.append(tf.reshape(g, (-1, int(var.shape[1]))))
     key = tf.concat(keys, 0)
     row = tf.concat(rows, 0)
     uniq, idx = tf.unique(key)
     seg = tf.math.unsorted_segment_sum(row, idx, tf.shape(uniq)[0])
-    seg64 = tf.cast(seg, tf.float64)
-    return tf.math.unsorted_segment_sum(seg64 * seg64, uniq % vocab, vocab)
+    return tf.cast(tf.math.unsorted_segment_sum(tf.square(seg), uniq % vocab, vocab), tf.float64)
 
 
 def persample_batch_fn(model: Any, variables: list[Any], loss: Any, skip: bool) -> _BatchFn:
