@@ -28,6 +28,15 @@ Methods (all on the same samples, the same per-sample loss, the same parameters)
 * ``opacus``       Opacus ``GradSampleModule`` (``p.grad_sample``), squared and summed
 * ``torch_func``   ``torch.func.vmap(grad(...))`` over the batch with ``functional_call``
 
+Keras cells (TensorFlow backend, ``gd_cli.models.keras_bert_classifier`` of the same config with
+random weights, dropout 0, per-sample sparse cross-entropy on 2 random labels; compared with each
+other and Keras' own training step, not with the torch rows, whose loss differs):
+
+* ``keras_gd``          ``adapters._keras_persample`` (one forward + one backward per batch)
+* ``keras_jacobian``    ``adapters._keras_fisher._TFBatchFn`` (``GradientTape.jacobian``, pfor):
+                        the path ``adapters.keras.estimate_fisher`` used before issue 18
+* ``keras_train_step``  forward + ``GradientTape.gradient`` + ``SGD.apply`` in a ``tf.function``
+
 The per-sample loss is the library's ``ContrastiveLoss`` (MiniLM is a bare sentence encoder) with
 ``drop_prob=0`` and a fixed bank of 32 reference paragraphs, so that each sample's loss does not
 depend on which other samples share its batch (needed to compare batch-of-one methods with
@@ -61,7 +70,7 @@ from typing import Any
 import _common as C
 import numpy as np
 
-METHODS = (
+TORCH_METHODS = (
     "gd",
     "gd_norms",
     "gd_norms_gram",
@@ -74,6 +83,8 @@ METHODS = (
     "opacus_ghost",
     "torch_func",
 )
+KERAS_METHODS = ("keras_gd", "keras_jacobian", "keras_train_step")
+METHODS = TORCH_METHODS + KERAS_METHODS
 NORM_METHODS = (
     "gd_norms",
     "gd_norms_gram",
@@ -445,8 +456,107 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:300]}{loc}"
 
 
+def keras_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One Keras cell (fresh process): warm-up on the first batch, then N samples timed."""
+    import os
+
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if spec["threads"]:
+        tf.config.threading.set_intra_op_parallelism_threads(int(spec["threads"]))
+        tf.config.threading.set_inter_op_parallelism_threads(int(spec["threads"]))
+    import keras
+
+    from adapters._keras_fisher import _TFBatchFn
+    from adapters._keras_persample import TFPerSampleBatchFn
+    from adapters._keras_sites import ModelIndex
+    from gd_cli import corpus as gdc
+    from gd_cli.models import keras_bert_classifier
+
+    keras.utils.set_random_seed(0)
+    cfg = C.bert_config(spec["model"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = keras_bert_classifier(cfg)
+    n, bs, t = spec["n_samples"], spec["batch_size"], spec["seq_len"]
+    texts = gdc.select(C.corpus_paragraphs(), 32 + n, seed=0)[32:]
+    enc = C.tokenizer()(
+        texts, padding="max_length", truncation=True, max_length=t, return_tensors="np"
+    )
+    ids, att = enc["input_ids"].astype("int32"), enc["attention_mask"].astype("int32")
+    labels = np.random.default_rng(0).integers(0, 2, size=n).astype("int32")
+    batches = [
+        ({"input_ids": ids[a : a + bs], "attention_mask": att[a : a + bs]}, labels[a : a + bs])
+        for a in range(0, n, bs)
+    ]
+    batches = [
+        tuple(tf.convert_to_tensor(x) for x in (b[0]["input_ids"], b[0]["attention_mask"], b[1]))
+        for b in batches
+    ]
+
+    def loss(model: Any, batch: Any) -> Any:
+        i, m, y = batch
+        logits = model({"input_ids": i, "attention_mask": m}, training=False)
+        return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+
+    variables = list(ModelIndex.build(model).trainable().values())
+    method = spec["method"]
+    if method == "keras_train_step":
+        opt = keras.optimizers.SGD(1e-6)
+        opt.build(model.trainable_variables)
+
+        @tf.function
+        def step(batch: Any) -> Any:
+            with tf.GradientTape() as tape:
+                total = tf.reduce_sum(loss(model, batch))
+            grads = tape.gradient(total, model.trainable_variables)
+            opt.apply(grads, model.trainable_variables)
+            return total
+
+        def run_batch(batch: Any) -> Any:
+            return step(batch).numpy()
+    else:
+        cls = TFPerSampleBatchFn if method == "keras_gd" else _TFBatchFn
+        fn = cls(model, variables, loss, False)
+
+        def run_batch(batch: Any) -> Any:
+            return fn(batch, 2**31 - 1)
+
+    out: dict[str, Any] = {"n_params": int(sum(int(np.prod(v.shape)) for v in variables))}
+    out["status"] = "ok"
+    gc.collect()
+    rss0 = C.proc_status().get("VmRSS", 0)
+    reset_ok = C.reset_peak_rss()
+    try:
+        run_batch(batches[0])  # warm-up: tracing
+        t0 = time.perf_counter()
+        acc = None
+        for batch in batches:
+            r = run_batch(batch)
+            if method != "keras_train_step":  # the float64 sums, as estimate_fisher accumulates
+                acc = r[0] if acc is None else [a + b for a, b in zip(acc, r[0], strict=True)]
+        seconds = time.perf_counter() - t0
+    except Exception as exc:  # noqa: BLE001
+        out.update(status="error", error=_describe(exc))
+        return out
+    st = C.proc_status()
+    out.update(
+        seconds=round(seconds, 4),
+        samples_per_s=round(n / seconds, 3),
+        s_per_16=round(seconds / n * 16, 4),
+        rss_before_mb=round(rss0 / 1024, 1),
+        peak_rss_mb=round(st.get("VmHWM", 0) / 1024, 1),
+        peak_growth_mb=round((st.get("VmHWM", 0) - rss0) / 1024, 1),
+        peak_reset=reset_ok,
+        threads=int(spec["threads"] or 0),
+    )
+    return out
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one cell and return its measured fields (called in a fresh process)."""
+    if spec["method"] in KERAS_METHODS:
+        return keras_worker(spec)
     import torch
 
     from gd_core._io import atomic_write_npz, read_npz
@@ -618,7 +728,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.device != "cpu":
                 ref = ref.with_name(ref.name.replace(".fisher", f"-{args.device}.fisher"))
             # gd first: its Fisher is the reference the other methods are checked against
-            order = (["gd"] if "gd" in methods or not ref.exists() else []) + [
+            torch_rows = any(m in TORCH_METHODS for m in methods)
+            order = (["gd"] if "gd" in methods or (torch_rows and not ref.exists()) else []) + [
                 m for m in methods if m != "gd"
             ]
             for method in order:
@@ -626,7 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 recorded = method in methods and not results.done(key)
                 if method == "gd":
                     need_ref = not ref.exists() and any(
-                        m not in ("gd", "train_step", "floor")
+                        m not in ("gd", "train_step", "floor") + KERAS_METHODS
                         and not results.done({**base, "method": m, "n_samples": n, "repeat": rep})
                         for m in methods
                     )

@@ -158,3 +158,14 @@ def test_glue_deadline_stops_new_runs_and_a_rerun_resumes(tmp_path):
     assert len(out.read_text().splitlines()) == 2
     bad = _run(*args, "--deadline", "-5")
     assert bad.returncode == 2 and "--deadline must be positive" in bad.stderr
+
+
+def test_fisher_smoke_keras_cells(tmp_path):
+    pytest.importorskip("tensorflow")
+    out = tmp_path / "fisher.jsonl"
+    args = ["bench/fisher.py", "--smoke", "--methods", "keras_gd,keras_train_step"]
+    done = _run(*args, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["method"] for r in recs) == ["keras_gd", "keras_train_step"]
+    assert all(r["status"] == "ok" and r["seconds"] > 0 for r in recs), recs
