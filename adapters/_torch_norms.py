@@ -498,12 +498,19 @@ def make_estimator(
     chunk_size: Any,
     on_nonfinite: str,
     axes: Mapping[str, tuple[int, ...]],
+    engine: Any,
 ) -> Any:
-    """An instance of the adapter's estimator loop (``base``) that keeps only the small sums."""
+    """An instance of the adapter's estimator loop (``base``) that keeps only the small sums.
+
+    ``engine`` is the per-sample engine's ``per_sample_sq_grad_sums`` (passed in, so this module
+    and the engine, which calls back into it for the norm arithmetic, do not import each other).
+    """
     cls = _ESTIMATORS.get(base)
     if cls is None:
         cls = _ESTIMATORS[base] = type("_NormsEstimator", (base,), dict(_NormsMixin.__dict__))
-    return cls(model, loss_fn, names, chunk_size, on_nonfinite, axes)
+    est = cls(model, loss_fn, names, chunk_size, on_nonfinite, axes)
+    est.engine = engine
+    return est
 
 
 _ESTIMATORS: dict[type, type] = {}
@@ -545,9 +552,7 @@ class _NormsMixin:
         self.local_samples = 0
 
     def _compute(self, batch: Any) -> tuple[dict[str, Any], int, Any]:
-        from adapters import _torch_persample
-
-        sums, n, losses = _torch_persample.per_sample_sq_grad_sums(
+        sums, n, losses = self.engine(
             self.model,
             self.loss_fn,
             batch,

@@ -900,7 +900,9 @@ def estimate_fisher(
         acc = FisherAccumulator.load(checkpoint)
         acc.on_nonfinite = on_nonfinite  # type: ignore[assignment]
         meta = acc.metadata
-        if (
+        # an empty checkpoint (``gd profile`` writes one carrying its run settings before the
+        # first batch) holds no sums of either kind, so it cannot mix outputs
+        if (acc.count + acc.skipped) and (
             meta.get("loss") not in (None, loss_name)
             or int(meta.get("world_size", 1)) != world
             or meta.get("output", "diagonal") != output
@@ -931,7 +933,16 @@ def estimate_fisher(
             axes = nm.resolve_axes(names, {n: all_params[n].shape for n in names}, norm_axes)
         acc.metadata["output"] = "norms"
         acc.metadata["norm_shapes"] = {n: list(all_params[n].shape) for n in names}
-        est = nm.make_estimator(_Estimator, root, loss_fn, names, chunk_size, on_nonfinite, axes)
+        est = nm.make_estimator(
+            _Estimator,
+            root,
+            loss_fn,
+            names,
+            chunk_size,
+            on_nonfinite,
+            axes,
+            _persample().per_sample_sq_grad_sums,
+        )
     else:
         est = _Estimator(root, loss_fn, names, chunk_size, on_nonfinite)
     est.local_samples = base_local
