@@ -147,12 +147,18 @@ def _rows(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def run_gd(
-    model: Any, loss: Any, batches: list[dict[str, Any]], names: list[str], spec: dict[str, Any]
-) -> dict[str, np.ndarray]:
+def _estimate(
+    model: Any,
+    loss: Any,
+    batches: list[dict[str, Any]],
+    names: list[str],
+    spec: dict[str, Any],
+    **options: Any,
+) -> Any:
+    """``adapters.torch.estimate_fisher`` with the cell's sample count and chunk size."""
     import adapters.torch as gdt
 
-    res = gdt.estimate_fisher(
+    return gdt.estimate_fisher(
         model,
         batches,
         loss=loss,
@@ -160,25 +166,21 @@ def run_gd(
         progress=False,
         chunk_size=spec.get("chunk_size") or None,
         params=names,
+        **options,
     )
+
+
+def run_gd(
+    model: Any, loss: Any, batches: list[dict[str, Any]], names: list[str], spec: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    res = _estimate(model, loss, batches, names, spec)
     return {k: np.asarray(v) for k, v in res.items()}
 
 
 def run_gd_norms(
     model: Any, loss: Any, batches: list[dict[str, Any]], names: list[str], spec: dict[str, Any]
 ) -> dict[str, np.ndarray]:
-    import adapters.torch as gdt
-
-    res = gdt.estimate_fisher(
-        model,
-        batches,
-        loss=loss,
-        max_samples=spec["n_samples"],
-        progress=False,
-        chunk_size=spec.get("chunk_size") or None,
-        params=names,
-        output="norms",
-    )
+    res = _estimate(model, loss, batches, names, spec, output="norms")
     out = {f"{k}:sum": np.asarray(v) for k, v in res.items()}
     for k, marg in res.marginals.items():
         for a, m in marg.items():
