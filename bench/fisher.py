@@ -9,6 +9,16 @@ before. One JSON line per cell goes to the results file (append, flush; reruns s
 Methods (all on the same samples, the same per-sample loss, the same parameters):
 
 * ``gd``           ``adapters.torch.estimate_fisher`` (hooks: one forward + one backward per batch)
+* ``gd_norms``     ``estimate_fisher(output="norms")``: per tensor the squared per-sample gradient
+                   norms and per output unit the same (what ``profile()`` keeps), Gram products or
+                   materialised blocks per call shape, whichever is cheaper
+* ``gd_norms_gram`` / ``gd_norms_blocks``: ``gd_norms`` with one route forced for every linear
+                   weight (``GD_NORMS_ROUTE``): where Gram products stop paying off
+* ``floor``        forward + a backward that computes input gradients only (every weight frozen,
+                   gradients asked of the embedding output): the least work any method must do
+* ``opacus_ghost`` Opacus ``GradSampleModuleFastGradientClipping(use_ghost_clipping=True)``:
+                   per-sample gradient norms per tensor (``p._norm_sample``), squared and summed;
+                   recorded as unavailable when Opacus is not installed
 * ``train_step``   an ordinary batched training step: forward + ``losses.sum().backward()``, no
                    optimizer (the cost floor; computes no Fisher)
 * ``loop_inplace`` batch of one, ``torch.autograd.grad``, squares added in place (``addcmul_``)
@@ -17,6 +27,15 @@ Methods (all on the same samples, the same per-sample loss, the same parameters)
                    every 100 samples
 * ``opacus``       Opacus ``GradSampleModule`` (``p.grad_sample``), squared and summed
 * ``torch_func``   ``torch.func.vmap(grad(...))`` over the batch with ``functional_call``
+
+Keras cells (TensorFlow backend, ``gd_cli.models.keras_bert_classifier`` of the same config with
+random weights, dropout 0, per-sample sparse cross-entropy on 2 random labels; compared with each
+other and Keras' own training step, not with the torch rows, whose loss differs):
+
+* ``keras_gd``          ``adapters.keras.persample`` (one forward + one backward per batch)
+* ``keras_jacobian``    ``adapters.keras.fisher._TFBatchFn`` (``GradientTape.jacobian``, pfor):
+                        the path ``adapters.keras.estimate_fisher`` used before issue 18
+* ``keras_train_step``  forward + ``GradientTape.gradient`` + ``SGD.apply`` in a ``tf.function``
 
 The per-sample loss is the library's ``ContrastiveLoss`` (MiniLM is a bare sentence encoder) with
 ``drop_prob=0`` and a fixed bank of 32 reference paragraphs, so that each sample's loss does not
@@ -30,6 +49,11 @@ Examples::
     python bench/fisher.py --smoke                         # < 1 minute, tiny random BERT
     python bench/fisher.py                                 # MiniLM, batch 16, len 64, N 16,64,128
     python bench/fisher.py --samples 16,64 --methods gd,train_step,authors --repeats 3
+    python bench/fisher.py --samples 64 --methods gd,gd_norms,train_step,floor,opacus_ghost \
+        --threads 2 --repeats 3 --seq-len 128            # the norms path (issue 17)
+
+``--device cuda`` puts the model and the batches on the GPU (timings synchronise; peak memory is
+then ``torch.cuda.max_memory_allocated`` growth).
 """
 
 from __future__ import annotations
@@ -46,7 +70,27 @@ from typing import Any
 import _common as C
 import numpy as np
 
-METHODS = ("gd", "train_step", "loop_inplace", "authors", "opacus", "torch_func")
+TORCH_METHODS = (
+    "gd",
+    "gd_norms",
+    "gd_norms_gram",
+    "gd_norms_blocks",
+    "train_step",
+    "floor",
+    "loop_inplace",
+    "authors",
+    "opacus",
+    "opacus_ghost",
+    "torch_func",
+)
+KERAS_METHODS = ("keras_gd", "keras_jacobian", "keras_train_step")
+METHODS = TORCH_METHODS + KERAS_METHODS
+NORM_METHODS = (
+    "gd_norms",
+    "gd_norms_gram",
+    "gd_norms_blocks",
+    "opacus_ghost",
+)  # compared with the reference reduced to norms
 HOLD = 100  # the authors' approach sums its list of squared gradients every 100 samples
 
 
@@ -58,8 +102,8 @@ HOLD = 100  # the authors' approach sums its list of squared gradients every 100
 def _setup(spec: dict[str, Any]) -> tuple[Any, Any, list[dict[str, Any]], list[str]]:
     import torch
 
-    from adapters import corpus as gdc
-    from adapters._torch_persample import ContrastiveLoss
+    from adapters.torch import ContrastiveLoss
+    from gd_cli import corpus as gdc
 
     C.set_threads(spec["threads"])
     tok = C.tokenizer()
@@ -70,6 +114,8 @@ def _setup(spec: dict[str, Any]) -> tuple[Any, Any, list[dict[str, Any]], list[s
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     ).eval()
+    device = torch.device(spec.get("device") or "cpu")
+    model.to(device)
     n, bs, t = spec["n_samples"], spec["batch_size"], spec["seq_len"]
     chosen = gdc.select(C.corpus_paragraphs(), 32 + n, seed=0)
     refs, texts = chosen[:32], chosen[32:]
@@ -77,7 +123,7 @@ def _setup(spec: dict[str, Any]) -> tuple[Any, Any, list[dict[str, Any]], list[s
     def enc(xs: list[str]) -> dict[str, Any]:
         b = C.encode(tok, xs, t)
         b["position_ids"] = torch.arange(t).expand(len(xs), t).clone()
-        return b
+        return {k: v.to(device) for k, v in b.items()}
 
     batches = [enc(texts[i : i + bs]) for i in range(0, n, bs)]
     loss = ContrastiveLoss(
@@ -101,12 +147,18 @@ def _rows(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def run_gd(
-    model: Any, loss: Any, batches: list[dict[str, Any]], names: list[str], spec: dict[str, Any]
-) -> dict[str, np.ndarray]:
+def _estimate(
+    model: Any,
+    loss: Any,
+    batches: list[dict[str, Any]],
+    names: list[str],
+    spec: dict[str, Any],
+    **options: Any,
+) -> Any:
+    """``adapters.torch.estimate_fisher`` with the cell's sample count and chunk size."""
     import adapters.torch as gdt
 
-    res = gdt.estimate_fisher(
+    return gdt.estimate_fisher(
         model,
         batches,
         loss=loss,
@@ -114,8 +166,56 @@ def run_gd(
         progress=False,
         chunk_size=spec.get("chunk_size") or None,
         params=names,
+        **options,
     )
+
+
+def run_gd(
+    model: Any, loss: Any, batches: list[dict[str, Any]], names: list[str], spec: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    res = _estimate(model, loss, batches, names, spec)
     return {k: np.asarray(v) for k, v in res.items()}
+
+
+def run_gd_norms(
+    model: Any, loss: Any, batches: list[dict[str, Any]], names: list[str], spec: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    res = _estimate(model, loss, batches, names, spec, output="norms")
+    out = {f"{k}:sum": np.asarray(v) for k, v in res.items()}
+    for k, marg in res.marginals.items():
+        for a, m in marg.items():
+            out[f"{k}:axis{a}"] = np.asarray(m)
+    return out
+
+
+def run_floor(
+    model: Any, loss: Any, batches: list[dict[str, Any]], names: list[str], spec: dict[str, Any]
+) -> None:
+    """Forward + backward to the input embeddings only: every weight frozen, so autograd
+    computes activation gradients and no parameter gradient."""
+    import torch
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    leaves: list[Any] = []
+
+    def leaf(_m: Any, _a: Any, out: Any) -> Any:
+        out = out.detach().requires_grad_(torch.is_grad_enabled())
+        leaves.append(out)
+        return out
+
+    handle = model.get_input_embeddings().register_forward_hook(leaf)
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for b in batches:
+            leaves.clear()
+            losses = loss(model, b)
+            torch.autograd.grad(losses.sum(), leaves[-1])
+    finally:
+        handle.remove()
+        for p, f in flags:
+            p.requires_grad_(f)
+    return None
 
 
 def run_train_step(
@@ -142,7 +242,7 @@ def run_loop_inplace(
             if g is not None:
                 a.addcmul_(g, g)
         count += 1
-    return {n: a.double().numpy() / count for n, a in zip(names, acc, strict=True)}
+    return {n: a.double().cpu().numpy() / count for n, a in zip(names, acc, strict=True)}
 
 
 def run_authors(
@@ -175,7 +275,7 @@ def run_authors(
     if held:
         fold()
     assert total is not None
-    return {n: t.double().numpy() / count for n, t in zip(names, total, strict=True)}
+    return {n: t.double().cpu().numpy() / count for n, t in zip(names, total, strict=True)}
 
 
 _OPACUS: dict[int, Any] = {}
@@ -203,7 +303,39 @@ def run_opacus(
                 acc[n].add_(gs.square().sum(0))
             params[n].grad_sample = None
         count += int(b["input_ids"].shape[0])
-    return {n: a.double().numpy() / count for n, a in acc.items()}
+    return {n: a.double().cpu().numpy() / count for n, a in acc.items()}
+
+
+_GHOST: dict[int, Any] = {}
+
+
+def run_opacus_ghost(
+    model: Any, loss: Any, batches: list[dict[str, Any]], names: list[str], spec: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """Opacus' ghost norms: per-sample gradient norms per tensor, without per-sample gradients
+    for the layers it has a norm sampler for (Linear, Embedding, ...), squared and summed."""
+    import torch
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    gsm = _GHOST.get(id(model))
+    if gsm is None:
+        gsm = _GHOST[id(model)] = GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="sum", use_ghost_clipping=True
+        )
+    gsm.train()  # Opacus records activations only in training mode (dropout is 0 here)
+    params = dict(model.named_parameters())
+    acc = {n: torch.zeros((), dtype=torch.float64, device=params[n].device) for n in names}
+    count = 0
+    for b in batches:
+        gsm.zero_grad(set_to_none=True)
+        loss(gsm, b).sum().backward()
+        for n in names:
+            ns = getattr(params[n], "_norm_sample", None)
+            if ns is not None:
+                acc[n].add_(ns.double().square().sum())
+                params[n]._norm_sample = None
+        count += int(b["input_ids"].shape[0])
+    return {f"{n}:sum": a.cpu().numpy() / count for n, a in acc.items()}
 
 
 def run_torch_func(
@@ -242,11 +374,16 @@ def run_torch_func(
         for n in names:
             acc[n].add_(g[n].square().sum(0))
         count += int(b["input_ids"].shape[0])
-    return {n: a.double().numpy() / count for n, a in acc.items()}
+    return {n: a.double().cpu().numpy() / count for n, a in acc.items()}
 
 
 RUNNERS = {
     "gd": run_gd,
+    "gd_norms": run_gd_norms,
+    "gd_norms_gram": run_gd_norms,
+    "gd_norms_blocks": run_gd_norms,
+    "floor": run_floor,
+    "opacus_ghost": run_opacus_ghost,
     "train_step": run_train_step,
     "loop_inplace": run_loop_inplace,
     "authors": run_authors,
@@ -292,6 +429,21 @@ def agreement(
     }
 
 
+def reduce_reference(ref: dict[str, np.ndarray], keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The full-diagonal reference reduced to the norms a method returned (``name:sum``,
+    ``name:axisK``)."""
+    out = {}
+    for key in keys:
+        name, _, what = key.rpartition(":")
+        r = ref[name]
+        if what == "sum":
+            out[key] = np.asarray(r.sum())
+        else:
+            a = int(what[4:])
+            out[key] = r.sum(axis=tuple(d for d in range(r.ndim) if d != a))
+    return out
+
+
 def _describe(exc: BaseException) -> str:
     """``Type: message`` plus the innermost library frame that raised it (``file:line fn``)."""
     import traceback
@@ -306,14 +458,126 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:300]}{loc}"
 
 
+def keras_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One Keras cell (fresh process): warm-up on the first batch, then N samples timed."""
+    import os
+
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if spec["threads"]:
+        tf.config.threading.set_intra_op_parallelism_threads(int(spec["threads"]))
+        tf.config.threading.set_inter_op_parallelism_threads(int(spec["threads"]))
+    import keras
+
+    from adapters.keras.discovery import ModelIndex
+    from adapters.keras.fisher import _TFBatchFn
+    from adapters.keras.persample import TFPerSampleBatchFn
+    from gd_cli import corpus as gdc
+    from gd_cli.models import keras_bert_classifier
+
+    keras.utils.set_random_seed(0)
+    cfg = C.bert_config(spec["model"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = keras_bert_classifier(cfg)
+    n, bs, t = spec["n_samples"], spec["batch_size"], spec["seq_len"]
+    texts = gdc.select(C.corpus_paragraphs(), 32 + n, seed=0)[32:]
+    enc = C.tokenizer()(
+        texts, padding="max_length", truncation=True, max_length=t, return_tensors="np"
+    )
+    ids, att = enc["input_ids"].astype("int32"), enc["attention_mask"].astype("int32")
+    labels = np.random.default_rng(0).integers(0, 2, size=n).astype("int32")
+    batches = [
+        ({"input_ids": ids[a : a + bs], "attention_mask": att[a : a + bs]}, labels[a : a + bs])
+        for a in range(0, n, bs)
+    ]
+    batches = [
+        tuple(tf.convert_to_tensor(x) for x in (b[0]["input_ids"], b[0]["attention_mask"], b[1]))
+        for b in batches
+    ]
+
+    def loss(model: Any, batch: Any) -> Any:
+        i, m, y = batch
+        logits = model({"input_ids": i, "attention_mask": m}, training=False)
+        return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+
+    variables = list(ModelIndex.build(model).trainable().values())
+    method = spec["method"]
+    if method == "keras_train_step":
+        opt = keras.optimizers.SGD(1e-6)
+        opt.build(model.trainable_variables)
+
+        @tf.function
+        def step(batch: Any) -> Any:
+            with tf.GradientTape() as tape:
+                total = tf.reduce_sum(loss(model, batch))
+            grads = tape.gradient(total, model.trainable_variables)
+            opt.apply(grads, model.trainable_variables)
+            return total
+
+        def run_batch(batch: Any) -> Any:
+            return step(batch).numpy()
+    else:
+        cls = TFPerSampleBatchFn if method == "keras_gd" else _TFBatchFn
+        fn = cls(model, variables, loss, False)
+
+        def run_batch(batch: Any) -> Any:
+            return fn(batch, 2**31 - 1)
+
+    out: dict[str, Any] = {"n_params": int(sum(int(np.prod(v.shape)) for v in variables))}
+    out["status"] = "ok"
+    gc.collect()
+    rss0 = C.proc_status().get("VmRSS", 0)
+    reset_ok = C.reset_peak_rss()
+    try:
+        run_batch(batches[0])  # warm-up: tracing
+        t0 = time.perf_counter()
+        acc = None
+        for batch in batches:
+            r = run_batch(batch)
+            if method != "keras_train_step":  # the float64 sums, as estimate_fisher accumulates
+                acc = r[0] if acc is None else [a + b for a, b in zip(acc, r[0], strict=True)]
+        seconds = time.perf_counter() - t0
+    except Exception as exc:  # noqa: BLE001
+        out.update(status="error", error=_describe(exc))
+        return out
+    st = C.proc_status()
+    out.update(
+        seconds=round(seconds, 4),
+        samples_per_s=round(n / seconds, 3),
+        s_per_16=round(seconds / n * 16, 4),
+        rss_before_mb=round(rss0 / 1024, 1),
+        peak_rss_mb=round(st.get("VmHWM", 0) / 1024, 1),
+        peak_growth_mb=round((st.get("VmHWM", 0) - rss0) / 1024, 1),
+        peak_reset=reset_ok,
+        threads=int(spec["threads"] or 0),
+    )
+    return out
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one cell and return its measured fields (called in a fresh process)."""
+    if spec["method"] in KERAS_METHODS:
+        return keras_worker(spec)
     import torch
 
     from gd_core._io import atomic_write_npz, read_npz
 
     method = spec["method"]
     _OPACUS.clear()
+    _GHOST.clear()
+    if method.startswith("opacus"):
+        import importlib.util
+
+        if importlib.util.find_spec("opacus") is None:
+            return {"status": "unavailable", "reason": "opacus is not installed"}
+    cuda = str(spec.get("device") or "cpu").startswith("cuda")
+    import os
+
+    if method.startswith("gd_norms_"):
+        os.environ["GD_NORMS_ROUTE"] = method.rpartition("_")[2]
+    else:  # gd_norms: the cost rule
+        os.environ.pop("GD_NORMS_ROUTE", None)
     model, loss, batches, names = _setup(spec)
     n_params = sum(int(p.numel()) for n, p in model.named_parameters() if n in names)
     out: dict[str, Any] = {"n_params": n_params, "status": "ok"}
@@ -346,13 +610,22 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         out.update(status="error", error=_describe(exc))
         return out
     model.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+        gpu0 = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     try:
         fisher = runner(model, loss, batches, names, spec)
+        if cuda:
+            torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001
         out.update(status="error", error=_describe(exc))
         return out
     seconds = time.perf_counter() - t0
+    if cuda:
+        out["gpu_peak_growth_mb"] = round((torch.cuda.max_memory_allocated() - gpu0) / 2**20, 1)
+        out["gpu"] = torch.cuda.get_device_name()
     st = C.proc_status()
     n = spec["n_samples"]
     out.update(
@@ -374,6 +647,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         elif Path(ref_path).exists():
             meta, arrays = read_npz(ref_path, what="Fisher reference")
             ref = {name: arrays[f"a{i}"] for i, name in enumerate(meta["names"])}
+            if method in NORM_METHODS:
+                ref = reduce_reference(ref, list(fisher))
             out["agreement"] = agreement(fisher, ref, spec["rtol"], spec["atol_rel"])
     return out
 
@@ -409,6 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--chunk-size", type=int, default=0, help="gd chunk_size (0 = its default)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (model and batches on it)")
     ap.add_argument("--rtol", type=float, default=1e-5)
     ap.add_argument(
         "--atol-rel",
@@ -446,11 +722,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threads": args.threads,
         "chunk_size": args.chunk_size,
     }
+    if args.device != "cpu":  # keeps the keys of earlier CPU results unchanged
+        base["device"] = args.device
     for rep in range(args.repeats):
         for n in sizes:
             ref = ref_dir / (f"{args.model}-n{n}-bs{args.batch_size}-len{args.seq_len}.fisher.npz")
+            if args.device != "cpu":
+                ref = ref.with_name(ref.name.replace(".fisher", f"-{args.device}.fisher"))
             # gd first: its Fisher is the reference the other methods are checked against
-            order = (["gd"] if "gd" in methods or not ref.exists() else []) + [
+            torch_rows = any(m in TORCH_METHODS for m in methods)
+            order = (["gd"] if "gd" in methods or (torch_rows and not ref.exists()) else []) + [
                 m for m in methods if m != "gd"
             ]
             for method in order:
@@ -458,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 recorded = method in methods and not results.done(key)
                 if method == "gd":
                     need_ref = not ref.exists() and any(
-                        m not in ("gd", "train_step")
+                        m not in ("gd", "train_step", "floor") + KERAS_METHODS
                         and not results.done({**base, "method": m, "n_samples": n, "repeat": rep})
                         for m in methods
                     )

@@ -17,6 +17,8 @@ Methods (all on the same split, data order and head initialisation for a given s
 * ``depth``          the same range ordered by depth (``depth_linear``, LIMA-style)
 * ``uniform_0.15``   uniform dropout 0.15
 * ``guided_0.3``     guided 0.0 to 0.3 (mean 0.15, compared with ``uniform_0.15``)
+* ``guided_unit``    the ``guided`` site probabilities, spread over each site's units by the
+                     profile's per-unit scores (``granularity="unit"``; every site keeps its mean)
 
 The classification head's dropout is not a profiled site; it stays at the standard rate of the
 comparison (0.1; 0.15 for the 0.15-budget pair; 0 for ``none``).
@@ -31,6 +33,12 @@ Examples::
     python bench/glue.py --quick                 # the ~90-minute grid (low data, 3 methods)
     python bench/glue.py --grid full             # everything; resumable across sessions
     python bench/glue.py --tasks CoLA --settings low --methods standard,guided --seeds 0-9
+    python bench/glue.py --device cuda --jobs 8 --deadline 420 ...   # see bench/gpu_grid.sh
+
+With ``--jobs N`` the runs are dealt round-robin to N worker processes; a worker that has
+finished its own share takes runs nobody has started yet (a claim file per run), so a grid on a
+GPU shared by several workers finishes together. ``--deadline S`` stops taking new runs S
+seconds after the start (runs already going finish); a rerun resumes what is left.
 """
 
 from __future__ import annotations
@@ -281,6 +289,7 @@ class Method:
     mapping: dict[str, Any] | None = None  # mapping of the profile's scores
     shuffle: bool = False
     baseline: str = "standard"
+    granularity: str = "site"  # "unit": per-unit rates inside each site (same site means)
 
 
 METHODS = {
@@ -296,6 +305,8 @@ METHODS = {
     "guided_0.3": Method(
         "guided_0.3", None, 0.15, {**PAPER, "p_upper": 0.3}, baseline="uniform_0.15"
     ),
+    # the library's step beyond the paper, paired with guided: do per-unit rates help?
+    "guided_unit": Method("guided_unit", None, 0.1, PAPER, baseline="guided", granularity="unit"),
 }
 
 
@@ -321,7 +332,7 @@ def ensure_profile(
 ) -> Any:
     """Load the MiniLM profile from ``path`` or compute it on the WikiText-2 sample and save it.
 
-    Contrastive objective (MiniLM is a bare sentence encoder): ``adapters.corpus.objective_loss``
+    Contrastive objective (MiniLM is a bare sentence encoder): ``gd_cli.corpus.objective_loss``
     with a fixed bank of 32 reference paragraphs disjoint from the samples.
     """
     from gd_core import SensitivityProfile
@@ -329,7 +340,8 @@ def ensure_profile(
     if path.exists():
         return SensitivityProfile.load(path)
     import adapters.torch as gdt
-    from adapters import corpus as gdc
+    from gd_cli import corpus as gdc
+    from gd_cli.text import text_batches
 
     paragraphs = C.corpus_paragraphs()
     chosen = gdc.select(paragraphs, samples + 32, seed=0)
@@ -337,9 +349,9 @@ def ensure_profile(
     tok = C.tokenizer()
     model = C.load_model(model_name, "BertModel").eval()
     tm = gdc.TextModel(model, tok, "contrastive", model_name, "")
-    ref_batch = gdc.tokenize(tok, refs, seq_len=seq_len, batch_size=len(refs))[0]
-    loss = gdc.objective_loss(tm, seed=0, references=ref_batch)
-    batches = gdc.tokenize(tok, texts, seq_len=seq_len, batch_size=batch_size)
+    batches, loss = text_batches(
+        tm, texts, seq_len=seq_len, batch_size=batch_size, seed=0, references=refs
+    )
     C.log(f"profiling {model_name} on {samples} WikiText-2 paragraphs (len {seq_len}) ...")
     with C.Timer() as t:
         prof = gdt.profile(
@@ -406,6 +418,7 @@ def train_and_eval(
     batch_size: int,
     pad_id: int,
     warmup: float = 0.1,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """AdamW (weight decay 0.01, none on biases/LayerNorm; the fused kernel where torch has it),
     linear warm-up 10% then linear decay, gradient clipping at 1.0; evaluation after the last
@@ -442,6 +455,7 @@ def train_and_eval(
         epoch_losses = []
         for s in range(0, len(train), batch_size):
             batch = collate([train[i] for i in perm[s : s + batch_size]], pad_id, regression)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             labels = batch.pop("labels")
             logits = model(**batch).logits
             if regression:
@@ -453,8 +467,8 @@ def train_and_eval(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            epoch_losses.append(float(loss.detach()))
-        losses.append(float(np.mean(epoch_losses)))
+            epoch_losses.append(loss.detach())
+        losses.append(float(torch.stack(epoch_losses).mean()))  # one device sync per epoch
     train_s = time.perf_counter() - t0
     model.eval()
     preds, labels_all = [], []
@@ -463,8 +477,9 @@ def train_and_eval(
         for s in range(0, len(evals), 64):
             batch = collate(evals[s : s + 64], pad_id, regression)
             labels_all.append(batch.pop("labels").numpy())
-            logits = model(**batch).logits
-            preds.append(logits.squeeze(-1).numpy() if regression else logits.argmax(-1).numpy())
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            out = logits.squeeze(-1) if regression else logits.argmax(-1)
+            preds.append(out.cpu().numpy())
     eval_s = time.perf_counter() - t1
     y = np.concatenate(labels_all)
     p = np.concatenate(preds)
@@ -501,12 +516,20 @@ def run_one(
         train_labels = np.array([e.label for e in train_ex])
         maj_label = float(np.bincount(train_labels.astype(int)).argmax())
         majority = float(np.mean(np.array([e.label for e in eval_ex]) == maj_label))
-    model = build_model(args.model, task, method, seed)
+    model = build_model(args.model, task, method, seed).to(args.device)
     probs = site_probabilities(method, profile, seed)
     applied: dict[str, Any] = {"native": method.native}
     if probs is not None:
-        report = gdt.apply(model, probs, missing="keep")
-        ps = [r.new_p for r in report if r.source == "given"]
+        if method.granularity == "unit":
+            # the same site probabilities as ``guided``, spread over units by the profile
+            report = gdt.apply(
+                model, profile, mapping=method.mapping, granularity="unit", missing="keep"
+            )
+            set_by = "profile"
+        else:
+            report = gdt.apply(model, probs, missing="keep")
+            set_by = "given"
+        ps = [r.new_p for r in report if r.source == set_by]
         applied = {
             "sites_set": len(ps),
             "mean_p": round(float(np.mean(ps)), 5),
@@ -514,7 +537,9 @@ def run_one(
             "max_p": round(float(np.max(ps)), 5),
             "kept": [r.site for r in report if r.source == "keep"],
         }
-    applied["head_p"] = float(model.dropout.p)
+        if method.granularity == "unit":
+            applied["unit_sites"] = sum(1 for r in report if r.how.startswith("unit rates"))
+    applied["head_p"] = round(float(model.dropout.p), 6)
     out = train_and_eval(
         model,
         task,
@@ -525,6 +550,7 @@ def run_one(
         lr=setting.lr,
         batch_size=args.batch_size,
         pad_id=int(tok.pad_token_id),
+        device=args.device,
     )
     ok = learned(task, out["metrics"], majority)
     return {
@@ -591,27 +617,66 @@ def run_jobs(args: argparse.Namespace, argv: Sequence[str] | None, jobs: int) ->
     ``--threads`` (default: the machine's cores split between them), all appending to one file.
 
     Runs are dealt round-robin from the seed-major plan, so the workers move through the grid
-    together and a grid cut short still holds complete seed pairs.
+    together and a grid cut short still holds complete seed pairs; a worker done with its share
+    takes runs not yet started by the others (one claim file per run in a folder made for this
+    invocation, so claims never outlive it).
     """
+    import shutil
     import subprocess
+    import tempfile
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     base = list(sys.argv[1:] if argv is None else argv)
-    extra = ["--threads", str(threads), "--out", args.out]
+    claims = tempfile.mkdtemp(prefix=".claims-", dir=Path(args.out).parent)
+    extra = ["--threads", str(threads), "--out", args.out, "--claims", claims]
+    extra += ["--started", repr(args.started)]
     if args.profile:
         extra += ["--profile", args.profile]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), *base, *extra, "--shard", f"{i}/{jobs}"]
-        )
-        for i in range(jobs)
-    ]
-    C.log(f"{jobs} workers of {threads} thread(s) started")
-    codes = [proc.wait() for proc in procs]
+    try:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), *base, *extra]
+                + ["--shard", f"{i}/{jobs}"]
+            )
+            for i in range(jobs)
+        ]
+        C.log(f"{jobs} workers of {threads} thread(s) started")
+        codes = [proc.wait() for proc in procs]
+    finally:
+        shutil.rmtree(claims, ignore_errors=True)
     return max(codes)
 
 
+def claim(claims: str | None, key: dict[str, Any]) -> bool:
+    """Take the run ``key`` for this worker; False when another worker already took it.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> claim(folder, {"seed": 0}), claim(folder, {"seed": 0}), claim(folder, {"seed": 1})
+        (True, False, True)
+        >>> claim(None, {"seed": 0})  # a single process needs no claims
+        True
+    """
+    import hashlib
+
+    if claims is None:
+        return True
+    digest = hashlib.sha1(C.cell_key(key).encode()).hexdigest()
+    try:
+        os.close(os.open(os.path.join(claims, digest), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def make_settings(args: argparse.Namespace) -> dict[str, Setting]:
+    if args.smoke:  # every setting on a few examples: the bookkeeping, not the optimisation
+        return {
+            "full": Setting("full", 32, args.epochs, args.lr),
+            "half": Setting("half", 16, args.epochs, args.lr),
+            "low": Setting("low", args.low_size, args.low_epochs, args.low_lr),
+        }
     return {
         "full": Setting("full", 1.0, args.epochs, args.lr),
         "half": Setting("half", 0.5, args.epochs, args.lr),
@@ -649,12 +714,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         "on 2 cores, 2 workers of 1 thread finish a grid about twice as fast as 1 of 2 threads)",
     )
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "i/N", set by --jobs
+    ap.add_argument("--claims", default=None, help=argparse.SUPPRESS)  # set by --jobs
+    ap.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of model and batches: cpu, cuda, cuda:1, ... (default cpu)",
+    )
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds after the start after which no new run starts (runs going finish); "
+        "a rerun resumes the rest",
+    )
     ap.add_argument("--profile", default=None, help="profile file (default: cached per model)")
     ap.add_argument("--profile-samples", type=int, default=512)
     ap.add_argument("--profile-len", type=int, default=128)
     ap.add_argument("--out", default=None, help="results JSONL (appended; resumes)")
     ap.add_argument("--dry-run", action="store_true", help="list the runs still to do")
     args = ap.parse_args(argv)
+    if args.started is None:
+        args.started = time.time()
+    if args.deadline is not None and args.deadline <= 0:
+        ap.error(f"--deadline must be positive seconds, got {args.deadline}")
+    if args.device != "cpu":
+        import torch
+
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            ap.error(
+                f"--device {args.device}: torch {torch.__version__} sees no CUDA device; "
+                "use --device cpu"
+            )
 
     if args.smoke:
         args.model = "smoke"
@@ -729,7 +820,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.shard:
         index, count = (int(v) for v in args.shard.split("/"))
-        todo = todo[index::count]
+        # this worker's own share first, then (with claims) whatever the others have not started
+        own = todo[index::count]
+        todo = own + ([p for p in todo if p not in own] if args.claims else [])
     elif args.jobs > 1:
         est /= min(args.jobs, max(1, len(todo)))
     C.log(f"rough estimate for the runs left: {est / 3600:.1f} h (quiet 2-core machine)")
@@ -757,10 +850,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.jobs > 1 and not args.shard:
         return run_jobs(args, argv, min(args.jobs, len(todo)))
     tok = C.tokenizer()
-    machine = C.machine_info()
+    machine = {**C.machine_info(), **C.device_info(args.device)}
     data: dict[str, list[Example]] = {}
     start = time.perf_counter()
+    done_here = 0
     for i, (key, task, setting, method, seed) in enumerate(todo):
+        if args.deadline is not None and time.time() - args.started > args.deadline:
+            C.log(f"deadline of {args.deadline:.0f} s reached: no new runs; rerun to resume")
+            break
+        if not claim(args.claims, key):
+            continue
+        done_here += 1
         if task.name not in data:
             data[task.name], bad = read_task(task.name)
             if bad:
@@ -777,7 +877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
         results.append(key, fields)
         elapsed = time.perf_counter() - start
-        eta = elapsed / (i + 1) * (len(todo) - i - 1)
+        eta = elapsed / done_here * (len(todo) - i - 1)
         m = fields["metrics"]
         C.log(
             (f"worker {args.shard}: " if args.shard else "")

@@ -9,7 +9,7 @@ the ratio ``t_B / t_A`` of every pair: its median, quartiles and IQR go into one
 cell (append, flush; a rerun skips cells already present).
 
 Frameworks: ``torch`` (``adapters.torch.apply``, granularity ``site`` and ``unit``), ``keras``
-(``adapters.keras.apply`` on ``adapters.demo.keras_bert_classifier``, the functional Keras 3 BERT
+(``adapters.keras.apply`` on ``gd_cli.models.keras_bert_classifier``, the functional Keras 3 BERT
 with the torch model's shapes and layer names; TensorFlow backend; granularity ``site`` and ``unit``), ``ort`` (the torch classifier
 exported to ONNX in training mode, ``adapters.onnx.apply`` + ``make_artifacts``, one
 ``onnxruntime.training.api`` step; granularity ``site`` and ``unit``, the latter a per-unit
@@ -187,7 +187,7 @@ def run_keras(spec: dict[str, Any]) -> dict[str, Any]:
     import keras
 
     import adapters.keras as gdk
-    from adapters.demo import keras_bert_classifier
+    from gd_cli.models import keras_bert_classifier
 
     if spec["threads"]:
         import tensorflow as tf
@@ -206,9 +206,8 @@ def run_keras(spec: dict[str, Any]) -> dict[str, Any]:
     a = keras_bert_classifier(cfg)
     b0 = keras_bert_classifier(cfg)
     b0.set_weights(a.get_weights())
-    b, report = gdk.apply(
-        b0, profile, granularity=spec["granularity"], missing="keep", strict=False
-    )
+    report = gdk.apply(b0, profile, granularity=spec["granularity"], missing="keep", strict=False)
+    b = report.model
     batch = fixed_batch(spec)
     x = {k: batch[k].astype(np.int32) for k in ("input_ids", "attention_mask")}
     y = batch["labels"]
@@ -248,6 +247,7 @@ def run_ort(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import adapters.onnx as ao
+    from gd_cli.models import export_training_onnx
 
     C.set_threads(spec["threads"])
     profile = get_profile(spec)
@@ -259,19 +259,7 @@ def run_ort(spec: dict[str, Any]) -> dict[str, Any]:
     onnx_path = work / "model.onnx"
     ids = torch.from_numpy(batch["input_ids"][:2])
     mask = torch.from_numpy(batch["attention_mask"][:2])
-    model.train()
-    torch.onnx.export(
-        model,
-        (ids, mask),
-        str(onnx_path),
-        training=torch.onnx.TrainingMode.TRAINING,
-        do_constant_folding=False,
-        dynamo=False,
-        opset_version=14,
-        input_names=["input_ids", "attention_mask"],
-        output_names=["logits"],
-        dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}},
-    )
+    export_training_onnx(model, (ids, mask), onnx_path, opset=14)
     guided = profile.probabilities()
     uniform = {k: pbar for k in guided}
     arts = {}
@@ -279,13 +267,13 @@ def run_ort(spec: dict[str, Any]) -> dict[str, Any]:
     # B at unit granularity needs the profile itself (its per-unit scores), not {site: p}
     b_source = guided if spec["granularity"] == "site" else profile
     for which, probs in (("a", uniform), ("b", b_source)):
-        out, report = ao.apply(
+        report = ao.apply(
             str(onnx_path),
             probs,
             missing="keep",
             granularity="site" if which == "a" else spec["granularity"],
         )
-        arts[which] = ao.make_artifacts(out, work / which, loss="cross_entropy")
+        arts[which] = ao.make_artifacts(report.model, work / which, loss="cross_entropy")
         notes[which] = {"absent": list(getattr(report, "absent", []) or [])}
     steps = {}
     for which, art in arts.items():

@@ -24,6 +24,7 @@ from .errors import (
     ProfileError,
     ProfileMismatchError,
     ProfileNotFoundError,
+    ResumeMismatchError,
 )
 from .fingerprint import Fingerprint
 from .fisher import FisherAccumulator, FisherResult
@@ -47,6 +48,7 @@ __all__ = [
     "NonFiniteGradientError",
     "ProfileError",
     "ProfileMismatchError",
+    "ResumeMismatchError",
     "ProfileNotFoundError",
     "Schedule",
     "SensitivityProfile",

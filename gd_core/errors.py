@@ -37,6 +37,10 @@ class ProfileError(GuidedDropoutError, ValueError):
     """A sensitivity profile file is missing, truncated, corrupt or of an unknown format version."""
 
 
+class ResumeMismatchError(GuidedDropoutError, ValueError):
+    """A checkpoint cannot be proven to come from the run that tries to continue it."""
+
+
 class ProfileMismatchError(GuidedDropoutError, ValueError):
     """A sensitivity profile was computed on a model with different parameters or sites."""
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ._io import atomic_write_npz, read_npz
-from .errors import NonFiniteGradientError, ProfileError, bad_argument
+from .errors import NonFiniteGradientError, ProfileError, ResumeMismatchError, bad_argument
 
 ACCUMULATOR_FORMAT = "gd-fisher-accumulator"
 ACCUMULATOR_VERSION = 1
@@ -50,6 +50,9 @@ class FisherAccumulator:
         self.count = 0
         self.skipped = 0
         self.metadata: dict[str, Any] = {}
+        #: the settings of the run that produced these sums (stored inside the file, so a resume
+        #: can prove it continues the same run; see :meth:`check_settings`)
+        self.settings: dict[str, Any] | None = None
 
     # -- adding -------------------------------------------------------------------------------
     def add_sample(self, grads: Mapping[str, Any]) -> bool:
@@ -129,8 +132,17 @@ class FisherAccumulator:
             raise bad_argument(
                 "other", "a FisherAccumulator", type(other).__name__, "merge accumulators only"
             )
+        mine, theirs = self.settings, other.settings
+        if mine is not None and theirs is not None and mine != theirs:
+            raise bad_argument(
+                "other",
+                "an accumulator of the same run settings",
+                f"settings that differ ({'; '.join(settings_diff(mine, theirs))})",
+                "merge only partial sums of one estimation",
+            )
         out = FisherAccumulator(self.on_nonfinite)
         out.metadata = {**other.metadata, **self.metadata}
+        out.settings = self.settings if self.settings is not None else other.settings
         for src in (self, other):
             out._add_sums(src.sums, src.count)
             out.skipped += src.skipped
@@ -160,9 +172,43 @@ class FisherAccumulator:
             f"skipped={self.skipped})"
         )
 
+    def check_settings(self, expected: Mapping[str, Any], source: str = "checkpoint") -> None:
+        """Raise :class:`ResumeMismatchError` unless these sums were made with ``expected``.
+
+        A resume is only proven when the settings stored with the sums (in the same file,
+        written atomically with them) equal the settings of the run that continues them; an
+        accumulator without settings proves nothing and is refused too.
+
+        Example:
+            >>> acc = FisherAccumulator()
+            >>> acc.settings = {"seq_len": 32, "seed": 0}
+            >>> acc.check_settings({"seq_len": 32, "seed": 0})
+            >>> acc.check_settings({"seq_len": 16, "seed": 0})
+            Traceback (most recent call last):
+            ...
+            gd_core.errors.ResumeMismatchError: checkpoint: expected the settings of the run that wrote it, received different ones (seq_len 32 -> 16); fix: rerun with the original settings, or delete checkpoint to start over
+        """
+        fix = f"delete {source} to start over"
+        if not isinstance(self.settings, dict):
+            raise ResumeMismatchError(
+                f"{source}: expected a checkpoint that records its run settings, received one "
+                f"without them (written by an older version or by hand), so it cannot be proven "
+                f"to belong to this run; fix: {fix}"
+            )
+        diffs = settings_diff(self.settings, dict(expected))
+        if diffs:
+            raise ResumeMismatchError(
+                f"{source}: expected the settings of the run that wrote it, received different "
+                f"ones ({'; '.join(diffs[:4])}); fix: rerun with the original settings, or {fix}"
+            )
+
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the state atomically (temp file, then rename) to ``path`` (an ``.npz``)."""
+        """Write the state atomically (temp file, then rename) to ``path`` (an ``.npz``).
+
+        The run settings (:attr:`settings`) are in the same file's header, so the sums and the
+        settings that produced them are replaced together or not at all.
+        """
         meta = {
             "format": ACCUMULATOR_FORMAT,
             "version": ACCUMULATOR_VERSION,
@@ -171,6 +217,7 @@ class FisherAccumulator:
             "on_nonfinite": self.on_nonfinite,
             "names": list(self.sums),
             "metadata": self.metadata,
+            "settings": self.settings,
         }
         arrays = {f"p{i}": arr for i, arr in enumerate(self.sums.values())}
         return atomic_write_npz(path, json.dumps(meta), arrays)
@@ -188,17 +235,39 @@ class FisherAccumulator:
                 f"{path}: accumulator format version {meta.get('version')!r} is not supported "
                 f"(this library reads version {ACCUMULATOR_VERSION}); recompute it"
             )
-        acc = cls(meta.get("on_nonfinite", "raise"))
+        on_nonfinite = meta.get("on_nonfinite", "raise")
+        acc = cls(on_nonfinite if on_nonfinite in ("raise", "skip") else "raise")
         try:
-            acc.sums = {
-                name: arrays[f"p{i}"].astype(np.float64) for i, name in enumerate(meta["names"])
-            }
+            names = meta["names"]
+            if not isinstance(names, list) or len(names) != len(arrays):
+                raise ValueError(f"{len(arrays)} arrays for {names!r}")
+            acc.sums = {name: arrays[f"p{i}"].astype(np.float64) for i, name in enumerate(names)}
             acc.count = int(meta["count"])
             acc.skipped = int(meta["skipped"])
-        except KeyError as exc:
-            raise ProfileError(f"{path}: accumulator file is incomplete (missing {exc})") from exc
-        acc.metadata = dict(meta.get("metadata", {}))
+            if acc.count < 0 or acc.skipped < 0:
+                raise ValueError(f"count {acc.count}, skipped {acc.skipped}")
+            if not all(np.all(np.isfinite(a)) and np.all(a >= 0) for a in acc.sums.values()):
+                raise ValueError("sums that are negative or not finite")
+            acc.metadata = dict(meta.get("metadata") or {})
+            settings = meta.get("settings")
+            acc.settings = dict(settings) if isinstance(settings, dict) else None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProfileError(
+                f"{path}: accumulator file is incomplete or inconsistent ({type(exc).__name__}: "
+                f"{exc}); fix: delete it and recompute"
+            ) from exc
         return acc
+
+
+def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``["key old -> new", ...]`` for every key whose value differs (missing keys included).
+
+    Example:
+        >>> settings_diff({"seq_len": 32, "seed": 0}, {"seq_len": 16, "seed": 0})
+        ['seq_len 32 -> 16']
+    """
+    keys = list(new) + [k for k in old if k not in new]
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 class FisherResult(dict[str, np.ndarray]):

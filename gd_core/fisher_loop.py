@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,14 +201,16 @@ def estimate(
     checkpoint_every: int = 50,
     resume: bool = False,
     run: Mapping[str, Any] | None = None,
-) -> FisherResult:
+    result: Callable[[FisherAccumulator], Any] | None = None,
+) -> Any:
     """Run the loop over ``batches`` with ``engine``; returns the Fisher diagonal.
 
     ``run`` identifies the estimation (e.g. ``{"loss": "mlm"}``); it is stored in the
     accumulator's metadata with the number of processes, and a checkpoint of another run is
     refused on resume. With ``checkpoint`` the accumulator is saved atomically every
     ``checkpoint_every`` batches and at the end; ``resume=True`` loads it and skips the batches
-    it already counts. ``max_samples`` counts samples per process.
+    it already counts. ``max_samples`` counts samples per process. ``result`` builds what is
+    returned from the final accumulator (default :meth:`FisherResult.from_accumulator`).
     """
     max_samples = check_int(max_samples, "max_samples", 1, 1000, optional=True)
     checkpoint_every = check_int(checkpoint_every, "checkpoint_every", 1, 50)  # type: ignore[assignment]
@@ -228,7 +230,9 @@ def estimate(
         acc.on_nonfinite = on_nonfinite  # type: ignore[assignment]
         theirs = {k: acc.metadata.get(k) for k in ident}
         theirs["world_size"] = int(acc.metadata.get("world_size", 1))
-        if any(theirs[k] not in (None, v) for k, v in ident.items()):
+        # an empty checkpoint (``gd profile`` writes one carrying its run settings before the
+        # first batch) holds no sums, so it cannot belong to another run
+        if (acc.count + acc.skipped) and any(theirs[k] not in (None, v) for k, v in ident.items()):
             raise bad_argument(
                 "resume",
                 f"a checkpoint of the same run ({ident})",
@@ -296,4 +300,4 @@ def estimate(
             "an empty iterable" if not seen else "batches with no samples",
             "pass a non-empty iterable of batches",
         )
-    return FisherResult.from_accumulator(acc)
+    return (result or FisherResult.from_accumulator)(acc)

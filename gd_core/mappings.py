@@ -50,7 +50,7 @@ def _check_scores(scores: Any, mapping: str) -> np.ndarray:
             f"NaN/Inf at positions {bad[:5]}",
             "give those sites guarded parameters (a site mapping) or estimate Fisher again",
         )
-    if mapping in ("linear_score", "log_score") and np.any(arr < 0):
+    if mapping in ("linear_rank", "linear_score", "log_score") and np.any(arr < 0):
         raise bad_argument("scores", "non-negative Fisher scores", arr.min(), "check the scores")
     return arr
 

@@ -18,11 +18,11 @@ import numpy as np
 
 from ._io import atomic_write_npz, read_npz
 from ._version import __version__
-from .errors import ProfileError, bad_argument
+from .errors import GuidedDropoutError, ProfileError, bad_argument
 from .fingerprint import Fingerprint
 from .mappings import map_scores, unit_probabilities
 from .names import translator
-from .sites import Site, check_sites, site_score_from_stats, tensor_stats, unit_scores
+from .sites import AGGREGATIONS, Site, check_sites, site_score_from_stats, tensor_stats, unit_scores
 
 PROFILE_FORMAT = "guided-dropout-profile"
 PROFILE_VERSION = 1
@@ -276,37 +276,109 @@ class SensitivityProfile:
                 "guided-dropout or recompute the profile"
             )
         try:
-            sites = tuple(Site.from_dict(d) for d in header["sites"])
-            scores = arrays["scores"]
-            names = header["tensor_names"]
-            means, sizes = arrays["tensor_means"], arrays["tensor_sizes"]
-            units = {n: arrays[f"units_{i}"] for i, n in enumerate(header["unit_sites"])}
-            fp = header.get("fingerprint")
-            prof = cls(
-                sites=sites,
-                scores=scores.astype(np.float64),
-                tensor_means={n: float(m) for n, m in zip(names, means, strict=True)},
-                tensor_sizes={n: int(s) for n, s in zip(names, sizes, strict=True)},
-                unit_scores=units,
-                aggregation=str(header["aggregation"]),
-                mapping=_mapping_dict(header["mapping"]),
-                fingerprint=None if fp is None else Fingerprint.from_list(fp),
-                metadata=dict(header.get("metadata", {})),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
+            prof = _from_stored(header, arrays)
+        except (GuidedDropoutError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            text = str(exc).splitlines()[0][:300] if str(exc) else ""
             raise ProfileError(
                 f"profile file {str(path)!r} is incomplete or inconsistent ({type(exc).__name__}: "
-                f"{exc}); fix: recompute it"
+                f"{text}); fix: recompute it"
             ) from exc
-        if scores.shape != (len(sites),):
-            raise ProfileError(
-                f"profile file {str(path)!r} is inconsistent: {len(sites)} sites but "
-                f"{scores.shape} scores; fix: recompute it"
-            )
         digest = header.get("fingerprint_digest")
         if prof.fingerprint is not None and digest != prof.fingerprint.digest:
-            raise ProfileError(f"profile file {str(path)!r} has a corrupt fingerprint")
+            raise ProfileError(
+                f"profile file {str(path)!r} has a corrupt fingerprint (its digest does not "
+                "match); fix: recompute it"
+            )
         return prof
+
+
+def _float_vector(arrays: Mapping[str, np.ndarray], key: str, size: int | None) -> np.ndarray:
+    """A stored float64 vector of non-negative, finite values (of ``size`` entries if given)."""
+    arr = arrays[key]
+    if arr.dtype != np.float64 or arr.ndim != 1 or (size is not None and arr.shape != (size,)):
+        want = "(n,)" if size is None else f"({size},)"
+        raise ValueError(
+            f"{key!r}: expected float64 of shape {want}, found {arr.dtype} {arr.shape}"
+        )
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError(f"{key!r}: expected finite Fisher values >= 0, found negative, NaN or Inf")
+    return arr
+
+
+def _str_list(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{what}: expected a list of strings")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{what}: expected unique names")
+    return value
+
+
+def _site_from_stored(d: Any) -> Site:
+    if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+        raise ValueError(f"site entry {d!r:.80}: expected an object with a name")
+    params = _str_list(d.get("params", []), f"site {d['name']!r} params")
+    units = d.get("units")
+    if units is not None and (isinstance(units, bool) or not isinstance(units, int) or units < 1):
+        raise ValueError(f"site {d['name']!r}: units {units!r} is not a positive int")
+    axes = d.get("unit_axes", {})
+    if not isinstance(axes, dict) or not all(
+        isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in axes.values()
+    ):
+        raise ValueError(f"site {d['name']!r}: unit_axes {axes!r:.80} is not {{param: axis}}")
+    if not isinstance(d.get("kind", "module"), str):
+        raise ValueError(f"site {d['name']!r}: kind is not a string")
+    return Site.from_dict({**d, "params": params})
+
+
+def _from_stored(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> SensitivityProfile:
+    """Build and check a profile from a file's header and arrays (any inconsistency raises)."""
+    if not isinstance(header.get("sites"), list):
+        raise ValueError("'sites': expected a list")
+    sites = tuple(check_sites([_site_from_stored(d) for d in header["sites"]]))
+    by_name = {s.name: s for s in sites}
+    scores = _float_vector(arrays, "scores", len(sites))
+    names = _str_list(header["tensor_names"], "tensor_names")
+    means = _float_vector(arrays, "tensor_means", len(names))
+    sizes = arrays["tensor_sizes"]
+    if sizes.dtype != np.int64 or sizes.shape != (len(names),) or np.any(sizes < 0):
+        raise ValueError(f"'tensor_sizes': expected {len(names)} counts >= 0 (int64)")
+    unit_sites = _str_list(header["unit_sites"], "unit_sites")
+    units = {}
+    for i, name in enumerate(unit_sites):
+        if name not in by_name:
+            raise ValueError(f"unit scores of {name!r}, which is not one of the profile's sites")
+        # a site's unit count, when known, is the length its unit scores must have
+        units[name] = _float_vector(arrays, f"units_{i}", by_name[name].units)
+    expected = {
+        "scores",
+        "tensor_means",
+        "tensor_sizes",
+        *(f"units_{i}" for i in range(len(units))),
+    }
+    if set(arrays) != expected:
+        raise ValueError(f"unexpected arrays {sorted(set(arrays) - expected)[:3]}")
+    aggregation = header["aggregation"]
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation {aggregation!r} is not one of {AGGREGATIONS}")
+    if not isinstance(header["mapping"], dict):
+        raise ValueError("'mapping': expected an object")
+    metadata = header.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise ValueError("'metadata': expected an object")
+    fp = header.get("fingerprint")
+    prof = SensitivityProfile(
+        sites=sites,
+        scores=scores,
+        tensor_means={n: float(m) for n, m in zip(names, means, strict=True)},
+        tensor_sizes={n: int(z) for n, z in zip(names, sizes, strict=True)},
+        unit_scores=units,
+        aggregation=str(aggregation),
+        mapping=_mapping_dict(header["mapping"]),
+        fingerprint=None if fp is None else Fingerprint.from_list(fp),
+        metadata=dict(metadata),
+    )
+    prof.unit_probabilities()  # the stored mapping and unit scores give valid probabilities
+    return prof
 
 
 def _json_default(obj: Any) -> Any:

@@ -18,12 +18,11 @@ from gd_core import SensitivityProfile
 from gd_core import cache as _cache
 from gd_core import fisher_loop as loop
 from gd_core.errors import bad_argument
-from gd_core.fisher import FisherResult
 from gd_core.fisher_loop import BatchSums, FisherEngine
-from gd_core.validate import check_int
+from gd_core.validate import check_choice, check_int
 
-from . import losses, persample
-from .discovery import _resolve_sites, _unit_axes, _unwrap, fingerprint
+from . import losses, norms, persample
+from .discovery import _features, _resolve_sites, _unit_axes, _unwrap, fingerprint
 from .layer import torch
 
 _LOSS_NAMES = ("mlm", "clm", "contrastive")
@@ -203,6 +202,56 @@ class _Engine(FisherEngine):
             d.barrier()
 
 
+class _NormsEngine(_Engine):
+    """:class:`_Engine` keeping only what a profile needs: per tensor the sum of its squared
+    per-sample gradient norms and, per unit axis, the same summed over every other axis
+    (``output="norms"``; the arithmetic is :mod:`adapters.torch.norms`)."""
+
+    def __init__(
+        self,
+        model: Any,
+        loss_fn: Callable[..., Any],
+        names: list[str],
+        chunk_size: int | None,
+        axes: Mapping[str, Sequence[int]],
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.chunk_size = chunk_size
+        params = dict(model.named_parameters())
+        self.params = {n: params[n] for n in names}
+        self.axes = {n: tuple(axes.get(n, ())) for n in names}
+        self.device = params[names[0]].device
+        self.dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self.names = [k for n in names for k in norms.keys_of(n, self.axes[n])]
+        self.pending = {}
+        for n in names:
+            dev = params[n].device
+            self.pending[norms.keys_of(n, ())[0]] = torch.zeros((), dtype=self.dtype, device=dev)
+            for a in self.axes[n]:
+                key = norms.keys_of(n, (a,))[1]
+                self.pending[key] = torch.zeros(params[n].shape[a], dtype=self.dtype, device=dev)
+        d = _dist()
+        self.world = d.get_world_size() if d is not None else 1
+        self.rank = d.get_rank() if d is not None else 0
+
+    def sq_grad_sums(self, batch: Any) -> BatchSums:
+        sums, n, per_sample = persample.per_sample_sq_grad_sums(
+            self.model,
+            self.loss_fn,
+            _to_device(batch, self.device),
+            params=self.params,
+            chunk_size=self.chunk_size,
+            norms=self.axes,
+        )
+        losses = torch.as_tensor(per_sample).detach().reshape(-1).double().cpu().numpy()
+        return BatchSums(norms.flatten(sums), int(n), losses=losses)
+
+    def nonfinite(self, sums: Mapping[str, Any]) -> list[str]:
+        bad = super().nonfinite(sums)  # keys "name:sum", "name:axisK" -> parameter names
+        return list(dict.fromkeys(norms.param_of(k) for k in bad))
+
+
 def _first_device(batch: Any) -> Any:
     found: list[Any] = []
     _map_batch(batch, lambda t: found.append(t.device) or t)
@@ -223,7 +272,9 @@ def estimate_fisher(
     *,
     params: Sequence[str] | None = None,
     seed: int = 0,
-) -> FisherResult:
+    output: str = "diagonal",
+    norm_axes: Mapping[str, Sequence[int]] | None = None,
+) -> Any:
     """The exact empirical Fisher diagonal: the mean over samples of squared per-sample gradients.
 
     The model is put in eval mode while estimating (and restored after). Sums are kept on the
@@ -237,6 +288,13 @@ def estimate_fisher(
     ``on_nonfinite='skip'`` the offending samples are skipped and counted in ``.skipped``. Under
     ``torch.distributed`` the sums and counts of every rank are added together (each rank feeds
     its own shard of the data).
+
+    ``output="norms"`` returns a :class:`adapters.torch.norms.FisherNorms` instead: per tensor
+    the sum of its Fisher diagonal (the mean squared per-sample gradient norm) and, per
+    ``norm_axes`` (``{name: axes}``; default: each tensor's output-unit axis, the one per-unit
+    scores use), the diagonal summed over every other axis -- what :func:`profile` needs,
+    computed with Gram products where cheaper, without per-sample weight gradients and without
+    per-parameter float64 buffers.
 
     Example:
         >>> import torch
@@ -268,7 +326,16 @@ def estimate_fisher(
         raise bad_argument(
             "model", "parameters that require gradients", "none", "unfreeze the model"
         )
-    engine = _Engine(root, loss_fn, names, chunk_size)
+    check_choice(output, "output", ("diagonal", "norms"))
+    run: dict[str, Any] = {"loss": loss_name, "output": output}
+    if output == "norms":
+        axes = norms.default_axes(root, names, _features, ())
+        if norm_axes is not None:
+            axes = norms.resolve_axes(names, {n: all_params[n].shape for n in names}, norm_axes)
+        run["norm_shapes"] = {n: list(all_params[n].shape) for n in names}
+        engine: _Engine = _NormsEngine(root, loss_fn, names, chunk_size, axes)
+    else:
+        engine = _Engine(root, loss_fn, names, chunk_size)
     modes = [(m, m.training) for m in root.modules()]
     root.eval()
     try:
@@ -281,11 +348,18 @@ def estimate_fisher(
             checkpoint=checkpoint,
             checkpoint_every=checkpoint_every,
             resume=resume,
-            run={"loss": loss_name},
+            run=run,
+            result=norms.FisherNorms.from_accumulator if output == "norms" else None,
         )
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+def _norms_args(root: Any, guarded: Sequence[str], found: Sequence[Any]) -> dict[str, Any]:
+    names = list(guarded) or [n for n, p in root.named_parameters() if p.requires_grad]
+    extra = [(p, a) for f in found for p, a in f.site.unit_axes.items()]
+    return {"output": "norms", "norm_axes": norms.default_axes(root, names, _features, extra)}
 
 
 def _model_name(root: Any) -> str:
@@ -313,6 +387,7 @@ def profile(
     metadata: Mapping[str, Any] | None = None,
     add_sites: Any = None,
     seed: int = 0,
+    method: str = "norms",
 ) -> SensitivityProfile:
     """Estimate the Fisher diagonal of the guarded parameters and build a sensitivity profile.
 
@@ -321,6 +396,9 @@ def profile(
     profile), ``cache`` (store it in the per-user cache so :func:`apply` finds it) and
     ``metadata`` (merged into the profile's). The width of each dropped tensor is measured
     during estimation, so per-unit scores are right even where the structure is ambiguous.
+    ``method="norms"`` (default) estimates only what the profile keeps (per-tensor and
+    per-unit sums, :func:`estimate_fisher` with ``output="norms"``); ``method="diagonal"``
+    estimates the full diagonal first (same scores to float rounding, slower).
 
     Example:
         >>> import torch
@@ -333,6 +411,7 @@ def profile(
         (['1', '3'], 8)
     """
     root = _unwrap(model)
+    check_choice(method, "method", ("norms", "diagonal"))
     index, found = _resolve_sites(root, sites, add_sites)
     _, loss_name = _resolve_loss(loss, seed)
     guarded = [n for n in index.owner if any(n in f.site.params for f in found)]
@@ -368,6 +447,7 @@ def profile(
             resume=resume,
             params=guarded or None,
             seed=seed,
+            **(_norms_args(root, guarded, found) if method == "norms" else {}),
         )
     finally:
         for h in handles:
@@ -395,7 +475,8 @@ def profile(
     if tf is not None:
         meta["transformers_version"] = getattr(tf, "__version__", "")
     meta.update(dict(metadata or {}))
-    prof = SensitivityProfile.from_fisher(
+    build = norms.profile_from_norms if method == "norms" else SensitivityProfile.from_fisher
+    prof = build(
         result,
         measured,
         aggregation=aggregation,

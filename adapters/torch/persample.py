@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -84,6 +84,12 @@ def _hf_conv1d_forward() -> Any:
     mod = sys.modules.get("transformers.pytorch_utils")
     cls = getattr(mod, "Conv1D", None) if mod is not None else None
     return getattr(cls, "forward", None)
+
+
+def _norms_module() -> Any:
+    from . import norms as _torch_norms
+
+    return _torch_norms
 
 
 def _module_kind(m: nn.Module) -> str | None:
@@ -133,6 +139,7 @@ class _Param:
     pending: list[tuple[_Call, str]] = field(default_factory=list)
     fallback: str | None = None  # reason, when the fallback computes this parameter
     graph_uses: int = 0  # edges into this parameter's AccumulateGrad node
+    norms: Any = None  # norms path: the axes wanted, then _torch_norms.SqNorm
 
 
 @dataclass(eq=False)
@@ -166,6 +173,7 @@ class _Session:
         self.r: torch.Tensor | None = None  # verification weights
         self.recording = True
         self.scratch: dict[Any, torch.Tensor] = {}
+        self.norms = False  # True: squared norms and marginals only (adapters.torch.norms)
 
     # ---- forward -----------------------------------------------------------------------
 
@@ -338,6 +346,8 @@ class _Session:
         return d if into is None else into.add_(d)
 
     def _process_single(self, st: _Param, call: _Call, role: str) -> None:
+        if self.norms:
+            return _norms_module().process_single(self, st, call, role)
         n = self.n
         dtype = st.dtype
         kind = call.kind
@@ -389,6 +399,8 @@ class _Session:
         acc.index_add_(0, token, buf.square_())
 
     def _process_multi(self, st: _Param) -> None:
+        if self.norms:
+            return _norms_module().process_multi(self, st)
         pending, st.pending = st.pending, []
         n = self.n
         step = self._chunk(st.param.numel())
@@ -455,7 +467,8 @@ def per_sample_sq_grad_sums(
     chunk_size: int | None = None,
     verify: bool = False,
     report: dict[str, Any] | None = None,
-) -> tuple[dict[str, torch.Tensor], int, torch.Tensor]:
+    norms: bool | Mapping[str, Sequence[int]] = False,
+) -> tuple[dict[str, Any], int, torch.Tensor]:
     """Sum over samples of the squared per-sample gradient, exactly, in one forward/backward.
 
     Runs ``losses = per_sample_loss(model, batch)`` (a 1-D tensor, one loss per sample) with
@@ -478,6 +491,12 @@ def per_sample_sq_grad_sums(
         report: if a dict is given, it is filled with ``"hooked"`` (names computed by the
             hooks), ``"fallback"`` (name -> reason, computed by the per-sample loop),
             ``"unused"`` (names the losses do not depend on) and ``"verify_failed"``.
+        norms: ``True`` or ``{name: axes}``: instead of the element-wise sums, return for each
+            parameter an :class:`adapters.torch.norms.SqNorm`: ``total``, the sum over samples
+            of the squared per-sample gradient norm, and ``marginals[axis]``, the same summed
+            over every other axis (float64), for every axis (``True``) or the axes listed.
+            Linear-type weights take Gram products or materialised blocks, whichever is cheaper
+            for the call shape; no per-sample gradient of a whole weight need be formed.
 
     The backward pass differentiates ``losses.sum()``; ``.grad`` attributes are left as they
     were and no hook stays installed.
@@ -523,6 +542,12 @@ def per_sample_sq_grad_sums(
             st.fallback = "not a parameter of a supported module (Linear, LayerNorm, Embedding...)"
 
     session = _Session(_infer_batch_size(batch), chunk_size)
+    if norms is not False:
+        session.norms = True
+        shapes = {name: tuple(p.shape) for name, p in targets}
+        wanted = _norms_module().resolve_axes([nm for nm, _ in targets], shapes, norms)
+        for st in by_id.values():
+            st.norms = sorted({a for nm in st.names for a in wanted[nm]})
     saved_grads = [(p, p.grad) for _, p in targets]
     handles = []
     try:
@@ -565,6 +590,9 @@ def per_sample_sq_grad_sums(
         }
         report["unused"] = [nm for st in by_id.values() if st.graph_uses == 0 for nm in st.names]
         report["verify_failed"] = verify_failed
+    if session.norms:
+        res = {pid: _norms_module().result(st) for pid, st in by_id.items()}
+        return {name: res[id(p)] for name, p in targets}, n, losses.detach()
     out = {name: sums[name] for name, _ in targets}
     return out, n, losses.detach()
 

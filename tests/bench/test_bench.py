@@ -7,6 +7,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,80 @@ def test_glue_smoke_grid_parallel_workers_append_and_resume(tmp_path):
     assert rep.returncode == 0, rep.stderr[-3000:]
     assert "FLAG: baseline not learned" in rep.stdout
     assert "| tie |" not in rep.stdout
+
+
+def test_gpu_grid_script_runs_every_phase_once_on_cpu(tmp_path):
+    """bench/gpu_grid.sh (the one-command GPU recipe) on the CPU with the smoke model: every
+    phase runs, workers share the runs through claims (each run exactly once), and guided_unit
+    installs per-unit rates with guided's site probabilities."""
+    env = {
+        **os.environ,
+        "GD_DEVICE": "cpu",
+        "GD_SMOKE": "1",
+        "GD_JOBS": "2",
+        "PYTHON": sys.executable,
+    }
+    done = subprocess.run(
+        ["bash", "bench/gpu_grid.sh", str(tmp_path)],
+        cwd=BENCH.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+    grid = [json.loads(line) for line in (tmp_path / "glue-gpu.jsonl").read_text().splitlines()]
+    keys = sorted((r["task"], r["setting"], r["method"]) for r in grid)
+    expected = sorted(
+        [
+            (t, s, m)
+            for t in ("STS-B", "MRPC")
+            for s in ("full", "half")
+            for m in ("standard", "guided_unit")
+        ]
+        + [
+            (t, s, m)
+            for t in ("CoLA", "RTE")
+            for s in ("full", "half")
+            for m in ("standard", "guided_unit")
+        ]
+    )
+    assert keys == expected  # every run once: none lost, none run by both workers
+    quick = [
+        json.loads(line) for line in (tmp_path / "glue-gpu-quick.jsonl").read_text().splitlines()
+    ]
+    assert sorted((r["task"], r["method"]) for r in quick) == sorted(
+        (t, m) for t in ("STS-B", "MRPC") for m in ("standard", "guided", "guided_unit")
+    )
+    for task in ("STS-B", "MRPC"):
+        by = {r["method"]: r["dropout"] for r in quick if r["task"] == task}
+        assert by["guided_unit"]["unit_sites"] > 0
+        assert by["guided_unit"]["mean_p"] == by["guided"]["mean_p"]  # same site means
+        assert by["guided_unit"]["sites_set"] == by["guided"]["sites_set"]
+    assert all(r["machine"]["device"] == "cpu" for r in grid + quick)
+
+
+def test_glue_deadline_stops_new_runs_and_a_rerun_resumes(tmp_path):
+    out = tmp_path / "glue.jsonl"
+    args = ["bench/glue.py", "--smoke", "--tasks", "STS-B", "--methods", "standard,guided"]
+    args += ["--out", str(out)]
+    cut = _run(*args, "--deadline", "0.01")
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert "deadline of 0 s reached: no new runs" in cut.stderr
+    assert not out.exists() or out.read_text() == ""
+    rest = _run(*args)
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert len(out.read_text().splitlines()) == 2
+    bad = _run(*args, "--deadline", "-5")
+    assert bad.returncode == 2 and "--deadline must be positive" in bad.stderr
+
+
+def test_fisher_smoke_keras_cells(tmp_path):
+    pytest.importorskip("tensorflow")
+    out = tmp_path / "fisher.jsonl"
+    args = ["bench/fisher.py", "--smoke", "--methods", "keras_gd,keras_train_step"]
+    done = _run(*args, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["method"] for r in recs) == ["keras_gd", "keras_train_step"]
+    assert all(r["status"] == "ok" and r["seconds"] > 0 for r in recs), recs

@@ -19,7 +19,7 @@ MAX_POSITIONS = 32
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """``gd ARGS`` in this process: (exit status, stdout, stderr)."""
-    from adapters.cli import main
+    from gd_cli.main import main
 
     capsys.readouterr()
     try:
@@ -80,7 +80,7 @@ def tiny_profile(
     tiny_model: Path, corpus_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """A profile of the tiny model written by ``gd profile`` (8 samples)."""
-    from adapters.cli import main
+    from gd_cli.main import main
 
     out = tmp_path_factory.mktemp("profile") / "tiny.profile.npz"
     rc = main(

@@ -24,7 +24,7 @@ def _profile(path: Path) -> Path:
 
 def test_version_is_printed_without_importing_a_framework() -> None:
     code = (
-        "import sys; from adapters.cli import main\n"
+        "import sys; from gd_cli.main import main\n"
         "try:\n    main(['--version'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
         "print(sorted(m for m in ('torch', 'tensorflow', 'keras', 'onnx') if m in sys.modules))"
     )
@@ -103,6 +103,29 @@ def test_show_corrupt_profile_is_one_line(gd, tmp_path: Path) -> None:
     assert "corrupt" in _one_line_error(rc, err)
 
 
+def test_show_tampered_profile_is_a_clean_error(gd, tmp_path: Path) -> None:
+    """Issue 14.4: byte flips in the zip directory (NotImplementedError inside zipfile) and a
+    profile with a negative score are one line and exit status 2, never "internal error"."""
+    good = _profile(tmp_path / "good.profile.npz").read_bytes()
+    directory = good.find(b"PK\x01\x02")
+    for field, value in ((10, 0x63), (6, 0xFF), (8, 0x20)):
+        bad = bytearray(good)
+        bad[directory + field] = value
+        path = tmp_path / f"bad{field}.profile.npz"
+        path.write_bytes(bytes(bad))
+        rc, _, err = gd("show", path)
+        line = _one_line_error(rc, err)
+        assert rc == 2
+        assert "internal error" not in line and "corrupt" in line and str(path) in line
+    prof = SensitivityProfile.load(tmp_path / "good.profile.npz")
+    negative = tmp_path / "negative.profile.npz"
+    SensitivityProfile(**{**prof.__dict__, "scores": -prof.scores}).save(negative)
+    rc, _, err = gd("show", negative)
+    line = _one_line_error(rc, err)
+    assert rc == 2
+    assert "internal error" not in line and "negative" in line
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -144,7 +167,7 @@ def test_bad_argument_from_the_console_is_one_line() -> None:
         [
             sys.executable,
             "-m",
-            "adapters.cli",
+            "gd_cli",
             "profile",
             "--model",
             "m",

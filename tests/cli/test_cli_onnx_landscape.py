@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from gd_cli.models import export_training_onnx  # noqa: E402
 from gd_core import SensitivityProfile, Site  # noqa: E402
 
 
@@ -23,24 +23,8 @@ def exported(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     clf.train()
     path = tmp_path_factory.mktemp("onnx") / "tiny-classifier.onnx"
     ids = torch.randint(5, 40, (2, 8))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer and deprecation warnings of the exporter
-        _export(clf, ids, path)
+    export_training_onnx(clf, (ids, torch.ones_like(ids)), path, opset=16, dynamic_batch=False)
     return path
-
-
-def _export(clf, ids, path: Path) -> None:
-    torch.onnx.export(
-        clf,
-        (ids, torch.ones_like(ids)),
-        str(path),
-        training=torch.onnx.TrainingMode.TRAINING,
-        do_constant_folding=False,
-        dynamo=False,
-        opset_version=16,
-        input_names=["input_ids", "attention_mask"],
-        output_names=["logits"],
-    )
 
 
 def _ratios(path: Path) -> dict[str, float]:

@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import adapters._torch_persample as persample  # noqa: E402
 import adapters.torch as gdt  # noqa: E402
-from adapters import corpus as gdc  # noqa: E402
+import adapters.torch.persample as persample  # noqa: E402
+from gd_cli import corpus as gdc  # noqa: E402
 from gd_core import SensitivityProfile  # noqa: E402
 
 
@@ -183,3 +183,81 @@ def test_causal_lm_defaults_to_clm(gd, corpus_file, tmp_path):
     assert prof.metadata["objective"] == "clm" and prof.metadata["samples"] == 4
     assert "transformer.h.0.attn.resid_dropout" in prof.site_names
     assert np.all(np.isfinite(prof.scores)) and np.all(prof.scores > 0)
+
+
+def _interrupt_at(monkeypatch, call: int) -> None:
+    """Make the ``call``-th per-sample gradient computation raise KeyboardInterrupt (Ctrl-C)."""
+    real = persample.per_sample_sq_grad_sums
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(persample, "per_sample_sq_grad_sums", flaky)
+
+
+def test_resume_never_mixes_two_runs(gd, tiny_model, corpus_file, tmp_path, monkeypatch):
+    """Issue 14.1: run A (seq 16) checkpoints and is killed; run B (seq 12, no --resume) is killed
+    before its first checkpoint; `--seq-len 12 --resume` must give B's profile, not A's samples
+    plus B's under B's label."""
+    direct = tmp_path / "direct.npz"
+    args12 = _args(tiny_model, corpus_file, direct, 16)
+    args12[args12.index("--seq-len") + 1] = "12"
+    assert gd(*args12)[0] == 0
+
+    out = tmp_path / "p.npz"
+    real = persample.per_sample_sq_grad_sums
+    _interrupt_at(monkeypatch, 3)  # A: two batches checkpointed
+    assert gd(*_args(tiny_model, corpus_file, out, 16, "--checkpoint-every", "1"))[0] == 130
+    monkeypatch.setattr(persample, "per_sample_sq_grad_sums", real)
+    _interrupt_at(monkeypatch, 1)  # B: killed before its first checkpoint
+    b_args = _args(tiny_model, corpus_file, out, 16, "--checkpoint-every", "1")
+    b_args[b_args.index("--seq-len") + 1] = "12"
+    assert gd(*b_args)[0] == 130
+    monkeypatch.setattr(persample, "per_sample_sq_grad_sums", real)
+
+    rc, _, err = gd(*b_args, "--resume")
+    if rc == 0:  # continuing B is allowed only if it gives B's profile
+        got = SensitivityProfile.load(out)
+        assert got.metadata["seq_len"] == 12 and got.metadata["samples"] == 16
+        np.testing.assert_allclose(got.scores, SensitivityProfile.load(direct).scores, rtol=1e-12)
+    else:
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "fix:" in err
+
+
+def test_resume_proves_the_checkpoint_has_the_same_settings(
+    gd, tiny_model, corpus_file, tmp_path, monkeypatch
+):
+    """Issue 14.1: the settings live inside the checkpoint; a checkpoint without them, or one
+    that cannot be read, is refused with the fix, and no side file can vouch for it."""
+    from gd_core import FisherAccumulator
+
+    out = tmp_path / "p.npz"
+    partial = Path(f"{out}.partial.npz")
+    _interrupt_at(monkeypatch, 3)
+    assert gd(*_args(tiny_model, corpus_file, out, 16, "--checkpoint-every", "1"))[0] == 130
+    monkeypatch.undo()
+    for side in tmp_path.glob("*.partial.json"):
+        side.unlink()  # no sidecar: the checkpoint alone must prove its settings
+    other = _args(tiny_model, corpus_file, out, 16, "--resume")
+    other[other.index("--seq-len") + 1] = "12"
+    rc, _, err = gd(*other)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "seq_len 16 -> 12" in err and str(partial) in err
+
+    acc = FisherAccumulator.load(partial)  # the same checkpoint with its settings stripped
+    acc.settings = None
+    acc.metadata.pop("run_settings", None)
+    acc.save(partial)
+    rc, _, err = gd(*_args(tiny_model, corpus_file, out, 16, "--resume"))
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "settings" in err and "fix:" in err and str(partial) in err
+
+    partial.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    rc, _, err = gd(*_args(tiny_model, corpus_file, out, 16, "--resume"))
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "fix:" in err and str(partial) in err
+    assert not out.exists()

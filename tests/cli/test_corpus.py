@@ -1,4 +1,4 @@
-"""adapters.corpus: reading, choosing, sharding and tokenising text; loading models; losses."""
+"""gd_cli.corpus: reading, choosing, sharding and tokenising text; loading models; losses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters import corpus as gdc
+from gd_cli import corpus as gdc
 
 
 def test_read_paragraphs_skips_headings_and_blank_lines(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""adapters.landscape: groups, direction normalisation, restoration, summary."""
+"""gd_cli.landscape: groups, direction normalisation, restoration, summary."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from adapters import landscape as ls  # noqa: E402
+from gd_cli import landscape as ls  # noqa: E402
 from gd_core import ArgumentError, SensitivityProfile, Site  # noqa: E402
 
 
@@ -119,7 +119,7 @@ def test_bad_arguments(kwargs: dict, word: str) -> None:
 
 def test_frozen_targets_keeps_contrastive_positives() -> None:
     transformers = pytest.importorskip("transformers")
-    from adapters._torch_persample import ContrastiveLoss
+    from adapters.torch import ContrastiveLoss
 
     cfg = transformers.BertConfig(
         vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,

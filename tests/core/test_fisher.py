@@ -106,3 +106,25 @@ def test_load_errors(tmp_path):
     (tmp_path / "t.npz").write_bytes(data[: len(data) // 2])
     with pytest.raises(ProfileError, match="truncated or corrupt"):
         FisherAccumulator.load(tmp_path / "t.npz")
+
+
+def test_settings_live_in_the_accumulator_file(tmp_path):
+    """Issue 14.1: the run settings are saved with the sums and checked on resume."""
+    from gd_core import ResumeMismatchError
+
+    acc = FisherAccumulator()
+    acc.add_sample({"w": np.array([1.0, 2.0])})
+    acc.settings = {"seq_len": 32, "seed": 0}
+    back = FisherAccumulator.load(acc.save(tmp_path / "a.npz"))
+    assert back.settings == {"seq_len": 32, "seed": 0}
+    back.check_settings({"seq_len": 32, "seed": 0})
+    with pytest.raises(ResumeMismatchError, match="seq_len 32 -> 16"):
+        back.check_settings({"seq_len": 16, "seed": 0})
+    bare = FisherAccumulator.load(FisherAccumulator().save(tmp_path / "b.npz"))
+    assert bare.settings is None
+    with pytest.raises(ResumeMismatchError, match="without them"):
+        bare.check_settings({"seq_len": 32})
+    other = FisherAccumulator()
+    other.settings = {"seq_len": 16, "seed": 0}
+    with pytest.raises(ArgumentError, match="same run settings"):
+        back.merge(other)

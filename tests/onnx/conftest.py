@@ -43,22 +43,12 @@ def tiny_bert(attn: str = "sdpa", hidden: int = HIDDEN, seed: int = 0) -> Any:
 
 def export(model: Any, path: Path, opset: int, fold: bool = False) -> Path:
     """torch.onnx.export in training mode, dynamic batch axis, as in docs/onnx.md."""
+    from gd_cli.models import export_training_onnx
+
     torch, _ = _torch()
     ids = torch.randint(0, VOCAB, (2, SEQ))
     mask = torch.ones(2, SEQ, dtype=torch.long)
-    model.train()
-    torch.onnx.export(
-        model,
-        (ids, mask),
-        str(path),
-        training=torch.onnx.TrainingMode.TRAINING,
-        do_constant_folding=fold,
-        dynamo=False,
-        opset_version=opset,
-        input_names=["input_ids", "attention_mask"],
-        output_names=["logits"],
-        dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}},
-    )
+    export_training_onnx(model, (ids, mask), path, opset=opset, constant_folding=fold)
     return path
 
 

@@ -21,7 +21,8 @@ pytest.importorskip("onnxruntime.training", reason="needs onnxruntime-training")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import adapters.onnx as ao  # noqa: E402
-from adapters import _onnx_graph as g  # noqa: E402
+from adapters.onnx import graph as g  # noqa: E402
+from adapters.onnx import rewrite as rw  # noqa: E402
 from gd_core import (  # noqa: E402
     ArgumentError,
     Fingerprint,
@@ -323,7 +324,7 @@ def bert(exported):
 
 def watch(model, site: str):
     """A copy of ``model`` that also outputs the input and output of ``site``'s unit dropout."""
-    (unit,) = [u for u in g.unit_dropouts(model) if u.site == site]
+    (unit,) = [u for u in rw.unit_dropouts(model) if u.site == site]
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for name in (unit.x, unit.y):
@@ -352,7 +353,7 @@ def test_bert_unit_rewrite_reports_fallback_trains_and_evaluates_without_dropout
             np.testing.assert_allclose(got, unit_p[row.site], atol=1e-7)
     assert report.activated == list(ATTENTION)  # SDPA's inert attention dropout
     assert "6 site(s) per unit, 2 at site level" in " ".join(report.notes)
-    assert sorted(u.site for u in g.unit_dropouts(out)) == sorted(unit_p)
+    assert sorted(u.site for u in rw.unit_dropouts(out)) == sorted(unit_p)
     art = ao.make_artifacts(out, tmp_path / "art")
     assert not any(n.endswith(".rates") for n in art.requires_grad)
     module, opt, state = art.open()

