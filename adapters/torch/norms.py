@@ -200,21 +200,8 @@ def _linear_weight(sess: Any, st: Any, x: Any, y: Any) -> None:
 
 def _embedding(sess: Any, st: Any, call: Any) -> None:
     """Sparse route: each sample's gradient lives on the rows of the tokens it uses."""
-    torch = _torch()
-    n = sess.n
-    num, dim = st.param.shape
-    ids = call.act.reshape(n, -1).long()
-    g = call.grad.reshape(n, -1, dim).to(st.dtype)
-    keys = torch.arange(n, device=ids.device).unsqueeze(1) * num + ids
-    pad = call.module.padding_idx
-    if pad is not None:
-        keep = ids != pad
-        keys, rows = keys[keep], g[keep]
-    else:
-        keys, rows = keys.reshape(-1), g.reshape(-1, dim)
-    uniq, inv = torch.unique(keys, return_inverse=True)
-    buf = torch.zeros(uniq.numel(), dim, dtype=st.dtype, device=g.device)
-    buf.index_add_(0, inv, rows)  # repeated tokens accumulate before squaring
+    uniq, buf = sess.token_sums(call, st)
+    num = st.param.shape[0]
     sq = buf.square_()
     acc = _acc(st)
     f64 = acc.total.dtype
@@ -228,14 +215,7 @@ def _embedding(sess: Any, st: Any, call: Any) -> None:
 
 def _generic(sess: Any, st: Any, pairs: Sequence[tuple[Any, str]]) -> None:
     """Per-sample gradients materialised a chunk at a time (summed over the calls), reduced."""
-    n = sess.n
-    step = sess._chunk(st.param.numel())
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        block = None
-        for call, role in pairs:
-            block = sess._dense(call, role, st, lo, hi, into=block)
-        assert block is not None
+    for _, _, block in sess.blocks(st, pairs):
         _add_reduced(st, block.square_(), 1)
 
 
@@ -244,14 +224,7 @@ def _wsum(sess: Any, st: Any, pairs: Sequence[tuple[Any, str]]) -> None:
     torch = _torch()
     if st.wsum is None:
         st.wsum = torch.zeros(st.param.shape, dtype=st.dtype, device=st.param.device)
-    n = sess.n
-    step = sess._chunk(st.param.numel())
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        block = None
-        for call, role in pairs:
-            block = sess._dense(call, role, st, lo, hi, into=block)
-        assert block is not None
+    for lo, hi, block in sess.blocks(st, pairs):
         st.wsum.add_(torch.tensordot(sess.r[lo:hi].to(block.dtype), block, dims=1))
 
 

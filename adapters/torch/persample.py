@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -56,9 +56,12 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .samples import (
     PerSampleLoss,
+    _analyse_graph,
     _check_losses,
     _infer_batch_size,
     _resolve_params,
+    loop_sq_grads,
+    misattributed,
     reference_sq_grad_sums,
 )
 
@@ -312,17 +315,9 @@ class _Session:
             return torch.bmm(x.transpose(1, 2), y, out=block)
         if kind == "embedding":
             num, dim = st.param.shape
-            ids = call.act[lo:hi].reshape(c, -1).long()
-            g = call.grad[lo:hi].reshape(c, -1, dim).to(dtype)
-            keys = torch.arange(c, device=ids.device).unsqueeze(1) * num + ids
-            pad = call.module.padding_idx  # type: ignore[union-attr]
-            if pad is not None:
-                keep = ids != pad
-                keys, rows = keys[keep], g[keep]
-            else:
-                keys, rows = keys.reshape(-1), g.reshape(-1, dim)
+            keys, rows = self._token_rows(call, st, lo, hi)
             if into is None:
-                into = torch.zeros(c, num, dim, dtype=dtype, device=g.device)
+                into = torch.zeros(c, num, dim, dtype=dtype, device=rows.device)
             into.view(c * num, dim).index_add_(0, keys, rows)
             return into
         if kind in ("linear", "conv1d"):  # bias
@@ -348,7 +343,6 @@ class _Session:
     def _process_single(self, st: _Param, call: _Call, role: str) -> None:
         if self.norms:
             return _norms_module().process_single(self, st, call, role)
-        n = self.n
         dtype = st.dtype
         kind = call.kind
         assert call.act is not None and call.grad is not None
@@ -368,33 +362,57 @@ class _Session:
         elif kind == "embedding":
             self._embedding_single(st, call)
             return
-        step = self._chunk(st.param.numel())
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
-            self._add_block(st, self._dense(call, role, st, lo, hi), lo, hi)
+        for lo, hi, block in self.blocks(st, [(call, role)]):
+            self._add_block(st, block, lo, hi)
 
-    def _embedding_single(self, st: _Param, call: _Call) -> None:
-        """Sparse path: each sample's gradient lives on the rows of the tokens it uses."""
+    def blocks(
+        self, st: _Param, pairs: Sequence[tuple[_Call, str]]
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(lo, hi, block)`` a chunk of samples at a time: the per-sample gradients of
+        samples lo..hi, summed over the (call, role) ``pairs`` (a reused scratch block)."""
+        step = self._chunk(st.param.numel())
+        for lo in range(0, self.n, step):
+            hi = min(self.n, lo + step)
+            block = None
+            for call, role in pairs:
+                block = self._dense(call, role, st, lo, hi, into=block)
+            assert block is not None
+            yield lo, hi, block
+
+    def _token_rows(
+        self, call: _Call, st: _Param, lo: int, hi: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys ``sample * rows + token id`` of the tokens samples lo..hi use (padding left
+        out; samples counted from lo) and their output-gradient rows, in ``st``'s dtype."""
         assert call.act is not None and call.grad is not None
-        n = self.n
-        dtype = st.dtype
         num, dim = st.param.shape
-        ids = call.act.reshape(n, -1).long()
-        g = call.grad.reshape(n, -1, dim).to(dtype)
-        keys = torch.arange(n, device=ids.device).unsqueeze(1) * num + ids
+        c = hi - lo
+        ids = call.act[lo:hi].reshape(c, -1).long()
+        g = call.grad[lo:hi].reshape(c, -1, dim).to(st.dtype)
+        keys = torch.arange(c, device=ids.device).unsqueeze(1) * num + ids
         pad = call.module.padding_idx  # type: ignore[union-attr]
         if pad is not None:
             keep = ids != pad
-            keys, rows = keys[keep], g[keep]
-        else:
-            keys, rows = keys.reshape(-1), g.reshape(-1, dim)
+            return keys[keep], g[keep]
+        return keys.reshape(-1), g.reshape(-1, dim)
+
+    def token_sums(self, call: _Call, st: _Param) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse per-sample gradients of an embedding table over the batch: the unique keys
+        ``sample * rows + token id`` and, per key, the gradient row (repeats summed)."""
+        keys, rows = self._token_rows(call, st, 0, self.n)
         uniq, inv = torch.unique(keys, return_inverse=True)
-        buf = torch.zeros(uniq.numel(), dim, dtype=dtype, device=g.device)
+        buf = torch.zeros(uniq.numel(), rows.shape[-1], dtype=st.dtype, device=rows.device)
         buf.index_add_(0, inv, rows)  # repeated tokens accumulate before squaring
+        return uniq, buf
+
+    def _embedding_single(self, st: _Param, call: _Call) -> None:
+        """Sparse path: each sample's gradient lives on the rows of the tokens it uses."""
+        uniq, buf = self.token_sums(call, st)
+        num = st.param.shape[0]
         token = uniq % num
         acc = self._acc(st)
         if self.r is not None and st.wsum is not None:
-            r = self.r.to(dtype)[uniq // num].unsqueeze(1)
+            r = self.r.to(st.dtype)[uniq // num].unsqueeze(1)
             st.wsum.index_add_(0, token, buf * r)
         acc.index_add_(0, token, buf.square_())
 
@@ -402,55 +420,10 @@ class _Session:
         if self.norms:
             return _norms_module().process_multi(self, st)
         pending, st.pending = st.pending, []
-        n = self.n
-        step = self._chunk(st.param.numel())
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
-            block = None
-            for call, role in pending:
-                block = self._dense(call, role, st, lo, hi, into=block)
-            assert block is not None
+        for lo, hi, block in self.blocks(st, pending):
             self._add_block(st, block, lo, hi)
         for call, _ in pending:
             call.release()
-
-
-# --------------------------------------------------------------------------------------------
-# autograd-graph analysis
-# --------------------------------------------------------------------------------------------
-
-
-def _analyse_graph(root: Any, targets: set[Any]) -> tuple[dict[Any, bool], dict[int, int]]:
-    """Walk the autograd graph below ``root``.
-
-    Returns ``below`` (for every reachable node: is some node of ``targets`` strictly below it)
-    and the number of graph edges into each leaf tensor's AccumulateGrad node (by ``id``).
-    """
-    below: dict[Any, bool] = {}
-    uses: dict[int, int] = {}
-    stack: list[tuple[Any, bool]] = [(root, False)]
-    while stack:
-        node, expanded = stack.pop()
-        if expanded:
-            hit = False
-            for child, _ in node.next_functions:
-                if child is not None and (child in targets or below.get(child, False)):
-                    hit = True
-                    break
-            below[node] = hit
-            continue
-        if node in below:
-            continue
-        stack.append((node, True))
-        for child, _ in node.next_functions:
-            if child is None:
-                continue
-            var = getattr(child, "variable", None)
-            if var is not None:
-                uses[id(var)] = uses.get(id(var), 0) + 1
-            if child not in below:
-                stack.append((child, False))
-    return below, uses
 
 
 # --------------------------------------------------------------------------------------------
@@ -674,27 +647,9 @@ def _run_backward(
 
     verify_failed: list[str] = []
     if session.r is not None:
-        r = session.r
-        checked = [st for st in hooked if st.wsum is not None]
-        if checked:
-            true = torch.autograd.grad(
-                losses,
-                [st.param for st in checked],
-                grad_outputs=r.to(losses.dtype),
-                retain_graph=True,
-                allow_unused=True,
-            )
-            for st, t in zip(checked, true, strict=True):
-                assert st.wsum is not None and st.sq is not None
-                t64 = torch.zeros_like(st.wsum) if t is None else t.to(st.wsum.dtype)
-                err = float((st.wsum - t64).norm())
-                scale = 1.5 * float(st.sq.sum().clamp_min(0).sqrt()) * (n**0.5)
-                rtol = 1e-9 if st.dtype == torch.float64 else 1e-3
-                if err > rtol * scale + 1e-30:
-                    st.fallback = f"verify: per-sample attribution mismatch (error {err:.3g})"
-                    st.sq = None
-                    fallback.append(st)
-                    verify_failed.extend(st.names)
+        for st in misattributed(hooked, losses, session.r):
+            fallback.append(st)
+            verify_failed.extend(st.names)
 
     if fallback:
         _LOG.info(
@@ -702,16 +657,10 @@ def _run_backward(
             len(fallback),
             ", ".join(f"{st.names[0]} ({st.fallback})" for st in fallback),
         )
-        plist = [st.param for st in fallback]
         accs = [
             torch.zeros(st.param.shape, dtype=st.dtype, device=st.param.device) for st in fallback
         ]
-        for i in range(n):
-            gs = torch.autograd.grad(losses[i], plist, retain_graph=True, allow_unused=True)
-            for acc, g in zip(accs, gs, strict=True):
-                if g is not None:
-                    g = g.to_dense() if g.is_sparse else g
-                    acc.add_(g.to(acc.dtype).square())
+        loop_sq_grads(losses, [st.param for st in fallback], accs)
         for st, acc in zip(fallback, accs, strict=True):
             st.sq = acc
 
