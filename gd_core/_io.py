@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ._version import __version__
 from .errors import ProfileError
 
 try:
@@ -117,9 +118,25 @@ def atomic_write_npz(path: str | os.PathLike[str], meta_json: str, arrays: dict[
 
 
 def read_npz(
-    path: str | os.PathLike[str], what: str
+    path: str | os.PathLike[str],
+    what: str,
+    *,
+    kind: tuple[str, int] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Load a file written by :func:`atomic_write_npz` with ``allow_pickle=False``."""
+    """Load a file written by :func:`atomic_write_npz` with ``allow_pickle=False``.
+
+    ``kind=(format, version)``: the header's ``format`` and ``version`` must be these (the one
+    wording of "not such a file" and "another format version" for every file this library reads).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "x.npz"
+        >>> _ = atomic_write_npz(path, '{"format": "f", "version": 2}', {})
+        >>> read_npz(path, "thing", kind=("f", 1))
+        Traceback (most recent call last):
+        ...
+        gd_core.errors.ProfileError: thing file '...x.npz' has format version 2; this library (guided-dropout ...) reads version 1; fix: upgrade guided-dropout or recompute the thing
+    """
     p = Path(path)
     if not p.exists():
         raise ProfileError(f"{what} file {str(p)!r} does not exist; fix: check the path")
@@ -171,4 +188,20 @@ def read_npz(
         ) from exc
     if not isinstance(meta, dict):
         raise ProfileError(f"{what} file {str(p)!r} has a corrupt header (not a JSON object)")
+    if kind is not None:
+        _check_kind(meta, str(p), what, *kind)
     return meta, arrays
+
+
+def _check_kind(meta: dict[str, Any], path: str, what: str, fmt: str, version: int) -> None:
+    if meta.get("format") != fmt:
+        raise ProfileError(
+            f"{what} file {path!r} is not a guided-dropout {what} (format="
+            f"{meta.get('format')!r}); fix: pass a {what} file this library wrote"
+        )
+    if meta.get("version") != version:
+        raise ProfileError(
+            f"{what} file {path!r} has format version {meta.get('version')!r}; this library "
+            f"(guided-dropout {__version__}) reads version {version}; fix: upgrade "
+            f"guided-dropout or recompute the {what}"
+        )

@@ -225,16 +225,8 @@ class FisherAccumulator:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FisherAccumulator:
         """Read a state written by :meth:`save`; errors say whether it is missing or corrupt."""
-        meta, arrays = read_npz(path, what="Fisher accumulator")
-        if meta.get("format") != ACCUMULATOR_FORMAT:
-            raise ProfileError(
-                f"{path}: not a Fisher accumulator file (format={meta.get('format')!r})"
-            )
-        if meta.get("version") != ACCUMULATOR_VERSION:
-            raise ProfileError(
-                f"{path}: accumulator format version {meta.get('version')!r} is not supported "
-                f"(this library reads version {ACCUMULATOR_VERSION}); recompute it"
-            )
+        kind = (ACCUMULATOR_FORMAT, ACCUMULATOR_VERSION)
+        meta, arrays = read_npz(path, "Fisher accumulator", kind=kind)
         on_nonfinite = meta.get("on_nonfinite", "raise")
         acc = cls(on_nonfinite if on_nonfinite in ("raise", "skip") else "raise")
         try:

@@ -262,19 +262,7 @@ class SensitivityProfile:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SensitivityProfile:
         """Read a profile; a truncated, corrupt, foreign or newer-version file raises ProfileError."""
-        header, arrays = read_npz(path, what="profile")
-        if header.get("format") != PROFILE_FORMAT:
-            raise ProfileError(
-                f"profile file {str(path)!r} is not a guided-dropout profile "
-                f"(format={header.get('format')!r})"
-            )
-        version = header.get("version")
-        if version != PROFILE_VERSION:
-            raise ProfileError(
-                f"profile file {str(path)!r} has format version {version!r}; this library "
-                f"(guided-dropout {__version__}) reads version {PROFILE_VERSION}; fix: upgrade "
-                "guided-dropout or recompute the profile"
-            )
+        header, arrays = read_npz(path, "profile", kind=(PROFILE_FORMAT, PROFILE_VERSION))
         try:
             prof = _from_stored(header, arrays)
         except (GuidedDropoutError, KeyError, TypeError, ValueError, AttributeError) as exc:
