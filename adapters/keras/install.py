@@ -228,7 +228,13 @@ def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable
     def clone(layer: Any) -> Any:
         if id(layer) in factories:
             return factories[id(layer)]()
-        new = layer.__class__.from_config(layer.get_config())
+        config = layer.get_config()
+        inner = getattr(layer, "_dropout_layer", None)
+        if isinstance(layer, keras.layers.MultiHeadAttention) and id(inner) in factories:
+            # MultiHeadAttention keeps one rate in its config: the clone (and a saved .keras
+            # file, loaded anywhere) carries the guided rate with no custom layer inside
+            config["dropout"] = float(factories[id(inner)]().rate)
+        new = layer.__class__.from_config(config)
         pairs.append((layer, new))
         return new
 
@@ -244,6 +250,8 @@ def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable
                 raise _cannot_rewrite(
                     model, f"the weights of layer {old.name!r} could not be copied ({exc!s:.200})"
                 ) from exc
+        if isinstance(old, keras.layers.MultiHeadAttention):
+            continue  # its rate is in the clone's config
         if any(is_site(sub) for sub in _all_layers(old)[1:]):
             # a custom layer holding dropout layers: replace them inside its clone
             old_subs, new_subs = _all_layers(old), _all_layers(new)

@@ -56,6 +56,7 @@ class _Recorder(TorchFunctionMode):
         self.counter = 0
         self.seen_sites: set[str] = set()
         self.module_out: dict[str, str] = {}  # tensor id -> path of the module that returned it
+        self.path_out: dict[str, str] = {}  # module path -> id of the tensor it returned first
 
     # -- tensor ids --------------------------------------------------------------------------
     def tid(self, t: Any) -> str:
@@ -137,6 +138,7 @@ class _Recorder(TorchFunctionMode):
         first = next((t for t in tree_flatten(out)[0] if torch.is_tensor(t)), None)
         if first is not None and path:
             self.module_out[self.tid(first)] = path  # the outermost module wins (hooks run last)
+            self.path_out.setdefault(path, self.tid(first))
 
     def post(self, path: str, mod: Any, leaf: bool, args: Any, kwargs: Any, out: Any) -> None:
         self.stack.pop()
@@ -165,10 +167,10 @@ def trace(
     is_site: Callable[[str, Any], bool],
     functional_site: Callable[[str], str | None],
     is_norm: Callable[[Any], bool],
-) -> tuple[list[Op], set[str], dict[str, str]]:
+) -> tuple[list[Op], set[str], dict[str, str], dict[str, str]]:
     """Ops of one forward of ``root`` on ``example`` (a dict of keyword inputs, a tuple of
     positional inputs or one tensor), the site names the forward reached, and for tensors that a
-    module returned, that module's path (the outermost one).
+    module returned, that module's path (the outermost one), and the reverse.
 
     ``is_site(path, module)``: whether a leaf module call is a dropout site;
     ``functional_site(module path)``: the site a functional dropout or an attention with dropout
@@ -199,7 +201,7 @@ def trace(
         for h in handles:
             h.remove()
         root.train(was)
-    return rec.ops, rec.seen_sites, rec.module_out
+    return rec.ops, rec.seen_sites, rec.module_out, rec.path_out
 
 
 def example_input(root: nn.Module) -> Any:

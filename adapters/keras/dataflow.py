@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import keras
-
 from gd_core.dataflow import Op
+
+from .layer import keras
 
 
 def _tid(t: Any) -> str:
