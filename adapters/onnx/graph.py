@@ -382,9 +382,11 @@ def discover(model: Any, exclusive: bool = True) -> tuple[list[SiteHandle], dict
     """Every Dropout node of the main graph grouped into sites (in graph order), plus params.
 
     Nodes with the same canonical name (one module called twice) form one site. With
-    ``exclusive`` a parameter reached from several sites (a residual stream carries the output
-    of every earlier normalisation layer to every later site) is guarded only by the first of
-    them in graph order: the dropout right after it.
+    ``exclusive`` what a site guards is :mod:`gd_core.dataflow`'s rule (which never gives a
+    parameter to two sites), or for a graph the rule cannot read the upstream walk with each
+    parameter going to the first site in graph order; ``exclusive=False`` is the upstream walk
+    with every site keeping all it reaches (a residual stream carries the output of every
+    earlier normalisation layer to every later site).
     """
     index = GraphIndex(model.graph)
     params = param_table(model)
@@ -413,7 +415,7 @@ def discover(model: Any, exclusive: bool = True) -> tuple[list[SiteHandle], dict
         units = shapes.get(node.input[0]) if node.input else None
         if info.site.units is None and units is not None:
             info.site = Site(name, kind="node", units=units)
-    flow = _dataflow_groups(model, params, infos)
+    flow = _dataflow_groups(model, params, infos) if exclusive else None
     out = []
     claimed: set[str] = set()
     for name, info in infos.items():
