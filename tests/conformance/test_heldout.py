@@ -150,9 +150,14 @@ def test_llama_apply_installs_every_profile_site() -> None:
     report = gdt.apply(task, prof)
     listed = {r.site for r in report.rows}
     assert listed == set(prof.site_names)
+    modules = dict(task.named_modules())
+    for name in prof.site_names:  # every hook site really installed, not only listed
+        if name.endswith(".gd_dropout"):
+            assert isinstance(modules.get(name), gdt.GuidedDropout), name
     task.train()
     out = task(input_ids=batches[0]["input_ids"], labels=batches[0]["input_ids"])
     out.loss.backward()
+    assert torch.isfinite(out.loss)
 
 
 # ---- Keras MultiHeadAttention ---------------------------------------------------------------
