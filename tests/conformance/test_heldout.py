@@ -202,6 +202,19 @@ def test_keras_mha_profile_applies_to_a_second_build() -> None:
     assert {"mha0.dropout", "mha1.dropout"} <= set(prof.site_names)
 
 
+def test_keras_mha_dropout_is_reported_as_what_it_is() -> None:
+    import adapters.keras as gdk
+
+    model = _keras_mha_encoder()
+    rates = {s.name: 0.2 for s in gdk.sites(model)}
+    report = gdk.apply(model, rates, schedule={"kind": "early", "steps": 5})
+    how = {r.site: r.how for r in report.rows}
+    assert how["mha0.dropout"] == "MultiHeadAttention dropout rate"  # not a GuidedDropout
+    assert how["drop0"].startswith("GuidedDropout")
+    assert any("schedule does not reach mha0.dropout, mha1.dropout" in n for n in report.notes)
+    assert report.model.get_layer("mha1").get_config()["dropout"] == 0.2
+
+
 def test_keras_two_mha_layers_guard_their_own_weights() -> None:
     import adapters.keras as gdk
 
