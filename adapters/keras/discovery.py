@@ -99,6 +99,11 @@ class ModelIndex:
             parts = [layer.name] if unique else paths[id(layer)]
             idx.layer_names[id(layer)] = ".".join(from_keras_layer(p) for p in parts)
         idx.layer_names[id(model)] = ""
+        for site in idx.site_layers:  # a dropout held by a layer (MultiHeadAttention): by path
+            holder = idx.parent.get(id(site))
+            attr = _attribute_of(holder, site)
+            if holder is not None and holder is not model and attr is not None:
+                idx.layer_names[id(site)] = f"{idx.layer_names[id(holder)]}.{attr}"
         for layer in idx.layers:
             if layer is not model and is_site(layer):
                 continue
@@ -133,6 +138,18 @@ class ModelIndex:
 
     def contains_site(self, layer: Any) -> bool:
         return id(layer) in self.holders or is_site(layer)
+
+
+def _attribute_of(holder: Any, layer: Any) -> str | None:
+    """The attribute name under which a non-model layer holds ``layer`` (``_dropout_layer`` ->
+    ``dropout``): stable, unlike Keras' auto-generated names (``dropout_3``)."""
+    if holder is None or isinstance(holder, keras.Model):
+        return None
+    for attr, value in vars(holder).items():
+        if value is layer:
+            name = attr.lstrip("_")
+            return name[: -len("_layer")] if name.endswith("_layer") else name
+    return None
 
 
 def own_weights(layer: Any) -> list[Any]:
@@ -295,15 +312,37 @@ def sites_of(idx: ModelIndex, mapping: Mapping[str, Sequence[str]] | None = None
         )
     if mapping is not None:
         mapping = _check_mapping(idx, names, mapping)
+    flow = _dataflow_groups(idx, names)
     out = []
     for layer, name in zip(idx.site_layers, names, strict=True):
         if mapping is not None and name in mapping:
             params = list(mapping[name])
+        elif flow is not None and name in flow:
+            params = flow[name]
         else:
             params = default_params(idx, layer)
         units = _site_units(layer)
         out.append(Site(name, tuple(params), units, _unit_axes(idx, params, units), SITE_KIND))
     return out
+
+
+def _dataflow_groups(idx: ModelIndex, names: list[str]) -> dict[str, list[str]] | None:
+    """What each site guards by the one rule of :mod:`gd_core.dataflow`, for a functional or
+    Sequential model (``None`` otherwise: the layer-order rule is used)."""
+    from gd_core.dataflow import guarded
+
+    from .dataflow import ops_of
+
+    if not _is_graph_model(idx.model):
+        return None
+    by_layer = dict(zip((id(x) for x in idx.site_layers), names, strict=True))
+    order = {n: i for i, n in enumerate(idx.variables)}
+    try:
+        ops = ops_of(idx.model, idx.subtree_weights, lambda layer: by_layer.get(id(layer)))
+        groups = guarded(ops)
+    except Exception:  # noqa: BLE001 - graphs the rule cannot read keep the layer-order rule
+        return None
+    return {k: sorted(v, key=lambda n: order.get(n, len(order))) for k, v in groups.items()}
 
 
 def _check_mapping(idx: ModelIndex, names: list[str], mapping: Any) -> dict[str, list[str]]:

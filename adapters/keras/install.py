@@ -79,8 +79,10 @@ def _how(layer: Any, rates: np.ndarray | None) -> str:
     return "GuidedDropout" if rates is None else f"GuidedDropout, unit rates ({len(rates)})"
 
 
-def _unit_note(layer: Any) -> str | None:
+def _unit_note(layer: Any, in_mha: bool = False) -> str | None:
     """Why a site cannot take per-unit rates (None if it can)."""
+    if in_mha:
+        return "a MultiHeadAttention keeps one dropout rate in its config"
     alpha = getattr(keras.layers, "AlphaDropout", None)
     if alpha is not None and isinstance(layer, alpha):
         return "AlphaDropout keeps one rate"
@@ -173,11 +175,16 @@ def apply(
     )
     rows: list[ReportRow] = []
     factories: dict[int, Callable[[], Any]] = {}
+    graph = isinstance(model, keras.Sequential) or _is_graph_model(model)
+    fixed: list[str] = []  # sites a schedule cannot reach
     for site, layer in pairs:
         entry = plan[site.name]
         rates, note = entry.rates, entry.note
-        if rates is not None and (why := _unit_note(layer)) is not None:
+        in_mha = graph and isinstance(idx.parent.get(id(layer)), keras.layers.MultiHeadAttention)
+        if rates is not None and (why := _unit_note(layer, in_mha)) is not None:
             rates, note = None, why
+        if in_mha and sched is not None:
+            fixed.append(site.name)
         rows.append(
             ReportRow(
                 site.name,
@@ -186,7 +193,7 @@ def apply(
                 entry.source,
                 None if rates is None else len(rates),
                 note,
-                how=_how(layer, rates),
+                how="MultiHeadAttention dropout rate" if in_mha else _how(layer, rates),
                 kind=site.kind,
             )
         )
@@ -194,7 +201,12 @@ def apply(
             _replacement(layer, name, p, rates, sched)
         )
     notes: list[str] = []
-    if isinstance(model, keras.Sequential) or _is_graph_model(model):
+    if fixed:
+        notes.append(
+            f"the schedule does not reach {', '.join(fixed)}: a MultiHeadAttention keeps one "
+            "fixed dropout rate in its config (the guided rate, without the schedule)"
+        )
+    if graph:
         new_model = _rewrite_graph(model, idx, factories)
     else:
         _rewrite_in_place(model, idx, factories)
@@ -228,7 +240,13 @@ def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable
     def clone(layer: Any) -> Any:
         if id(layer) in factories:
             return factories[id(layer)]()
-        new = layer.__class__.from_config(layer.get_config())
+        config = layer.get_config()
+        inner = getattr(layer, "_dropout_layer", None)
+        if isinstance(layer, keras.layers.MultiHeadAttention) and id(inner) in factories:
+            # MultiHeadAttention keeps one rate in its config: the clone (and a saved .keras
+            # file, loaded anywhere) carries the guided rate with no custom layer inside
+            config["dropout"] = float(factories[id(inner)]().rate)
+        new = layer.__class__.from_config(config)
         pairs.append((layer, new))
         return new
 
@@ -244,6 +262,8 @@ def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable
                 raise _cannot_rewrite(
                     model, f"the weights of layer {old.name!r} could not be copied ({exc!s:.200})"
                 ) from exc
+        if isinstance(old, keras.layers.MultiHeadAttention):
+            continue  # its rate is in the clone's config
         if any(is_site(sub) for sub in _all_layers(old)[1:]):
             # a custom layer holding dropout layers: replace them inside its clone
             old_subs, new_subs = _all_layers(old), _all_layers(new)

@@ -86,14 +86,15 @@ def sites(model: ModelLike, mapping: Any = None, *, exclusive: bool = True) -> l
     (``/bert/encoder/layer.0/output/dropout/Dropout`` -> ``bert.encoder.layer.0.output.dropout``;
     the functional attention-probability dropout ``/.../attention/self/Dropout`` ->
     ``...attention.self.dropout``). Dropout nodes with the same name (a module called twice) form
-    one site. A site guards the trainable initializers that MatMul/Gemm/Add/Mul/Gather/
-    LayerNormalization nodes consume upstream of it, back to the previous Dropout or the graph
-    inputs (MatMul weights reached through a Transpose count). A residual stream carries every
-    earlier normalisation layer's output to every later site; with ``exclusive`` (default) a
-    parameter reached from several sites is guarded only by the first of them in graph order
-    (the dropout right after it), with ``exclusive=False`` by all of them. ``mapping``
-    ({site: [parameter names]} or a function site -> names or None; canonical or ONNX names)
-    overrides the guarded parameters of the sites it names.
+    one site. What a site guards is :mod:`gd_core.dataflow`'s rule on the graph (the same as the
+    torch adapter's on the exported model): the trainable initializers of the computation whose
+    output it drops, back to the previous Dropout or residual branch point. A graph the rule
+    cannot read gets the upstream walk: the initializers MatMul/Gemm/Add/Mul/Gather/
+    LayerNormalization nodes consume upstream of the Dropout, back to the previous Dropout, each
+    going to the first site reaching it; ``exclusive=False`` asks for that walk with every site
+    keeping all it reaches (a residual stream carries each norm's output to every later site).
+    ``mapping`` ({site: [parameter names]} or a function site -> names or None; canonical or
+    ONNX names) overrides the guarded parameters of the sites it names.
 
     Example:
         >>> from adapters.onnx.graph import example_model

@@ -322,7 +322,8 @@ def site_name(node: Any, k: int) -> str:
     parts = [p for p in node.name.strip("/").split("/") if p]
     base = from_onnx_node(node.name)
     functional = re.fullmatch(r"Dropout(_\d+)?", parts[-1]) is not None
-    if len(parts) > 1 and functional and "drop" not in parts[-2].lower():
+    module_itself = "drop" in parts[-2].lower() or parts[-2].isdigit() if len(parts) > 1 else True
+    if len(parts) > 1 and functional and not module_itself:
         return f"{base}.dropout"
     return base
 
@@ -381,9 +382,11 @@ def discover(model: Any, exclusive: bool = True) -> tuple[list[SiteHandle], dict
     """Every Dropout node of the main graph grouped into sites (in graph order), plus params.
 
     Nodes with the same canonical name (one module called twice) form one site. With
-    ``exclusive`` a parameter reached from several sites (a residual stream carries the output
-    of every earlier normalisation layer to every later site) is guarded only by the first of
-    them in graph order: the dropout right after it.
+    ``exclusive`` what a site guards is :mod:`gd_core.dataflow`'s rule (which never gives a
+    parameter to two sites), or for a graph the rule cannot read the upstream walk with each
+    parameter going to the first site in graph order; ``exclusive=False`` is the upstream walk
+    with every site keeping all it reaches (a residual stream carries the output of every
+    earlier normalisation layer to every later site).
     """
     index = GraphIndex(model.graph)
     params = param_table(model)
@@ -412,15 +415,41 @@ def discover(model: Any, exclusive: bool = True) -> tuple[list[SiteHandle], dict
         units = shapes.get(node.input[0]) if node.input else None
         if info.site.units is None and units is not None:
             info.site = Site(name, kind="node", units=units)
+    flow = _dataflow_groups(model, params, infos) if exclusive else None
     out = []
     claimed: set[str] = set()
     for name, info in infos.items():
+        if flow is not None:
+            info.site = Site(name, tuple(flow.get(name, ())), info.site.units, kind="node")
+            out.append(info)
+            continue
         mine = [p for p in guarded[name] if not (exclusive and p in claimed)]
         claimed.update(mine)
         canon = tuple(params[p].name for p in mine)
         info.site = Site(name, canon, info.site.units, kind="node")
         out.append(info)
     return out, params
+
+
+def _dataflow_groups(
+    model: Any, params: dict[str, Param], infos: dict[str, SiteHandle]
+) -> dict[str, list[str]] | None:
+    """What each site guards by the one rule of :mod:`gd_core.dataflow` (``None`` for a graph
+    the rule cannot read, e.g. one with subgraphs; the older upstream walk is used then)."""
+    from .dataflow import groups, ops_of
+
+    by_node = {n: name for name, info in infos.items() for n in info.nodes}
+
+    def site_of(i: int, node: Any) -> str | None:
+        return by_node.get(i)
+
+    order = {v.name: i for i, v in enumerate(params.values())}  # the exporter keeps torch's order
+    try:
+        ops, site_ops = ops_of(model, {k: v.name for k, v in params.items()}, site_of)
+        found = groups(ops, site_ops)
+    except Exception:  # noqa: BLE001 - fall back to the upstream walk
+        return None
+    return {k: sorted(v, key=lambda n: order.get(n, len(order))) for k, v in found.items()}
 
 
 def _inferred_last_dims(model: Any) -> dict[str, int]:

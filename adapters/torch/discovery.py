@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from gd_core import Fingerprint, Site
+from gd_core.dataflow import guarded, insertion_points, with_sites
 from gd_core.errors import bad_argument, no_sites
 from gd_core.sites import site_mapping
 
@@ -263,12 +264,19 @@ def _attribute_sites(index: _Index, path: str, mod: Any) -> list[SiteHandle]:
     return out
 
 
-def _hook_targets(index: _Index, add_sites: Any) -> list[str]:
+def _hook_targets(index: _Index, add_sites: Any, flow: _Flow | None = None) -> list[str]:
     if add_sites is True:
+        targets = []
+        if flow is not None:  # the residual branches and the embedding output (gd_core rule)
+            targets = [
+                flow.module_out[t] for t in insertion_points(flow.ops) if t in flow.module_out
+            ]
+        if not targets:  # no residual stream, or no forward could be traced: after every norm
+            targets = [p for p, m in index.modules.items() if p and _is_norm(m)]
         return [
             p
-            for p, m in index.modules.items()
-            if p and _is_norm(m) and not isinstance(getattr(m, HOOK_CHILD, None), GuidedDropout)
+            for p in dict.fromkeys(targets)
+            if not isinstance(getattr(index.modules[p], HOOK_CHILD, None), GuidedDropout)
         ]
     if isinstance(add_sites, str) or not isinstance(add_sites, Iterable):
         raise bad_argument(
@@ -291,6 +299,69 @@ def _hook_targets(index: _Index, add_sites: Any) -> list[str]:
         for t in targets
         if not isinstance(getattr(index.modules[t], HOOK_CHILD, None), GuidedDropout)
     ]
+
+
+@dataclass
+class _Flow:
+    """One traced forward: ops, and for tensors a module returned, its path (both ways)."""
+
+    ops: list[Any]
+    module_out: dict[str, str]
+    path_out: dict[str, str]
+
+
+def _trace(root: Any, index: _Index, found: Sequence[SiteHandle]) -> _Flow | None:
+    """The model's dataflow from one forward on a small guessed input (``None`` when no input
+    can be guessed or the forward fails: the structural rule is used then)."""
+    from .dataflow import example_input, trace
+
+    names = {f.site.name: f for f in found}
+    attention = {}
+    for n, f in names.items():
+        if f.role == "attention":
+            attention.setdefault(_split(n)[0], []).append(n)
+    example = example_input(root)
+    if example is None:
+        return None
+    try:
+        ops, _, module_out, path_out = trace(
+            root,
+            example,
+            is_site=lambda p, m: _is_dropout(m) and p in names,
+            functional_site=lambda mp: (
+                attention[mp][0] if len(attention.get(mp, ())) == 1 else None
+            ),
+            is_norm=_is_norm,
+        )
+    except Exception:  # noqa: BLE001 - a model the guessed input does not fit
+        return None
+    return _Flow(ops, module_out, path_out)
+
+
+def _regroup(index: _Index, found: list[SiteHandle], flow: _Flow) -> list[SiteHandle]:
+    """Guarded parameters by the one rule of :mod:`gd_core.dataflow`; sites the forward did not
+    reach keep the structural rule's."""
+    at = {}
+    for f in found:
+        if not f.installed:
+            target = _split(f.site.name)[0]
+            if target in flow.path_out:
+                at[flow.path_out[target]] = f.site.name
+    groups = guarded(with_sites(flow.ops, at))
+    order = {n: i for i, n in enumerate(index.pname.values())}
+    out = []
+    for f in found:
+        params = groups.get(f.site.name)
+        if params is None:
+            out.append(f)
+            continue
+        params = sorted(params, key=lambda n: order.get(n, len(order)))  # model order
+        units = f.site.units
+        if f.role == "hidden" and params:
+            units = _hidden_units([index.owner[n][0] for n in groups[f.site.name][:1]]) or units
+        site = Site(f.site.name, params, units, _unit_axes(index, params, units), f.site.kind)
+        out.append(replace(f, site=site))
+    return out
 
 
 def _virtual_hook_site(index: _Index, target: str) -> SiteHandle:
@@ -332,10 +403,13 @@ def _discover(
         if path and _is_dropout(mod):
             found.append(_module_site(index, path, mod))
         found.extend(_attribute_sites(index, path, mod))
-    if add_sites is None:
-        add_sites = not found
+    flow = _trace(root, index, found)
+    if add_sites is None:  # zero-valued rate attributes (attention_dropout = 0.0) do not count
+        add_sites = not any(f.site.kind != "attribute" or current_p(f) > 0 for f in found)
     if add_sites is not False:
-        found.extend(_virtual_hook_site(index, t) for t in _hook_targets(index, add_sites))
+        found.extend(_virtual_hook_site(index, t) for t in _hook_targets(index, add_sites, flow))
+    if flow is not None:
+        found = _regroup(index, found, flow)
     found = _apply_mapping(index, found, mapping)
     if required and not found:
         raise no_sites(
@@ -352,10 +426,13 @@ def sites(model: Any, mapping: Any = None, *, add_sites: Any = None) -> list[Sit
     Sites are ``nn.Dropout``-family modules (also ones that are only read through ``.p``), float
     attributes named like ``*dropout*`` / ``*_pdrop`` holding a rate in [0, 1), and, with
     ``add_sites``, places after modules where guided dropout can be added (kind ``"hook"``).
-    By default a dropout module guards the parameters of its parent's leaf children registered
-    before it; ``mapping`` ({site: [parameter names]} or a function site -> names or None)
-    overrides that. ``add_sites=None`` adds hook sites after every LayerNorm only when the model
-    has no dropout at all; ``True`` always does; a list names the modules to add dropout after.
+    What a site guards is :mod:`gd_core.dataflow`'s rule applied to one traced forward (on a
+    guessed input; without one, the parameters of its parent's leaf children registered before
+    it); ``mapping`` ({site: [parameter names]} or a function site -> names or None) overrides
+    that. ``add_sites=None`` adds hook sites only when the model has no dropout (zero-valued rate
+    attributes do not count): on the embedding output and every residual branch (after every
+    LayerNorm in a model without residual stream); ``True`` always does; a list names the modules
+    to add dropout after.
 
     Example:
         >>> import torch

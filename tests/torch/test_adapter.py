@@ -189,11 +189,16 @@ def test_bert_sites_and_default_grouping(bert_encoder):
         "encoder.layer.0.attention.output.dense", "encoder.layer.0.attention.output.LayerNorm"
     )
     ffn = s["encoder.layer.0.output.dropout"]
+    # the dataflow rule (gd_core.dataflow): the whole FFN, back to the residual branch point
     assert list(ffn.params) == wb(
-        "encoder.layer.0.output.dense", "encoder.layer.0.output.LayerNorm"
+        "encoder.layer.0.intermediate.dense",
+        "encoder.layer.0.output.dense",
+        "encoder.layer.0.output.LayerNorm",
     )
     assert ffn.units == HIDDEN
-    assert ffn.unit_axes == {p: 0 for p in ffn.params}
+    assert ffn.unit_axes == {
+        p: 0 for p in ffn.params if "intermediate" not in p
+    }  # the intermediate dense has 4x features
     # no site guards the pooler
     assert not any("pooler" in p for site in sites for p in site.params)
 
@@ -210,7 +215,8 @@ def test_gpt2_sites_and_grouping(gpt2):
         "transformer.wpe.weight": 1,
     }
     attn = s["transformer.h.0.attn.attn_dropout"]
-    assert list(attn.params) == wb("transformer.h.0.attn.c_attn")
+    # pre-norm: the branch's input norm belongs to the computation (gd_core.dataflow)
+    assert list(attn.params) == wb("transformer.h.0.ln_1", "transformer.h.0.attn.c_attn")
     assert attn.units is None
     resid = s["transformer.h.0.attn.resid_dropout"]
     assert list(resid.params) == wb("transformer.h.0.attn.c_proj")
@@ -220,8 +226,15 @@ def test_gpt2_sites_and_grouping(gpt2):
         "transformer.h.0.attn.c_proj.bias": 0,
     }
     mlp = s["transformer.h.1.mlp.dropout"]
-    assert list(mlp.params) == wb("transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj")
-    assert set(mlp.unit_axes) == set(wb("transformer.h.1.mlp.c_proj"))  # c_fc has 4x features
+    # the last block's MLP site also takes the final norm (the only reader of the last sum)
+    assert list(mlp.params) == wb(
+        "transformer.h.1.ln_2",
+        "transformer.h.1.mlp.c_fc",
+        "transformer.h.1.mlp.c_proj",
+        "transformer.ln_f",
+    )
+    assert not any("c_fc" in p for p in mlp.unit_axes)  # c_fc has 4x features
+    assert set(wb("transformer.h.1.mlp.c_proj")) <= set(mlp.unit_axes)
 
 
 def t5_loss(model, batch):

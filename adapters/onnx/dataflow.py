@@ -1,0 +1,110 @@
+"""Dataflow facts of an ONNX graph for :mod:`gd_core.dataflow`.
+
+Every node becomes an op reading its non-initializer inputs and owning the trainable initializers
+it reads (directly, or through ``Transpose``/``Cast``/``Identity`` of an initializer). Dropout
+nodes are sites (their ratio and training-mode inputs are not data); ``Shape``/``Size`` outputs
+are treated as constants so that a reshape's target shape does not link back into the data path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from gd_core.dataflow import Op, guarded, insertion_points, with_sites
+
+_ALIAS_OPS = frozenset({"Transpose", "Cast", "Identity"})
+_SHAPE_OPS = frozenset({"Shape", "Size"})
+_NORM_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"})
+
+
+_NORM_SCOPE = re.compile(r"norm|(^|_)ln(_|\d|$)", re.IGNORECASE)
+
+
+def _scope(node: Any) -> str:
+    parts = [p for p in node.name.strip("/").split("/") if p]
+    return "/".join(parts[:-1])
+
+
+def _is_norm_scope(scope: str) -> bool:
+    return bool(scope) and _NORM_SCOPE.search(scope.rsplit("/", 1)[-1]) is not None
+
+
+def ops_of(
+    model: Any, params: Mapping[str, str], site_of: Callable[[int, Any], str | None]
+) -> tuple[list[Op], dict[str, str]]:
+    """``(ops, {op name: site name})`` of an ONNX model. ``params``: trainable initializer name
+    -> canonical name; ``site_of(i, node)``: the site the Dropout node at position ``i``
+    realises (``None``: not one).
+    Ops get unique names (node names, or ``node_<i>``); a site realised by several nodes (a module
+    called twice) maps several ops to one site name. The nodes of a normalisation module exported
+    piecewise (opset < 17: ``ReduceMean``, ``Sub``, ``Pow``...) form one norm op."""
+    alias: dict[str, str] = dict(params)  # tensor -> canonical parameter it carries
+    constants = {i.name for i in model.graph.initializer}
+    ops: list[Op] = []
+    site_ops: dict[str, str] = {}
+    group: list[tuple[str, list[str], list[str], list[str]]] = []  # pending norm nodes
+    group_scope = ""
+
+    def flush() -> None:
+        nonlocal group
+        if not group:
+            return
+        made = {o for _, _, outs, _ in group for o in outs}
+        ins = [t for _, data, _, _ in group for t in data if t not in made]
+        owned = [p for *_, ps in group for p in ps]
+        outs = [o for _, _, os_, _ in group for o in os_]
+        ops.append(
+            Op(group_scope, tuple(dict.fromkeys(ins)), outs, tuple(dict.fromkeys(owned)), norm=True)
+        )
+        group = []
+
+    for i, node in enumerate(model.graph.node):
+        name = f"{node.name or 'node'}#{i}"
+        if node.op_type in _ALIAS_OPS and len(node.input) == 1 and node.input[0] in alias:
+            for o in node.output:
+                alias[o] = alias[node.input[0]]
+            continue
+        if node.op_type in _SHAPE_OPS or node.op_type == "Constant":
+            constants.update(node.output)
+            continue
+        site = site_of(i, node) if node.op_type == "Dropout" else None
+        ins = [t for t in node.input if t]
+        if site is not None:
+            data, owned = ins[:1], []
+        else:
+            data = [t for t in ins if t not in alias and t not in constants]
+            owned = [alias[t] for t in ins if t in alias]
+        outs = [o for o in node.output if o]
+        if site is None and ins and not data and not owned:
+            constants.update(outs)  # computed from constants only (shape arithmetic)
+            continue
+        scope = _scope(node)
+        if site is None and (_is_norm_scope(scope) or node.op_type in _NORM_OPS):
+            if scope != group_scope:
+                flush()
+                group_scope = scope or name
+            group.append((name, data, outs, owned))
+            continue
+        flush()
+        group_scope = ""
+        add = node.op_type in ("Add", "Sum")
+        op = Op(name, data, outs, tuple(dict.fromkeys(owned)), site=site is not None, add=add)
+        ops.append(op)
+        if site is not None:
+            site_ops[name] = site
+    flush()
+    return ops, site_ops
+
+
+def groups(ops: list[Op], site_ops: Mapping[str, str]) -> dict[str, list[str]]:
+    """``{site: guarded canonical parameters}``; nodes of one site pool their groups."""
+    out: dict[str, list[str]] = {}
+    for op_name, params in guarded(ops).items():
+        acc = out.setdefault(site_ops[op_name], [])
+        acc.extend(p for p in params if p not in acc)
+    return out
+
+
+__all__ = ["groups", "insertion_points", "ops_of", "with_sites"]
