@@ -89,7 +89,7 @@ def _given(
     renaming = find_renaming([str(k) for k in given], names)
     probs = {renaming(str(k)): v for k, v in given.items()}
     absent = [k for k in probs if k not in set(names)]
-    if absent and (not absent_ok or (strict and len(absent) == len(probs))):
+    if absent:  # a name the user typed that is no site here is a mistake in every adapter
         raise bad_argument(
             "profile",
             "a dict whose keys are dropout sites of this model",
@@ -204,6 +204,13 @@ def make_plan(
         else:
             prof = _load(profile, f"pass profile=adapters.{framework}.profile(...) or a saved path")
         aligned = align(prof, names, None, strict=False)
+        if not any(s in set(names) for s in aligned.site_names):
+            raise ProfileMismatchError(
+                "profile: expected a profile whose sites match this model's dropout sites, "
+                f"received sites like {prof.site_names[:2]} while the model has {names[:2]} "
+                "(not one site in common, whatever prefix is renamed); fix: compute a profile "
+                f"for this model (adapters.{framework or '<framework>'}.profile or gd profile)"
+            )
         if strict:
             notes.extend(check_same_model(aligned, names, fingerprint))
         if aligned.site_names != prof.site_names:

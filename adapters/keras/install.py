@@ -296,6 +296,12 @@ def _rewrite_in_place(
                 new = new_for(value)
                 _swap_tracked(tracker, value, new)
                 setattr(parent, attr, new)
+                if attr == "_dropout_layer" and isinstance(
+                    getattr(parent, "_dropout", None), float
+                ):
+                    # MultiHeadAttention rebuilds its dropout from its config when loaded: keep
+                    # the config's rate the one now in force, so a saved model keeps it
+                    parent._dropout = float(new.rate)
             elif isinstance(value, list):
                 for i, item in enumerate(list(value)):
                     if id(item) in factories:
