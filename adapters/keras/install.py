@@ -57,9 +57,10 @@ def _replacement(
             dtype=layer.dtype_policy,
         )
     noise_shape = _spatial_noise_shape(layer) or _plain_noise_shape(layer)
-    if schedule is None and isinstance(layer, GuidedDropout):
+    inherit = schedule is None and isinstance(layer, GuidedDropout)
+    if inherit:
         schedule = layer.schedule
-    return GuidedDropout(
+    new = GuidedDropout(
         rate=None if rates is not None else p,
         rates=None if rates is None else [float(r) for r in rates],
         noise_shape=noise_shape,
@@ -69,6 +70,10 @@ def _replacement(
         name=layer.name,
         dtype=layer.dtype_policy,
     )
+    if inherit and layer.step_count is not None and new.step_count is not None:
+        new.step_count.assign(layer.step_count)  # the same schedule goes on where it was
+        new.multiplier.assign(layer.multiplier)
+    return new
 
 
 def _how(layer: Any, rates: np.ndarray | None) -> str:
@@ -178,6 +183,9 @@ def apply(
         rates, note = entry.rates, entry.note
         if rates is not None and (why := _unit_note(layer)) is not None:
             rates, note = None, why
+        kept = entry.source == "keep"
+        if kept and isinstance(layer, GuidedDropout) and layer.rates is not None:
+            rates = np.asarray(layer.rates, dtype=np.float64)  # "keep" means unchanged
         rows.append(
             ReportRow(
                 site.name,
@@ -186,7 +194,9 @@ def apply(
                 entry.source,
                 None if rates is None else len(rates),
                 note,
-                how=_how(layer, rates),
+                how=("kept" if rates is None else f"kept ({len(rates)} rates)")
+                if kept
+                else _how(layer, rates),
                 kind=site.kind,
             )
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import sys
 import warnings
 from collections.abc import Mapping
@@ -10,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from gd_core import Schedule
+from gd_core.errors import bad_argument
 from gd_core.plan import make_plan
 from gd_core.report import ApplyReport, ReportRow
 
@@ -65,6 +67,12 @@ def apply(
     ``report.scheduler``; ``add_sites`` adds guided dropout after modules; ``generator`` seeds
     the :class:`GuidedDropout` modules installed. ``report.model`` is ``model`` itself.
 
+    A model with a ``config`` (Hugging Face) records what ``apply`` installed in
+    ``config.guided_dropout`` (plain JSON: every site's p or per-unit rates), so
+    ``save_pretrained`` keeps it; after ``from_pretrained``, ``apply(model)`` with no profile
+    restores that plan exactly (see :func:`recorded_plan`). A model loaded with such a config
+    and not re-applied warns once, at its first training-mode forward.
+
     Example:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
@@ -78,6 +86,7 @@ def apply(
     _watch_from_pretrained()
     recorded = recorded_plan(root) if profile is None and sites is None else None
     if recorded is not None:
+        _only_defaults(mapping=mapping, granularity=granularity, missing=missing, spread=spread)
         return _restore(root, recorded, schedule=schedule, add_sites=add_sites, generator=generator)
     index, found = _resolve_sites(root, sites, add_sites)
     current = {f.site.name: current_p(f) for f in found}
@@ -195,6 +204,21 @@ def recorded_plan(model: Any) -> dict[str, Any] | None:
     return rec
 
 
+def _only_defaults(**given: Any) -> None:
+    """Restoring a recorded plan installs it exactly: refuse arguments that would change it."""
+    defaults = {"mapping": None, "granularity": "site", "missing": "keep", "spread": 1.0}
+    changed = {k: v for k, v in given.items() if v != defaults[k]}
+    if changed:
+        name = next(iter(changed))
+        raise bad_argument(
+            name,
+            f"{name}={defaults[name]!r} when apply(model) restores the plan recorded in the "
+            f"model's config ({CONFIG_KEY})",
+            changed[name],
+            "pass the profile (or {site: p}) again to apply a new plan with these settings",
+        )
+
+
 def _restore(
     root: Any, rec: dict[str, Any], *, schedule: Any, add_sites: Any, generator: Any
 ) -> ApplyReport:
@@ -254,13 +278,44 @@ def _arm(model: Any) -> None:
 
 
 def _watch_from_pretrained() -> None:
-    """Make ``PreTrainedModel.from_pretrained`` arm :func:`_arm` (once; when transformers is
-    already imported, so importing this adapter never imports transformers)."""
-    tf = sys.modules.get("transformers")
-    base = getattr(tf, "PreTrainedModel", None) if tf is not None else None
-    if base is None:
-        return
-    current = base.__dict__.get("from_pretrained")
+    """Make ``PreTrainedModel.from_pretrained`` arm :func:`_arm`: now if transformers'
+    ``modeling_utils`` is already imported, else as soon as it is (an import hook), so importing
+    this adapter never imports transformers and the import order does not matter."""
+    utils = sys.modules.get("transformers.modeling_utils")
+    if utils is not None:
+        _patch_from_pretrained(getattr(utils, "PreTrainedModel", None))
+    elif not any(isinstance(f, _WatchImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _WatchImport())
+
+
+class _WatchImport(importlib.abc.MetaPathFinder):
+    """Patches ``from_pretrained`` right after ``transformers.modeling_utils`` is executed."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != "transformers.modeling_utils":
+            return None
+        spec = None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+        run = getattr(getattr(spec, "loader", None), "exec_module", None)
+        if spec is None or run is None:
+            return spec
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            _patch_from_pretrained(getattr(module, "PreTrainedModel", None))
+
+        spec.loader.exec_module = exec_module  # this module's own loader instance
+        return spec
+
+
+def _patch_from_pretrained(base: Any) -> None:
+    current = getattr(base, "__dict__", {}).get("from_pretrained")
     func = getattr(current, "__func__", None)
     if func is None or getattr(func, "_gd_watch", False):
         return
@@ -268,10 +323,7 @@ def _watch_from_pretrained() -> None:
     @functools.wraps(func)
     def from_pretrained(cls: Any, *args: Any, **kwargs: Any) -> Any:
         model = func(cls, *args, **kwargs)
-        try:
-            _arm(model)
-        except Exception:  # noqa: BLE001 - a warning aid must never break loading
-            pass
+        _arm(model)
         return model
 
     from_pretrained._gd_watch = True  # type: ignore[attr-defined]

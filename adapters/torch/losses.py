@@ -130,11 +130,12 @@ class MaskedLMLoss:
         self.counter = 0
 
     def reset(self) -> None:
-        """Rewind the batch counter (the next call masks like the first one)."""
+        """Rewind the call counter (``counter`` counts calls; masks do not depend on it)."""
         self.counter = 0
 
     def mask(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (corrupted input_ids, bool mask of the positions to predict); advances the counter."""
+        """Return (corrupted input_ids, bool mask of the positions to predict): a function of
+        ``seed`` and each sample's content only."""
         ids = batch["input_ids"]
         n, t = ids.shape
         cfg = getattr(model, "config", None)

@@ -27,3 +27,11 @@ def test_known_sites_still_apply():
     out = ao.apply(_example(), {"dropout": 0.2})
     report = out[1] if isinstance(out, tuple) else out
     assert report.probabilities()["dropout"] == pytest.approx(0.2)
+
+
+def test_a_unit_rewritten_graph_is_never_re_planned():
+    """Issue 14.2 (ONNX): a second apply cannot collapse per-unit rates: it is refused, with the
+    fix (apply to the original export), so "keep" never silently rewrites another site."""
+    unit = ao.apply(_example(), {"dropout": 0.1}, granularity="unit").model
+    with pytest.raises(Exception, match="original export"):
+        ao.apply(unit, {"head_drop": 0.2}, missing="keep")

@@ -4,6 +4,9 @@ masks that do not depend on how samples are batched, and Hugging Face save/load.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -235,3 +238,38 @@ def test_loading_without_reapplying_warns_once(tmp_path, bert_profile):
         warnings.simplefilter("always")
         loaded(input_ids=ids)
     assert not [w for w in caught if "guided" in str(w.message).lower()]
+
+
+def test_restoring_refuses_arguments_that_would_change_the_plan(tmp_path, bert_profile):
+    model = classifier()
+    gdt.apply(model, bert_profile, missing="upper")
+    model.save_pretrained(tmp_path / "m")
+    loaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "m")
+    with pytest.raises(Exception, match="granularity.*guided_dropout"):
+        gdt.apply(loaded, granularity="unit")
+
+
+def test_the_warning_does_not_depend_on_the_import_order(tmp_path, bert_profile):
+    """`import adapters.torch` before transformers is imported: from_pretrained still warns."""
+    model = classifier()
+    gdt.apply(model, bert_profile, missing="upper")
+    model.save_pretrained(tmp_path / "m")
+    code = f"""
+import sys, warnings
+import adapters.torch as gdt
+assert "transformers" not in sys.modules
+import torch, transformers
+m = transformers.AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "m")!r})
+m.train()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    m(input_ids=torch.randint(5, 100, (2, 8)))
+print(sum("guided-dropout plan" in str(w.message) for w in caught))
+"""
+    root = str(HERE.parents[1])
+    env = {**os.environ, "PYTHONPATH": root}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "1"
