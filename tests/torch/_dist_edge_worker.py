@@ -47,6 +47,15 @@ def _init(rank: int, world: int, init_file: str) -> None:
 
 def unequal(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """Rank 0 gets 2 batches, rank 1 gets 5; checkpoint after every batch."""
+    _unequal(rank, world, init_file, out_dir, "diagonal")
+
+
+def unequal_norms(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """:func:`unequal` on the norms path (``output="norms"``, what ``profile`` uses)."""
+    _unequal(rank, world, init_file, out_dir, "norms")
+
+
+def _unequal(rank: int, world: int, init_file: str, out_dir: str, output: str) -> None:
     import adapters.torch as gdt
 
     _init(rank, world, init_file)
@@ -62,8 +71,10 @@ def unequal(rank: int, world: int, init_file: str, out_dir: str) -> None:
             progress=False,
             checkpoint=Path(out_dir) / "ckpt.npz",
             checkpoint_every=1,
+            output=output,
         )
-        out = {"count": result.count, "fisher": {k: v.tolist() for k, v in result.items()}}
+        fisher = {k: np.asarray(v).tolist() for k, v in result.items()}
+        out = {"count": result.count, "fisher": fisher}
         torch.distributed.barrier()  # a following collective must not hang
     except Exception as exc:  # noqa: BLE001 - reported to the test
         out = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}

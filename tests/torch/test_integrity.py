@@ -158,24 +158,26 @@ def _spawn(fn, tmp_path, monkeypatch, deadline_s: float = 90.0) -> None:
             pytest.fail("the distributed run hung")
 
 
-def test_unequal_batch_counts_across_ranks_never_hang_or_lie(tmp_path, monkeypatch):
+@pytest.mark.parametrize("output", ["diagonal", "norms"])
+def test_unequal_batch_counts_across_ranks_never_hang_or_lie(tmp_path, monkeypatch, output):
     monkeypatch.syspath_prepend(str(HERE))
     import _dist_edge_worker as worker
     import _torch_dist_worker as base
 
-    _spawn(worker.unequal, tmp_path, monkeypatch)
+    fn = worker.unequal if output == "diagonal" else worker.unequal_norms
+    _spawn(fn, tmp_path, monkeypatch)
     outs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     if all("error" in o for o in outs):  # a clear error on every rank
         assert all("batch" in o["error"] for o in outs), outs
         return
     assert not any("error" in o for o in outs), outs
     single = gdt.estimate_fisher(
-        base.make_model(), base.make_batches(7), loss=base.loss, progress=False
+        base.make_model(), base.make_batches(7), loss=base.loss, progress=False, output=output
     )
     for o in outs:  # equalised: every rank has the profile of all 7 batches
         assert o["count"] == single.count == 21
         for name, f in single.items():
-            np.testing.assert_allclose(o["fisher"][name], f, rtol=1e-10, err_msg=name)
+            np.testing.assert_allclose(o["fisher"][name], np.asarray(f), rtol=1e-10, err_msg=name)
 
 
 def test_masked_lm_two_processes_equal_one(tmp_path, monkeypatch):
