@@ -86,7 +86,12 @@ def layer_differences(
 ) -> tuple[list[str], list[str]]:
     """Sites of repeated layers that only one side has: (model sites the profile lacks, profile
     sites the model lacks), among names whose layer pattern both sides share (so a new task
-    head is not a difference, a third transformer block is)."""
+    head is not a difference, a third transformer block is).
+
+    Example:
+        >>> layer_differences(["h.0.drop", "h.1.drop"], ["h.0.drop", "h.1.drop", "h.2.drop", "head"])
+        (['h.2.drop'], [])
+    """
     prof, model = list(profile_sites), list(model_sites)
     prof_set, model_set = set(prof), set(model)
     prof_pats = {layer_pattern(s) for s in prof}
@@ -114,10 +119,13 @@ def check_same_model(
     1. at least one of its sites is a site of the model;
     2. every profiled parameter the model has has the same shape (canonical layout), and the same
        number of elements for parameters known only by size;
-    3. it shares at least one parameter with the model (when both list parameters).
+    3. it shares at least one parameter with the model (when both list parameters);
+    4. it covers the same set of layers: no site of a repeated layer (a name that differs from
+       a site of the other side only in a layer index) exists on one side only
+       (:func:`layer_differences`).
 
-    A profiled parameter the model lacks (a pooler an exporter dropped, layers the model does not
-    have) is allowed and reported in the returned notes, as are profile sites the model lacks.
+    A profiled parameter the model lacks (a pooler an exporter dropped) is allowed and reported
+    in the returned notes, as are profile sites the model lacks outside repeated layers.
     """
     here = set(model_sites)
     if not any(s in here for s in profile.site_names):

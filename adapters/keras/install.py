@@ -122,9 +122,11 @@ def apply(
             ``"linear_rank"`` or a dict like ``{"p_upper": 0.2}``).
         granularity: ``"site"`` (one probability per dropout layer) or ``"unit"`` (per-unit
             probabilities along the last axis from the profile's unit scores, mean = site p).
-        missing: what sites the profile lacks get: ``"keep"`` their rate, ``"upper"`` the
-            mapping's ``p_upper``, ``"error"`` raise.
-        strict: refuse a profile of another model (its weights differ in shape).
+        missing: what sites the profile lacks get: ``"keep"`` leaves them unchanged (rate,
+            per-unit rates, schedule and step), ``"upper"`` the mapping's ``p_upper``,
+            ``"error"`` raise.
+        strict: refuse a profile of another model (its weights differ in shape, or it covers
+            a different set of layers). A ``{site: p}`` key that is no site here always raises.
         sites: the model's sites to work on (a list of ``gd_core.Site``) or a site mapping, as
             in :func:`profile`; default all dropout layers.
         spread: how far unit probabilities spread around the site's (``unit`` granularity).
