@@ -8,6 +8,7 @@ know (policy ``keep``, ``upper`` or ``error``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -61,7 +62,49 @@ def find_renaming(profile_sites: Sequence[str], model_sites: Sequence[str]) -> R
         hits = sum(cand(s) in model for s in profile_sites)
         if hits > best_hits:
             best, best_hits = cand, hits
+    # a renaming is a change of prefix of the *whole* profile (an encoder inside a task model),
+    # so it must place at least half of the profile's sites; one site that happens to share a
+    # last component (GPT-2's `transformer.h.0.mlp.dropout` and BERT's head `dropout`) is not
+    # a correspondence between two architectures
+    if best != Renaming() and 2 * best_hits < len(set(profile_sites)):
+        return Renaming()
     return best
+
+
+def layer_pattern(name: str) -> str:
+    """A site or parameter name with its layer indices replaced by ``#``.
+
+    Example:
+        >>> layer_pattern("transformer.h.11.mlp.dropout")
+        'transformer.h.#.mlp.dropout'
+    """
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "#", name)
+
+
+def layer_differences(
+    profile_sites: Sequence[str], model_sites: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """Sites of repeated layers that only one side has: (model sites the profile lacks, profile
+    sites the model lacks), among names whose layer pattern both sides share (so a new task
+    head is not a difference, a third transformer block is).
+
+    Example:
+        >>> layer_differences(["h.0.drop", "h.1.drop"], ["h.0.drop", "h.1.drop", "h.2.drop", "head"])
+        (['h.2.drop'], [])
+    """
+    prof, model = list(profile_sites), list(model_sites)
+    prof_set, model_set = set(prof), set(model)
+    prof_pats = {layer_pattern(s) for s in prof}
+    model_pats = {layer_pattern(s) for s in model}
+    extra_model = [
+        s for s in model
+        if s not in prof_set and layer_pattern(s) != s and layer_pattern(s) in prof_pats
+    ]  # fmt: skip
+    extra_prof = [
+        s for s in prof
+        if s not in model_set and layer_pattern(s) != s and layer_pattern(s) in model_pats
+    ]  # fmt: skip
+    return extra_model, extra_prof
 
 
 def check_same_model(
@@ -76,10 +119,13 @@ def check_same_model(
     1. at least one of its sites is a site of the model;
     2. every profiled parameter the model has has the same shape (canonical layout), and the same
        number of elements for parameters known only by size;
-    3. it shares at least one parameter with the model (when both list parameters).
+    3. it shares at least one parameter with the model (when both list parameters);
+    4. it covers the same set of layers: no site of a repeated layer (a name that differs from
+       a site of the other side only in a layer index) exists on one side only
+       (:func:`layer_differences`).
 
-    A profiled parameter the model lacks (a pooler an exporter dropped, layers the model does not
-    have) is allowed and reported in the returned notes, as are profile sites the model lacks.
+    A profiled parameter the model lacks (a pooler an exporter dropped) is allowed and reported
+    in the returned notes, as are profile sites the model lacks outside repeated layers.
     """
     here = set(model_sites)
     if not any(s in here for s in profile.site_names):
@@ -87,6 +133,19 @@ def check_same_model(
             "profile: expected a profile whose sites match this model's dropout sites, received "
             f"sites like {profile.site_names[:2]} while the model has {list(model_sites)[:2]}; "
             "fix: compute a profile for this model (gd profile --model ...)"
+        )
+    extra_model, extra_prof = layer_differences(profile.site_names, model_sites)
+    if extra_model or extra_prof:
+        said = []
+        if extra_model:
+            said.append(f"model sites the profile lacks: {extra_model[:3]}")
+        if extra_prof:
+            said.append(f"profile sites the model lacks: {extra_prof[:3]}")
+        raise ProfileMismatchError(
+            "profile: expected a profile of the same layers as this model, received one that "
+            f"covers a different set ({'; '.join(said)}); fix: compute a profile for this "
+            "model, or pass strict=False to apply the sites that match (the others follow "
+            "missing=...)"
         )
     notes: list[str] = []
     if model_fingerprint is not None:

@@ -96,6 +96,12 @@ class FisherEngine:
     def barrier(self) -> None:
         """Wait for every rank (distributed engines)."""
 
+    def sync_progress(self, done: bool, batches_done: int) -> tuple[bool, list[int]]:
+        """One round every rank takes part in: whether *every* rank has run out of batches, and
+        each rank's batch count. Distributed engines all-reduce both (ranks may be handed
+        different numbers of batches); a single process answers for itself."""
+        return done, [batches_done]
+
 
 class NumpyEngine(FisherEngine):
     """An engine whose sums are handed over as NumPy arrays and kept in float64 on the host."""
@@ -240,6 +246,9 @@ def estimate(
                 "delete the checkpoint file or pass resume=False to start over",
             )
         batches_done = int(acc.metadata.get("batches_done", 0))
+        per_rank = acc.metadata.get("rank_batches")
+        if isinstance(per_rank, list) and len(per_rank) == engine.world:
+            batches_done = int(per_rank[engine.rank])
         local = int(list(acc.metadata.get("rank_samples", [0] * engine.world))[engine.rank])
     acc.metadata.update(ident)
     engine.skip_batches(batches_done)
@@ -261,6 +270,18 @@ def estimate(
             acc.save(checkpoint)
         engine.barrier()
 
+    def sync(done: bool) -> bool:
+        # every flush is a collective round; ranks handed fewer batches keep taking part in the
+        # others' rounds (adding nothing) until every rank is done, so unequal shards neither
+        # hang nor end with a partial profile
+        everyone, per_rank = engine.sync_progress(done, batches_done)
+        acc.metadata["rank_batches"] = per_rank
+        if checkpoint is not None:
+            save()
+        else:
+            flush()
+        return everyone
+
     try:
         for i, batch in enumerate(batches):
             seen = True
@@ -280,11 +301,9 @@ def estimate(
             if bar is not None:
                 bar.update(size)
             if checkpoint is not None and batches_done % checkpoint_every == 0:
-                save()
-        if checkpoint is not None:
-            save()
-        else:
-            flush()
+                sync(False)
+        while not sync(True):
+            pass
     finally:
         if bar is not None:
             bar.close()

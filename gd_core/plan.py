@@ -84,12 +84,12 @@ class Plan:
 
 
 def _given(
-    given: Mapping[str, Any], names: Sequence[str], absent_ok: bool, strict: bool, hint: str
+    given: Mapping[str, Any], names: Sequence[str], hint: str
 ) -> tuple[dict[str, float], list[str]]:
     renaming = find_renaming([str(k) for k in given], names)
     probs = {renaming(str(k)): v for k, v in given.items()}
     absent = [k for k in probs if k not in set(names)]
-    if absent and (not absent_ok or (strict and len(absent) == len(probs))):
+    if absent:  # a name the user typed that is no site here is a mistake in every adapter
         raise bad_argument(
             "profile",
             "a dict whose keys are dropout sites of this model",
@@ -136,7 +136,6 @@ def make_plan(
     granularity: str = "site",
     spread: float = 1.0,
     framework: str = "",
-    absent_ok: bool = False,
     not_found: tuple[str, str] | None = None,
     lookup: Callable[[Sequence[str], Fingerprint], SensitivityProfile | None] | None = None,
 ) -> Plan:
@@ -153,12 +152,11 @@ def make_plan(
         fingerprint: the model's parameters (canonical names and layout), or None.
         mapping: overrides the profile's score-to-probability mapping.
         missing: what sites the profile lacks get: ``keep``, ``upper`` (``p_upper``), ``error``.
-        strict: apply :func:`check_same_model` (and refuse a dict matching no site).
+        strict: apply :func:`check_same_model` (a ``{site: p}`` dict naming a key that is no
+            site of the model is refused whatever ``strict`` is).
         granularity: ``site`` or ``unit`` (per-unit rates from the profile's unit scores).
         spread: how far unit rates spread around the site's p (``[0, 1]``).
         framework: the adapter's name, used in messages (``adapters.<framework>.sites``).
-        absent_ok: a dict key or profile site with no site in this model is reported, not an
-            error (a graph whose exporter folded some dropout away).
         not_found: ``(what, fix)`` worded into the error when no profile is cached.
         lookup: the cache lookup (default :func:`gd_core.align.find_cached`).
     """
@@ -172,7 +170,7 @@ def make_plan(
     aligned: SensitivityProfile | None = None
     unit_p: dict[str, np.ndarray] = {}
     if isinstance(profile, Mapping):
-        given, absent = _given(profile, names, absent_ok, strict, hint)
+        given, absent = _given(profile, names, hint)
         upper = float(_mapping_dict(mapping)["p_upper"])
         chosen: dict[str, tuple[float, str]] = {n: (given[n], "given") for n in names if n in given}
         for n in names:
@@ -204,6 +202,13 @@ def make_plan(
         else:
             prof = _load(profile, f"pass profile=adapters.{framework}.profile(...) or a saved path")
         aligned = align(prof, names, None, strict=False)
+        if not any(s in set(names) for s in aligned.site_names):
+            raise ProfileMismatchError(
+                "profile: expected a profile whose sites match this model's dropout sites, "
+                f"received sites like {prof.site_names[:2]} while the model has {names[:2]} "
+                "(not one site in common, whatever prefix is renamed); fix: compute a profile "
+                f"for this model (adapters.{framework or '<framework>'}.profile or gd profile)"
+            )
         if strict:
             notes.extend(check_same_model(aligned, names, fingerprint))
         if aligned.site_names != prof.site_names:

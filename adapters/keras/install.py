@@ -57,9 +57,10 @@ def _replacement(
             dtype=layer.dtype_policy,
         )
     noise_shape = _spatial_noise_shape(layer) or _plain_noise_shape(layer)
-    if schedule is None and isinstance(layer, GuidedDropout):
+    inherit = schedule is None and isinstance(layer, GuidedDropout)
+    if inherit:
         schedule = layer.schedule
-    return GuidedDropout(
+    new = GuidedDropout(
         rate=None if rates is not None else p,
         rates=None if rates is None else [float(r) for r in rates],
         noise_shape=noise_shape,
@@ -69,6 +70,16 @@ def _replacement(
         name=layer.name,
         dtype=layer.dtype_policy,
     )
+    if inherit and layer.step_count is not None and new.step_count is not None:
+        new.step_count.assign(layer.step_count)  # the same schedule goes on where it was
+        new.multiplier.assign(layer.multiplier)
+    return new
+
+
+def _row_how(layer: Any, rates: Any, kept: bool, in_mha: bool) -> str:
+    if kept:
+        return "kept" if rates is None else f"kept ({len(rates)} rates)"
+    return "MultiHeadAttention dropout rate" if in_mha else _how(layer, rates)
 
 
 def _how(layer: Any, rates: np.ndarray | None) -> str:
@@ -119,9 +130,11 @@ def apply(
             ``"linear_rank"`` or a dict like ``{"p_upper": 0.2}``).
         granularity: ``"site"`` (one probability per dropout layer) or ``"unit"`` (per-unit
             probabilities along the last axis from the profile's unit scores, mean = site p).
-        missing: what sites the profile lacks get: ``"keep"`` their rate, ``"upper"`` the
-            mapping's ``p_upper``, ``"error"`` raise.
-        strict: refuse a profile of another model (its weights differ in shape).
+        missing: what sites the profile lacks get: ``"keep"`` leaves them unchanged (rate,
+            per-unit rates, schedule and step), ``"upper"`` the mapping's ``p_upper``,
+            ``"error"`` raise.
+        strict: refuse a profile of another model (its weights differ in shape, or it covers
+            a different set of layers). A ``{site: p}`` key that is no site here always raises.
         sites: the model's sites to work on (a list of ``gd_core.Site``) or a site mapping, as
             in :func:`profile`; default all dropout layers.
         spread: how far unit probabilities spread around the site's (``unit`` granularity).
@@ -185,6 +198,9 @@ def apply(
             rates, note = None, why
         if in_mha and sched is not None:
             fixed.append(site.name)
+        kept = entry.source == "keep"
+        if kept and isinstance(layer, GuidedDropout) and layer.rates is not None:
+            rates = np.asarray(layer.rates, dtype=np.float64)  # "keep" means unchanged
         rows.append(
             ReportRow(
                 site.name,
@@ -193,7 +209,7 @@ def apply(
                 entry.source,
                 None if rates is None else len(rates),
                 note,
-                how="MultiHeadAttention dropout rate" if in_mha else _how(layer, rates),
+                how=_row_how(layer, rates, kept, in_mha),
                 kind=site.kind,
             )
         )
@@ -316,6 +332,12 @@ def _rewrite_in_place(
                 new = new_for(value)
                 _swap_tracked(tracker, value, new)
                 setattr(parent, attr, new)
+                if attr == "_dropout_layer" and isinstance(
+                    getattr(parent, "_dropout", None), float
+                ):
+                    # MultiHeadAttention rebuilds its dropout from its config when loaded: keep
+                    # the config's rate the one now in force, so a saved model keeps it
+                    parent._dropout = float(new.rate)
             elif isinstance(value, list):
                 for i, item in enumerate(list(value)):
                     if id(item) in factories:

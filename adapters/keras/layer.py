@@ -193,17 +193,23 @@ class GuidedDropout(keras.layers.Layer):
         self.schedule = _schedule_of(schedule)
         self.supports_masking = True
         self.seed_generator = keras.random.SeedGenerator(seed)
-        initial = self.schedule.multiplier(0) if self.schedule is not None else 1.0
-        self.step_count = self.add_weight(
-            shape=(), dtype="int64", initializer="zeros", trainable=False, name="step"
-        )
-        self.multiplier = self.add_weight(
-            shape=(),
-            dtype="float32",
-            initializer=keras.initializers.Constant(initial),
-            trainable=False,
-            name="multiplier",
-        )
+        # only a scheduled layer has state: without a schedule it creates no variables, so a
+        # model with GuidedDropout in place of Dropout has exactly the original's weights
+        # (``set_weights``, ``.weights.h5`` and ``.keras`` files of either load into the other)
+        self._steps = 0
+        self.step_count: Any = None
+        self.multiplier: Any = None
+        if self.schedule is not None:
+            self.step_count = self.add_weight(
+                shape=(), dtype="int64", initializer="zeros", trainable=False, name="step"
+            )
+            self.multiplier = self.add_weight(
+                shape=(),
+                dtype="float32",
+                initializer=keras.initializers.Constant(self.schedule.multiplier(0)),
+                trainable=False,
+                name="multiplier",
+            )
         self._build_at_init()
 
     # -- read-only configuration --------------------------------------------------------------
@@ -225,19 +231,30 @@ class GuidedDropout(keras.layers.Layer):
     @property
     def current_step(self) -> int:
         """How many times :meth:`step` has been called (saved with the model)."""
-        return int(_read(self.step_count))
+        return self._steps if self.step_count is None else int(_read(self.step_count))
 
     # -- schedule -----------------------------------------------------------------------------
     def set_multiplier(self, multiplier: float) -> None:
-        """Scale every probability of this layer by ``multiplier`` in ``[0, 1]`` from now on.
+        """Scale every probability of this (scheduled) layer by ``multiplier`` in ``[0, 1]``.
+
+        Only a layer with a schedule holds a multiplier (a variable saved with the model); a
+        layer without one always uses its probabilities as configured.
 
         Example:
-            >>> layer = GuidedDropout(0.1)
+            >>> layer = GuidedDropout(0.1, schedule={"kind": "constant", "steps": 0})
             >>> layer.set_multiplier(0.5)
             >>> float(layer.multiplier.numpy())
             0.5
         """
-        self.multiplier.assign(check_fraction(multiplier, "multiplier", "pass e.g. 0.5"))
+        value = check_fraction(multiplier, "multiplier", "pass e.g. 0.5")
+        if self.multiplier is None:
+            raise _invalid(
+                "multiplier",
+                "a GuidedDropout with a schedule (only those hold a multiplier variable)",
+                f"layer {self.name!r} without one",
+                "create it with schedule={'kind': 'constant', 'steps': 0} to scale it by hand",
+            )
+        self.multiplier.assign(value)
 
     def step(self, n: int = 1) -> float:
         """Advance the step counter by ``n`` and set the multiplier from the schedule.
@@ -253,9 +270,11 @@ class GuidedDropout(keras.layers.Layer):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise _invalid("n", "an int >= 0", f"n={n!r}", "pass the number of optimiser steps")
         new = self.current_step + int(n)
+        if self.schedule is None or self.step_count is None:
+            self._steps = new
+            return 1.0
         self.step_count.assign(new)
-        if self.schedule is not None:
-            self.multiplier.assign(self.schedule.multiplier(new))
+        self.multiplier.assign(self.schedule.multiplier(new))
         return float(_read(self.multiplier))
 
     # -- computation --------------------------------------------------------------------------
@@ -290,7 +309,7 @@ class GuidedDropout(keras.layers.Layer):
         if self._rates is not None and max(self._rates) == 0.0:
             return inputs
         self._check_units(tuple(inputs.shape))
-        mult = ops.cast(self.multiplier, "float32")
+        mult = 1.0 if self.multiplier is None else ops.cast(self.multiplier, "float32")
         if self._rates is not None:
             p = ops.convert_to_tensor(np.asarray(self._rates, np.float32)) * mult
         else:

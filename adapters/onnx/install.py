@@ -82,8 +82,9 @@ def apply(
     :func:`gd_core.plan.make_plan`'s, as in every adapter: names are matched to the graph's
     sites with a prefix renaming; with ``strict`` (see ``docs/onnx.md``, "same model") a profile
     whose sites match none of the graph's, or whose parameters that exist here as initializers
-    have other shapes (or that shares no parameter with the graph), raises
-    :class:`gd_core.ProfileMismatchError`. ``sites`` is a site mapping (as :func:`sites` takes)
+    have other shapes (or that shares no parameter with the graph, or that covers a different
+    set of layers), raises :class:`gd_core.ProfileMismatchError`; a ``{site: p}`` key that is
+    no site of the graph raises whatever ``strict`` is. ``sites`` is a site mapping (as :func:`sites` takes)
     or a list of :class:`gd_core.Site` to restrict the sites. ``schedule`` (needs
     ``ratios_as_inputs=True``) is kept as ``report.scheduler``; :func:`ratio_feeds` then scales
     the ratios by it every step. ``mapping``
@@ -157,7 +158,6 @@ def apply(
         granularity=granularity,
         spread=spread,
         framework="onnx",
-        absent_ok=True,
         not_found=(
             f"ONNX graph {out.graph.name!r}",
             "pass profile=..., or run adapters.onnx.profile(model, batches, cache=True) once",

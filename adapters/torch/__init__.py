@@ -28,10 +28,12 @@ from gd_core.report import ApplyReport
 
 from .discovery import fingerprint, sites
 from .fisher import estimate_fisher, profile
-from .install import apply
+from .install import _watch_from_pretrained, apply, recorded_plan
 from .layer import GuidedDropout
 from .losses import CausalLMLoss, ContrastiveLoss, MaskedLMLoss
 from .schedule import Scheduler
+
+_watch_from_pretrained()  # warn when a model recording a plan is loaded and not re-applied
 
 __all__ = [
     "ApplyReport",
@@ -45,5 +47,6 @@ __all__ = [
     "estimate_fisher",
     "fingerprint",
     "profile",
+    "recorded_plan",
     "sites",
 ]

@@ -201,6 +201,16 @@ class _Engine(FisherEngine):
         if d is not None:
             d.barrier()
 
+    def sync_progress(self, done: bool, batches_done: int) -> tuple[bool, list[int]]:
+        d = _dist()
+        if d is None:
+            return done, [batches_done]
+        state = torch.zeros(self.world + 1, dtype=torch.float64, device=self.device)
+        state[0] = 0.0 if done else 1.0
+        state[1 + self.rank] = float(batches_done)
+        d.all_reduce(state, op=d.ReduceOp.SUM)
+        return float(state[0]) == 0.0, [int(round(float(b))) for b in state[1:].tolist()]
+
 
 class _NormsEngine(_Engine):
     """:class:`_Engine` keeping only what a profile needs: per tensor the sum of its squared

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.abc
+import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 from gd_core import Schedule
+from gd_core.errors import bad_argument
 from gd_core.plan import make_plan
 from gd_core.report import ApplyReport, ReportRow
 
@@ -62,6 +67,12 @@ def apply(
     ``report.scheduler``; ``add_sites`` adds guided dropout after modules; ``generator`` seeds
     the :class:`GuidedDropout` modules installed. ``report.model`` is ``model`` itself.
 
+    A model with a ``config`` (Hugging Face) records what ``apply`` installed in
+    ``config.guided_dropout`` (plain JSON: every site's p or per-unit rates), so
+    ``save_pretrained`` keeps it; after ``from_pretrained``, ``apply(model)`` with no profile
+    restores that plan exactly (see :func:`recorded_plan`). A model loaded with such a config
+    and not re-applied warns once, at its first training-mode forward.
+
     Example:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
@@ -72,6 +83,11 @@ def apply(
         True
     """
     root = _unwrap(model)
+    _watch_from_pretrained()
+    recorded = recorded_plan(root) if profile is None and sites is None else None
+    if recorded is not None:
+        _only_defaults(mapping=mapping, granularity=granularity, missing=missing, spread=spread)
+        return _restore(root, recorded, schedule=schedule, add_sites=add_sites, generator=generator)
     index, found = _resolve_sites(root, sites, add_sites)
     current = {f.site.name: current_p(f) for f in found}
     name = getattr(getattr(root, "config", None), "_name_or_path", None) or "PATH"
@@ -98,6 +114,15 @@ def apply(
     for f in found:
         entry = plan[f.site.name]
         p = entry.p
+        if entry.source == "keep":  # "keep" means unchanged: not p, not per-unit rates, not modules
+            mod = f.owner
+            rates = getattr(mod, "rates", None) if isinstance(mod, GuidedDropout) else None
+            how = "kept" if rates is None or rates.numel() <= 1 else f"kept ({rates.numel()} rates)"
+            rows.append(
+                ReportRow(f.site.name, current[f.site.name], current[f.site.name], "keep",
+                          how=how, kind=f.site.kind)
+            )  # fmt: skip
+            continue
         if not f.installed:
             f = _install_hook(f, generator, device)
         mod = f.owner
@@ -131,6 +156,175 @@ def apply(
             ReportRow(f.site.name, current[f.site.name], p, entry.source, how=how, kind=f.site.kind)
         )
     report = ApplyReport(rows, "torch", granularity, list(plan.notes), model=root)
+    _record(root, _resolve_sites(root, sites, add_sites)[1], granularity)
     if schedule is not None:
         report.scheduler = Scheduler(report, schedule)
     return report
+
+
+# -- the applied plan, recorded in the model (Hugging Face: in ``config``, as plain JSON) -------
+CONFIG_KEY = "guided_dropout"
+_UNAPPLIED = "_gd_unapplied_hook"
+
+
+def _record(root: Any, found: Any, granularity: str) -> None:
+    """Write what is installed now into ``root.config.guided_dropout`` (plain JSON), so that
+    ``save_pretrained`` keeps it and ``apply(model)`` after ``from_pretrained`` restores it."""
+    _disarm(root)
+    config = getattr(root, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    installed: dict[str, Any] = {}
+    for f in found:
+        mod = f.owner
+        if isinstance(mod, GuidedDropout) and mod.rates.numel() > 1 and f.role == "hidden":
+            installed[f.site.name] = [float(v) for v in mod.rates.detach().cpu().tolist()]
+        else:
+            installed[f.site.name] = float(current_p(f))
+    if any(isinstance(v, list) for v in installed.values()):
+        granularity = "unit"  # per-unit rates installed by an earlier apply are kept
+    setattr(config, CONFIG_KEY, {"version": 1, "granularity": granularity, "sites": installed})
+
+
+def recorded_plan(model: Any) -> dict[str, Any] | None:
+    """The plan an earlier :func:`apply` recorded in ``model.config`` (None if there is none).
+
+    ``{"version": 1, "granularity": ..., "sites": {site: p or [per-unit rates]}}``, plain JSON,
+    so ``save_pretrained`` writes it into ``config.json``; ``apply(model)`` restores it.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+        >>> recorded_plan(net) is None  # no config to record it in
+        True
+    """
+    rec = getattr(getattr(_unwrap(model), "config", None), CONFIG_KEY, None)
+    if not isinstance(rec, dict) or not isinstance(rec.get("sites"), dict):
+        return None
+    return rec
+
+
+def _only_defaults(**given: Any) -> None:
+    """Restoring a recorded plan installs it exactly: refuse arguments that would change it."""
+    defaults = {"mapping": None, "granularity": "site", "missing": "keep", "spread": 1.0}
+    changed = {k: v for k, v in given.items() if v != defaults[k]}
+    if changed:
+        name = next(iter(changed))
+        raise bad_argument(
+            name,
+            f"{name}={defaults[name]!r} when apply(model) restores the plan recorded in the "
+            f"model's config ({CONFIG_KEY})",
+            changed[name],
+            "pass the profile (or {site: p}) again to apply a new plan with these settings",
+        )
+
+
+def _restore(
+    root: Any, rec: dict[str, Any], *, schedule: Any, add_sites: Any, generator: Any
+) -> ApplyReport:
+    """Install a recorded plan exactly (site probabilities and per-unit rates)."""
+    values = dict(rec["sites"])
+    unit = rec.get("granularity") == "unit" or any(isinstance(v, list) for v in values.values())
+    granularity = "unit" if unit else "site"
+    probs = {
+        k: (sum(v) / len(v) if isinstance(v, list) and v else float(v)) for k, v in values.items()
+    }
+    report = apply(
+        root,
+        probs,
+        granularity=granularity,
+        missing="keep",
+        strict=False,
+        add_sites=add_sites,
+        generator=generator,
+    )
+    _, found = _resolve_sites(root, None, add_sites)
+    for f in found:
+        v = values.get(f.site.name)
+        if isinstance(v, list) and isinstance(f.owner, GuidedDropout):
+            f.owner.set_rates(v)
+    setattr(root.config, CONFIG_KEY, rec)
+    report.notes.append(f"restored the plan recorded in the model's config ({CONFIG_KEY})")
+    if schedule is not None:
+        report.scheduler = Scheduler(report, schedule)
+    return report
+
+
+def _disarm(root: Any) -> None:
+    handle = root.__dict__.pop(_UNAPPLIED, None)
+    if handle is not None:
+        handle.remove()
+
+
+def _arm(model: Any) -> None:
+    """After ``from_pretrained`` of a model whose config records a plan: warn once, at the first
+    training-mode forward, that standard dropout runs until ``apply(model)`` restores it."""
+    if recorded_plan(model) is None or _UNAPPLIED in model.__dict__:
+        return
+
+    def warn_once(module: Any, args: Any) -> None:
+        if not module.training:
+            return
+        _disarm(module)
+        warnings.warn(
+            f"{type(module).__name__}: its config records a guided-dropout plan "
+            f"({CONFIG_KEY}) that is not installed, so standard dropout runs; fix: call "
+            "adapters.torch.apply(model) after loading to restore it",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    model.__dict__[_UNAPPLIED] = model.register_forward_pre_hook(warn_once)
+
+
+def _watch_from_pretrained() -> None:
+    """Make ``PreTrainedModel.from_pretrained`` arm :func:`_arm`: now if transformers'
+    ``modeling_utils`` is already imported, else as soon as it is (an import hook), so importing
+    this adapter never imports transformers and the import order does not matter."""
+    utils = sys.modules.get("transformers.modeling_utils")
+    if utils is not None:
+        _patch_from_pretrained(getattr(utils, "PreTrainedModel", None))
+    elif not any(isinstance(f, _WatchImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _WatchImport())
+
+
+class _WatchImport(importlib.abc.MetaPathFinder):
+    """Patches ``from_pretrained`` right after ``transformers.modeling_utils`` is executed."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != "transformers.modeling_utils":
+            return None
+        spec = None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+        run = getattr(getattr(spec, "loader", None), "exec_module", None)
+        if spec is None or run is None:
+            return spec
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            _patch_from_pretrained(getattr(module, "PreTrainedModel", None))
+
+        spec.loader.exec_module = exec_module  # this module's own loader instance
+        return spec
+
+
+def _patch_from_pretrained(base: Any) -> None:
+    current = getattr(base, "__dict__", {}).get("from_pretrained")
+    func = getattr(current, "__func__", None)
+    if func is None or getattr(func, "_gd_watch", False):
+        return
+
+    @functools.wraps(func)
+    def from_pretrained(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        model = func(cls, *args, **kwargs)
+        _arm(model)
+        return model
+
+    from_pretrained._gd_watch = True  # type: ignore[attr-defined]
+    base.from_pretrained = classmethod(from_pretrained)

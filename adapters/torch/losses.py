@@ -6,6 +6,7 @@ Each is a callable ``(model, batch) -> per-sample losses`` for
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -64,6 +65,15 @@ def _generator(seed: int, counter: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + counter) % (1 << 63))
 
 
+def _sample_generator(seed: int, *rows: torch.Tensor) -> torch.Generator:
+    """A generator seeded by ``seed`` and the content of one sample (its token ids, its
+    attention row): the same sample gets the same draws in any batch, chunk, order or process."""
+    h = hashlib.sha256(int(seed).to_bytes(8, "little", signed=True))
+    for row in rows:
+        h.update(row.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+    return torch.Generator().manual_seed(int.from_bytes(h.digest()[:8], "little") % (1 << 63))
+
+
 def _require_batch(batch: Any, who: str) -> Mapping[str, Any]:
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         raise TypeError(f"{who} expects a dict-like batch with 'input_ids' (and 'attention_mask')")
@@ -77,8 +87,9 @@ class MaskedLMLoss:
     ``token_type_ids`` (passed to the model) and ``special_tokens_mask`` (tokens never masked).
     Padding (``attention_mask == 0``) and special tokens (``special_tokens_mask``, the config's
     pad/bos/eos/sep/cls/mask ids and ``special_token_ids``) are never masked. Each call draws the
-    mask from a ``torch.Generator`` seeded by ``(seed, call counter)``, so a fresh loss object
-    with the same seed masks the same batches the same way (``reset()`` rewinds the counter).
+    mask of each sample from a ``torch.Generator`` seeded by ``seed`` and the sample's content
+    (token ids and attention row), so a sample is masked the same way whatever batch, chunk,
+    order, resumed run or process it comes in (two processes give the one-process Fisher).
     A sample with no masked position gets one forced masked token. Returns, per sample, the mean
     cross-entropy over its masked positions. Needs a model with an MLM head (``*ForMaskedLM``)
     whose output has ``logits``.
@@ -119,11 +130,12 @@ class MaskedLMLoss:
         self.counter = 0
 
     def reset(self) -> None:
-        """Rewind the batch counter (the next call masks like the first one)."""
+        """Rewind the call counter (``counter`` counts calls; masks do not depend on it)."""
         self.counter = 0
 
     def mask(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (corrupted input_ids, bool mask of the positions to predict); advances the counter."""
+        """Return (corrupted input_ids, bool mask of the positions to predict): a function of
+        ``seed`` and each sample's content only."""
         ids = batch["input_ids"]
         n, t = ids.shape
         cfg = getattr(model, "config", None)
@@ -138,7 +150,6 @@ class MaskedLMLoss:
         vocab = self.vocab_size or getattr(cfg, "vocab_size", None)
         if vocab is None:
             raise ValueError("MaskedLMLoss needs vocab_size (not found in the model config)")
-        gen = _generator(self.seed, self.counter)
         self.counter += 1
         att = batch.get("attention_mask")
         attended = torch.ones(n, t, dtype=torch.bool) if att is None else att.bool().cpu()
@@ -148,16 +159,21 @@ class MaskedLMLoss:
         eligible[none_eligible] = attended[none_eligible]
         if not eligible.any(1).all():
             raise ValueError("MaskedLMLoss: a sample has no attended token to mask")
-        u = torch.rand(n, t, generator=gen)
+        cpu_ids = ids.cpu()
+        u = torch.empty(n, t)
+        v = torch.empty(n, t)
+        rand_ids = torch.empty(n, t, dtype=torch.long)
+        for i in range(n):  # per sample: the mask is a function of (seed, the sample's content)
+            gen = _sample_generator(self.seed, cpu_ids[i], attended[i])
+            u[i] = torch.rand(t, generator=gen)
+            v[i] = torch.rand(t, generator=gen)
+            rand_ids[i] = torch.randint(0, int(vocab), (t,), generator=gen)
         chosen = eligible & (u < self.mask_prob)
         # force one masked token where none was drawn: the eligible position with the largest u
         empty = ~chosen.any(1)
         if empty.any():
             pick = torch.where(eligible, u, torch.full_like(u, -1.0)).argmax(1)
             chosen[empty, pick[empty]] = True
-        v = torch.rand(n, t, generator=gen)
-        rand_ids = torch.randint(0, int(vocab), (n, t), generator=gen)
-        cpu_ids = ids.cpu()
         corrupted = torch.where(chosen & (v < 0.8), torch.full_like(cpu_ids, int(mask_id)), cpu_ids)
         corrupted = torch.where(chosen & (v >= 0.8) & (v < 0.9), rand_ids, corrupted)
         return corrupted.to(ids.device), chosen.to(ids.device)

@@ -394,3 +394,48 @@ def test_fit_smoke_guided_mlp_loss_falls(toy):
     history = new.fit(x, y, epochs=6, batch_size=32, verbose=0, shuffle=False)
     losses = history.history["loss"]
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("kind", ["functional", "subclassed"])
+def test_second_apply_keeps_other_sites_per_unit_rates(kind):
+    """Issue 14.2: ``missing="keep"`` means unchanged, per-unit rates included."""
+    if kind == "functional":
+        inp = keras.Input((6,))
+        h = layers.Dropout(0.2, name="dr1")(layers.Dense(5, name="d1")(inp))
+        h = layers.Dropout(0.3, name="dr2")(layers.Dense(4, name="d2")(h))
+        model = keras.Model(inp, layers.Dense(3, name="out")(h))
+    else:
+
+        class Net(keras.Model):
+            def __init__(self):
+                super().__init__()
+                # units of a subclassed model are unknown to sites(): start from per-unit rates
+                rates = [0.1, 0.3, 0.2, 0.0, 0.4]
+                self.d1, self.dr1 = (
+                    layers.Dense(5, name="d1"),
+                    gdk.GuidedDropout(rates=rates, name="dr1"),
+                )
+                self.d2, self.dr2 = layers.Dense(4, name="d2"), layers.Dropout(0.3, name="dr2")
+
+            def call(self, x, training=False):
+                h = self.dr1(self.d1(x), training=training)
+                return self.dr2(self.d2(h), training=training)
+
+        model = Net()
+        model(np.zeros((2, 6), "float32"))
+    if kind == "functional":
+        prof = fake_profile(model, [1.0, 2.0])
+        first = gdk.apply(model, prof, granularity="unit", mapping={"p_upper": 0.2}).model
+    else:
+        first = model
+    rates = list(_layer(first, "dr1").rates)
+    assert len(rates) == 5 and len(set(rates)) > 1
+    report = gdk.apply(first, {"dr2": 0.25}, granularity="unit")
+    again = report.model
+    assert list(_layer(again, "dr1").rates) == rates  # not collapsed to their mean
+    assert report["dr1"].source == "keep" and report["dr1"].how == "kept (5 rates)"
+    assert report["dr2"].new_p == pytest.approx(0.25)
+
+
+def _layer(model, name):
+    return next(lay for lay in model._flatten_layers() if lay.name == name)

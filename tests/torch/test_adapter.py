@@ -557,10 +557,11 @@ def test_unit_granularity_installs_rates_from_profile(encoder_profile):
     # attention probabilities are read through `.p`: they stay site-level, and the report says so
     assert type(layer.attention.self.dropout) is nn.Dropout
     assert "read through .p" in report["bert.encoder.layer.0.attention.self.dropout"].how
-    assert report["dropout"].how == "uniform rate"
+    # the new head's dropout, which the profile lacks, is kept as it is ("keep" means unchanged)
+    assert report["dropout"].how == "kept" and type(clf.dropout) is nn.Dropout
     added = set(clf.state_dict()) - keys
     assert added and all(k.endswith(".rates") for k in added) and keys <= set(clf.state_dict())
-    assert len(added) == 1 + 2 * 2 + 1  # embeddings, 2 per layer, classifier dropout
+    assert len(added) == 1 + 2 * 2  # embeddings, 2 per layer
     # the model still trains and evaluates
     batch = token_batches(1, 2)[0]
     clf.train()

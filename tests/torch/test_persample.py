@@ -417,9 +417,11 @@ def test_masked_lm_loss_masking_rules():
     a, b = MaskedLMLoss(mask_token_id=4, seed=7), MaskedLMLoss(mask_token_id=4, seed=7)
     ca, ma = a.mask(model, batch)
     cb, mb = b.mask(model, batch)
-    assert torch.equal(ca, cb) and torch.equal(ma, mb)  # deterministic for seed and counter
+    assert torch.equal(ca, cb) and torch.equal(ma, mb)  # deterministic for seed and content
     c2, m2 = a.mask(model, batch)
-    assert not torch.equal(ma, m2)  # next batch index, new mask
+    assert torch.equal(ma, m2)  # the same samples again: the same mask (not a call counter)
+    other = MaskedLMLoss(mask_token_id=4, seed=8).mask(model, batch)[1]
+    assert not torch.equal(ma, other)  # another seed, another mask
     assert not ma[batch["attention_mask"] == 0].any()  # padding never masked
     assert ma.sum(1).min() >= 1  # every sample has a masked token (sample 5 forced, on CLS)
     assert not ma[:5, 0].any()  # special tokens not masked when others exist

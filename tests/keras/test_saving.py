@@ -1,0 +1,88 @@
+"""Issue 14.8: after `apply`, a model still takes the original's weights (`set_weights`,
+`.weights.h5`), and a `.keras` file saved after `apply` loads in a fresh process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+from keras_saving_models import BUILDERS, example_input  # noqa: E402
+
+import adapters.keras as gdk  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+
+def _applied(model, probs, **kwargs):
+    out = gdk.apply(model, probs, **kwargs)
+    return out[0] if isinstance(out, tuple) else out.model
+
+
+def _site_probs(model) -> dict[str, float]:
+    names = [s.name for s in gdk.sites(model)]
+    return {n: 0.05 + 0.05 * i for i, n in enumerate(names)}
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_applied_model_takes_the_original_weights(tmp_path, kind):
+    original = BUILDERS[kind]()
+    x = example_input(kind)
+    original(x)
+    weights = original.get_weights()
+    original.save_weights(tmp_path / "original.weights.h5")
+    guided = BUILDERS[kind]()
+    guided = _applied(guided, _site_probs(guided))
+    guided(x)
+    assert len(guided.get_weights()) == len(weights)
+    guided.set_weights(weights)
+    np.testing.assert_allclose(guided(x, training=False), original(x, training=False), atol=1e-6)
+    fresh = BUILDERS[kind]()
+    fresh = _applied(fresh, _site_probs(fresh))
+    fresh(x)
+    fresh.load_weights(tmp_path / "original.weights.h5")
+    np.testing.assert_allclose(fresh(x, training=False), original(x, training=False), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_keras_file_saved_after_apply_loads_in_a_fresh_process(tmp_path, kind):
+    model = BUILDERS[kind]()
+    x = example_input(kind)
+    model(x)
+    guided = _applied(model, _site_probs(model))
+    expected = np.asarray(guided(x, training=False))
+    rates = sorted(
+        round(float(layer.rate), 6)
+        for layer in guided._flatten_layers()
+        if isinstance(layer, (gdk.GuidedDropout, keras.layers.Dropout))
+    )
+    path = tmp_path / "guided.keras"
+    guided.save(path)
+    np.save(tmp_path / "x.npy", x)
+    code = f"""
+import sys
+sys.path.insert(0, {str(HERE)!r})
+import numpy as np, keras
+import adapters.keras as gdk
+import keras_saving_models
+m = keras.models.load_model({str(path)!r})
+x = np.load({str(tmp_path / "x.npy")!r})
+np.save({str(tmp_path / "got.npy")!r}, np.asarray(m(x, training=False)))
+rates = sorted(round(float(l.rate), 6) for l in m._flatten_layers() if isinstance(l, (gdk.GuidedDropout, keras.layers.Dropout)))
+print(repr(rates))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    if kind != "subclassed":  # a subclassed model rebuilds its layers from its own code
+        assert eval(done.stdout.strip().splitlines()[-1]) == rates
+    np.testing.assert_allclose(np.load(tmp_path / "got.npy"), expected, atol=1e-6)
