@@ -94,12 +94,13 @@ def lora_sites(model: Any) -> list[LoraSite]:
     return out
 
 
-def base_fingerprint(model: Any) -> Fingerprint:
-    """The fingerprint of the base model inside a PEFT model (LoRA weights left out)."""
+def fingerprint(model: Any) -> Fingerprint:
+    """The fingerprint of a PEFT model as its base model would have it under the PEFT prefix:
+    LoRA weights left out, ``.base_layer`` dropped (so a base model's profile aligns)."""
     shapes = {
-        base_name(n): tuple(p.shape)
-        for n, p in model.named_parameters(remove_duplicate=False)
-        if ".lora_" not in n and "lora_" not in n.rsplit(".", 1)[-1]
+        n.replace(".base_layer.", "."): tuple(p.shape)
+        for n, p in model.named_parameters()
+        if ".lora_" not in n
     }
     return Fingerprint.from_shapes(shapes)
 
