@@ -117,15 +117,14 @@ def _device(model: Any) -> Any:
     return torch.device("cpu")
 
 
-def computer(model: Any, tokenizer: Any = None, *, loss: Any = None) -> Any:
+def computer(model: Any, tokenizer: Any, gdt: Any, *, loss: Any = None) -> Any:
     """A ``compute(settings) -> Computed`` for :func:`gd_core.auto.cached_or_computed`, or None
-    when the model is not a transformers model (no known pretraining objective)."""
+    when the model is not a transformers model (no known pretraining objective). ``gdt`` is the
+    adapter module (:mod:`adapters.torch`), passed in so this module does not import it."""
     if getattr(_peft_base(model), "config", None) is None and loss is None:
         return None
 
     def compute(settings: AutoSettings) -> Computed:
-        from . import torch as gdt
-
         target, objective, path = pretrained_part(model)
         tok = find_tokenizer(target if _model_name(target) else model, tokenizer)
         texts, corpus = settings.texts()

@@ -107,7 +107,13 @@ def fingerprint(model: Any) -> Fingerprint:
 
 def lora_tensors(model: Any) -> list[str]:
     """Names of the weights LoRA usually adapts (every ``nn.Linear`` weight but the output head):
-    pass them to a profile of the base model so it holds their Fisher (``tensors=``)."""
+    pass them to a profile of the base model so it holds their Fisher (``tensors=``).
+
+    Example:
+        >>> import torch
+        >>> lora_tensors(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 2)))
+        ['0.weight', '2.weight']
+    """
     out = []
     for path, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and not path.endswith(("lm_head", "classifier", "score")):
@@ -169,7 +175,12 @@ def install(
 
 
 def save(model: Any, folder: str | os.PathLike[str], **kwargs: Any) -> Path:
-    """``model.save_pretrained(folder)`` plus the LoRA dropout probabilities (``guided_dropout.json``)."""
+    """``model.save_pretrained(folder)`` plus the LoRA dropout probabilities (``guided_dropout.json``).
+
+    Example:
+        >>> save(peft_model, "my-adapter")  # doctest: +SKIP
+        PosixPath('my-adapter/guided_dropout.json')
+    """
     model.save_pretrained(str(folder), **kwargs)
     path = Path(folder) / SIDECAR
     probs = {s.name: s.p for s in lora_sites(model)}
@@ -178,7 +189,13 @@ def save(model: Any, folder: str | os.PathLike[str], **kwargs: Any) -> Path:
 
 
 def load(model: Any, folder: str | os.PathLike[str]) -> dict[str, float]:
-    """Put the probabilities :func:`save` wrote back on a PEFT model loaded from ``folder``."""
+    """Put the probabilities :func:`save` wrote back on a PEFT model loaded from ``folder``.
+
+    Example:
+        >>> model = peft.PeftModel.from_pretrained(base, "my-adapter")  # doctest: +SKIP
+        >>> load(model, "my-adapter")  # doctest: +SKIP
+        {'base_model.model.model.layers.0.self_attn.q_proj.lora_dropout.default': 0.0, ...}
+    """
     path = Path(folder) / SIDECAR
     if not path.is_file():
         raise ArgumentError(

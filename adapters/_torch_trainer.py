@@ -30,7 +30,14 @@ transformers = require("transformers", "the Trainer callback")
 
 class GuidedDropoutCallback(transformers.TrainerCallback):  # type: ignore[misc]
     """Step a :class:`adapters.torch.Scheduler` (or an ``ApplyReport`` with a scheduler) with the
-    Trainer's optimiser steps."""
+    Trainer's optimiser steps.
+
+    Example:
+        >>> import torch, transformers  # doctest: +SKIP
+        >>> report = gdt.apply(model, profile, schedule=Schedule("early", steps=500))  # doctest: +SKIP
+        >>> trainer = transformers.Trainer(model=model, args=args, train_dataset=data,  # doctest: +SKIP
+        ...                                callbacks=[gdt.GuidedDropoutCallback(report)])
+    """
 
     def __init__(self, scheduler: Any) -> None:
         sched = getattr(scheduler, "scheduler", scheduler)
