@@ -202,7 +202,7 @@ def cached_or_computed(
         >>> notes[0].startswith("profile computed by apply(): mlm objective on Net")
         True
         >>> cached_or_computed(["d"], fp, None, AutoSettings(), lambda: ProfileNotFoundError("x"))[1]
-        ['profile from the cache (computed by apply() earlier: mlm on Net, 32 paragraphs of python-docs)']
+        ['profile from the cache (computed by apply() earlier: mlm on Net, 192 paragraphs of python-docs)']
         >>> del os.environ["GD_CACHE_DIR"]
     """
     cached = find_cached(model_sites, model_fingerprint)
