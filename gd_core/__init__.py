@@ -17,6 +17,7 @@ Example:
 from ._version import __version__
 from .errors import (
     ArgumentError,
+    ArgumentTypeError,
     GuidedDropoutError,
     NonFiniteGradientError,
     NoSitesError,
@@ -37,6 +38,7 @@ __all__ = [
     "MAPPINGS",
     "SCHEDULES",
     "ArgumentError",
+    "ArgumentTypeError",
     "Fingerprint",
     "FisherAccumulator",
     "FisherResult",

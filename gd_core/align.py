@@ -2,8 +2,7 @@
 
 A profile is usually computed on a bare pretrained encoder (``encoder.layer.0...``) and applied to
 a task model that wraps it (``bert.encoder.layer.0...``) and adds a new head. :func:`align`
-finds the renaming, checks that every profiled parameter exists in the model with the same shape,
-and :func:`resolve` decides each model site's probability, including sites the profile does not
+finds the renaming and applies the one same-model rule (:func:`check_same_model`), and :func:`resolve` decides each model site's probability, including sites the profile does not
 know (policy ``keep``, ``upper`` or ``error``).
 """
 
@@ -12,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import numpy as np
 
 from .errors import ProfileMismatchError, bad_argument
 from .fingerprint import Fingerprint
@@ -63,35 +64,55 @@ def find_renaming(profile_sites: Sequence[str], model_sites: Sequence[str]) -> R
     return best
 
 
-def align(
+def check_same_model(
     profile: SensitivityProfile,
     model_sites: Sequence[str],
     model_fingerprint: Fingerprint | None,
-    *,
-    strict: bool = True,
-) -> SensitivityProfile:
-    """Rename ``profile`` into the model's names and check it belongs to this model.
+) -> list[str]:
+    """The one "same model?" rule; returns notes (never silent) or raises ProfileMismatchError.
 
-    With ``strict`` every parameter of the profiled model must exist in this model with the same
-    shape (a new task head is fine); otherwise a :class:`ProfileMismatchError` says what differs.
+    ``profile`` is already renamed into the model's names. A profile belongs to a model when
+
+    1. at least one of its sites is a site of the model;
+    2. every profiled parameter the model has has the same shape (canonical layout), and the same
+       number of elements for parameters known only by size;
+    3. it shares at least one parameter with the model (when both list parameters).
+
+    A profiled parameter the model lacks (a pooler an exporter dropped, layers the model does not
+    have) is allowed and reported in the returned notes, as are profile sites the model lacks.
     """
-    renaming = find_renaming(profile.site_names, model_sites)
-    out = profile.translate(renaming) if renaming != Renaming() else profile
-    matched = [s for s in out.site_names if s in set(model_sites)]
-    if strict and not matched:
+    here = set(model_sites)
+    if not any(s in here for s in profile.site_names):
         raise ProfileMismatchError(
             "profile: expected a profile whose sites match this model's dropout sites, received "
             f"sites like {profile.site_names[:2]} while the model has {list(model_sites)[:2]}; "
             "fix: compute a profile for this model (gd profile --model ...)"
         )
-    if strict and out.fingerprint is not None and model_fingerprint is not None:
-        mine = dict(model_fingerprint.params)
-        problems = []
-        for name, shape in out.fingerprint.params:
-            if name not in mine:
-                problems.append(f"missing {name}")
-            elif mine[name] != shape:
-                problems.append(f"{name}: shape {shape} in profile vs {mine[name]} in model")
+    notes: list[str] = []
+    if model_fingerprint is not None:
+        mine = {n: tuple(s) for n, s in model_fingerprint.params}
+        known: dict[str, str] = {}
+        problems: list[str] = []
+        if profile.fingerprint is not None:
+            for name, shape in profile.fingerprint.params:
+                known[name] = name
+                if name in mine and tuple(shape) != mine[name]:
+                    problems.append(
+                        f"{name}: shape {tuple(shape)} in profile vs {mine[name]} in model"
+                    )
+        for name, size in profile.tensor_sizes.items():
+            if name in known:
+                continue
+            known[name] = name
+            if name in mine and int(np.prod(mine[name], dtype=np.int64)) != int(size):
+                problems.append(
+                    f"{name}: {size} elements in profile vs shape {mine[name]} in model"
+                )
+        if known and mine and not any(n in mine for n in known):
+            problems.append(
+                f"none of its parameters (e.g. {list(known)[:2]}) is a parameter of this model "
+                f"(which has e.g. {list(mine)[:2]})"
+            )
         if problems:
             more = f" and {len(problems) - 4} more" if len(problems) > 4 else ""
             raise ProfileMismatchError(
@@ -99,6 +120,30 @@ def align(
                 f"from a different model ({'; '.join(problems[:4])}{more}); fix: compute a "
                 "profile for this model, or pass strict=False if the difference is intended"
             )
+        lacking = [n for n in known if n not in mine]
+        if lacking and mine:
+            notes.append(
+                f"{len(lacking)} profiled parameter(s) are not in this model (e.g. "
+                f"{lacking[:3]}); their sites' scores still count in the mapping"
+            )
+    return notes
+
+
+def align(
+    profile: SensitivityProfile,
+    model_sites: Sequence[str],
+    model_fingerprint: Fingerprint | None,
+    *,
+    strict: bool = True,
+) -> SensitivityProfile:
+    """Rename ``profile`` into the model's names and, with ``strict``, check it belongs to this
+    model (:func:`check_same_model`, which raises a :class:`ProfileMismatchError` saying what
+    differs).
+    """
+    renaming = find_renaming(profile.site_names, model_sites)
+    out = profile.translate(renaming) if renaming != Renaming() else profile
+    if strict:
+        check_same_model(out, model_sites, model_fingerprint)
     return out
 
 
@@ -157,64 +202,3 @@ def find_cached(
         except Exception:  # noqa: BLE001 - an incompatible or unreadable cache entry is skipped
             continue
     return None
-
-
-def resolve_given(
-    given: Mapping[str, Any],
-    model_sites: Sequence[str],
-    current: Mapping[str, float],
-    *,
-    mapping: str | Mapping[str, Any] | None = None,
-    missing: str = "keep",
-    allow_absent: bool = False,
-    strict: bool = True,
-    sites_hint: str = "the adapter's sites(model)",
-) -> tuple[dict[str, tuple[float, str]], list[str]]:
-    """Like :func:`resolve` for probabilities a user gives directly as ``{site: p}``.
-
-    Keys are aligned to the model's names by prefix. A key that names no site of the model is an
-    error, unless ``allow_absent`` (a graph whose exporter folded some dropout away): then the
-    unmatched keys are returned as ``absent``, and with ``strict`` matching none is an error.
-    Returns ``({site: (p, source)}, absent)`` with source ``given``, ``keep`` or ``upper``.
-
-    Example:
-        >>> resolve_given({"enc.dropout": 0.05}, ["bert.enc.dropout", "head.dropout"],
-        ...               {"head.dropout": 0.1})[0]
-        {'bert.enc.dropout': (0.05, 'given'), 'head.dropout': (0.1, 'keep')}
-    """
-    if missing not in MISSING_POLICIES:
-        raise bad_argument("missing", f"one of {MISSING_POLICIES}", missing, "use missing='keep'")
-    names = list(model_sites)
-    renaming = find_renaming([str(k) for k in given], names)
-    probs = {renaming(str(k)): v for k, v in given.items()}
-    absent = [k for k in probs if k not in set(names)]
-    if absent and (not allow_absent or (strict and len(absent) == len(probs))):
-        raise bad_argument(
-            "profile",
-            "a dict whose keys are dropout sites of this model",
-            absent[:3],
-            f"use names from {sites_hint}, e.g. {names[:3]}",
-        )
-    for site, p in probs.items():
-        if isinstance(p, bool) or not hasattr(p, "__float__"):
-            raise bad_argument(f"profile[{site!r}]", "a float in [0, 1)", p, "pass a probability")
-        if not 0.0 <= float(p) < 1.0:
-            raise bad_argument(
-                f"profile[{site!r}]", "a float in [0, 1)", p, "pass a dropout probability"
-            )
-    unknown = [n for n in names if n not in probs]
-    if unknown and missing == "error":
-        raise ProfileMismatchError(
-            f"profile: expected a probability for every dropout site, received none for "
-            f"{unknown[:3]}; fix: pass missing='keep' (leave them) or missing='upper' (p_upper)"
-        )
-    upper = float(_mapping_dict(mapping)["p_upper"])
-    out: dict[str, tuple[float, str]] = {}
-    for n in names:
-        if n in probs:
-            out[n] = (float(probs[n]), "given")
-        elif missing == "upper":
-            out[n] = (upper, "upper")
-        else:
-            out[n] = (float(current.get(n, 0.0)), "keep")
-    return out, absent

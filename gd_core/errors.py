@@ -17,6 +17,10 @@ class ArgumentError(GuidedDropoutError, ValueError):
     """An argument has the wrong value or type."""
 
 
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument has the wrong type (also a ``TypeError``, as the frameworks raise)."""
+
+
 class NoSitesError(GuidedDropoutError, ValueError):
     """A model (or graph) has no dropout site to work on."""
 

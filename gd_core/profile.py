@@ -18,7 +18,7 @@ import numpy as np
 
 from ._io import atomic_write_npz, read_npz
 from ._version import __version__
-from .errors import ProfileError, ProfileMismatchError, bad_argument
+from .errors import ProfileError, bad_argument
 from .fingerprint import Fingerprint
 from .mappings import map_scores, unit_probabilities
 from .names import translator
@@ -212,18 +212,6 @@ class SensitivityProfile:
             else Fingerprint.from_shapes([(fn(n), s) for n, s in self.fingerprint.params]),
         )
 
-    def check_fingerprint(self, fingerprint: Fingerprint | None, *, strict: bool = True) -> None:
-        """Refuse a model whose parameters differ from the profiled model's (unless not strict)."""
-        if not strict or fingerprint is None or self.fingerprint is None:
-            return
-        if fingerprint.digest != self.fingerprint.digest:
-            diffs = self.fingerprint.differences(fingerprint)
-            raise ProfileMismatchError(
-                "profile: expected a profile computed on this model's parameters, received one "
-                f"from a different model ({'; '.join(diffs)}); fix: compute a profile for this "
-                "model, or pass strict=False if the difference is intended"
-            )
-
     def table(self, mapping: str | Mapping[str, Any] | None = None) -> str:
         """A readable table: site, Fisher score, rank (1 = most important), probability."""
         probs = self.probability_array(mapping)
@@ -334,24 +322,3 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"metadata value of type {type(obj).__name__} is not JSON serialisable")
-
-
-def as_profile(profile: Any, fix: str) -> SensitivityProfile:
-    """A :class:`SensitivityProfile` from a profile or the path of a saved one.
-
-    Example:
-        >>> as_profile(3, "pass a profile")
-        Traceback (most recent call last):
-        ...
-        gd_core.errors.ArgumentError: profile: expected None (use the cache), a SensitivityProfile, the path of a saved one, or {site: p}, received 'int'; fix: pass a profile
-    """
-    if isinstance(profile, SensitivityProfile):
-        return profile
-    if isinstance(profile, (str, os.PathLike)):
-        return SensitivityProfile.load(profile)
-    raise bad_argument(
-        "profile",
-        "None (use the cache), a SensitivityProfile, the path of a saved one, or {site: p}",
-        type(profile).__name__,
-        fix,
-    )

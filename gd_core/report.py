@@ -51,7 +51,18 @@ class ReportRow:
 
 @dataclass
 class ApplyReport:
-    """The rows of an ``apply`` call plus report-wide notes; ``str()`` gives a table.
+    """What every adapter's ``apply`` returns: the rows of the call, report-wide notes, and the
+    model to train; ``str()`` gives a table.
+
+    Attributes:
+        rows: one :class:`ReportRow` per dropout site, in the model's order.
+        framework: ``torch``, ``keras`` or ``onnx``.
+        granularity: ``site`` or ``unit``.
+        notes: what the user should know about the call as a whole.
+        model: the model to train: the same object (torch; a subclassed Keras model) or the
+            rewritten model (a Sequential/functional Keras model; an ONNX ``ModelProto``).
+        scheduler: what advances a schedule given to ``apply`` (torch: a ``Scheduler``; Keras:
+            a ``GuidedDropoutScheduler`` callback for ``fit``), else None.
 
     Example:
         >>> r = ApplyReport([ReportRow("a.dropout", 0.1, 0.0, "profile"),
@@ -66,6 +77,8 @@ class ApplyReport:
     framework: str = ""
     granularity: str = "site"
     notes: list[str] = field(default_factory=list)
+    model: Any = field(default=None, repr=False, compare=False)
+    scheduler: Any = field(default=None, repr=False, compare=False)
 
     def __iter__(self) -> Iterator[ReportRow]:
         return iter(self.rows)
@@ -127,6 +140,12 @@ class ApplyReport:
 
     def __str__(self) -> str:
         return self.table()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(framework={self.framework!r}, sites={len(self.rows)}, "
+            f"granularity={self.granularity!r})"
+        )
 
 
 def _summary(rows: Sequence[ReportRow], framework: str, granularity: str) -> str:

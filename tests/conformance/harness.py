@@ -212,8 +212,7 @@ class KerasHarness(Harness):
 
         if seed is not None:
             keras.utils.set_random_seed(seed)
-        new, _ = gdk.apply(model, profile, **kw)
-        return new
+        return gdk.apply(model, profile, **kw).model
 
     def installed(self, model, spec):
         out = {}
@@ -293,7 +292,7 @@ class OnnxHarness(Harness):
     def apply(self, model, spec, profile, seed=None, **kw):
         import adapters.onnx as gdo
 
-        new, _ = gdo.apply(model, profile, seed=seed, **kw)
+        new = gdo.apply(model, profile, seed=seed, **kw).model
         self._original = model
         return new
 

@@ -166,7 +166,8 @@ def test_apply_rewrites_dropout_inside_attention_and_nested_models():
     # the walk back from the output dropout enters the attention block after its inner dropout
     assert outer_site.params == ("attention_output.weight", "attention_output.bias")
     assert nested_site.params == ("inner_dense.weight", "inner_dense.bias")
-    new, report = gdk.apply(model, fake_profile(model, [3.0, 2.0, 1.0]))
+    report = gdk.apply(model, fake_profile(model, [3.0, 2.0, 1.0]))
+    new = report.model
     assert report.probabilities() == dict(
         zip([s.name for s in found], (0.0, 0.05, 0.1), strict=True)
     )
@@ -184,7 +185,8 @@ def test_apply_functional_model_keeps_weights_and_installs_profile_rates(mlp, to
     mlp.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     before = numpy_weights(mlp)
     prof = fake_profile(mlp, [2.0, 1.0])
-    new, report = gdk.apply(mlp, prof)
+    report = gdk.apply(mlp, prof)
+    new = report.model
     assert report.probabilities() == {"enc0_dropout": 0.0, "enc1_dropout": 0.1}
     assert [r.old_p for r in report] == [0.1, 0.1] and report.counts() == {"profile": 2}
     for name, p in report.probabilities().items():
@@ -219,7 +221,8 @@ def test_apply_sequential_model_with_unit_granularity(toy):
         ]
     )
     prof = fake_profile(model, [1.0, 2.0])
-    new, report = gdk.apply(model, prof, granularity="unit", mapping={"p_upper": 0.2})
+    report = gdk.apply(model, prof, granularity="unit", mapping={"p_upper": 0.2})
+    new = report.model
     assert isinstance(new, keras.Sequential)
     first = new.get_layer("dr1")
     assert first.seed == 3 and len(first.rates) == 5
@@ -234,15 +237,15 @@ def test_apply_sequential_model_with_unit_granularity(toy):
 
 def test_apply_aligns_renamed_profiles_and_applies_the_missing_policy(mlp):
     prof = fake_profile(mlp, [2.0, 1.0]).translate(lambda n: "base." + n)
-    _, report = gdk.apply(mlp, prof)  # the "base." prefix is stripped by gd_core.align
+    report = gdk.apply(mlp, prof)  # the "base." prefix is stripped by gd_core.align
     assert report.probabilities() == {"enc0_dropout": 0.0, "enc1_dropout": 0.1}
 
     partial = gd_core.SensitivityProfile(
         sites=(gdk.sites(mlp)[0],), scores=np.array([1.0]), mapping={"p_upper": 0.3}
     )
-    _, keep = gdk.apply(mlp, partial, missing="keep")
+    keep = gdk.apply(mlp, partial, missing="keep")
     assert keep["enc1_dropout"].source == "keep" and keep["enc1_dropout"].new_p == 0.1
-    _, upper = gdk.apply(mlp, partial, missing="upper")
+    upper = gdk.apply(mlp, partial, missing="upper")
     assert upper["enc1_dropout"].source == "upper" and upper["enc1_dropout"].new_p == 0.3
     with pytest.raises(ProfileMismatchError, match="missing='keep'"):
         gdk.apply(mlp, partial, missing="error")
@@ -253,10 +256,10 @@ def test_apply_refuses_a_profile_of_another_model_unless_not_strict(mlp, tmp_pat
     prof = fake_profile(other, [1.0, 2.0])
     with pytest.raises(ProfileMismatchError, match="strict=False"):
         gdk.apply(mlp, prof)
-    new, report = gdk.apply(mlp, prof, strict=False)
+    report = gdk.apply(mlp, prof, strict=False)
     assert report.probabilities() == {"enc0_dropout": 0.1, "enc1_dropout": 0.0}
     path = prof.save(tmp_path / "other.profile.npz")
-    _, from_file = gdk.apply(mlp, str(path), strict=False)
+    from_file = gdk.apply(mlp, str(path), strict=False)
     assert from_file.probabilities() == report.probabilities()
     with pytest.raises(ArgumentError, match="granularity"):
         gdk.apply(mlp, prof, granularity="layer")
@@ -265,7 +268,8 @@ def test_apply_refuses_a_profile_of_another_model_unless_not_strict(mlp, tmp_pat
 
 
 def test_apply_given_probabilities_and_cached_profiles(mlp, tmp_path, monkeypatch):
-    new, report = gdk.apply(mlp, {"enc1_dropout": 0.25}, missing="upper")
+    report = gdk.apply(mlp, {"enc1_dropout": 0.25}, missing="upper")
+    new = report.model
     assert report.probabilities() == {"enc0_dropout": 0.1, "enc1_dropout": 0.25}
     assert [r.source for r in report] == ["upper", "given"]
     assert new.get_layer("enc1_dropout").rate == 0.25
@@ -277,10 +281,11 @@ def test_apply_given_probabilities_and_cached_profiles(mlp, tmp_path, monkeypatc
     with pytest.raises(gd_core.ProfileNotFoundError, match="cache=True"):
         gdk.apply(mlp)
     gd_core.cache.store(fake_profile(mlp, [1.0, 2.0]))
-    _, cached = gdk.apply(mlp)
+    cached = gdk.apply(mlp)
     assert cached.probabilities() == {"enc0_dropout": 0.1, "enc1_dropout": 0.0}
     only_first = gdk.sites(mlp)[:1]
-    partial, one = gdk.apply(mlp, {"enc0_dropout": 0.05}, sites=only_first)
+    one = gdk.apply(mlp, {"enc0_dropout": 0.05}, sites=only_first)
+    partial = one.model
     assert one.sites == ["enc0_dropout"]
     assert type(partial.get_layer("enc1_dropout")) is layers.Dropout  # not asked: untouched
 
@@ -327,7 +332,8 @@ def test_apply_subclassed_model_replaces_dropout_attributes_in_place(toy):
     assert [s.name for s in found] == ["b0.dropout", "b1.dropout", "head_dropout"]
     assert found[1].params == ("b1.dense.weight", "b1.dense.bias")
     before = numpy_weights(net)
-    same, report = gdk.apply(net, fake_profile(net, [3.0, 2.0, 1.0]), granularity="unit")
+    report = gdk.apply(net, fake_profile(net, [3.0, 2.0, 1.0]), granularity="unit")
+    same = report.model
     assert same is net and "in place" in report.notes[0]
     assert all(r.units is None for r in report)  # subclassed: units unknown, one rate per site
     guided = [layer for layer in net._flatten_layers() if isinstance(layer, gdk.GuidedDropout)]
@@ -376,7 +382,7 @@ def test_report_is_framework_neutral():
 def test_fit_smoke_guided_mlp_loss_falls(toy):
     x, y = toy
     base = build_mlp(seed=1)
-    new, _ = gdk.apply(base, fake_profile(base, [2.0, 1.0], mapping={"p_upper": 0.2}))
+    new = gdk.apply(base, fake_profile(base, [2.0, 1.0], mapping={"p_upper": 0.2})).model
     new.compile(keras.optimizers.Adam(0.02), keras.losses.SparseCategoricalCrossentropy(True))
     history = new.fit(x, y, epochs=6, batch_size=32, verbose=0, shuffle=False)
     losses = history.history["loss"]

@@ -106,9 +106,9 @@ def test_bad_losses_and_datasets_are_explained(model, toy):
         gdk.estimate_fisher(model, data, reduced, progress=False)
     with pytest.raises(ArgumentError, match="loss: expected a callable"):
         gdk.estimate_fisher(model, data, 3, progress=False)
-    with pytest.raises(ArgumentError, match="dataset: expected at least one batch"):
+    with pytest.raises(ArgumentError, match="batches: expected at least one batch"):
         gdk.estimate_fisher(model, [], sce(), progress=False)
-    with pytest.raises(ArgumentError, match="dataset: expected an iterable"):
+    with pytest.raises(ArgumentError, match="batches: expected an iterable"):
         gdk.estimate_fisher(model, 5, sce(), progress=False)
     with pytest.raises(ArgumentError, match=r"\(x, y\) batches"):
         gdk.estimate_fisher(model, [x[:4]], sce(), progress=False)
@@ -138,7 +138,8 @@ def test_profile_aggregates_fisher_over_sites(model, toy, tmp_path):
     assert mapped.site("enc1_dropout").params == ("classifier.weight",)
     assert mapped.scores[1] == pytest.approx(fisher["classifier.weight"].mean())
     loaded = gd_core.SensitivityProfile.load(prof.save(tmp_path / "mlp.profile.npz"))
-    new, report = gdk.apply(model, loaded, granularity="unit")
+    report = gdk.apply(model, loaded, granularity="unit")
+    new = report.model
     assert sorted(report.probabilities().values()) == [0.0, 0.1]
     p_site = report.probabilities()
     for name, p in p_site.items():

@@ -12,7 +12,7 @@ from gd_core.errors import ArgumentError
 keras = pytest.importorskip("keras")
 gdk = pytest.importorskip("adapters.keras")
 GuidedDropout = gdk.GuidedDropout
-_read = pytest.importorskip("adapters._keras_layer")._read
+_read = pytest.importorskip("adapters.keras.layer")._read
 
 N = 20_000
 

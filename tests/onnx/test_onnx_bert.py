@@ -85,7 +85,8 @@ def test_sites_are_the_torch_dropout_modules(exported, attn):
 def test_rewrite_check_artifacts_and_train(exported, batch, tmp_path, opset, attn):
     model, path = exported(opset, attn)
     prof = synthetic_profile(model)
-    out, report = ao.apply(path, prof)
+    report = ao.apply(path, prof)
+    out = report.model
     onnx.checker.check_model(out, full_check=True)
     onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True)
     assert report.absent == [] and report.counts() == {"profile": N_SITES}
@@ -114,7 +115,8 @@ def test_rewrite_check_artifacts_and_train(exported, batch, tmp_path, opset, att
 
 def test_opset17_layernorm_needs_the_repair(exported, tmp_path):
     model, path = exported(17, "sdpa")
-    out, report = ao.apply(path, synthetic_profile(model), repair=False)
+    report = ao.apply(path, synthetic_profile(model), repair=False)
+    out = report.model
     assert report.changes == []
     with pytest.raises(Exception, match="OutputDefs"):
         ao.make_artifacts(out, tmp_path, repair=False, optimizer=None)
@@ -122,7 +124,8 @@ def test_opset17_layernorm_needs_the_repair(exported, tmp_path):
 
 def test_eval_graph_ignores_ratios_while_training_graph_uses_them(exported, batch, tmp_path):
     model, path = exported(14, "eager")
-    out, report = ao.apply(path, synthetic_profile(model), ratios_as_inputs=True)
+    report = ao.apply(path, synthetic_profile(model), ratios_as_inputs=True)
+    out = report.model
     assert len(report.ratio_inputs) == N_SITES
     assert {i.name for i in out.graph.input} >= set(report.ratio_inputs.values())
     art = ao.make_artifacts(out, tmp_path, optimizer=None)
@@ -189,7 +192,8 @@ def test_profile_from_adapters_torch_applies_to_the_export(exported):
     except Exception as exc:  # noqa: BLE001 - the other adapter's state is not under test here
         pytest.skip(f"adapters.torch could not list sites ({type(exc).__name__}: {exc})")
     prof = synthetic_profile(model, sites=tsites, fp=fp)
-    out, report = ao.apply(path, prof)
+    report = ao.apply(path, prof)
+    out = report.model
     assert report.absent == [] and report.counts().get("profile") == N_SITES
     for site, p in prof.probabilities().items():
         for node in report.nodes[site]:

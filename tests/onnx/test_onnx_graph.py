@@ -16,7 +16,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import adapters.onnx as ao  # noqa: E402
-from adapters._onnx_graph import example_model  # noqa: E402
+from adapters.onnx.graph import example_model  # noqa: E402
 from gd_core import (  # noqa: E402
     ArgumentError,
     Fingerprint,
@@ -129,7 +129,7 @@ def test_no_dropout_nodes_raise_no_sites_error_naming_the_fix():
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=7)
     with pytest.raises(NoSitesError, match="TrainingMode.TRAINING"):
         ao.sites(m)
-    with pytest.raises(NoSitesError, match="model_proto"):
+    with pytest.raises(NoSitesError, match="model: "):
         ao.apply(m, {"x": 0.1})
 
 
@@ -139,7 +139,8 @@ def test_no_dropout_nodes_raise_no_sites_error_naming_the_fix():
 def test_apply_gives_each_node_its_own_ratio_and_never_mutates_a_shared_one():
     m = example_model(ratio=0.1)
     before = m.SerializeToString()
-    out, report = ao.apply(m, {"dropout": 0.0, "head_drop": 0.2})
+    report = ao.apply(m, {"dropout": 0.0, "head_drop": 0.2})
+    out = report.model
     assert m.SerializeToString() == before  # the input model is untouched
     assert _ratio_of(out, "/dropout/Dropout") == ("dropout.ratio", 0.0)
     name, value = _ratio_of(out, "/head_drop/Dropout")
@@ -154,19 +155,20 @@ def test_a_shared_ratio_still_used_elsewhere_is_kept_unchanged():
     m = example_model(ratio=0.1)
     m.graph.node.append(helper.make_node("Mul", ["y", "shared_ratio"], ["z"], name="/scale/Mul"))
     m.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 2]))
-    out, _ = ao.apply(m, {"dropout": 0.05, "head_drop": 0.0})
+    out = ao.apply(m, {"dropout": 0.05, "head_drop": 0.0}).model
     inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     assert float(inits["shared_ratio"]) == pytest.approx(0.1)
     assert float(inits["dropout.ratio"]) == pytest.approx(0.05)
 
 
 def test_apply_twice_replaces_its_own_ratios_and_can_switch_to_inputs():
-    once, _ = ao.apply(example_model(), {"dropout": 0.02, "head_drop": 0.04})
-    twice, _ = ao.apply(once, {"dropout": 0.07, "head_drop": 0.0})
+    once = ao.apply(example_model(), {"dropout": 0.02, "head_drop": 0.04}).model
+    twice = ao.apply(once, {"dropout": 0.07, "head_drop": 0.0}).model
     names = [t.name for t in twice.graph.initializer]
     assert names.count("dropout.ratio") == 1
     assert _ratio_of(twice, "/dropout/Dropout")[1] == pytest.approx(0.07)
-    as_inputs, report = ao.apply(twice, {"dropout": 0.07, "head_drop": 0.0}, ratios_as_inputs=True)
+    report = ao.apply(twice, {"dropout": 0.07, "head_drop": 0.0}, ratios_as_inputs=True)
+    as_inputs = report.model
     assert "dropout.ratio" not in {t.name for t in as_inputs.graph.initializer}
     assert [i.name for i in as_inputs.graph.input] == ["x", "dropout.ratio", "head_drop.ratio"]
     assert report.ratio_inputs == {"dropout": "dropout.ratio", "head_drop": "head_drop.ratio"}
@@ -174,9 +176,9 @@ def test_apply_twice_replaces_its_own_ratios_and_can_switch_to_inputs():
 
 def test_missing_policies_for_sites_the_profile_lacks():
     m = example_model(ratio=0.1)
-    _, keep = ao.apply(m, {"dropout": 0.0})
+    keep = ao.apply(m, {"dropout": 0.0})
     assert keep["head_drop"].new_p == pytest.approx(0.1) and keep["head_drop"].source == "keep"
-    _, upper = ao.apply(m, {"dropout": 0.0}, mapping={"p_upper": 0.3}, missing="upper")
+    upper = ao.apply(m, {"dropout": 0.0}, mapping={"p_upper": 0.3}, missing="upper")
     assert upper["head_drop"].new_p == pytest.approx(0.3) and upper["head_drop"].source == "upper"
     with pytest.raises(ProfileMismatchError, match="missing='keep'"):
         ao.apply(m, {"dropout": 0.0}, missing="error")
@@ -190,7 +192,8 @@ def test_profile_is_renamed_applied_and_absent_sites_are_reported():
         shapes,
         scores_from=[5.0, 1.0, 3.0],
     )
-    out, report = ao.apply(example_model(), prof)
+    report = ao.apply(example_model(), prof)
+    out = report.model
     expected = {k.removeprefix("model."): v for k, v in prof.probabilities().items()}
     assert report.probabilities() == {s: expected[s] for s in ("dropout", "head_drop")}
     assert report.absent == ["attn.dropout"]
@@ -279,13 +282,14 @@ def test_apply_activates_inert_dropout_and_reports_repairs():
     node = m.graph.node[2]
     del node.input[2:]  # no training_mode: inert, as torch's SDPA export emits it
     del node.output[1:]
-    out, report = ao.apply(m, {"dropout": 0.05, "head_drop": 0.0})
+    report = ao.apply(m, {"dropout": 0.05, "head_drop": 0.0})
+    out = report.model
     assert report.activated == ["dropout"]
     assert report["dropout"].old_p == 0.0 and "activated" in report["dropout"].note
     fixed = next(n for n in out.graph.node if n.name == "/dropout/Dropout")
     assert len(fixed.input) == 3 and len(fixed.output) == 2
     assert any("mask" in c for c in report.changes)
-    _, kept = ao.apply(m, {"dropout": 0.05}, activate=False)
+    kept = ao.apply(m, {"dropout": 0.05}, activate=False)
     assert kept.activated == [] and "inert" in kept["dropout"].note
     assert kept["dropout"].new_p == 0.0 and any("ratio set to 0" in c for c in kept.changes)
 
@@ -295,7 +299,8 @@ def test_apply_activates_inert_dropout_and_reports_repairs():
 # ---------------------------------------------------------------------------------------------
 def test_ratios_as_inputs_change_the_drop_rate_at_run_time():
     n = 20000
-    m, report = ao.apply(_identity_dropout(0.5, n), {"drop": 0.3}, ratios_as_inputs=True)
+    report = ao.apply(_identity_dropout(0.5, n), {"drop": 0.3}, ratios_as_inputs=True)
+    m = report.model
     assert report.ratio_inputs == {"drop": "drop.ratio"}
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.ones(n, np.float32)
@@ -307,13 +312,13 @@ def test_ratios_as_inputs_change_the_drop_rate_at_run_time():
 
 
 def test_ratio_feeds_follow_the_report_and_a_schedule():
-    _, report = ao.apply(example_model(), {"dropout": 0.08, "head_drop": 0.02},
-                         ratios_as_inputs=True)  # fmt: skip
+    report = ao.apply(example_model(), {"dropout": 0.08, "head_drop": 0.02},
+                      ratios_as_inputs=True)  # fmt: skip
     feeds = ao.ratio_feeds(report, schedule=Schedule("linear_warmup", steps=4), step=1)
     assert set(feeds) == {"dropout.ratio", "head_drop.ratio"}
     assert float(feeds["dropout.ratio"]) == pytest.approx(0.02)
     assert feeds["dropout.ratio"].dtype == np.float32 and feeds["dropout.ratio"].shape == ()
-    _, constant = ao.apply(example_model(), {"dropout": 0.08})
+    constant = ao.apply(example_model(), {"dropout": 0.08})
     with pytest.raises(ArgumentError, match="ratios_as_inputs=True"):
         ao.ratio_feeds(constant)
 
@@ -369,7 +374,7 @@ def test_fisher_from_artifacts_with_ratio_inputs_equals_fisher_from_the_model(tm
     rng = np.random.default_rng(2)
     batches = [{"x": rng.normal(size=(5, 4)).astype(np.float32),
                 "target": rng.normal(size=(5, 2)).astype(np.float32)}]  # fmt: skip
-    m, _ = ao.apply(example_model(), {"dropout": 0.3, "head_drop": 0.3}, ratios_as_inputs=True)
+    m = ao.apply(example_model(), {"dropout": 0.3, "head_drop": 0.3}, ratios_as_inputs=True).model
     art = ao.make_artifacts(m, tmp_path / "inputs", loss="mse")
     assert art.ratio_inputs == {"dropout": "dropout.ratio", "head_drop": "head_drop.ratio"}
     from_dir = ao.estimate_fisher(tmp_path / "inputs", batches)
@@ -377,7 +382,7 @@ def test_fisher_from_artifacts_with_ratio_inputs_equals_fisher_from_the_model(tm
     assert set(from_dir) == set(from_model)
     for k in from_model:
         np.testing.assert_allclose(from_dir[k], from_model[k], rtol=1e-5, atol=1e-9)
-    fixed, _ = ao.apply(example_model(), {"dropout": 0.3, "head_drop": 0.3})
+    fixed = ao.apply(example_model(), {"dropout": 0.3, "head_drop": 0.3}).model
     ao.make_artifacts(fixed, tmp_path / "fixed", loss="mse")
     with pytest.raises(ArgumentError, match="ratios_as_inputs=True"):
         ao.estimate_fisher(tmp_path / "fixed", batches)
@@ -390,7 +395,7 @@ def test_profile_from_onnx_applies_back_to_the_same_graph():
     prof = ao.profile(example_model(), batches, loss="mse")
     assert prof.site_names == ["dropout", "head_drop"]
     assert prof.metadata["samples"] == 4 and prof.fingerprint == ao.fingerprint(example_model())
-    out, report = ao.apply(example_model(), prof)
+    report = ao.apply(example_model(), prof)
     assert report.probabilities() == pytest.approx(prof.probabilities())
     assert sorted(report.probabilities().values()) == [0.0, 0.1]
 
@@ -409,7 +414,7 @@ def test_make_artifacts_rejects_unknown_names_and_losses(tmp_path):
 
 def test_seed_makes_masks_reproducible_and_distinct_per_seed():
     def mask(seed: int) -> np.ndarray:
-        m, _ = ao.apply(_identity_dropout(0.5, 1000), {"drop": 0.5}, seed=seed)
+        m = ao.apply(_identity_dropout(0.5, 1000), {"drop": 0.5}, seed=seed).model
         sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
         return sess.run(None, {"x": np.ones(1000, np.float32)})[0] == 0
 

@@ -110,7 +110,8 @@ def assert_unit_statistics(x: np.ndarray, y: np.ndarray, rates: np.ndarray) -> N
 
 def test_tiny_graph_per_unit_rates_fractions_and_mean():
     m, prof = tiny(), tiny_profile()
-    out, report = ao.apply(m, prof, granularity="unit", seed=11)
+    report = ao.apply(m, prof, granularity="unit", seed=11)
+    out = report.model
     onnx.checker.check_model(out, full_check=True)
     onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True)
     assert not any(n.op_type == "Dropout" and not g.gd_role(n) for n in out.graph.node)
@@ -133,7 +134,8 @@ def test_tiny_graph_per_unit_rates_fractions_and_mean():
 
 def test_eval_identity_and_mask_output_follow_training_mode():
     m = tiny(mode_input=True, mask_output=True)
-    out, report = ao.apply(m, tiny_profile(), granularity="unit", seed=0)
+    report = ao.apply(m, tiny_profile(), granularity="unit", seed=0)
+    out = report.model
     onnx.checker.check_model(out, full_check=True)
     assert [o.name for o in out.graph.output] == ["y", "m"]
     x = np.random.default_rng(2).normal(size=(4000, FEATURES)).astype(np.float32)
@@ -151,7 +153,7 @@ def test_same_seed_same_mask_and_different_seed_different_mask():
     x = np.ones((2000, FEATURES), np.float32)
 
     def masks(seed: int) -> tuple[np.ndarray, np.ndarray]:
-        out, _ = ao.apply(tiny(), tiny_profile(), granularity="unit", seed=seed)
+        out = ao.apply(tiny(), tiny_profile(), granularity="unit", seed=seed).model
         session = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
         return session.run(None, {"x": x})[0] == 0, session.run(None, {"x": x})[0] == 0
 
@@ -161,7 +163,7 @@ def test_same_seed_same_mask_and_different_seed_different_mask():
     np.testing.assert_array_equal(first, again)  # a fresh session with the same seed
     assert (first != other).mean() > 0.05
     assert (first != second).mean() > 0.05  # each run of a session draws a new mask
-    out, _ = ao.apply(tiny(), tiny_profile(), granularity="unit", seed=3)
+    out = ao.apply(tiny(), tiny_profile(), granularity="unit", seed=3).model
     (noise,) = [n for n in out.graph.node if n.op_type == "RandomUniformLike"]
     assert onnx.helper.get_attribute_value(noise.attribute[0]) == 3.0
 
@@ -170,14 +172,14 @@ def test_node_seed_is_kept_without_seed_argument():
     m = tiny()
     drop = next(n for n in m.graph.node if n.op_type == "Dropout")
     drop.attribute.append(helper.make_attribute("seed", 42))
-    out, _ = ao.apply(m, tiny_profile(), granularity="unit")
+    out = ao.apply(m, tiny_profile(), granularity="unit").model
     (noise,) = [n for n in out.graph.node if n.op_type == "RandomUniformLike"]
     assert [(a.name, a.f) for a in noise.attribute] == [("seed", 42.0)]
 
 
 def test_tiny_graph_trains_through_artifacts_and_eval_graph_is_dropout_free(tmp_path):
     m = tiny()
-    out, _ = ao.apply(m, tiny_profile(p=0.3), granularity="unit", seed=1)
+    out = ao.apply(m, tiny_profile(p=0.3), granularity="unit", seed=1).model
     art = ao.make_artifacts(out, tmp_path / "art", loss="mse")
     assert art.requires_grad == ["dense.weight"] and art.dropout == "constant"
     rng = np.random.default_rng(3)
@@ -205,7 +207,8 @@ def test_tiny_graph_trains_through_artifacts_and_eval_graph_is_dropout_free(tmp_
 
 def test_rates_as_inputs_feeds_schedules_and_fisher(tmp_path):
     m = tiny()
-    out, report = ao.apply(m, tiny_profile(), granularity="unit", ratios_as_inputs=True, seed=2)
+    report = ao.apply(m, tiny_profile(), granularity="unit", ratios_as_inputs=True, seed=2)
+    out = report.model
     onnx.checker.check_model(out, full_check=True)
     assert report.ratio_inputs == {"drop": "drop.rates"}
     (rates_input,) = [i for i in out.graph.input if i.name == "drop.rates"]
@@ -244,7 +247,8 @@ def test_rates_as_inputs_feeds_schedules_and_fisher(tmp_path):
 )
 def test_sites_without_feature_units_fall_back_to_site_level(model, strict, why):
     prof = tiny_profile(units=6) if why == "6 unit scores" else {"drop": 0.2}
-    out, report = ao.apply(model(), prof, granularity="unit", strict=strict)
+    report = ao.apply(model(), prof, granularity="unit", strict=strict)
+    out = report.model
     onnx.checker.check_model(out, full_check=True)
     row = report["drop"]
     assert row.units is None and row.note.startswith("site level: ") and why in row.note
@@ -256,19 +260,20 @@ def test_sites_without_feature_units_fall_back_to_site_level(model, strict, why)
 
 def test_default_site_granularity_is_unchanged_and_bad_arguments_are_refused():
     m, prof = tiny(), tiny_profile()
-    default, _ = ao.apply(m, prof)
-    site, report = ao.apply(m, prof, granularity="site")
+    default = ao.apply(m, prof).model
+    report = ao.apply(m, prof, granularity="site")
+    site = report.model
     assert default.SerializeToString() == site.SerializeToString()
     assert report.granularity == "site" and report.unit_rates == {}
     with pytest.raises(ArgumentError, match="granularity"):
         ao.apply(m, prof, granularity="feature")
     with pytest.raises(ArgumentError, match="spread"):
         ao.apply(m, prof, granularity="unit", spread=2.0)
-    unit, _ = ao.apply(m, prof, granularity="unit")
+    unit = ao.apply(m, prof, granularity="unit").model
     with pytest.raises(ArgumentError, match="original export"):
         ao.apply(unit, prof, granularity="unit")
     # a dict profile (no unit scores): the site's p for every unit
-    out, report = ao.apply(m, {"drop": 0.2}, granularity="unit")
+    report = ao.apply(m, {"drop": 0.2}, granularity="unit")
     np.testing.assert_array_equal(report.unit_rates["drop"], np.full(UNITS, np.float32(0.2)))
     assert report["drop"].units == UNITS and "no unit scores" in report["drop"].note
 
@@ -331,7 +336,8 @@ def test_bert_unit_rewrite_reports_fallback_trains_and_evaluates_without_dropout
 ):
     torch = pytest.importorskip("torch")
     model, path, prof = bert
-    out, report = ao.apply(path, prof, granularity="unit", seed=0)
+    report = ao.apply(path, prof, granularity="unit", seed=0)
+    out = report.model
     onnx.checker.check_model(out, full_check=True)
     onnx.shape_inference.infer_shapes(out, check_type=True, strict_mode=True)
     unit_p = prof.unit_probabilities()
@@ -385,7 +391,8 @@ def test_bert_per_unit_fractions_mean_and_seeds(bert):
     }
 
     def dropped(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        out, report = ao.apply(path, prof, granularity="unit", seed=seed)
+        report = ao.apply(path, prof, granularity="unit", seed=seed)
+        out = report.model
         watched, unit = watch(out, WATCHED)
         _, x, y = run(watched, **feeds)
         return x, y, report.unit_rates[WATCHED]

@@ -1,4 +1,4 @@
-"""Exactness and hygiene tests of the per-sample squared-gradient engine (adapters._torch_persample)."""
+"""Exactness and hygiene tests of the per-sample squared-gradient engine (adapters.torch.persample)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,8 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
 
-from adapters._torch_persample import (  # noqa: E402
-    CausalLMLoss,
-    ContrastiveLoss,
-    MaskedLMLoss,
+from adapters.torch.losses import CausalLMLoss, ContrastiveLoss, MaskedLMLoss  # noqa: E402
+from adapters.torch.persample import (  # noqa: E402
     per_sample_sq_grad_sums,
     reference_sq_grad_sums,
 )

@@ -1,8 +1,8 @@
 """Per-sample squared gradients of Keras 3 models on the TensorFlow and torch backends (private).
 
 Each batch yields, in the framework, float64 sums over its samples of squared per-sample gradients
-(plus per-sample finiteness flags); :func:`estimate` hands the sums to
-:class:`gd_core.FisherAccumulator`, which owns the NaN policy and the averaging.
+(plus per-sample loss finiteness); the loop (``max_samples``, non-finite samples, progress,
+checkpoints) is :func:`gd_core.fisher_loop.estimate`'s.
 
 TensorFlow: ``tf.GradientTape.jacobian`` of the per-sample losses (vectorised with pfor, falling
 back to a while loop if pfor cannot convert an op), inside a ``tf.function``.
@@ -12,16 +12,24 @@ torch: ``torch.func.vmap(torch.func.grad(...))`` with the model's weights substi
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from gd_core.errors import GuidedDropoutError, NonFiniteGradientError, bad_argument
-from gd_core.fisher import FisherAccumulator, FisherResult
+from gd_core import cache as _cache
+from gd_core import fisher_loop as loop
+from gd_core.errors import GuidedDropoutError, bad_argument
+from gd_core.fisher import FisherResult
+from gd_core.fisher_loop import BatchSums, NumpyEngine
+from gd_core.profile import SensitivityProfile
+from gd_core.sites import Site
+from gd_core.validate import check_int
 
-from ._keras_layer import keras
+from .discovery import ModelIndex, _fingerprint, resolve_sites
+from .layer import keras
 
 ops = keras.ops
 LossFn = Callable[[Any, Any], Any]
@@ -66,7 +74,7 @@ def _from_pair_loss(fn: Callable[[Any, Any], Any]) -> LossFn:
     def loss(model: Any, batch: Any) -> Any:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise bad_argument(
-                "dataset",
+                "batches",
                 "(x, y) batches when loss is a keras loss",
                 f"a batch of type {type(batch).__name__}",
                 "yield (inputs, targets) pairs, or pass a callable loss(model, batch)",
@@ -111,7 +119,7 @@ def _to_backend(batch: Any) -> Any:
 def iterate(dataset: Any) -> Iterator[Any]:
     if isinstance(dataset, (str, bytes)) or not isinstance(dataset, Iterable):
         raise bad_argument(
-            "dataset",
+            "batches",
             "an iterable of batches (tf.data.Dataset, keras PyDataset, list, DataLoader)",
             type(dataset).__name__,
             "wrap your arrays, e.g. [(x_batch, y_batch), ...]",
@@ -130,22 +138,6 @@ class _BatchFn:
     def __call__(self, batch: Any, limit: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """Returns (sums, finite flags of samples < limit, loss-finite flags of those samples)."""
         raise NotImplementedError
-
-    def isolated(self, batch: Any, limit: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        """The same, one sample at a time: a vectorised backward pass multiplies every sample's
-        activations by the other samples' zero cotangents, so one NaN sample makes every row of
-        the batch's jacobian NaN; per-sample calls keep the finite samples (skip policy)."""
-        n = min(len(keras.tree.flatten(batch)[0]), limit)
-        total: list[np.ndarray] | None = None
-        finite, loss_ok = [], []
-        for i in range(n):
-            single = keras.tree.map_structure(lambda t, i=i: t[i : i + 1], batch)
-            sums, ok, lok = self(single, 1)
-            finite.append(bool(ok[0]))
-            loss_ok.append(bool(lok[0]))
-            total = sums if total is None else [a + b for a, b in zip(total, sums, strict=True)]
-        assert total is not None
-        return total, np.array(finite), np.array(loss_ok)
 
 
 def _masked_sums(grads: list[Any], loss_ok: Any, limit: Any, skip: bool) -> tuple[list[Any], Any]:
@@ -300,93 +292,203 @@ def batch_fn(model: Any, variables: list[Any], loss: LossFn, skip: bool) -> _Bat
     )
 
 
-def _chunks(batches: Iterator[Any], size: int | None) -> Iterator[Any]:
-    """Split every batch into pieces of at most ``size`` samples (bounds jacobian memory)."""
-    for batch in batches:
-        if size is None:
-            yield batch
-            continue
-        n = len(keras.tree.flatten(batch)[0])
-        for start in range(0, n, size):
-            yield keras.tree.map_structure(lambda t, a=start: t[a : a + size], batch)
+class _Engine(NumpyEngine):
+    """Per-sample squared-gradient sums of a Keras model, a chunk of samples at a time."""
+
+    def __init__(
+        self, model: Any, names: list[str], variables: list[Any], loss: LossFn, chunk: int | None
+    ) -> None:
+        super().__init__()
+        self.names = names
+        self.fn = batch_fn(model, variables, loss, skip=False)
+        self.chunk = chunk
+
+    def size(self, batch: Any) -> int:
+        return len(keras.tree.flatten(batch)[0])
+
+    def take(self, batch: Any, index: Any) -> Any:
+        if isinstance(index, slice):
+            return keras.tree.map_structure(lambda t: t[index], batch)
+        idx = np.asarray(list(index), dtype="int32")
+        return keras.tree.map_structure(lambda t: ops.take(t, idx, axis=0), batch)
+
+    def sq_grad_sums(self, batch: Any) -> BatchSums:
+        n = self.size(batch)
+        step = self.chunk or n
+        total: list[np.ndarray] | None = None
+        ok: list[np.ndarray] = []
+        for start in range(0, n, step):
+            part = batch if step >= n else self.take(batch, slice(start, start + step))
+            sums, _, loss_ok = self.fn(part, 2**31 - 1)
+            total = sums if total is None else [a + b for a, b in zip(total, sums, strict=True)]
+            ok.append(np.asarray(loss_ok))
+        assert total is not None
+        flags = np.concatenate(ok) if ok else np.ones(0, bool)
+        return BatchSums(
+            dict(zip(self.names, total, strict=True)), n, losses=np.where(flags, 0.0, np.nan)
+        )
 
 
-def _progress(total: int | None, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="sample", desc="Fisher", leave=False)
-
-
-def estimate(
+def estimate_fisher(
     model: Any,
-    names: list[str],
-    variables: list[Any],
-    dataset: Any,
-    loss: Any,
-    *,
-    max_samples: int | None,
-    progress: bool,
-    on_nonfinite: str,
+    batches: Any,
+    loss: Callable[[Any, Any], Any] | Any,
+    max_samples: int | None = None,
+    progress: bool = True,
     chunk_size: int | None = None,
+    on_nonfinite: str = "raise",
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 50,
+    resume: bool = False,
+    *,
+    params: Sequence[str] | None = None,
 ) -> FisherResult:
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise bad_argument("chunk_size", "None or an int >= 1", chunk_size, "pass e.g. 8")
-    if max_samples is not None and (
-        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
-    ):
-        raise bad_argument("max_samples", "None or an int >= 1", max_samples, "pass e.g. 512")
-    acc = FisherAccumulator(on_nonfinite)  # validates on_nonfinite
-    loss_fn, loss_name = make_loss(loss)
-    if not variables:
+    """Empirical Fisher diagonal of every trainable weight: mean of squared per-sample gradients.
+
+    Args:
+        model: a built Keras 3 model.
+        batches: an iterable of batches (``tf.data.Dataset``, list of tuples, ``PyDataset``,
+            torch ``DataLoader``); numpy/TF/torch arrays are converted to backend tensors.
+        loss: ``loss(model, batch) -> 1-D per-sample losses`` (call the model with
+            ``training=False``), or a ``keras.losses.Loss`` with ``reduction=None`` (or a Keras
+            loss name) used on ``(x, y)`` batches as ``loss(y, model(x, training=False))``.
+        max_samples: stop after this many samples (default: the whole dataset).
+        progress: show a tqdm progress bar (if tqdm is installed).
+        on_nonfinite: ``"raise"`` (NonFiniteGradientError naming the weight) or ``"skip"`` (drop
+            and count such samples: ``result.skipped``).
+        chunk_size: split each batch into pieces of at most this many samples (the per-sample
+            gradients of one piece are held in memory at once); default the whole batch.
+        checkpoint, checkpoint_every, resume: save the accumulator atomically to ``checkpoint``
+            every ``checkpoint_every`` batches and at the end; ``resume=True`` continues an
+            interrupted run from it (:func:`gd_core.fisher_loop.estimate`).
+        params: canonical names of the weights to estimate (default: every trainable weight).
+
+    Per-sample gradients are vectorised over the batch (TensorFlow: ``GradientTape.jacobian``
+    with pfor; torch: ``torch.func.vmap``), squared and summed in float64 in the framework, and the
+    sums are handed to ``gd_core.FisherAccumulator``. Memory grows with batch (or chunk) size x
+    weights.
+
+    Example:
+        >>> import numpy as np, keras
+        >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="fc")])
+        >>> data = [(np.ones((4, 3), "float32"), np.zeros((4,), "int32"))]
+        >>> loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+        >>> f = estimate_fisher(m, data, loss, progress=False)
+        >>> f.count, sorted(f), f["fc.weight"].shape
+        (4, ['fc.bias', 'fc.weight'], (3, 2))
+    """
+    trainable = ModelIndex.build(model).trainable()
+    if params is not None:
+        unknown = [n for n in params if n not in trainable]
+        if unknown:
+            raise bad_argument(
+                "params",
+                "canonical names of this model's trainable weights",
+                unknown[:3],
+                f"use names such as {list(trainable)[:3]}",
+            )
+        trainable = {n: trainable[n] for n in params}
+    if not trainable:
         raise bad_argument(
             "model",
             "a model with trainable weights",
             "none",
             "unfreeze the pretrained layers (layer.trainable = True) before estimating Fisher",
         )
-    fn = batch_fn(model, variables, loss_fn, skip=on_nonfinite == "skip")
-    bar = _progress(max_samples, progress)
-    seen = 0
-    try:
-        for batch in _chunks(iterate(dataset), chunk_size):
-            if max_samples is not None and seen >= max_samples:
-                break
-            limit = max_samples - seen if max_samples is not None else 2**31 - 1
-            sums, finite, loss_ok = fn(batch, limit)
-            n = min(len(finite), limit)
-            if on_nonfinite == "skip" and not bool(np.all(finite[:n])):
-                sums, finite, loss_ok = fn.isolated(batch, limit)
-            if on_nonfinite == "raise" and not bool(np.all(loss_ok[:n])):
-                bad = int(np.flatnonzero(~loss_ok[:n])[0])
-                raise NonFiniteGradientError(
-                    f"loss of sample {seen + bad} is NaN or Inf; fix: check that sample's inputs "
-                    "and labels, or pass on_nonfinite='skip' to skip and count such samples"
-                )
-            if on_nonfinite == "skip":
-                bad = int(np.sum(~finite[:n]))
-                acc.add(dict(zip(names, sums, strict=True)), n - bad, skipped=bad)
-            else:
-                acc.add(dict(zip(names, sums, strict=True)), n)
-            seen += n
-            if bar is not None:
-                bar.update(n)
-    finally:
-        if bar is not None:
-            bar.close()
-    if seen == 0:
-        raise bad_argument(
-            "dataset", "at least one batch", "an empty dataset", "pass some samples to profile on"
-        )
-    acc.metadata.update({"loss": loss_name, "backend": keras.backend.backend()})
-    if acc.count == 0:
-        raise NonFiniteGradientError(
-            f"every one of the {acc.skipped} samples had a non-finite gradient or loss; fix: "
-            "check the model and loss (e.g. a learning rate that diverged, or log(0) in the loss)"
-        )
-    return FisherResult.from_accumulator(acc)
+    chunk_size = check_int(chunk_size, "chunk_size", 1, 8, optional=True)
+    loss_fn, loss_name = make_loss(loss)
+    engine = _Engine(model, list(trainable), list(trainable.values()), loss_fn, chunk_size)
+    result = loop.estimate(
+        iterate(batches),
+        engine,
+        max_samples=max_samples,
+        progress=progress,
+        on_nonfinite=on_nonfinite,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        run={"loss": loss_name, "backend": keras.backend.backend()},
+    )
+    return result
+
+
+def profile(
+    model: Any,
+    batches: Any,
+    loss: Callable[[Any, Any], Any] | Any,
+    max_samples: int | None = None,
+    progress: bool = True,
+    chunk_size: int | None = None,
+    on_nonfinite: str = "raise",
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 50,
+    resume: bool = False,
+    *,
+    sites: Mapping[str, Sequence[str]] | Sequence[Site] | None = None,
+    aggregation: str = "tensor_mean",
+    mapping: str | Mapping[str, Any] | None = None,
+    cache: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+    with_units: bool = True,
+) -> SensitivityProfile:
+    """Estimate Fisher and aggregate it into a ``gd_core.SensitivityProfile`` for this model.
+
+    Takes :func:`estimate_fisher`'s arguments, plus ``sites`` (None, a list of ``gd_core.Site``
+    of this model, or a site mapping ``{site: [weight names]}`` as in :func:`sites`),
+    ``aggregation`` and ``mapping`` (the score-to-probability mapping stored in the profile,
+    default ``linear_rank`` over ``[0.0, 0.1]``), ``cache`` (store the profile in the per-user
+    cache, where :func:`apply` with ``profile=None`` finds it) and ``metadata`` (merged into the
+    profile's). The profile carries the model's fingerprint and metadata ``framework="keras"``,
+    ``backend``, ``samples``, ``skipped`` and ``loss``.
+
+    Example:
+        >>> import numpy as np, keras
+        >>> inp = keras.Input((3,))
+        >>> h = keras.layers.Dropout(0.1, name="drop_in")(keras.layers.Dense(4, name="a")(inp))
+        >>> h = keras.layers.Dropout(0.1, name="drop_mid")(keras.layers.Dense(4, name="b")(h))
+        >>> m = keras.Model(inp, keras.layers.Dense(2, name="head")(h))
+        >>> data = [(np.ones((4, 3), "float32"), np.zeros((4,), "int32"))]
+        >>> loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+        >>> prof = profile(m, data, loss, progress=False)
+        >>> prof.site_names, prof.metadata["framework"]
+        (['drop_in', 'drop_mid'], 'keras')
+    """
+    idx = ModelIndex.build(model)
+    model_sites = [site for site, _ in resolve_sites(idx, sites)]
+    trainable = idx.trainable()
+    guarded = [n for n in trainable if any(n in s.params for s in model_sites)]
+    fisher = estimate_fisher(
+        model,
+        batches,
+        loss,
+        max_samples,
+        progress,
+        chunk_size,
+        on_nonfinite,
+        checkpoint,
+        checkpoint_every,
+        resume,
+        params=guarded or None,
+    )
+    meta = {
+        "framework": "keras",
+        "backend": keras.backend.backend(),
+        "keras_version": keras.__version__,
+        "model": str(model.name),
+        "samples": fisher.count,
+        "skipped": fisher.skipped,
+        "loss": fisher.accumulator.metadata.get("loss"),
+        **dict(metadata or {}),
+    }
+    prof = SensitivityProfile.from_fisher(
+        fisher,
+        model_sites,
+        aggregation=aggregation,
+        mapping=mapping,
+        fingerprint=_fingerprint(idx),
+        metadata=meta,
+        with_units=with_units,
+    )
+    if cache:
+        _cache.store(prof)
+    return prof

@@ -1,4 +1,5 @@
-"""Canonical names, dropout sites and guarded weights of Keras 3 models (private helpers).
+"""Canonical names, dropout sites and guarded weights of Keras 3 models: :func:`sites`,
+:func:`fingerprint`.
 
 The index walks a model's layer tree once and records, in graph order, every layer, the canonical
 name of every weight (``<layer name>.<weight|bias|...>``) and the dropout sites. Guarded weights of
@@ -14,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gd_core.errors import bad_argument, no_sites
+from gd_core.fingerprint import Fingerprint
 from gd_core.names import LEAF_ALIASES, from_keras_layer
 from gd_core.sites import Site, site_mapping
 
-from ._keras_layer import GuidedDropout, _children, keras
+from .layer import GuidedDropout, _children, keras
 
 SITE_KIND = "layer"
 
@@ -306,3 +308,72 @@ def sites_of(idx: ModelIndex, mapping: Mapping[str, Sequence[str]] | None = None
 
 def _check_mapping(idx: ModelIndex, names: list[str], mapping: Any) -> dict[str, list[str]]:
     return site_mapping(mapping, names, idx.variables, sites_hint="adapters.keras.sites(model)")
+
+
+def sites(model: Any, mapping: Mapping[str, Sequence[str]] | None = None) -> list[Any]:
+    """The model's dropout sites (``gd_core.Site``) in graph order, with canonical names.
+
+    Sites are ``Dropout``, ``SpatialDropout1D/2D/3D``, ``AlphaDropout`` and ``GuidedDropout``
+    layers (not ``GaussianDropout``/``GaussianNoise``). A site guards, by default, the trainable
+    weights of the layers between the previous site and itself in the functional graph (for
+    subclassed models: in layer order); ``mapping`` ``{site: [weight names]}`` overrides that.
+    Unit axes are the last axis of every guarded weight whose last dimension equals the site's
+    units (Dense kernel ``(in, out)`` -> 1, bias/LayerNormalization -> 0, Embedding -> 1).
+
+    Example:
+        >>> import keras
+        >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="fc"),
+        ...                       keras.layers.Dropout(0.1, name="drop")])
+        >>> s = sites(m)[0]
+        >>> s.name, s.params, s.units, s.unit_axes
+        ('drop', ('fc.weight', 'fc.bias'), 4, {'fc.weight': 1, 'fc.bias': 0})
+    """
+    return sites_of(ModelIndex.build(model), mapping)
+
+
+def _fingerprint(idx: ModelIndex) -> Fingerprint:
+    return Fingerprint.from_shapes([(n, tuple(v.shape)) for n, v in idx.variables.items()])
+
+
+def fingerprint(model: Any) -> Fingerprint:
+    """The model's weights (canonical names, Keras shapes), excluding dropout layers' state.
+
+    Keras shapes differ from torch's for dense kernels (``(in, out)`` vs ``(out, in)``), so a
+    profile computed in another framework matches a Keras model only with ``strict=False``.
+
+    Example:
+        >>> import keras
+        >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="fc")])
+        >>> fingerprint(m).params
+        (('fc.bias', (4,)), ('fc.weight', (3, 4)))
+    """
+    return _fingerprint(ModelIndex.build(model))
+
+
+def resolve_sites(idx: ModelIndex, given: Any) -> list[tuple[Site, Any]]:
+    """(Site, layer) pairs: discovered (optionally with a site mapping) or the given Sites."""
+    if given is None or isinstance(given, Mapping):
+        found = sites_of(idx, given)
+        return list(zip(found, idx.site_layers, strict=True))
+    if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
+        given = [given]
+    found = sites_of(idx)
+    layer_of = {s.name: layer for s, layer in zip(found, idx.site_layers, strict=True)}
+    out = []
+    for site in given:
+        if not isinstance(site, Site):
+            raise bad_argument(
+                "sites",
+                "None, a list of gd_core.Site, or a site mapping {site: [weight names]}",
+                type(site).__name__,
+                "pass sites=adapters.keras.sites(model) or a dict",
+            )
+        if site.name not in layer_of:
+            raise bad_argument(
+                "sites",
+                "sites of this model",
+                site.name,
+                f"use names from adapters.keras.sites(model), e.g. {list(layer_of)[:3]}",
+            )
+        out.append((site, layer_of[site.name]))
+    return out

@@ -1,7 +1,7 @@
-"""ONNX Runtime Training side of the ONNX adapter: artifacts, feeds and per-sample gradients.
+"""ONNX Runtime Training side of the ONNX adapter: artifacts (:func:`make_artifacts`) and feeds.
 
-Private: :mod:`adapters.onnx` is the public surface. ``onnxruntime.training`` is imported only
-inside functions (its package ``__init__`` imports torch when torch is installed).
+``onnxruntime.training`` is imported only inside functions (its package ``__init__`` imports
+torch when torch is installed).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 
 from gd_core._io import atomic_write_bytes
-from gd_core.errors import NonFiniteGradientError, bad_argument
-from gd_core.fisher import FisherAccumulator
+from gd_core.errors import bad_argument
 
-from ._lazy import require
-from ._onnx_graph import DEFAULT_DOMAINS, GraphIndex, Param
+from .._lazy import require
+from . import graph as _g
+from . import rewrite as _r
+from .discovery import ModelLike, _copy, _load, _onnx_names, prepare_for_training
+from .graph import DEFAULT_DOMAINS, GraphIndex, SiteInfo
 
 META_FILE = "gd_artifacts.json"
 META_FORMAT = "guided-dropout-ort-artifacts"
@@ -307,77 +309,6 @@ def split_batch(
     return arrays, size_set.pop()
 
 
-def samples(
-    arrays: Mapping[str, np.ndarray], names: Sequence[str], size: int
-) -> Iterator[list[np.ndarray]]:
-    """Batch-of-one slices in ``names`` order."""
-    for i in range(size):
-        yield [np.ascontiguousarray(arrays[n][i : i + 1]) for n in names]
-
-
-def per_sample_fisher(
-    art: Artifacts,
-    batches: Iterable[Any],
-    *,
-    params: Mapping[str, Param],
-    max_samples: int | None,
-    on_nonfinite: str,
-    device: str = "cpu",
-) -> FisherAccumulator:
-    """Squared per-sample gradients through ``onnxruntime.training.api``, summed in float64.
-
-    For every sample: ``module.lazy_reset_grad()``, one ``module(...)`` train step on a batch of
-    one, then each gradient from ``state.parameters[name].grad``. The sums go to a
-    :class:`FisherAccumulator` (keys: canonical names, arrays in canonical layout).
-    """
-    acc = FisherAccumulator(on_nonfinite)  # type: ignore[arg-type]  # validates the policy
-    module, _, state = art.open(device, optimizer=False)
-    module.train()
-    names = list(module.input_names())
-    zero = np.zeros((), dtype=np.float32)
-    fixed = {n: zero for n in art.ratio_inputs.values() if n in names}
-    user = [n for n in names if n not in fixed]
-    aliases = _label_aliases(user)
-    trained = [n for n in art.requires_grad if n in params]
-    sums = {n: np.zeros(state.parameters[n].data.shape, dtype=np.float64) for n in trained}
-    count = skipped = 0
-    for batch in batches:
-        if max_samples is not None and count + skipped >= max_samples:
-            break
-        arrays, size = split_batch(batch, user, aliases)
-        for sample in samples(arrays, user, size):
-            if max_samples is not None and count + skipped >= max_samples:
-                break
-            feeds = dict(zip(user, sample, strict=True))
-            feeds.update(fixed)
-            module.lazy_reset_grad()
-            loss = np.asarray(module(*module_inputs(names, feeds, "batches")))
-            grads = {n: state.parameters[n].grad for n in trained}
-            bad = _first_nonfinite(loss, grads)
-            if bad is not None:
-                if on_nonfinite == "raise":
-                    where = "the loss" if bad == "" else f"gradient of {params[bad].name!r}"
-                    raise NonFiniteGradientError(
-                        f"{where} is NaN or Inf for sample {count + skipped}; fix: check that "
-                        "sample's inputs and labels, or pass on_nonfinite='skip' to skip and "
-                        "count such samples",
-                        parameter=None if bad == "" else params[bad].name,
-                    )
-                skipped += 1
-                continue
-            for n in trained:
-                if grads[n] is not None:  # None: the loss does not reach this parameter
-                    g = np.asarray(grads[n], dtype=np.float64)
-                    sums[n] += g * g
-            count += 1
-    canonical = {}
-    for n in trained:
-        p = params[n]
-        canonical[p.name] = sums[n].T if p.transposed else sums[n]
-    acc.add(canonical, count, skipped=skipped)
-    return acc
-
-
 def _label_aliases(user: Sequence[str]) -> dict[str, str]:
     """Let batches call the loss target ``labels`` or ``target`` whichever the graph uses."""
     out = {}
@@ -388,10 +319,129 @@ def _label_aliases(user: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _first_nonfinite(loss: np.ndarray, grads: Mapping[str, Any]) -> str | None:
-    if not np.all(np.isfinite(loss)):
-        return ""
-    for n, g in grads.items():
-        if g is not None and not np.all(np.isfinite(g)):
-            return n
-    return None
+def _ratio_inputs(model: Any) -> dict[str, str]:
+    """``{site: input}`` for graph inputs used as a Dropout ratio or as per-unit rates."""
+    index = GraphIndex(model.graph)
+    out = {}
+    for info in _g.discover(model)[0]:
+        for i in info.nodes:
+            node = index.nodes[i]
+            if len(node.input) > 1 and node.input[1] in index.inputs:
+                out[info.site.name] = node.input[1]
+    for unit in _r.unit_dropouts(model):
+        if unit.rates in index.inputs:
+            out[unit.site] = unit.rates
+    return out
+
+
+def _applies_dropout(model: Any, infos: Sequence[SiteInfo]) -> bool:
+    """Whether fixed (non-input) ratios or rates make the training graph drop anything."""
+    if any(i.active and (i.ratio or 0) > 0 for i in infos):
+        return True
+    index = GraphIndex(model.graph)
+    for unit in _r.unit_dropouts(model):
+        rates = index.constant(unit.rates)
+        if unit.rates not in index.inputs and (rates is None or np.any(rates > 0)):
+            return True
+    return False
+
+
+def make_artifacts(
+    model_proto: ModelLike,
+    out_dir: str | os.PathLike[str],
+    loss: Any = "cross_entropy",
+    requires_grad: Sequence[str] | None = None,
+    *,
+    optimizer: str | None = "adamw",
+    output: str | None = None,
+    repair: bool = True,
+) -> Artifacts:
+    """Training, eval and optimizer graphs plus checkpoint for ``onnxruntime.training.api``.
+
+    Wraps ``onnxruntime.training.artifacts.generate_artifacts``: ``loss`` is ``cross_entropy``
+    (``labels``: int64 class ids), ``mse`` / ``l1`` (``target``), ``bce`` or an ORT
+    ``LossType``/``onnxblock.Block``; ``requires_grad`` (ONNX or canonical names) defaults to
+    every trainable initializer, the rest are frozen; ``optimizer`` is ``adamw``, ``sgd`` or None;
+    ``output`` picks the graph output the loss reads (default: the first). The files are written
+    to a temporary folder and moved into ``out_dir``; ``gd_artifacts.json`` records the
+    parameter names and ratio inputs for :func:`estimate_fisher`.
+
+    Example:
+        >>> import tempfile
+        >>> from adapters.onnx import apply
+        >>> from adapters.onnx.graph import example_model
+        >>> m = apply(example_model(), {"dropout": 0.1}).model
+        >>> art = make_artifacts(m, tempfile.mkdtemp(), loss="mse")
+        >>> sorted(art.requires_grad)[:2], art.optimizer_model.exists()
+        (['dense.bias', 'head.bias'], True)
+    """
+    model = _load(model_proto)
+    _g.check_ort_compatible(model)
+    if repair:
+        model, _ = prepare_for_training(model)
+    table = _g.param_table(model)
+    if not table:
+        raise bad_argument(
+            "model_proto", "a graph with float initializers to train", "none", "export weights"
+        )
+    if requires_grad is None:
+        trained = list(table)
+    else:
+        if isinstance(requires_grad, str):
+            raise bad_argument("requires_grad", "a list of names", requires_grad, "wrap in [ ]")
+        trained = _onnx_names(requires_grad, table, "requires_grad")
+    frozen = [n for n in table if n not in set(trained)]
+    ratio_inputs = _ratio_inputs(model)
+    infos = _g.discover(model)[0]
+    if not infos and not _r.unit_dropouts(model):
+        dropout = "none"
+    elif ratio_inputs:
+        dropout = "inputs"
+    else:
+        dropout = "constant" if _applies_dropout(model, infos) else "off"
+    meta = Artifacts(
+        Path(out_dir),
+        requires_grad=trained,
+        params={n: [table[n].name, table[n].transposed] for n in trained},
+        ratio_inputs=ratio_inputs,
+        loss=loss if isinstance(loss, str) else type(loss).__name__,
+        dropout=dropout,
+    )
+    return generate(
+        model,
+        out_dir,
+        requires_grad=trained,
+        frozen=frozen,
+        loss=loss,
+        optimizer=optimizer,
+        output=output,
+        meta=meta,
+    )
+
+
+def _dropout_off(model: Any) -> Any:
+    """A copy whose Dropout nodes have no training_mode input (inference semantics: identity).
+
+    :func:`prepare_for_training` then sets their ratios to 0, without which ORT 1.19 would scale
+    the gradients through them by ``1 / (1 - ratio)``. Per-unit dropouts are removed (their
+    consumers read their input).
+    """
+    out = _copy(model)
+    _r.remove_unit_dropout(out)
+    dropped = []
+    for node in out.graph.node:
+        if node.op_type == "Dropout" and node.domain in _g.DEFAULT_DOMAINS and len(node.input) > 2:
+            dropped.append(node.input[2])
+            del node.input[2:]
+    _r.prune_unused(out, dropped)
+    return out
+
+
+def _drop_unused_inputs(model: Any, names: Iterable[str]) -> None:
+    """Remove graph inputs among ``names`` that no node consumes anymore."""
+    index = GraphIndex(model.graph)
+    dead = {n for n in names if n not in index.consumers}
+    if dead:
+        keep = [v for v in model.graph.input if v.name not in dead]
+        del model.graph.input[:]
+        model.graph.input.extend(keep)

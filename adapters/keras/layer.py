@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from gd_core.errors import ArgumentError
+from gd_core.errors import ArgumentError, ArgumentTypeError
 from gd_core.schedules import Schedule
+from gd_core.validate import PROBABILITY, Shown, check_fraction, check_probability, check_rates
 
-from ._lazy import require
+from .._lazy import require
 
 keras = require("keras")
 ops = keras.ops
@@ -25,45 +26,32 @@ def _invalid(argument: str, expected: str, received: str, fix: str) -> ArgumentE
     )
 
 
+def _keras_wording(name: str, expected: str, value: Any) -> str:
+    """``keras.layers.Dropout``'s message for a bad rate, for :mod:`gd_core.validate`."""
+    if isinstance(value, Shown):
+        shown = str(value)
+    elif isinstance(value, bool) or not isinstance(value, (int, float, np.number, list, tuple)):
+        shown = f"{name}={value!r} (type {type(value).__name__})"
+    else:
+        shown = f"{name}={value!r}"
+    if expected == PROBABILITY:
+        expected = "a float value between 0 and 1, in [0, 1) (1 would drop every unit)"
+    return f"Invalid value received for argument `{name}`. Expected {expected}. Received: {shown}"
+
+
 def _check_probability(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise _invalid(
-            name,
-            "a float value in [0, 1)",
-            f"{name}={value!r} (type {type(value).__name__})",
-            f"pass the fraction of units to drop, e.g. {name}=0.1",
-        )
-    value = float(value)
-    if not math.isfinite(value) or not 0.0 <= value < 1.0:
-        raise _invalid(
-            name,
-            "a float value in [0, 1) (1 would drop every unit)",
-            f"{name}={value}",
-            f"pass the fraction of units to drop, e.g. {name}=0.1",
-        )
-    return value
+    return check_probability(
+        value, name, f"pass the fraction of units to drop, e.g. {name}=0.1", wording=_keras_wording
+    )
 
 
 def _check_rates(rates: Any) -> tuple[float, ...]:
-    try:
-        arr = np.asarray(rates, dtype=np.float64)
-    except (TypeError, ValueError):
-        arr = None
-    if arr is None or arr.ndim != 1 or arr.size == 0:
-        raise _invalid(
-            "rates",
-            "a non-empty 1-D list of per-unit probabilities (one per feature of the last axis)",
-            f"rates={rates!r}",
-            "pass e.g. rates=[0.0, 0.05, 0.1] for a layer whose inputs have 3 features",
-        )
-    bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0) | (arr >= 1))
-    if bad.size:
-        raise _invalid(
-            "rates",
-            "every per-unit probability in [0, 1)",
-            f"rates[{int(bad[0])}]={arr[bad[0]]}",
-            "clip the probabilities to [0, 1)",
-        )
+    arr = check_rates(
+        rates,
+        "rates",
+        "pass e.g. rates=[0.0, 0.05, 0.1], one per feature of the last axis",
+        wording=_keras_wording,
+    )
     return tuple(float(r) for r in arr)
 
 
@@ -180,12 +168,11 @@ class GuidedDropout(keras.layers.Layer):
                     )
         else:
             rates_t = None
-            if rate is None:
-                raise _invalid(
-                    "rate",
-                    "a float value in [0, 1) (or per-unit `rates`)",
-                    "rate=None",
-                    "pass e.g. GuidedDropout(0.1) or GuidedDropout(rates=[...])",
+            if rate is None:  # keras.layers.Dropout requires `rate`; here `rates` may stand in
+                raise ArgumentTypeError(
+                    "Invalid value received for argument `rate`. Expected a float value in "
+                    "[0, 1) (or per-unit `rates`). Received: rate=None. Fix: pass e.g. "
+                    "GuidedDropout(0.1) or GuidedDropout(rates=[...])"
                 )
         self._rate = _check_probability("rate", rate)
         self._rates = rates_t
@@ -250,16 +237,7 @@ class GuidedDropout(keras.layers.Layer):
             >>> float(layer.multiplier.numpy())
             0.5
         """
-        if isinstance(multiplier, bool) or not isinstance(
-            multiplier, (int, float, np.integer, np.floating)
-        ):
-            raise _invalid(
-                "multiplier", "a float in [0, 1]", f"multiplier={multiplier!r}", "pass e.g. 0.5"
-            )
-        m = float(multiplier)
-        if not math.isfinite(m) or not 0.0 <= m <= 1.0:
-            raise _invalid("multiplier", "a float in [0, 1]", f"multiplier={m}", "pass e.g. 0.5")
-        self.multiplier.assign(m)
+        self.multiplier.assign(check_fraction(multiplier, "multiplier", "pass e.g. 0.5"))
 
     def step(self, n: int = 1) -> float:
         """Advance the step counter by ``n`` and set the multiplier from the schedule.

@@ -1,0 +1,53 @@
+"""Guided dropout for Keras 3 (TensorFlow or torch backend).
+
+A thin translator over :mod:`gd_core`, in modules that show its parts:
+
+- :mod:`~adapters.keras.layer` — :class:`GuidedDropout` (``keras.layers.Dropout`` with per-unit
+  rates and a schedule) and :class:`GuidedDropoutScheduler`;
+- :mod:`~adapters.keras.discovery` — :func:`sites`, :func:`fingerprint` (canonical names);
+- :mod:`~adapters.keras.fisher` — :func:`estimate_fisher`, :func:`profile` (per-sample gradients
+  natively; the loop is :mod:`gd_core.fisher_loop`'s);
+- :mod:`~adapters.keras.install` — :func:`apply` (the plan is :mod:`gd_core.plan`'s).
+
+Example:
+    >>> import numpy as np, keras
+    >>> import adapters.keras as gdk
+    >>> inp = keras.Input((4,))
+    >>> h = keras.layers.Dense(8, name="dense")(inp)
+    >>> h = keras.layers.Dropout(0.1, name="dropout")(h)
+    >>> model = keras.Model(inp, keras.layers.Dense(2, name="head")(h))
+    >>> [s.name for s in gdk.sites(model)]
+    ['dropout']
+    >>> report = gdk.apply(model, {"dropout": 0.05})
+    >>> report.model.get_layer("dropout").rate
+    0.05
+
+Layer names are the canonical names (Keras allows dots, so ``encoder.layer.0.output.dropout`` mirrors
+a torch module tree); weights are ``<layer name>.weight|bias`` (``kernel``, ``gamma``,
+``embeddings`` -> ``weight``, ``beta`` -> ``bias``).
+
+Loading a saved ``.keras`` model that contains ``GuidedDropout`` needs only ``import
+adapters.keras`` first (the layer is registered as ``guided_dropout>GuidedDropout``).
+"""
+
+from __future__ import annotations
+
+from gd_core.fisher import FisherResult
+from gd_core.report import ApplyReport
+
+from .discovery import fingerprint, sites
+from .fisher import estimate_fisher, profile
+from .install import apply
+from .layer import GuidedDropout, GuidedDropoutScheduler, keras  # noqa: F401 - the backend in use
+
+__all__ = [
+    "ApplyReport",
+    "FisherResult",
+    "GuidedDropout",
+    "GuidedDropoutScheduler",
+    "apply",
+    "estimate_fisher",
+    "fingerprint",
+    "profile",
+    "sites",
+]

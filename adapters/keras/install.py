@@ -1,0 +1,331 @@
+"""``apply`` for Keras 3: replace dropout layers by :class:`GuidedDropout` layers at the plan's
+probabilities (the plan is :func:`gd_core.plan.make_plan`'s)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from gd_core.errors import ArgumentError
+from gd_core.plan import make_plan
+from gd_core.profile import SensitivityProfile
+from gd_core.report import ApplyReport, ReportRow
+from gd_core.schedules import Schedule
+from gd_core.sites import Site
+
+from .discovery import (
+    ModelIndex,
+    _fingerprint,
+    _is_graph_model,
+    is_site,
+    layer_rate,
+    resolve_sites,
+)
+from .layer import GuidedDropout, GuidedDropoutScheduler, _all_layers, keras
+
+
+def _spatial_noise_shape(layer: Any) -> tuple[int | None, ...] | None:
+    """The fixed noise shape equivalent to a SpatialDropoutND layer (None if not spatial)."""
+    name = type(layer).__name__
+    rank = {"SpatialDropout1D": 1, "SpatialDropout2D": 2, "SpatialDropout3D": 3}.get(name)
+    if rank is None:
+        return None
+    if getattr(layer, "data_format", "channels_last") == "channels_first":
+        return (None, None, *([1] * rank))
+    return (None, *([1] * rank), None)
+
+
+def _plain_noise_shape(layer: Any) -> Any:
+    shape = getattr(layer, "noise_shape", None)
+    return None if shape is None else tuple(shape)
+
+
+def _replacement(
+    layer: Any, site: str, p: float, rates: np.ndarray | None, schedule: Schedule | None
+) -> Any:
+    alpha = getattr(keras.layers, "AlphaDropout", None)
+    if alpha is not None and isinstance(layer, alpha):
+        return alpha(
+            rate=p,
+            noise_shape=_plain_noise_shape(layer),
+            seed=layer.seed,
+            name=layer.name,
+            dtype=layer.dtype_policy,
+        )
+    noise_shape = _spatial_noise_shape(layer) or _plain_noise_shape(layer)
+    if schedule is None and isinstance(layer, GuidedDropout):
+        schedule = layer.schedule
+    return GuidedDropout(
+        rate=None if rates is not None else p,
+        rates=None if rates is None else [float(r) for r in rates],
+        noise_shape=noise_shape,
+        seed=getattr(layer, "seed", None),
+        site=None if site == layer.name else site,
+        schedule=schedule,
+        name=layer.name,
+        dtype=layer.dtype_policy,
+    )
+
+
+def _how(layer: Any, rates: np.ndarray | None) -> str:
+    """What replaces the layer, for the report."""
+    alpha = getattr(keras.layers, "AlphaDropout", None)
+    if alpha is not None and isinstance(layer, alpha):
+        return "AlphaDropout rate"
+    return "GuidedDropout" if rates is None else f"GuidedDropout, unit rates ({len(rates)})"
+
+
+def _unit_note(layer: Any) -> str | None:
+    """Why a site cannot take per-unit rates (None if it can)."""
+    alpha = getattr(keras.layers, "AlphaDropout", None)
+    if alpha is not None and isinstance(layer, alpha):
+        return "AlphaDropout keeps one rate"
+    if getattr(layer, "data_format", "channels_last") == "channels_first":
+        return "channels_first: units are not the last axis"
+    shape = _spatial_noise_shape(layer) or _plain_noise_shape(layer)
+    if shape and shape[-1] == 1:
+        return "noise_shape shares the mask across units"
+    return None
+
+
+def apply(
+    model: Any,
+    profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, float] | None = None,
+    mapping: str | Mapping[str, Any] | None = None,
+    granularity: str = "site",
+    missing: str = "keep",
+    strict: bool = True,
+    *,
+    sites: Mapping[str, Sequence[str]] | Sequence[Site] | None = None,
+    spread: float = 1.0,
+    schedule: Schedule | Mapping[str, Any] | None = None,
+) -> ApplyReport:
+    """Replace the model's dropout layers by ``GuidedDropout`` layers at the plan's probabilities.
+
+    Args:
+        model: a Keras 3 model (Sequential, functional or subclassed).
+        profile: a ``SensitivityProfile`` (or its path), e.g. from :func:`profile` or from another
+            adapter; a dict ``{site: p}`` of probabilities to install as given; or None to use a
+            cached profile of this model (see ``profile(..., cache=True)``). Names are aligned by
+            prefix and, with ``strict``, the profile must come from this model
+            (:func:`gd_core.plan.make_plan` decides, for every adapter alike).
+        mapping: override of the profile's score-to-probability mapping (a name such as
+            ``"linear_rank"`` or a dict like ``{"p_upper": 0.2}``).
+        granularity: ``"site"`` (one probability per dropout layer) or ``"unit"`` (per-unit
+            probabilities along the last axis from the profile's unit scores, mean = site p).
+        missing: what sites the profile lacks get: ``"keep"`` their rate, ``"upper"`` the
+            mapping's ``p_upper``, ``"error"`` raise.
+        strict: refuse a profile of another model (its weights differ in shape).
+        sites: the model's sites to work on (a list of ``gd_core.Site``) or a site mapping, as
+            in :func:`profile`; default all dropout layers.
+        spread: how far unit probabilities spread around the site's (``unit`` granularity).
+        schedule: a ``gd_core.Schedule`` (or config dict) installed on every new layer; the
+            report's ``scheduler`` is then a :class:`GuidedDropoutScheduler` for ``fit``.
+
+    Sequential and functional models are rebuilt with ``keras.models.clone_model`` (same layer
+    names, weights copied, compile config copied when the model was compiled); the input model is
+    unchanged. Subclassed models are changed *in place* (dropout attributes, including items of
+    lists and dicts, are replaced); recompile them before training. ``AlphaDropout`` stays an
+    ``AlphaDropout`` (its SELU-preserving noise) with the new rate.
+
+    Returns the :class:`gd_core.report.ApplyReport`; ``report.model`` is the model to train
+    and ``print(report)`` shows site, old p, new p, source.
+
+    Example:
+        >>> import numpy as np, keras, gd_core
+        >>> from adapters.keras import fingerprint, sites
+        >>> inp = keras.Input((3,))
+        >>> h = keras.layers.Dropout(0.1, name="d1")(keras.layers.Dense(4, name="a")(inp))
+        >>> h = keras.layers.Dropout(0.1, name="d2")(keras.layers.Dense(4, name="b")(h))
+        >>> m = keras.Model(inp, h)
+        >>> prof = gd_core.SensitivityProfile(
+        ...     sites=tuple(sites(m)), scores=np.array([2.0, 1.0]), fingerprint=fingerprint(m))
+        >>> report = apply(m, prof)
+        >>> report.probabilities()
+        {'d1': 0.0, 'd2': 0.1}
+        >>> type(report.model.get_layer("d2")).__name__
+        'GuidedDropout'
+    """
+    sched = None if schedule is None else Schedule.from_config(schedule)
+    idx = ModelIndex.build(model)
+    pairs = resolve_sites(idx, sites)
+    current = {site.name: layer_rate(layer) for site, layer in pairs}
+    plan = make_plan(
+        profile,
+        [site for site, _ in pairs],
+        current,
+        _fingerprint(idx),
+        mapping=mapping,
+        missing=missing,
+        strict=strict,
+        granularity=granularity,
+        spread=spread,
+        framework="keras",
+        not_found=(
+            f"Keras model {model.name!r}",
+            "pass profile=..., or run adapters.keras.profile(model, batches, loss, cache=True) "
+            "once",
+        ),
+    )
+    rows: list[ReportRow] = []
+    factories: dict[int, Callable[[], Any]] = {}
+    for site, layer in pairs:
+        entry = plan[site.name]
+        rates, note = entry.rates, entry.note
+        if rates is not None and (why := _unit_note(layer)) is not None:
+            rates, note = None, why
+        rows.append(
+            ReportRow(
+                site.name,
+                float(current[site.name]),
+                entry.p,
+                entry.source,
+                None if rates is None else len(rates),
+                note,
+                how=_how(layer, rates),
+                kind=site.kind,
+            )
+        )
+        factories[id(layer)] = lambda layer=layer, name=site.name, p=entry.p, rates=rates: (
+            _replacement(layer, name, p, rates, sched)
+        )
+    notes: list[str] = []
+    if isinstance(model, keras.Sequential) or _is_graph_model(model):
+        new_model = _rewrite_graph(model, idx, factories)
+    else:
+        _rewrite_in_place(model, idx, factories)
+        new_model = model
+        notes.append(
+            f"{type(model).__name__} is a subclassed model: its dropout layers were replaced in "
+            "place (report.model is the same object); compile it again before training"
+        )
+    return ApplyReport(
+        rows,
+        framework="keras",
+        granularity=granularity,
+        notes=notes + list(plan.notes),
+        model=new_model,
+        scheduler=None if sched is None else GuidedDropoutScheduler(),
+    )
+
+
+def _cannot_rewrite(model: Any, why: str) -> ArgumentError:
+    return ArgumentError(
+        f"model: expected a model whose dropout layers can be replaced, received "
+        f"{type(model).__name__} {model.name!r} where {why}; fix: build the model with "
+        "keras.layers.Dropout layers held as attributes (subclassed) or in a Sequential/"
+        "functional graph, and give custom layers a get_config()"
+    )
+
+
+def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable[[], Any]]) -> Any:
+    pairs: list[tuple[Any, Any]] = []
+
+    def clone(layer: Any) -> Any:
+        if id(layer) in factories:
+            return factories[id(layer)]()
+        new = layer.__class__.from_config(layer.get_config())
+        pairs.append((layer, new))
+        return new
+
+    try:
+        new_model = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to rebuild is reported with its cause
+        raise _cannot_rewrite(model, f"keras.models.clone_model failed ({exc!s:.300})") from exc
+    for old, new in pairs:
+        if getattr(old, "weights", None):
+            try:
+                new.set_weights(old.get_weights())
+            except Exception as exc:  # noqa: BLE001
+                raise _cannot_rewrite(
+                    model, f"the weights of layer {old.name!r} could not be copied ({exc!s:.200})"
+                ) from exc
+        if any(is_site(sub) for sub in _all_layers(old)[1:]):
+            # a custom layer holding dropout layers: replace them inside its clone
+            old_subs, new_subs = _all_layers(old), _all_layers(new)
+            if [type(a) for a in old_subs] != [type(b) for b in new_subs]:
+                raise _cannot_rewrite(model, f"the clone of layer {old.name!r} differs from it")
+            inner = {
+                id(b): factories[id(a)]
+                for a, b in zip(old_subs, new_subs, strict=True)
+                if id(a) in factories
+            }
+            _rewrite_in_place(new, ModelIndex.build(new), inner)
+    if _fingerprint(ModelIndex.build(new_model)) != _fingerprint(idx):
+        raise _cannot_rewrite(model, "the rebuilt model's weights differ from the original's")
+    if getattr(model, "compiled", False):
+        try:
+            config = model.get_compile_config()
+            if config:
+                new_model.compile_from_config(config)
+        except Exception as exc:  # noqa: BLE001 - compiling is a convenience
+            warnings.warn(
+                f"apply: could not compile the new model like the original ({exc!s:.200}); "
+                "call new_model.compile(...) yourself",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return new_model
+
+
+def _rewrite_in_place(
+    root: Any, idx: ModelIndex, factories: Mapping[int, Callable[[], Any]]
+) -> None:
+    """Replace site layers held as attributes (or in list/dict attributes) of their parents."""
+    made: dict[int, Any] = {}
+
+    def new_for(old: Any) -> Any:
+        if id(old) not in made:
+            made[id(old)] = factories[id(old)]()
+        return made[id(old)]
+
+    for parent in idx.layers:
+        if parent is not root and is_site(parent):
+            continue
+        tracker = getattr(parent, "_tracker", None)
+        holders = dict(vars(parent))
+        holders.update(getattr(parent, "_modules", None) or {})
+        for attr, value in holders.items():
+            if attr in ("_layers", "_tracker", "_modules", "_parameters", "_buffers"):
+                continue
+            if id(value) in factories:
+                new = new_for(value)
+                _swap_tracked(tracker, value, new)
+                setattr(parent, attr, new)
+            elif isinstance(value, list):
+                for i, item in enumerate(list(value)):
+                    if id(item) in factories:
+                        new = new_for(item)
+                        _swap_tracked(tracker, item, new)
+                        list.__setitem__(value, i, new)
+            elif isinstance(value, dict):
+                for key, item in list(value.items()):
+                    if id(item) in factories:
+                        new = new_for(item)
+                        _swap_tracked(tracker, item, new)
+                        dict.__setitem__(value, key, new)
+    left = [
+        layer.name for layer in idx.site_layers if id(layer) in factories and id(layer) not in made
+    ]
+    if left:
+        raise _cannot_rewrite(
+            root,
+            f"dropout layers {left[:3]} are not attributes of a layer (nor items of a list or "
+            "dict attribute), so they cannot be replaced",
+        )
+    for attr in ("train_function", "test_function", "predict_function"):
+        if getattr(root, attr, None) is not None:
+            setattr(root, attr, None)  # traced functions captured the old layers
+
+
+def _swap_tracked(tracker: Any, old: Any, new: Any) -> None:
+    if tracker is None:
+        return
+    if tracker.is_in_store("layers", old):
+        tracker.replace_tracked_value("layers", old, new)
+    else:
+        tracker.track(new)

@@ -1,0 +1,418 @@
+"""``apply`` for ONNX graphs: rewrite every Dropout's ratio (or per-unit rates) from the plan
+:func:`gd_core.plan.make_plan` decides; :func:`ratio_feeds` feeds ratio inputs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gd_core.errors import bad_argument
+from gd_core.plan import make_plan
+from gd_core.report import ApplyReport, ReportRow
+from gd_core.schedules import Schedule
+from gd_core.validate import check_probability, check_rates
+
+from . import graph as _g
+from . import rewrite as _r
+from . import train as _t
+from .discovery import ModelLike, _copy, _discover, _load, fingerprint
+from .graph import TRAINING_MODE_NAME, GraphIndex, onnx
+from .rewrite import _f32, _owned_by, _refuse_unit_rewritten, _unit_width, _UnitRewrite
+
+
+@dataclass
+class OnnxApplyReport(ApplyReport):
+    """:class:`gd_core.report.ApplyReport` plus what is particular to a rewritten ONNX graph.
+
+    Attributes:
+        ratio_inputs: ``{site: graph input name}`` when ``ratios_as_inputs=True``.
+        ratio_names: ``{site: ratio tensor name}`` (initializer or input; ``<site>.rates`` for
+            per-unit sites).
+        unit_rates: ``{site: per-unit rates}`` of the sites given unit granularity (arrays of the
+            dropped tensor's element type, one rate per feature of its last axis).
+        nodes: ``{site: Dropout node names}``.
+        absent: profile sites (after renaming) with no Dropout node in the graph, e.g.
+            attention-probability dropout an exporter folded away.
+        activated: sites whose nodes were inert (no ``training_mode``) and now train.
+        changes: what :func:`prepare_for_training` changed.
+
+    Example:
+        >>> from adapters.onnx.graph import example_model
+        >>> report = apply(example_model(), {"dropout": 0.05})
+        >>> report.probabilities(), report.counts()
+        ({'dropout': 0.05, 'head_drop': 0.1}, {'given': 1, 'keep': 1})
+    """
+
+    ratio_inputs: dict[str, str] = field(default_factory=dict)
+    ratio_names: dict[str, str] = field(default_factory=dict)
+    unit_rates: dict[str, np.ndarray] = field(default_factory=dict)
+    nodes: dict[str, list[str]] = field(default_factory=dict)
+    absent: list[str] = field(default_factory=list)
+    activated: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+
+
+def apply(
+    model: ModelLike,
+    profile: Any = None,
+    mapping: str | Mapping[str, Any] | None = None,
+    granularity: str = "site",
+    missing: str = "keep",
+    strict: bool = True,
+    *,
+    sites: Any = None,
+    spread: float = 1.0,
+    schedule: Schedule | Mapping[str, Any] | None = None,
+    ratios_as_inputs: bool = False,
+    repair: bool = True,
+    activate: bool = True,
+    check: bool = True,
+    seed: int | None = None,
+) -> OnnxApplyReport:
+    """Rewrite every Dropout's ratio from a profile; returns the report, whose ``model`` is the
+    new ``ModelProto`` (the input is not changed).
+
+    ``profile`` is a :class:`gd_core.SensitivityProfile` (e.g. from ``adapters.torch.profile``
+    on the model you exported), a path to a saved one, ``{site: probability}``, or None to use
+    a cached profile of this graph (``profile(..., cache=True)``). The plan is
+    :func:`gd_core.plan.make_plan`'s, as in every adapter: names are matched to the graph's
+    sites with a prefix renaming; with ``strict`` (see ``docs/onnx.md``, "same model") a profile
+    whose sites match none of the graph's, or whose parameters that exist here as initializers
+    have other shapes (or that shares no parameter with the graph), raises
+    :class:`gd_core.ProfileMismatchError`. ``sites`` is a site mapping (as :func:`sites` takes)
+    or a list of :class:`gd_core.Site` to restrict the sites. ``schedule`` (needs
+    ``ratios_as_inputs=True``) is kept as ``report.scheduler``; :func:`ratio_feeds` then scales
+    the ratios by it every step. ``mapping``
+    overrides the profile's score-to-probability mapping; sites the profile lacks follow
+    ``missing`` (``keep`` | ``upper`` | ``error``); profile sites with no Dropout node are listed
+    in ``report.absent``.
+
+    Each site gets its own float ratio named ``<site>.ratio``: an initializer, or with
+    ``ratios_as_inputs=True`` a scalar float graph input (feed it every step, see
+    :func:`ratio_feeds`). Shared ratio constants are never modified; ones left unused are
+    removed. ``training_mode`` inputs are kept; with ``activate`` a node without one (inert, as
+    torch's SDPA export emits for attention probabilities) gets a ``True`` one so the site
+    trains. ``repair`` runs :func:`prepare_for_training`. With ``check`` the result must pass
+    ``onnx.checker.check_model(full_check=True)`` and strict shape inference. ``seed`` sets the
+    Dropout nodes' ``seed`` attributes (``seed``, ``seed + 1``, ... in graph order) so that the
+    masks a session draws are reproducible.
+
+    ``granularity="unit"`` gives each site whose dropped tensor has a static feature axis (the
+    last) one rate per feature: the profile's per-unit probabilities
+    (``profile.unit_probabilities``, mean = the site's p, ``spread`` as there) or, for a site
+    without unit scores, its p for every unit. Its Dropout nodes are replaced by
+    ``Where(training, x * Cast(RandomUniformLike(x) >= r) / (1 - r), x)`` with ``r`` the float
+    initializer (or, with ``ratios_as_inputs``, the graph input) ``<site>.rates`` of shape
+    ``[units]``; ``training`` is True in the training graph and False in the eval graph
+    ``generate_artifacts`` derives (and False where the node's own ``training_mode`` is). Sites
+    without a static feature axis, e.g. attention-probability dropout (last axis = key sequence),
+    stay site level; their report rows say why. Rows of unit sites carry ``units``.
+
+    Example:
+        >>> from adapters.onnx.graph import example_model
+        >>> report = apply(example_model(), {"dropout": 0.0, "head_drop": 0.2},
+        ...                ratios_as_inputs=True)
+        >>> m = report.model
+        >>> report.ratio_inputs
+        {'dropout': 'dropout.ratio', 'head_drop': 'head_drop.ratio'}
+        >>> [i.name for i in m.graph.input]
+        ['x', 'dropout.ratio', 'head_drop.ratio']
+        >>> report = apply(example_model(), {"dropout": 0.1}, granularity="unit")
+        >>> report["dropout"].units, report["dropout"].new_p, report.ratio_names["dropout"]
+        (4, 0.1, 'dropout.rates')
+    """
+    proto = _load(model, "model")
+    _g.check_ort_compatible(proto)
+    _g.check_dropout_opset(proto)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise bad_argument("seed", "an int or None", seed, "pass e.g. seed=0")
+    sched = None if schedule is None else Schedule.from_config(schedule)
+    if sched is not None and not ratios_as_inputs:
+        raise bad_argument(
+            "schedule",
+            "a schedule only with ratios_as_inputs=True (constant ratios cannot change per step)",
+            sched.get_config(),
+            "pass ratios_as_inputs=True and feed ratio_feeds(report, step=...) every step",
+        )
+    _refuse_unit_rewritten(proto)
+    out = _copy(proto)
+    given_sites = isinstance(sites, Sequence) and not isinstance(sites, str)
+    infos, table = _discover(out, "model", mapping=None if given_sites else sites)
+    if given_sites:
+        infos = _only(infos, sites)
+    names = [i.site.name for i in infos]
+    current = {i.site.name: (i.ratio if i.ratio is not None else 0.0) for i in infos}
+    plan = make_plan(
+        profile,
+        names,  # unit widths come from the graph's inferred types (_unit_width), not Site.units
+        current,
+        None if isinstance(profile, Mapping) else fingerprint(out),
+        mapping=mapping,
+        missing=missing,
+        strict=strict,
+        granularity=granularity,
+        spread=spread,
+        framework="onnx",
+        absent_ok=True,
+        not_found=(
+            f"ONNX graph {out.graph.name!r}",
+            "pass profile=..., or run adapters.onnx.profile(model, batches, cache=True) once",
+        ),
+    )
+    resolved = {e.site: (e.p, e.source) for e in plan}
+    unit_p = {e.site: e.rates for e in plan if e.rates is not None}
+    absent = list(plan.absent)
+    notes: list[str] = list(plan.notes)
+    flipped = [p for p in table.values() if p.transposed]
+    if flipped:
+        notes.append(
+            f"{len(flipped)} initializer(s) hold a torch weight transposed (e.g. "
+            f"{flipped[0].onnx_name} = {flipped[0].name}); names, shapes and Fisher are given "
+            "in torch layout"
+        )
+
+    index = GraphIndex(out.graph)
+    taken = index.names()
+    replaced: list[str] = []
+    drop_names: set[str] = set()
+    new_inits: list[Any] = []
+    new_inputs: list[Any] = []
+    rows: list[ReportRow] = []
+    report = OnnxApplyReport(framework="onnx", granularity=granularity, scheduler=sched)
+    tm_name: str | None = None
+    types = _g.inferred_types(out) if granularity == "unit" else {}
+    unit = _UnitRewrite(index, taken)
+    for info in infos:
+        site = info.site.name
+        p, source = resolved[site]
+        report.nodes[site] = list(info.node_names)
+        old = (_f32(info.ratio) if info.ratio is not None else math.nan) if info.active else 0.0
+        if info.ratio is None and source == "keep":
+            rows.append(
+                ReportRow(site, old, old, source, note="ratio is not a constant; left as is")
+            )
+            continue
+        states = [_g.dropout_state(index, out.graph.node[i])[1] for i in info.nodes]
+        if not activate and all(a is False for a in states):
+            rows.append(
+                ReportRow(
+                    site,
+                    0.0,
+                    0.0,
+                    source,
+                    note="inert (no training_mode): left as is; pass activate=True to train it",
+                )
+            )
+            continue
+        level_note = ""
+        if granularity == "unit":
+            width, dtype, why = _unit_width(info, index, types, unit_p.get(site))
+            if width is not None:
+                row = unit.rewrite(
+                    info,
+                    p,
+                    source,
+                    old,
+                    width,
+                    dtype,
+                    unit_p.get(site),
+                    ratios_as_inputs=ratios_as_inputs,
+                    activate=activate,
+                    report=report,
+                )
+                rows.append(row)
+                continue
+            level_note = f"site level: {why}"
+        rname = f"{site}.ratio"
+        if rname in taken and _owned_by(index, rname, info.nodes):
+            drop_names.add(rname)  # this graph went through apply before: replace our own ratio
+        elif rname in taken:
+            rname = _g.unique_name(rname, taken)
+        else:
+            taken.add(rname)
+        note = ""
+        for i in info.nodes:
+            node = out.graph.node[i]
+            while len(node.input) < 2:
+                node.input.append("")
+            if node.input[1] != rname:
+                replaced.append(node.input[1])
+                node.input[1] = rname
+            _, active = _g.dropout_state(index, node)
+            if activate and active is False:
+                if tm_name is None:
+                    tm_name = _g.unique_name(TRAINING_MODE_NAME, taken)
+                    new_inits.append(onnx.numpy_helper.from_array(np.array(True), tm_name))
+                while len(node.input) < 3:
+                    node.input.append("")
+                replaced.append(node.input[2])
+                node.input[2] = tm_name
+                if site not in report.activated:
+                    report.activated.append(site)
+                note = "was inert (no training_mode); activated"
+        value = np.array(p, dtype=np.float32)
+        if ratios_as_inputs:
+            new_inputs.append(onnx.helper.make_tensor_value_info(rname, onnx.TensorProto.FLOAT, []))
+            report.ratio_inputs[site] = rname
+        else:
+            new_inits.append(onnx.numpy_helper.from_array(value, rname))
+        report.ratio_names[site] = rname
+        note = "; ".join(n for n in (level_note, note) if n)
+        rows.append(ReportRow(site, old, _f32(p), source, note=note))
+
+    replaced.extend(unit.replaced)
+    drop_names.update(unit.drop_names)
+    new_inits.extend(unit.new_inits)
+    new_inputs.extend(unit.new_inputs)
+    unit.splice(out)
+    if granularity == "unit":
+        n_unit = sum(r.units is not None for r in rows)
+        notes.append(
+            f"unit granularity: {n_unit} site(s) per unit, {len(rows) - n_unit} at site level "
+            "(their rows say why)"
+        )
+    if drop_names:
+        keep_inits = [t for t in out.graph.initializer if t.name not in drop_names]
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(keep_inits)
+        keep_inputs = [v for v in out.graph.input if v.name not in drop_names]
+        del out.graph.input[:]
+        out.graph.input.extend(keep_inputs)
+    out.graph.initializer.extend(new_inits)
+    out.graph.input.extend(new_inputs)
+    _r.prune_unused(out, replaced)
+    if seed is not None:
+        _r.set_seeds(out, int(seed))
+    if repair:
+        report.changes = _r.repair_in_place(out)
+    if check:
+        _check_model(out)
+    report.rows = rows
+    report.absent = absent
+    report.notes = notes + _summarise_changes(report.changes)
+    report.model = out
+    return report
+
+
+def _only(infos: list[Any], sites: Sequence[Any]) -> list[Any]:
+    """The site infos of the given ``gd_core.Site`` list (their guarded parameters replace)."""
+    by_name = {i.site.name: i for i in infos}
+    out = []
+    for site in sites:
+        name = getattr(site, "name", None)
+        if name not in by_name:
+            raise bad_argument(
+                "sites",
+                "sites of this graph (gd_core.Site)",
+                name if name is not None else type(site).__name__,
+                f"use sites from adapters.onnx.sites(model), e.g. {list(by_name)[:3]}",
+            )
+        by_name[name].site = site
+        out.append(by_name[name])
+    return out
+
+
+def _summarise_changes(changes: Sequence[str]) -> list[str]:
+    """One note per kind of repair (the full list is ``report.changes``)."""
+    kinds = {
+        "LayerNormalization": "declared Mean/InvStdDev outputs of {n} LayerNormalization node(s)",
+        "mask output": "declared the mask output of {n} Dropout node(s)",
+        "ratio set to 0": "set the ratio of {n} inert Dropout node(s) to 0",
+    }
+    out = []
+    for key, text in kinds.items():
+        n = sum(key in c for c in changes)
+        if n:
+            out.append("repair: " + text.format(n=n) + " for ORT training (report.changes)")
+    return out
+
+
+def _check_model(model: Any) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except Exception as exc:
+        raise bad_argument(
+            "model_proto",
+            "a graph that passes onnx.checker.check_model(full_check=True) after rewriting",
+            f"{type(exc).__name__}: {str(exc)[:300]}",
+            "check the input model with onnx.checker first (or pass check=False to skip)",
+        ) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# feeds
+# ---------------------------------------------------------------------------------------------
+def ratio_feeds(
+    report: OnnxApplyReport | Mapping[str, float],
+    *,
+    schedule: Schedule | None = None,
+    step: int = 0,
+    multiplier: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """Values for the ratio inputs of a graph rewritten with ``ratios_as_inputs=True``.
+
+    Each site's probability times ``multiplier`` (times ``schedule.multiplier(step)``), as a
+    float32 scalar keyed by input name; for a per-unit site (``granularity="unit"``) its rates
+    times the same factor, as a vector of the rates' type. ``report`` is :func:`apply`'s report,
+    or ``{site: p}`` for inputs named ``<site>.ratio``.
+
+    Example:
+        >>> from gd_core import Schedule
+        >>> feeds = ratio_feeds({"enc.dropout": 0.1}, schedule=Schedule("linear_warmup", 10),
+        ...                     step=5)
+        >>> {k: round(float(v), 4) for k, v in feeds.items()}
+        {'enc.dropout.ratio': 0.05}
+    """
+    vectors: Mapping[str, np.ndarray] = {}
+    if schedule is None and isinstance(report, OnnxApplyReport):
+        schedule = report.scheduler
+    if isinstance(report, OnnxApplyReport):
+        probs = report.probabilities()
+        names = dict(report.ratio_inputs)
+        vectors = report.unit_rates
+        if not names:
+            raise bad_argument(
+                "report",
+                "the report of apply(..., ratios_as_inputs=True)",
+                "a report of a graph whose ratios are constants",
+                "call apply(model, profile, ratios_as_inputs=True)",
+            )
+    elif isinstance(report, Mapping):
+        probs = {str(k): float(v) for k, v in report.items()}
+        names = {k: f"{k}.ratio" for k in probs}
+    else:
+        raise bad_argument(
+            "report", "an OnnxApplyReport or {site: p}", type(report).__name__, "pass the report"
+        )
+    scale = float(multiplier) * (schedule.multiplier(step) if schedule is not None else 1.0)
+    out = {}
+    for site, name in names.items():
+        if site in vectors:
+            rates = check_rates(
+                np.asarray(vectors[site], dtype=np.float64) * scale,
+                f"rates of {site!r}",
+                "lower multiplier",
+            )
+            out[name] = rates.astype(vectors[site].dtype)
+            continue
+        p = check_probability(probs[site] * scale, f"ratio of {site!r}", "lower multiplier")
+        out[name] = np.array(p, dtype=np.float32)
+    return out
+
+
+def module_inputs(module: Any, feeds: Mapping[str, Any]) -> list[Any]:
+    """``feeds`` as the positional arguments ``onnxruntime.training.api.Module`` expects.
+
+    Example:
+        >>> class FakeModule:
+        ...     training = True
+        ...     def input_names(self): return ["x", "drop.ratio", "labels"]
+        >>> module_inputs(FakeModule(), {"labels": 2, "x": 0, "drop.ratio": 1})
+        [0, 1, 2]
+    """
+    return _t.module_inputs(list(module.input_names()), feeds)

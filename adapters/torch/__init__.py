@@ -1,0 +1,49 @@
+"""PyTorch adapter: find dropout sites, estimate the Fisher diagonal, install guided dropout.
+
+A thin translator over :mod:`gd_core`, in modules that show its parts:
+
+- :mod:`~adapters.torch.layer` — :class:`GuidedDropout` (``nn.Dropout`` with per-unit rates);
+- :mod:`~adapters.torch.discovery` — :func:`sites`, :func:`fingerprint`;
+- :mod:`~adapters.torch.persample` (with :mod:`~adapters.torch.samples`) — exact per-sample
+  squared-gradient sums; :mod:`~adapters.torch.losses` — masked LM, causal LM, contrastive;
+- :mod:`~adapters.torch.fisher` — :func:`estimate_fisher`, :func:`profile` (the loop is
+  :mod:`gd_core.fisher_loop`'s);
+- :mod:`~adapters.torch.install` — :func:`apply` (the plan is :mod:`gd_core.plan`'s);
+  :mod:`~adapters.torch.schedule` — :class:`Scheduler`.
+
+Example:
+    >>> import torch, adapters.torch as gdt
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1), torch.nn.Linear(4, 2))
+    >>> [s.name for s in gdt.sites(net)]
+    ['1']
+    >>> report = gdt.apply(net, {"1": 0.05})
+    >>> net[1].p, report.model is net
+    (0.05, True)
+"""
+
+from __future__ import annotations
+
+from gd_core.fisher import FisherResult
+from gd_core.report import ApplyReport
+
+from .discovery import fingerprint, sites
+from .fisher import estimate_fisher, profile
+from .install import apply
+from .layer import GuidedDropout
+from .losses import CausalLMLoss, ContrastiveLoss, MaskedLMLoss
+from .schedule import Scheduler
+
+__all__ = [
+    "ApplyReport",
+    "CausalLMLoss",
+    "ContrastiveLoss",
+    "FisherResult",
+    "GuidedDropout",
+    "MaskedLMLoss",
+    "Scheduler",
+    "apply",
+    "estimate_fisher",
+    "fingerprint",
+    "profile",
+    "sites",
+]
