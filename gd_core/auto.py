@@ -175,18 +175,15 @@ def computed_note(c: Computed, settings: AutoSettings, seconds: float, cached: P
     )
 
 
-def cached_or_computed(
-    model_sites: Sequence[str],
-    model_fingerprint: Fingerprint,
+def lookup(
     compute: Callable[[AutoSettings], Computed] | None,
     settings: AutoSettings,
-    not_found: Callable[[], ProfileNotFoundError],
-) -> tuple[SensitivityProfile, list[str]]:
-    """A cached compatible profile, else one computed now (and cached); returns (profile, notes).
-
-    ``compute`` is None when the adapter cannot compute one for this model (no pretraining
-    objective known, e.g. an ONNX graph): then ``not_found()`` is raised, as it is when
-    ``settings.enabled`` is False.
+    notes: list[str],
+) -> Callable[[Sequence[str], Fingerprint], SensitivityProfile | None]:
+    """The profile lookup of an adapter's ``apply(model)`` (``make_plan(..., lookup=)``): a cached
+    compatible profile, else one computed now with ``compute`` (and cached), else None (no
+    objective known for this model, e.g. an ONNX graph, or ``settings.enabled`` False: the caller
+    raises ProfileNotFoundError naming ``gd profile``). What happened is appended to ``notes``.
 
     Example:
         >>> import numpy as np, tempfile, os
@@ -197,32 +194,70 @@ def cached_or_computed(
         ...     p = SensitivityProfile.from_fisher({"w": np.ones(2)}, [Site("d", ("w",))],
         ...                                        fingerprint=fp)
         ...     return Computed(p, "mlm", "Net")
-        >>> prof, notes = cached_or_computed(["d"], fp, compute, AutoSettings(progress=False),
-        ...                                  lambda: ProfileNotFoundError("none"))
+        >>> notes = []
+        >>> prof = lookup(compute, AutoSettings(progress=False), notes)(["d"], fp)
         >>> notes[0].startswith("profile computed by apply(): mlm objective on Net")
         True
-        >>> cached_or_computed(["d"], fp, None, AutoSettings(), lambda: ProfileNotFoundError("x"))[1]
-        ['profile from the cache (computed by apply() earlier: mlm on Net, 192 paragraphs of python-docs)']
+        >>> again = []
+        >>> lookup(None, AutoSettings(), again)(["d"], fp) is not None, again
+        (True, ['profile from the cache (computed by apply() earlier: mlm on Net, 192 paragraphs of python-docs)'])
+        >>> lookup(None, AutoSettings(), [])(["other"], Fingerprint.from_shapes({"v": (3,)})) is None
+        True
         >>> del os.environ["GD_CACHE_DIR"]
     """
-    cached = find_cached(model_sites, model_fingerprint)
-    if cached is not None:
-        how = cached.metadata.get("auto_profile")
-        note = "profile from the cache (computed earlier)"
-        if how:
-            note = f"profile from the cache (computed by apply() earlier: {how})"
-        return cached, [note]
-    if compute is None or not settings.enabled:
+
+    def find(names: Sequence[str], fingerprint: Fingerprint) -> SensitivityProfile | None:
+        cached = find_cached(names, fingerprint)
+        if cached is not None:
+            how = cached.metadata.get("auto_profile")
+            notes.append(
+                f"profile from the cache (computed by apply() earlier: {how})"
+                if how
+                else "profile from the cache (computed earlier)"
+            )
+            return cached
+        if compute is None or not settings.enabled:
+            return None
+        start = time.perf_counter()
+        c = compute(settings)
+        seconds = time.perf_counter() - start
+        source = "python-docs" if settings.corpus is None else str(settings.corpus)
+        meta = dict(c.profile.metadata)
+        meta["auto_profile"] = (
+            f"{c.objective} on {c.target}, {meta.get('samples', settings.samples)} paragraphs of "
+            f"{source}"
+        )
+        c = replace(c, profile=replace(c.profile, metadata=meta))
+        path = _cache.store(c.profile) if settings.cache else None
+        notes.append(computed_note(c, settings, seconds, path))
+        return c.profile
+
+    return find
+
+
+def cached_or_computed(
+    model_sites: Sequence[str],
+    model_fingerprint: Fingerprint,
+    compute: Callable[[AutoSettings], Computed] | None,
+    settings: AutoSettings,
+    not_found: Callable[[], ProfileNotFoundError],
+) -> tuple[SensitivityProfile, list[str]]:
+    """:func:`lookup` for adapters that do not plan with :func:`gd_core.plan.make_plan`: returns
+    ``(profile, notes)`` and raises ``not_found()`` when there is no profile.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> from gd_core import Fingerprint
+        >>> os.environ["GD_CACHE_DIR"] = tempfile.mkdtemp()
+        >>> fp = Fingerprint.from_shapes({"w": (2,)})
+        >>> cached_or_computed(["d"], fp, None, AutoSettings(), lambda: ProfileNotFoundError("x"))
+        Traceback (most recent call last):
+        ...
+        gd_core.errors.ProfileNotFoundError: x
+        >>> del os.environ["GD_CACHE_DIR"]
+    """
+    notes: list[str] = []
+    prof = lookup(compute, settings, notes)(model_sites, model_fingerprint)
+    if prof is None:
         raise not_found()
-    start = time.perf_counter()
-    c = compute(settings)
-    seconds = time.perf_counter() - start
-    source = "python-docs" if settings.corpus is None else str(settings.corpus)
-    meta = dict(c.profile.metadata)
-    meta["auto_profile"] = (
-        f"{c.objective} on {c.target}, {meta.get('samples', settings.samples)} paragraphs of "
-        f"{source}"
-    )
-    c = replace(c, profile=replace(c.profile, metadata=meta))
-    path = _cache.store(c.profile) if settings.cache else None
-    return c.profile, [computed_note(c, settings, seconds, path)]
+    return prof, notes
