@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import adapters._torch_persample as persample  # noqa: E402
+
 import adapters.torch as gdt  # noqa: E402
 from gd_cli import corpus as gdc  # noqa: E402
 from gd_core import SensitivityProfile  # noqa: E402

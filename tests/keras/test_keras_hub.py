@@ -1,5 +1,5 @@
-"""Keras Hub backbones (random-initialised from a config, offline): sites, profile, apply, save and
-load, ``fit``.
+"""Keras Hub backbones (random-initialised from a config, offline): sites, profile, apply, ``fit``;
+saving a guided backbone to ``.keras`` is an expected failure (see its reason).
 
 ``keras-hub`` is not in the ``keras`` extra: it requires ``tensorflow-text``, which requires the
 full ``tensorflow`` package, which would be installed beside the pinned ``tensorflow-cpu`` (two
@@ -80,7 +80,8 @@ def test_keras_hub_backbone_sites_apply_save_fit(build, tmp_path):
     assert all(s.params for s in sites)
     x = inputs_for(model)
     given = {n: round(0.01 * (i + 1), 4) for i, n in enumerate(names)}
-    guided, report = gdk.apply(model, given)
+    report = gdk.apply(model, given)
+    guided = report.model
     assert report.probabilities() == pytest.approx(given)
     out = guided(guided.input)
     seq = keras.Model(guided.input, out["sequence_output"] if isinstance(out, dict) else out)
@@ -90,16 +91,13 @@ def test_keras_hub_backbone_sites_apply_save_fit(build, tmp_path):
     assert np.isfinite(history.history["loss"][0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inside tf.function the gradients of a keras_hub backbone's loss with respect to its "
-    "variables are None (eager gradients work), so the adapter's vectorised Fisher cannot run; "
-    "see docs/keras.md#keras-hub",
-)
-def test_keras_hub_profile():
-    model = tiny_bert()
+@pytest.mark.parametrize("build", [tiny_bert, tiny_gpt2], ids=["bert", "gpt2"])
+def test_keras_hub_profile_and_apply(build):
+    model = build()
     prof = gdk.profile(model, [inputs_for(model)], pooled_loss, progress=False)
     assert len(set(np.round(list(prof.probabilities().values()), 6))) > 1
+    report = gdk.apply(model, prof)
+    assert report.counts() == {"profile": len(prof.site_names)}
 
 
 @pytest.mark.xfail(
@@ -112,9 +110,9 @@ def test_keras_hub_save_load(tmp_path):
     model = tiny_bert()
     names = [s.name for s in gdk.sites(model)]
     given = {n: round(0.01 * (i + 1), 4) for i, n in enumerate(names)}
-    guided, _ = gdk.apply(model, given)
+    guided = gdk.apply(model, given).model
     path = os.path.join(tmp_path, "guided.keras")
     guided.save(path)
     loaded = keras.saving.load_model(path)
-    again = {r.site: r.old_p for r in gdk.apply(loaded, dict.fromkeys(names, 0.0))[1]}
+    again = {r.site: r.old_p for r in gdk.apply(loaded, dict.fromkeys(names, 0.0))}
     assert again == pytest.approx(given, abs=1e-6)

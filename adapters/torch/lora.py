@@ -36,7 +36,7 @@ from gd_core.mappings import map_scores
 from gd_core.profile import _mapping_dict
 from gd_core.report import ReportRow
 
-from ._lazy import require
+from .._lazy import require
 
 torch = require("torch")
 nn = torch.nn

@@ -29,7 +29,7 @@ from typing import Any
 from gd_core.auto import AutoSettings, Computed, objective_for
 from gd_core.errors import ArgumentError
 
-from ._lazy import require
+from .._lazy import require
 
 torch = require("torch")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._lazy import require
+from .._lazy import require
 
 transformers = require("transformers", "the Trainer callback")
 
