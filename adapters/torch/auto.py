@@ -9,7 +9,7 @@ batches and the per-sample loss.
   through its pretrained encoder (``model.base_model``) with the contrastive objective, so the
   fresh head plays no part;
 * a bare encoder gets the contrastive objective;
-* a PEFT model is profiled on its base model (LoRA weights are not pretrained).
+* a PEFT model is not profiled here (its weights are wrapped): profile the base model first.
 
 Example:
     >>> import transformers
@@ -120,8 +120,12 @@ def _device(model: Any) -> Any:
 def computer(model: Any, tokenizer: Any, gdt: Any, *, loss: Any = None) -> Any:
     """A ``compute(settings) -> Computed`` for :func:`gd_core.auto.cached_or_computed`, or None
     when the model is not a transformers model (no known pretraining objective). ``gdt`` is the
-    adapter module (:mod:`adapters.torch`), passed in so this module does not import it."""
+    adapter module (:mod:`adapters.torch`), passed in so this module does not import it.
+    A PEFT model gets None too: its weights are wrapped (``base_layer``), so profile the base
+    model before adding LoRA (``profile(base, batches, tensors=lora_tensors(base))``)."""
     if getattr(_peft_base(model), "config", None) is None and loss is None:
+        return None
+    if _peft_base(model) is not model:
         return None
 
     def compute(settings: AutoSettings) -> Computed:

@@ -126,3 +126,12 @@ def test_lora_profile_without_base_weights_follows_missing():
 def test_base_name_and_profile_type():
     assert gdp.base_name("base_model.model.bert.x.base_layer.weight") == "bert.x.weight"
     assert isinstance(base_profile(tiny_llama(), "clm"), SensitivityProfile)
+
+
+def test_peft_model_without_profile_asks_for_one(tmp_path, monkeypatch):
+    from gd_core import ProfileNotFoundError
+
+    monkeypatch.setenv("GD_CACHE_DIR", str(tmp_path))
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ProfileNotFoundError, match="gd profile"):
+        gdt.apply(model)
