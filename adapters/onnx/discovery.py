@@ -20,7 +20,7 @@ from gd_core.sites import Site, site_mapping
 
 from . import graph as _g
 from . import rewrite as _r
-from .graph import Param, SiteInfo, onnx
+from .graph import Param, SiteHandle, onnx
 
 ModelLike = Any  # onnx.ModelProto, or a path to a .onnx file
 
@@ -51,7 +51,7 @@ def _copy(model: Any) -> Any:
 
 def _discover(
     model: Any, arg: str = "model_proto", exclusive: bool = True, mapping: Any = None
-) -> tuple[list[SiteInfo], dict[str, Param]]:
+) -> tuple[list[SiteHandle], dict[str, Param]]:
     infos, params = _g.discover(model, exclusive)
     if not infos:
         raise no_sites(
@@ -65,7 +65,7 @@ def _discover(
     return infos, params
 
 
-def _override_params(infos: list[SiteInfo], table: Mapping[str, Param], mapping: Any) -> None:
+def _override_params(infos: list[SiteHandle], table: Mapping[str, Param], mapping: Any) -> None:
     """Replace the guarded parameters of the sites ``mapping`` names (in place)."""
     given = site_mapping(
         mapping, [i.site.name for i in infos], sites_hint="adapters.onnx.sites(model)"
@@ -79,7 +79,7 @@ def _override_params(infos: list[SiteInfo], table: Mapping[str, Param], mapping:
         info.site = Site(info.site.name, canonical, info.site.units, kind="node")
 
 
-def sites(model_proto: ModelLike, mapping: Any = None, *, exclusive: bool = True) -> list[Site]:
+def sites(model: ModelLike, mapping: Any = None, *, exclusive: bool = True) -> list[Site]:
     """Every Dropout site of the graph, in graph order, with the parameters it guards.
 
     A site is named like the PyTorch module it was exported from
@@ -100,8 +100,8 @@ def sites(model_proto: ModelLike, mapping: Any = None, *, exclusive: bool = True
         >>> [(s.name, s.params) for s in sites(example_model())]
         [('dropout', ('dense.weight', 'dense.bias')), ('head_drop', ('head.weight', 'head.bias'))]
     """
-    model = _load(model_proto)
-    return [i.site for i in _discover(model, exclusive=exclusive, mapping=mapping)[0]]
+    proto = _load(model, "model")
+    return [i.site for i in _discover(proto, "model", exclusive, mapping)[0]]
 
 
 def site_nodes(model_proto: ModelLike) -> dict[str, list[str]]:
@@ -130,7 +130,7 @@ def parameters(model_proto: ModelLike) -> list[Param]:
     return list(_g.param_table(_load(model_proto)).values())
 
 
-def fingerprint(model_proto: ModelLike) -> Fingerprint:
+def fingerprint(model: ModelLike) -> Fingerprint:
     """Canonical names and torch-layout shapes of the model's trainable initializers.
 
     Example:
@@ -138,7 +138,8 @@ def fingerprint(model_proto: ModelLike) -> Fingerprint:
         >>> dict(fingerprint(example_model()).params)["head.weight"]
         (2, 4)
     """
-    return Fingerprint.from_shapes((p.name, p.shape) for p in parameters(model_proto))
+    table = _g.param_table(_load(model, "model"))
+    return Fingerprint.from_shapes((p.name, p.shape) for p in table.values())
 
 
 def check_ort_compatible(model_proto: ModelLike) -> None:

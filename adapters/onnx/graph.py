@@ -297,8 +297,9 @@ def trace_param(index: GraphIndex, name: str, params: dict[str, Param]) -> str |
 # sites
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class SiteInfo:
-    """One dropout site: its Site, the Dropout nodes (indices) realising it, and their state."""
+class SiteHandle:
+    """A dropout site and its ONNX handle (every adapter names this pair ``SiteHandle``): the
+    Dropout nodes (indices) realising it, and their state."""
 
     site: Site
     nodes: list[int] = field(default_factory=list)
@@ -376,7 +377,7 @@ def guarded_params(index: GraphIndex, start: int, params: dict[str, Param]) -> l
     return sorted(found, key=lambda p: (found[p], p))
 
 
-def discover(model: Any, exclusive: bool = True) -> tuple[list[SiteInfo], dict[str, Param]]:
+def discover(model: Any, exclusive: bool = True) -> tuple[list[SiteHandle], dict[str, Param]]:
     """Every Dropout node of the main graph grouped into sites (in graph order), plus params.
 
     Nodes with the same canonical name (one module called twice) form one site. With
@@ -387,7 +388,7 @@ def discover(model: Any, exclusive: bool = True) -> tuple[list[SiteInfo], dict[s
     index = GraphIndex(model.graph)
     params = param_table(model)
     shapes = _inferred_last_dims(model)
-    infos: dict[str, SiteInfo] = {}
+    infos: dict[str, SiteHandle] = {}
     guarded: dict[str, list[str]] = {}
     k = 0
     for i, node in enumerate(index.nodes):
@@ -398,7 +399,7 @@ def discover(model: Any, exclusive: bool = True) -> tuple[list[SiteInfo], dict[s
         ratio, active = dropout_state(index, node)
         info = infos.get(name)
         if info is None:
-            info = infos[name] = SiteInfo(Site(name, kind="node"), ratio=ratio, active=active)
+            info = infos[name] = SiteHandle(Site(name, kind="node"), ratio=ratio, active=active)
             guarded[name] = []
         elif info.ratio != ratio:
             info.ratio = None

@@ -25,7 +25,7 @@ from .graph import (
     UNIT_INFIX,
     UNIT_MARK,
     GraphIndex,
-    SiteInfo,
+    SiteHandle,
     _attr,
     dropout_state,
     gd_role,
@@ -353,7 +353,7 @@ def _refuse_unit_rewritten(model: Any) -> None:
 
 
 def _unit_width(
-    info: SiteInfo,
+    info: SiteHandle,
     index: GraphIndex,
     types: Mapping[str, tuple[int, int | None]],
     scores: np.ndarray | None,
@@ -404,7 +404,7 @@ class _UnitRewrite:
 
     def rewrite(
         self,
-        info: SiteInfo,
+        info: SiteHandle,
         p: float,
         source: str,
         old: float,

@@ -24,7 +24,7 @@ from .._lazy import require
 from . import graph as _g
 from . import rewrite as _r
 from .discovery import ModelLike, _copy, _load, _onnx_names, prepare_for_training
-from .graph import DEFAULT_DOMAINS, GraphIndex, SiteInfo
+from .graph import DEFAULT_DOMAINS, GraphIndex, SiteHandle
 
 META_FILE = "gd_artifacts.json"
 META_FORMAT = "guided-dropout-ort-artifacts"
@@ -334,7 +334,7 @@ def _ratio_inputs(model: Any) -> dict[str, str]:
     return out
 
 
-def _applies_dropout(model: Any, infos: Sequence[SiteInfo]) -> bool:
+def _applies_dropout(model: Any, infos: Sequence[SiteHandle]) -> bool:
     """Whether fixed (non-input) ratios or rates make the training graph drop anything."""
     if any(i.active and (i.ratio or 0) > 0 for i in infos):
         return True

@@ -52,7 +52,9 @@ _ATTENTION_WORDS = frozenset({"attn", "attention", "att", "probs"})
 
 
 @dataclass
-class _Found:
+class SiteHandle:
+    """A dropout site and its torch handle (every adapter names this pair ``SiteHandle``)."""
+
     site: Site
     owner: Any  # the dropout module; the module holding the attribute; the hook target
     parent: Any  # the module holding the dropout module (None for attributes / hooks)
@@ -213,14 +215,14 @@ def _hidden_units(mods: Sequence[Any]) -> int | None:
     return None
 
 
-def _module_site(index: _Index, path: str, mod: Any) -> _Found:
+def _module_site(index: _Index, path: str, mod: Any) -> SiteHandle:
     parent_path, leaf = _split(path)
     parent = index.modules[parent_path]
     if isinstance(mod, GuidedDropout) and mod.hook:
         params = index.params_of([parent], recurse=True)
         units = _hidden_units([parent])
         site = Site(path, params, units, _unit_axes(index, params, units), "hook")
-        return _Found(site, mod, parent, leaf, "hidden")
+        return SiteHandle(site, mod, parent, leaf, "hidden")
     role = _role(leaf, parent)
     every, before = _default_guard(parent, leaf, role)
     guard = before or every
@@ -230,7 +232,7 @@ def _module_site(index: _Index, path: str, mod: Any) -> _Found:
         params = index.params_of([parent], recurse=True)
     units = _hidden_units(before) if role == "hidden" else None
     site = Site(path, params, units, _unit_axes(index, params, units), "module")
-    return _Found(site, mod, parent, leaf, role)
+    return SiteHandle(site, mod, parent, leaf, role)
 
 
 def _is_rate_attr(name: str, value: Any) -> bool:
@@ -242,7 +244,7 @@ def _is_rate_attr(name: str, value: Any) -> bool:
     return 0.0 <= value < 1.0
 
 
-def _attribute_sites(index: _Index, path: str, mod: Any) -> list[_Found]:
+def _attribute_sites(index: _Index, path: str, mod: Any) -> list[SiteHandle]:
     if _is_dropout(mod):
         return []
     out = []
@@ -257,7 +259,7 @@ def _attribute_sites(index: _Index, path: str, mod: Any) -> list[_Found]:
         units = _hidden_units(leaves) if role == "hidden" else None
         name = _join(path, attr)
         site = Site(name, params, units, _unit_axes(index, params, units), "attribute")
-        out.append(_Found(site, mod, None, attr, role))
+        out.append(SiteHandle(site, mod, None, attr, role))
     return out
 
 
@@ -291,16 +293,16 @@ def _hook_targets(index: _Index, add_sites: Any) -> list[str]:
     ]
 
 
-def _virtual_hook_site(index: _Index, target: str) -> _Found:
+def _virtual_hook_site(index: _Index, target: str) -> SiteHandle:
     mod = index.modules[target]
     params = index.params_of([mod], recurse=True)
     units = _hidden_units([mod])
     name = _join(target, HOOK_CHILD)
     site = Site(name, params, units, _unit_axes(index, params, units), "hook")
-    return _Found(site, mod, None, HOOK_CHILD, "hidden", installed=False)
+    return SiteHandle(site, mod, None, HOOK_CHILD, "hidden", installed=False)
 
 
-def _apply_mapping(index: _Index, found: list[_Found], mapping: Any) -> list[_Found]:
+def _apply_mapping(index: _Index, found: list[SiteHandle], mapping: Any) -> list[SiteHandle]:
     if mapping is None:
         return found
     given = site_mapping(
@@ -322,10 +324,10 @@ def _apply_mapping(index: _Index, found: list[_Found], mapping: Any) -> list[_Fo
 
 def _discover(
     model: Any, mapping: Any = None, add_sites: Any = None, *, required: bool = True
-) -> tuple[_Index, list[_Found]]:
+) -> tuple[_Index, list[SiteHandle]]:
     root = _unwrap(model)
     index = _Index(root)
-    found: list[_Found] = []
+    found: list[SiteHandle] = []
     for path, mod in index.modules.items():
         if path and _is_dropout(mod):
             found.append(_module_site(index, path, mod))
@@ -388,7 +390,7 @@ def fingerprint(model: Any, *, params: Iterable[str] | None = None) -> Fingerpri
     return Fingerprint.from_shapes((n, tuple(named[n].shape)) for n in wanted)
 
 
-def _resolve_sites(model: Any, sites_arg: Any, add_sites: Any) -> tuple[_Index, list[_Found]]:
+def _resolve_sites(model: Any, sites_arg: Any, add_sites: Any) -> tuple[_Index, list[SiteHandle]]:
     if sites_arg is None or isinstance(sites_arg, Mapping) or callable(sites_arg):
         return _discover(model, sites_arg, add_sites)
     given = list(sites_arg)
@@ -420,7 +422,7 @@ def _model_name(root: Any) -> str:
     return str(name) if name else type(root).__name__
 
 
-def current_p(f: _Found) -> float:
+def current_p(f: SiteHandle) -> float:
     """The probability a site has now (0 for a hook site not installed yet)."""
     if not f.installed:
         return 0.0

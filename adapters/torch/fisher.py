@@ -307,11 +307,11 @@ def profile(
     resume: bool = False,
     *,
     sites: Any = None,
-    add_sites: Any = None,
     aggregation: str = "tensor_mean",
     mapping: str | Mapping[str, Any] | None = None,
     cache: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    add_sites: Any = None,
     seed: int = 0,
     tensors: Iterable[str] | None = None,
 ) -> SensitivityProfile:

@@ -16,7 +16,7 @@ from gd_core.validate import check_probability
 
 from . import auto as _auto
 from . import lora as _lora
-from .discovery import _Found, _resolve_sites, _unwrap, current_p, fingerprint
+from .discovery import SiteHandle, _resolve_sites, _unwrap, current_p, fingerprint
 from .layer import HOOK_CHILD, GuidedDropout, hook_forward, torch
 from .schedule import Scheduler
 
@@ -31,7 +31,7 @@ def _model_device(root: Any) -> Any:
     return torch.device("cpu")
 
 
-def _install_hook(f: _Found, generator: Any, device: Any) -> _Found:
+def _install_hook(f: SiteHandle, generator: Any, device: Any) -> SiteHandle:
     target = f.owner
     gd = GuidedDropout(0.0, generator=generator, hook=True).to(device)
     target.add_module(HOOK_CHILD, gd)

@@ -9,7 +9,7 @@ from gd_core import Schedule
 from gd_core.report import ApplyReport
 from gd_core.validate import check_int
 
-from .discovery import _discover, _Found, current_p
+from .discovery import SiteHandle, _discover, current_p
 from .layer import GuidedDropout
 
 
@@ -43,7 +43,7 @@ class Scheduler:
         if isinstance(target, ApplyReport):
             wanted = {r.site for r in target.rows}
             found = [f for f in found if f.site.name in wanted]
-        self._entries: list[tuple[_Found, Any]] = []
+        self._entries: list[tuple[SiteHandle, Any]] = []
         for f in found:
             if isinstance(f.owner, GuidedDropout):
                 base: Any = f.owner.rates.detach().clone()
