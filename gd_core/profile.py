@@ -88,10 +88,15 @@ class SensitivityProfile:
         metadata: Mapping[str, Any] | None = None,
         with_units: bool = True,
     ) -> SensitivityProfile:
-        """Aggregate a per-parameter Fisher diagonal into a profile."""
+        """Aggregate a per-parameter Fisher diagonal into a profile.
+
+        The per-tensor Fisher means of every tensor in ``fisher`` are kept (``tensor_means``),
+        also of tensors no site guards (the base weights LoRA adapts, see ``adapters.torch``).
+        """
         sites_t = tuple(check_sites(sites))
         guarded = {p for s in sites_t for p in s.params}
-        stats = tensor_stats({p: fisher[p] for p in guarded if p in fisher})
+        # every tensor estimated, not only the guarded ones: LoRA rates read the others
+        stats = tensor_stats({p: fisher[p] for p in (*guarded, *fisher) if p in fisher})
         scores = np.array([site_score_from_stats(s, stats, aggregation) for s in sites_t])
         units: dict[str, np.ndarray] = {}
         if with_units:

@@ -4,12 +4,15 @@ probabilities (the plan is :func:`gd_core.plan.make_plan`'s)."""
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from gd_core.auto import as_settings
+from gd_core.auto import lookup as auto_lookup
 from gd_core.errors import ArgumentError
 from gd_core.plan import make_plan
 from gd_core.profile import SensitivityProfile
@@ -17,6 +20,7 @@ from gd_core.report import ApplyReport, ReportRow
 from gd_core.schedules import Schedule
 from gd_core.sites import Site
 
+from . import auto as _auto
 from .discovery import (
     ModelIndex,
     _fingerprint,
@@ -116,6 +120,8 @@ def apply(
     sites: Mapping[str, Sequence[str]] | Sequence[Site] | None = None,
     spread: float = 1.0,
     schedule: Schedule | Mapping[str, Any] | None = None,
+    tokenizer: Any = None,
+    auto_profile: Any = True,
 ) -> ApplyReport:
     """Replace the model's dropout layers by ``GuidedDropout`` layers at the plan's probabilities.
 
@@ -140,6 +146,12 @@ def apply(
         spread: how far unit probabilities spread around the site's (``unit`` granularity).
         schedule: a ``gd_core.Schedule`` (or config dict) installed on every new layer; the
             report's ``scheduler`` is then a :class:`GuidedDropoutScheduler` for ``fit``.
+        tokenizer: with ``profile=None`` and nothing cached, a profile is computed on text
+            (:mod:`gd_core.auto`, the contrastive objective on the model's outputs): a Hugging
+            Face tokenizer or a callable ``list[str] -> token ids`` turns the text into the
+            model's integer input. Without one, ``apply`` raises ProfileNotFoundError.
+        auto_profile: options of that computation (``{"samples": 192, "corpus": None,
+            "seq_len": 128, "progress": True, ...}``); False never computes one.
 
     Sequential and functional models are rebuilt with ``keras.models.clone_model`` (same layer
     names, weights copied, compile config copied when the model was compiled); the input model is
@@ -169,6 +181,7 @@ def apply(
     idx = ModelIndex.build(model)
     pairs = resolve_sites(idx, sites)
     current = {site.name: layer_rate(layer) for site, layer in pairs}
+    auto_notes: list[str] = []
     plan = make_plan(
         profile,
         [site for site, _ in pairs],
@@ -182,8 +195,13 @@ def apply(
         framework="keras",
         not_found=(
             f"Keras model {model.name!r}",
-            "pass profile=..., or run adapters.keras.profile(model, batches, loss, cache=True) "
-            "once",
+            "pass profile=..., pass tokenizer= so apply computes one on text, or run "
+            "adapters.keras.profile(model, batches, loss, cache=True) once",
+        ),
+        lookup=auto_lookup(
+            _auto.computer(model, tokenizer, sys.modules["adapters.keras"]),
+            as_settings(auto_profile),
+            auto_notes,
         ),
     )
     rows: list[ReportRow] = []
@@ -235,7 +253,7 @@ def apply(
         rows,
         framework="keras",
         granularity=granularity,
-        notes=notes + list(plan.notes),
+        notes=auto_notes + notes + list(plan.notes),
         model=new_model,
         scheduler=None if sched is None else GuidedDropoutScheduler(),
     )

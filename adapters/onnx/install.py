@@ -160,7 +160,10 @@ def apply(
         framework="onnx",
         not_found=(
             f"ONNX graph {out.graph.name!r}",
-            "pass profile=..., or run adapters.onnx.profile(model, batches, cache=True) once",
+            "a graph has no pretraining objective to compute one from: make one from the source "
+            "model with `gd profile --model PATH --corpus FILE --out model.profile.npz` (or "
+            "adapters.torch.apply(model), which computes and caches one) and pass it, or run "
+            "`gd apply-onnx`; adapters.onnx.profile(model, batches, cache=True) also works",
         ),
     )
     resolved = {e.site: (e.p, e.source) for e in plan}

@@ -9,7 +9,10 @@ A thin translator over :mod:`gd_core`, in modules that show its parts:
 - :mod:`~adapters.torch.fisher` — :func:`estimate_fisher`, :func:`profile` (the loop is
   :mod:`gd_core.fisher_loop`'s);
 - :mod:`~adapters.torch.install` — :func:`apply` (the plan is :mod:`gd_core.plan`'s);
-  :mod:`~adapters.torch.schedule` — :class:`Scheduler`.
+  :mod:`~adapters.torch.schedule` — :class:`Scheduler`;
+- :mod:`~adapters.torch.auto` — the profile ``apply(model)`` computes when it has none;
+  :mod:`~adapters.torch.lora` — PEFT/LoRA dropout; :mod:`~adapters.torch.trainer` —
+  :class:`GuidedDropoutCallback` for ``transformers.Trainer``.
 
 Example:
     >>> import torch, adapters.torch as gdt
@@ -23,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from gd_core.fisher import FisherResult
 from gd_core.report import ApplyReport
 
@@ -30,10 +35,16 @@ from .discovery import fingerprint, sites
 from .fisher import estimate_fisher, profile
 from .install import _watch_from_pretrained, apply, recorded_plan
 from .layer import GuidedDropout
+from .lora import load as load_peft
+from .lora import lora_tensors
+from .lora import save as save_peft
 from .losses import CausalLMLoss, ContrastiveLoss, MaskedLMLoss
 from .schedule import Scheduler
 
 _watch_from_pretrained()  # warn when a model recording a plan is loaded and not re-applied
+
+if TYPE_CHECKING:
+    from .trainer import GuidedDropoutCallback
 
 __all__ = [
     "ApplyReport",
@@ -41,12 +52,24 @@ __all__ = [
     "ContrastiveLoss",
     "FisherResult",
     "GuidedDropout",
+    "GuidedDropoutCallback",
     "MaskedLMLoss",
     "Scheduler",
     "apply",
     "estimate_fisher",
     "fingerprint",
+    "load_peft",
+    "lora_tensors",
     "profile",
     "recorded_plan",
+    "save_peft",
     "sites",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "GuidedDropoutCallback":  # imports transformers only when asked for
+        from .trainer import GuidedDropoutCallback
+
+        return GuidedDropoutCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -398,14 +398,17 @@ def profile(
     add_sites: Any = None,
     seed: int = 0,
     method: str = "norms",
+    tensors: Iterable[str] | None = None,
 ) -> SensitivityProfile:
     """Estimate the Fisher diagonal of the guarded parameters and build a sensitivity profile.
 
     Takes :func:`estimate_fisher`'s arguments, plus ``sites`` (None, a list of Sites or a site
     mapping), ``add_sites`` (see :func:`sites`), ``aggregation`` and ``mapping`` (stored in the
     profile), ``cache`` (store it in the per-user cache so :func:`apply` finds it) and
-    ``metadata`` (merged into the profile's). The width of each dropped tensor is measured
-    during estimation, so per-unit scores are right even where the structure is ambiguous.
+    ``metadata`` (merged into the profile's), ``tensors`` (more parameter names whose Fisher the
+    profile keeps, e.g. :func:`adapters.torch.lora_tensors` for LoRA fine-tuning). The width of
+    each dropped tensor is measured during estimation, so per-unit scores are right even where
+    the structure is ambiguous.
     ``method="norms"`` (default) estimates only what the profile keeps (per-tensor and
     per-unit sums, :func:`estimate_fisher` with ``output="norms"``); ``method="diagonal"``
     estimates the full diagonal first (same scores to float rounding, slower).
@@ -425,6 +428,17 @@ def profile(
     index, found = _resolve_sites(root, sites, add_sites)
     _, loss_name = _resolve_loss(loss, seed)
     guarded = [n for n in index.owner if any(n in f.site.params for f in found)]
+    if tensors is not None:
+        extra = [str(t) for t in tensors]
+        unknown = [t for t in extra if t not in index.owner]
+        if unknown:
+            raise bad_argument(
+                "tensors",
+                "parameter names of this model",
+                unknown[:3],
+                f"use names from model.named_parameters(), e.g. {list(index.owner)[:2]}",
+            )
+        guarded += [t for t in extra if t not in guarded]
     widths: dict[str, int] = {}
     handles = []
     for f in found:

@@ -11,10 +11,15 @@ from dataclasses import replace
 from typing import Any
 
 from gd_core import Schedule
+from gd_core.auto import as_settings
+from gd_core.auto import lookup as auto_lookup
 from gd_core.errors import bad_argument
 from gd_core.plan import make_plan
 from gd_core.report import ApplyReport, ReportRow
+from gd_core.validate import check_probability
 
+from . import auto as _auto
+from . import lora as _lora
 from .discovery import SiteHandle, _resolve_sites, _unwrap, current_p, fingerprint
 from .layer import HOOK_CHILD, GuidedDropout, hook_forward, torch
 from .schedule import Scheduler
@@ -51,6 +56,8 @@ def apply(
     schedule: Schedule | Mapping[str, Any] | None = None,
     add_sites: Any = None,
     generator: Any = None,
+    tokenizer: Any = None,
+    auto_profile: Any = True,
 ) -> ApplyReport:
     """Set every dropout site's probability from a profile, in place; returns the report.
 
@@ -73,6 +80,14 @@ def apply(
     restores that plan exactly (see :func:`recorded_plan`). A model loaded with such a config
     and not re-applied warns once, at its first training-mode forward.
 
+    With ``profile=None`` and no compatible profile cached, a transformers model gets one computed
+    now (:mod:`gd_core.auto`): its own masked-/causal-LM head, else the contrastive objective on
+    its pretrained encoder, on Python's documentation or ``auto_profile={'corpus': FILE}``, with
+    ``tokenizer`` (default: the one saved beside the checkpoint); it is cached and the report's
+    notes say so. ``auto_profile=False`` raises instead. On a PEFT model each LoRA module's
+    dropout gets a probability from the Fisher of the base weight it adapts
+    (:mod:`adapters.torch.lora`).
+
     Example:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
@@ -89,13 +104,22 @@ def apply(
         _only_defaults(mapping=mapping, granularity=granularity, missing=missing, spread=spread)
         return _restore(root, recorded, schedule=schedule, add_sites=add_sites, generator=generator)
     index, found = _resolve_sites(root, sites, add_sites)
+    lora_sites = _lora.lora_sites(root)
+    lora_names = {s.name for s in lora_sites}
+    found = [f for f in found if f.site.name not in lora_names]
+    given_lora: dict[str, float] = {}
+    if isinstance(profile, Mapping):
+        given_lora = {k: v for k, v in profile.items() if k in lora_names}
+        profile = {k: v for k, v in profile.items() if k not in lora_names}
     current = {f.site.name: current_p(f) for f in found}
     name = getattr(getattr(root, "config", None), "_name_or_path", None) or "PATH"
+    auto_notes: list[str] = []
+    fp = _lora.fingerprint(root) if lora_sites else fingerprint(root)
     plan = make_plan(
         profile,
         [f.site.name for f in found],  # torch measures unit widths at run time (GuidedDropout)
         current,
-        None if isinstance(profile, Mapping) else fingerprint(root),
+        None if isinstance(profile, Mapping) else fp,
         mapping=mapping,
         missing=missing,
         strict=strict,
@@ -107,6 +131,11 @@ def apply(
             f"create one with `gd profile --model {name} --corpus FILE --out PROFILE` and pass "
             "profile='PROFILE', or in Python run adapters.torch.profile(model, batches, "
             "cache=True) once",
+        ),
+        lookup=auto_lookup(
+            _auto.computer(root, tokenizer, sys.modules["adapters.torch"]),
+            as_settings(auto_profile),
+            auto_notes,
         ),
     )
     device = _model_device(root)
@@ -155,7 +184,22 @@ def apply(
         rows.append(
             ReportRow(f.site.name, current[f.site.name], p, entry.source, how=how, kind=f.site.kind)
         )
-    report = ApplyReport(rows, "torch", granularity, list(plan.notes), model=root)
+    if isinstance(profile, Mapping):
+        lora_plan = {
+            s.name: (
+                check_probability(given_lora[s.name], f"profile[{s.name!r}]", "pass e.g. 0.1"),
+                "given",
+            )
+            if s.name in given_lora
+            else (s.p, "keep")
+            for s in lora_sites
+        }
+    elif lora_sites and plan.profile is not None:
+        lora_plan = _lora.probabilities(lora_sites, plan.profile, mapping=mapping, missing=missing)
+    else:
+        lora_plan = {}
+    rows.extend(_lora.install(lora_sites, lora_plan))
+    report = ApplyReport(rows, "torch", granularity, auto_notes + list(plan.notes), model=root)
     _record(root, _resolve_sites(root, sites, add_sites)[1], granularity)
     if schedule is not None:
         report.scheduler = Scheduler(report, schedule)

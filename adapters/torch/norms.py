@@ -417,7 +417,8 @@ def profile_from_norms(
     sites_t = tuple(check_sites(sites))
     all_stats = norms.stats()
     guarded = {p for s in sites_t for p in s.params}
-    stats = {p: all_stats[p] for p in guarded if p in all_stats}
+    # every tensor estimated, not only the guarded ones: LoRA rates read the others
+    stats = {p: all_stats[p] for p in (*guarded, *all_stats) if p in all_stats}
     scores = np.array([site_score_from_stats(s, stats, aggregation) for s in sites_t])
     units: dict[str, np.ndarray] = {}
     for s in sites_t:

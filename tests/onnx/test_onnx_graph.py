@@ -436,3 +436,11 @@ def test_site_mapping_overrides_guarded_parameters_and_reaches_the_profile():
     prof = ao.profile(m, batches, loss="mse", sites={"dropout": ["dense.bias"]})
     assert prof.site("dropout").params == ("dense.bias",)
     assert set(prof.tensor_means) == {"dense.bias", "head.weight", "head.bias"}
+
+
+def test_no_profile_is_refused_naming_the_command(tmp_path, monkeypatch):
+    from gd_core import ProfileNotFoundError
+
+    monkeypatch.setenv("GD_CACHE_DIR", str(tmp_path))
+    with pytest.raises(ProfileNotFoundError, match="gd profile --model .*gd apply-onnx"):
+        ao.apply(example_model(ratio=0.1))

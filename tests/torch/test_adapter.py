@@ -523,13 +523,15 @@ def test_cache_lookup_and_not_found_message(tmp_path, monkeypatch, bert_encoder)
     monkeypatch.setenv("GD_CACHE_DIR", str(tmp_path / "cache"))
     clf = classifier()
     with pytest.raises(ProfileNotFoundError) as err:
-        gdt.apply(clf)
+        gdt.apply(
+            clf, auto_profile=False
+        )  # no computing one now (tests/torch/test_auto_profile.py)
     msg = str(err.value)
     assert "gd profile --model PATH --corpus FILE --out PROFILE" in msg
     assert "adapters.torch.profile(model, batches, cache=True)" in msg
     bert_encoder.config._name_or_path = "org/tiny-bert"
     with pytest.raises(ProfileNotFoundError, match="gd profile --model org/tiny-bert --corpus"):
-        gdt.apply(bert_encoder)
+        gdt.apply(bert_encoder, auto_profile=False)
     prof = gdt.profile(
         bert_encoder, token_batches(1, 3), loss=ContrastiveLoss(), progress=False, cache=True
     )

@@ -336,6 +336,22 @@ def test_profile_with_given_sites_on_another_axis():
     assert_profiles_equal(a, b, 1e-10)
 
 
+def test_profile_tensors_beyond_the_sites_kept_by_both_methods():
+    # LoRA rates read the Fisher of base weights no site guards (tensors=, issue 15)
+    model = tiny_bert(transformers.BertModel, torch.float64)
+    sites = [s for s in gdt.sites(model) if s.name == "encoder.layer.0.output.dropout"]
+    guarded = {p for s in sites for p in s.params}
+    extra = [n for n, _ in model.named_parameters() if n not in guarded and "self" in n][:2]
+    assert len(extra) == 2
+    data = token_batches(2, 3)
+    kw = dict(loss="contrastive", progress=False, sites=sites, tensors=extra)
+    a = gdt.profile(model, data, **kw)
+    b = gdt.profile(model, data, method="diagonal", **kw)
+    assert set(extra) <= set(a.tensor_means)
+    assert a.tensor_means[extra[0]] > 0
+    assert_profiles_equal(a, b, 1e-10)
+
+
 def test_estimate_fisher_norms_matches_diagonal_and_holds_small_buffers(monkeypatch):
     model = gpt2(torch.float64)
     data = token_batches(2, 3)

@@ -1,0 +1,116 @@
+"""``adapters.torch.apply(model)`` with nothing else: a profile is computed, cached and reported."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import adapters.torch as gdt  # noqa: E402
+from gd_core import ProfileNotFoundError  # noqa: E402
+from gd_core.auto import DEFAULT_SAMPLES  # noqa: E402
+from gd_core.errors import ArgumentError  # noqa: E402
+
+FAST = {"samples": 8, "seq_len": 16, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from gd_cli.models import minilm_path
+
+    return transformers.AutoTokenizer.from_pretrained(minilm_path())
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GD_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def bert_config(tokenizer):
+    return transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=12,
+        max_position_embeddings=32,
+    )
+
+
+def test_task_model_profiles_its_encoder_and_caches(tokenizer, cache):
+    torch.manual_seed(0)
+    clf = transformers.BertForSequenceClassification(bert_config(tokenizer))
+    report = gdt.apply(clf, tokenizer=tokenizer, auto_profile=FAST)
+    note = report.notes[0]
+    assert "contrastive objective on BertModel (model.bert)" in note
+    assert "8 paragraphs of python-docs" in note and "gd profile --model" in note
+    assert report["bert.encoder.layer.0.output.dropout"].source == "profile"
+    assert report["dropout"].source == "keep"  # the new head's dropout is not profiled
+    assert len(list(cache.glob("*.profile.npz"))) == 1
+    again = gdt.apply(clf, tokenizer=tokenizer, auto_profile=FAST)
+    assert again.notes[0].startswith("profile from the cache (computed by apply() earlier")
+    assert again.probabilities() == report.probabilities()
+
+
+def test_mlm_head_and_tokenizer_beside_the_checkpoint(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-mlm"
+    transformers.BertForMaskedLM(bert_config(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model = transformers.BertForMaskedLM.from_pretrained(folder)
+    report = gdt.apply(model, auto_profile=FAST)  # the tokenizer is found beside the checkpoint
+    assert "mlm objective on BertForMaskedLM" in report.notes[0]
+    assert f"gd profile --model {folder}" in report.notes[0]
+
+
+def test_causal_lm_and_a_corpus_file(tokenizer, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Paragraph number {i} says something." for i in range(20)))
+    cfg = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    report = gdt.apply(model, tokenizer=tokenizer, auto_profile={**FAST, "corpus": corpus})
+    assert f"clm objective on LlamaForCausalLM, 8 paragraphs of {corpus}" in report.notes[0]
+
+
+def test_no_objective_or_no_tokenizer_or_disabled(tokenizer):
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+    with pytest.raises(ProfileNotFoundError, match="gd profile"):
+        gdt.apply(net)  # not a transformers model: no pretraining objective is known
+    clf = transformers.BertForSequenceClassification(bert_config(tokenizer))
+    with pytest.raises(ArgumentError, match="tokenizer=your_tokenizer"):
+        gdt.apply(clf, auto_profile=FAST)
+    with pytest.raises(ProfileNotFoundError):
+        gdt.apply(clf, tokenizer=tokenizer, auto_profile=False)
+    with pytest.raises(ArgumentError, match="auto_profile"):
+        gdt.apply(clf, tokenizer=tokenizer, auto_profile={"sample": 3})
+
+
+@pytest.mark.slow
+def test_default_profile_of_minilm_takes_under_a_minute():
+    from gd_cli.models import minilm_path
+
+    # one thread: within the documented two cores, and a wall time that stays meaningful on a
+    # shared machine (two OpenMP threads on an oversubscribed one spin-wait and take minutes)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = transformers.AutoModel.from_pretrained(minilm_path())
+        start = time.perf_counter()
+        report = gdt.apply(model, auto_profile={"progress": False})
+        elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+    assert f"{DEFAULT_SAMPLES} paragraphs of python-docs" in report.notes[0]
+    assert elapsed < 60, elapsed
