@@ -27,7 +27,7 @@ def bench_path():
         sys.path.remove(str(BENCH))
 
 
-@pytest.mark.parametrize("name", ["_common", "glue", "report"])
+@pytest.mark.parametrize("name", ["_common", "glue", "report", "auto_profile"])
 def test_docstring_examples(bench_path, name):
     module = importlib.import_module(name)
     failed, attempted = doctest.testmod(module, verbose=False)
@@ -169,3 +169,15 @@ def test_fisher_smoke_keras_cells(tmp_path):
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["method"] for r in recs) == ["keras_gd", "keras_train_step"]
     assert all(r["status"] == "ok" and r["seconds"] > 0 for r in recs), recs
+
+
+def test_auto_profile_smoke_cell_records_and_resumes(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "auto.jsonl"
+    done = _run("bench/auto_profile.py", "--smoke", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (rec,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rec["status"] == "ok" and rec["wall_s"] > 0 and rec["sites"] > 0, rec
+    assert "4 paragraphs of python-docs" in rec["note"], rec["note"]
+    again = _run("bench/auto_profile.py", "--smoke", "--out", str(out))  # the cell is done
+    assert again.returncode == 0 and len(out.read_text().splitlines()) == 1

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -98,19 +96,13 @@ def test_no_objective_or_no_tokenizer_or_disabled(tokenizer):
 
 
 @pytest.mark.slow
-def test_default_profile_of_minilm_takes_under_a_minute():
+def test_default_profile_of_minilm():
+    """The one-liner on the real MiniLM: a profile of every site from the default corpus (its
+    wall time is measured by bench/auto_profile.py, not here)."""
     from gd_cli.models import minilm_path
 
-    # one thread: within the documented two cores, and a wall time that stays meaningful on a
-    # shared machine (two OpenMP threads on an oversubscribed one spin-wait and take minutes)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = transformers.AutoModel.from_pretrained(minilm_path())
-        start = time.perf_counter()
-        report = gdt.apply(model, auto_profile={"progress": False})
-        elapsed = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
+    model = transformers.AutoModel.from_pretrained(minilm_path())
+    report = gdt.apply(model, auto_profile={"progress": False})
     assert f"{DEFAULT_SAMPLES} paragraphs of python-docs" in report.notes[0]
-    assert elapsed < 60, elapsed
+    assert {r.source for r in report} == {"profile"}
+    assert len(report.rows) == len(gdt.sites(model))
