@@ -27,7 +27,9 @@ Layer names are the canonical names (Keras allows dots, so ``encoder.layer.0.out
 a torch module tree); weights are ``<layer name>.weight|bias`` (``kernel``, ``gamma``,
 ``embeddings`` -> ``weight``, ``beta`` -> ``bias``), and everything this binding hands out or takes
 (fingerprints, Fisher, unit axes, :func:`load_state_dict`) is in the canonical torch layout: Dense
-kernels are transposed at the boundary, as the ONNX binding does for folded MatMul weights.
+and convolution kernels are transposed at the boundary (as the ONNX binding does for folded MatMul
+weights), so a profile computed with :mod:`adapters.torch` applies to a Keras replica of the same
+model with ``strict=True``.
 
 Loading a saved ``.keras`` model that contains ``GuidedDropout`` needs only ``import
 adapters.keras`` first (the layer is registered as ``guided_dropout>GuidedDropout``).
@@ -38,7 +40,7 @@ from __future__ import annotations
 from gd_core.fisher import FisherResult
 from gd_core.report import ApplyReport
 
-from .discovery import fingerprint, load_state_dict, sites
+from .discovery import LoadedKeys, fingerprint, load_state_dict, sites
 from .fisher import estimate_fisher, profile
 from .install import apply
 from .layer import GuidedDropout, GuidedDropoutScheduler, keras  # noqa: F401 - the backend in use
@@ -48,6 +50,7 @@ __all__ = [
     "FisherResult",
     "GuidedDropout",
     "GuidedDropoutScheduler",
+    "LoadedKeys",
     "apply",
     "estimate_fisher",
     "fingerprint",

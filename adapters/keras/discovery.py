@@ -1,5 +1,5 @@
 """Canonical names, dropout sites and guarded weights of Keras 3 models: :func:`sites`,
-:func:`fingerprint`.
+:func:`fingerprint`, and :func:`load_state_dict` (canonical, torch-layout weights in).
 
 The index walks a model's layer tree once and records, in graph order, every layer, the canonical
 name of every weight (``<layer name>.<weight|bias|...>``) and the dropout sites. Guarded weights of
@@ -488,15 +488,14 @@ def load_state_dict(model: Any, state_dict: Mapping[str, Any], *, strict: bool =
     missing = [n for n in idx.variables if n not in state_dict]
     unexpected = [str(k) for k in state_dict if k not in idx.variables]
     if strict and (missing or unexpected):
-        lacks = f"no array for the model's weights {_some(missing)}" if missing else ""
-        extra = f"keys the model has no weight for: {_some(unexpected)}" if unexpected else ""
+        todo = [f"add arrays for {_some(missing)}"] if missing else []
+        todo += [f"drop {_some(unexpected)} (the model has no such weight)"] if unexpected else []
         raise bad_argument(
             "state_dict",
-            "one canonical (torch-layout) array for every weight of the model "
-            f"(names such as {list(idx.variables)[:3]})",
-            "; ".join(x for x in (lacks, extra) if x),
-            "pass the state dict of the model this one mirrors (same module/layer names), or "
-            "strict=False to load a part and read the returned missing/unexpected keys",
+            "one canonical (torch-layout) array for every weight of the model and no other key",
+            f"{len(missing)} weight(s) of the model missing, {len(unexpected)} key(s) unexpected",
+            "; ".join(todo) + ", or pass strict=False to load a part (it returns the "
+            "missing and unexpected keys)",
         )
     values: dict[str, np.ndarray] = {}
     for name in idx.variables:
