@@ -453,7 +453,9 @@ def _some(names: Sequence[str]) -> str:
     return f"{list(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def load_state_dict(model: Any, state_dict: Mapping[str, Any], *, strict: bool = True) -> LoadedKeys:
+def load_state_dict(
+    model: Any, state_dict: Mapping[str, Any], *, strict: bool = True
+) -> LoadedKeys:
     """Set a Keras model's weights from canonical (torch-layout) arrays, by canonical name.
 
     ``state_dict`` maps canonical names (``<layer name>.weight|bias``, as :func:`fingerprint`

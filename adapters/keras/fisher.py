@@ -295,9 +295,7 @@ def batch_fn(model: Any, variables: list[Any], loss: LossFn, skip: bool) -> _Bat
 class _Engine(NumpyEngine):
     """Per-sample squared-gradient sums of a Keras model, a chunk of samples at a time."""
 
-    def __init__(
-        self, idx: ModelIndex, names: list[str], loss: LossFn, chunk: int | None
-    ) -> None:
+    def __init__(self, idx: ModelIndex, names: list[str], loss: LossFn, chunk: int | None) -> None:
         super().__init__()
         self.idx = idx
         self.names = names

@@ -302,4 +302,3 @@ def build_keras(spec: RefSpec, dropout_cls=None):
     model = keras.Model(inp, out, name=f"ref_{spec.name}")
     gdk.load_state_dict(model, spec.weights)  # torch layout in; the binding converts
     return model
-

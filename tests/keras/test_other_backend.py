@@ -32,7 +32,8 @@ def _env(backend: str) -> dict[str, str]:
 def test_backend_dependent_tests_pass_under_the_other_backend():
     pytest.importorskip("torch" if OTHER == "torch" else "tensorflow")
     files = [
-        str(HERE / f) for f in ("test_layer.py", "test_apply.py", "test_fisher.py", "test_layout.py")
+        str(HERE / f)
+        for f in ("test_layer.py", "test_apply.py", "test_fisher.py", "test_layout.py")
     ]
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
     cmd += ["-m", "not single_backend", "-W", "ignore::DeprecationWarning", *files]
