@@ -206,7 +206,7 @@ def run_keras(spec: dict[str, Any]) -> dict[str, Any]:
     a = keras_bert_classifier(cfg)
     b0 = keras_bert_classifier(cfg)
     b0.set_weights(a.get_weights())
-    report = gdk.apply(b0, profile, granularity=spec["granularity"], missing="keep", strict=False)
+    report = gdk.apply(b0, profile, granularity=spec["granularity"], missing="keep")
     b = report.model
     batch = fixed_batch(spec)
     x = {k: batch[k].astype(np.int32) for k in ("input_ids", "attention_mask")}

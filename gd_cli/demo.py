@@ -36,7 +36,7 @@ from adapters import require
 from gd_core import SensitivityProfile
 from gd_core._io import atomic_write_bytes
 
-from .models import export_training_onnx, keras_bert_classifier, load_torch_weights
+from .models import export_training_onnx, keras_bert_classifier
 from .text import prepare_text, profile_metadata, quiet_transformers
 
 STAGES = 5
@@ -212,7 +212,7 @@ def _keras_stage(clf: Any, prof: SensitivityProfile, batch: dict[str, Any], path
     import adapters.keras as gdk
 
     model = keras_bert_classifier(clf.config, num_labels=2)
-    load_torch_weights(model, clf.state_dict())
+    gdk.load_state_dict(model, clf.state_dict())  # torch layout in; the binding converts
     feeds = {k: v.numpy().astype("int32") for k, v in batch.items()}
     clf.eval()
     with torch.no_grad():
@@ -221,7 +221,7 @@ def _keras_stage(clf: Any, prof: SensitivityProfile, batch: dict[str, Any], path
     print(
         f"  Keras replica of the torch classifier: max |logit difference| {np.abs(got - ref).max():.1e}"
     )
-    report = gdk.apply(model, prof, missing="upper", strict=False)
+    report = gdk.apply(model, prof, missing="upper")  # same weights, same fingerprint
     guided = report.model
     print(report)
     tmp = path.with_name(f".{path.stem}.tmp.keras")

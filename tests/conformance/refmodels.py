@@ -2,7 +2,8 @@
 
 Weights are created once (NumPy, seeded) in PyTorch layout; each framework's builder loads the
 same numbers. Module and layer names mirror each other, so canonical names agree:
-``block1.fc.weight`` in torch is the Keras layer ``block1.fc``'s kernel (transposed).
+``block1.fc.weight`` in torch is the Keras layer ``block1__fc``'s kernel, which
+``adapters.keras.load_state_dict`` fills from the torch-layout array (the binding transposes).
 """
 
 from __future__ import annotations
@@ -230,29 +231,21 @@ def build_keras(spec: RefSpec, dropout_cls=None):
     import keras
     from keras import layers, ops
 
+    import adapters.keras as gdk
     from gd_core.names import to_keras_layer
 
     drop = dropout_cls or layers.Dropout
-    w = spec.weights
 
     def dense(name, units, act=None):
-        lay = layers.Dense(units, activation=act, name=to_keras_layer(name), dtype="float64")
-        return lay
+        return layers.Dense(units, activation=act, name=to_keras_layer(name), dtype="float64")
 
-    def set_dense(lay, name):
-        lay.set_weights([w[f"{name}.weight"].T, w[f"{name}.bias"]])
-
-    def set_ln(lay, name):
-        lay.set_weights([w[f"{name}.weight"], w[f"{name}.bias"]])
-
-    denses, norms = {}, {}
     if spec.name == "mlp":
         x = inp = keras.Input((MLP_IN,), dtype="float64", name="x")
         for b, i in (("block1", MLP_IN), ("block2", MLP_HIDDEN)):
             del i
-            denses[f"{b}.fc"] = d = dense(f"{b}.fc", MLP_HIDDEN, "tanh")
+            d = dense(f"{b}.fc", MLP_HIDDEN, "tanh")
             x = drop(0.1, name=to_keras_layer(f"{b}.dropout"), dtype="float64")(d(x))
-        denses["head"] = d = dense("head", MLP_OUT)
+        d = dense("head", MLP_OUT)
         out = d(x)
     else:
         inp = keras.Input((TF_LEN,), dtype="int32", name="ids")
@@ -269,10 +262,9 @@ def build_keras(spec: RefSpec, dropout_cls=None):
         h = we(inp) + pe(positions)
 
         def ln(name):
-            norms[name] = lay = layers.LayerNormalization(
+            return layers.LayerNormalization(
                 epsilon=1e-6, name=to_keras_layer(name), dtype="float64"
             )
-            return lay
 
         h = drop(0.1, name=to_keras_layer("embeddings.dropout"), dtype="float64")(
             ln("embeddings.LayerNorm")(h)
@@ -287,8 +279,7 @@ def build_keras(spec: RefSpec, dropout_cls=None):
             qkv = {}
             for proj in ("query", "key", "value"):
                 name = f"{p}.attention.self.{proj}"
-                denses[name] = lay = dense(name, TF_HIDDEN)
-                qkv[proj] = heads(lay(h))
+                qkv[proj] = heads(dense(name, TF_HIDDEN)(h))
             scores = ops.matmul(qkv["query"], ops.transpose(qkv["key"], (0, 1, 3, 2)))
             probs = ops.softmax(scores / math.sqrt(d), axis=-1)
             probs = drop(0.1, name=to_keras_layer(f"{p}.attention.self.dropout"), dtype="float64")(
@@ -298,34 +289,16 @@ def build_keras(spec: RefSpec, dropout_cls=None):
                 ops.transpose(ops.matmul(probs, qkv["value"]), (0, 2, 1, 3)),
                 (-1, TF_LEN, TF_HIDDEN),
             )
-            name = f"{p}.attention.output.dense"
-            denses[name] = lay = dense(name, TF_HIDDEN)
+            lay = dense(f"{p}.attention.output.dense", TF_HIDDEN)
             a = drop(0.1, name=to_keras_layer(f"{p}.attention.output.dropout"), dtype="float64")(
                 lay(ctx)
             )
             a = ln(f"{p}.attention.output.LayerNorm")(a + h)
-            name = f"{p}.intermediate.dense"
-            denses[name] = lay = dense(name, TF_FFN, "tanh")
-            inter = lay(a)
-            name = f"{p}.output.dense"
-            denses[name] = lay = dense(name, TF_HIDDEN)
+            inter = dense(f"{p}.intermediate.dense", TF_FFN, "tanh")(a)
+            lay = dense(f"{p}.output.dense", TF_HIDDEN)
             o = drop(0.1, name=to_keras_layer(f"{p}.output.dropout"), dtype="float64")(lay(inter))
             h = ln(f"{p}.output.LayerNorm")(o + a)
-        denses["classifier"] = lay = dense("classifier", TF_OUT)
-        out = lay(ops.mean(h, axis=1))
-        we.set_weights([w["embeddings.word_embeddings.weight"]])
-        pe.set_weights([w["embeddings.position_embeddings.weight"]])
+        out = dense("classifier", TF_OUT)(ops.mean(h, axis=1))
     model = keras.Model(inp, out, name=f"ref_{spec.name}")
-    for name, lay in denses.items():
-        set_dense(lay, name)
-    for name, lay in norms.items():
-        set_ln(lay, name)
+    gdk.load_state_dict(model, spec.weights)  # torch layout in; the binding converts
     return model
-
-
-def torch_layout(name: str, array: np.ndarray, framework: str) -> np.ndarray:
-    """Bring a framework's parameter array into torch layout (Keras Dense kernels transpose)."""
-    if framework.startswith("keras") and name.endswith(".weight") and array.ndim == 2:
-        if "embeddings" not in name:
-            return array.T
-    return array

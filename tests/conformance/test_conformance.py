@@ -102,6 +102,67 @@ def test_same_fisher_per_parameter_and_site(harness, spec):
     np.testing.assert_allclose(prof.scores, expected, rtol=1e-4)
 
 
+# -- canonical (torch) layout -----------------------------------------------------------------
+_TORCH: dict[str, tuple] = {}
+
+
+def torch_reference(spec):
+    """(fingerprint, sites, profile with unit scores) of the spec's torch model: what every
+    binding hands out for its own replica, in the same canonical layout."""
+    if spec.name not in _TORCH:
+        pytest.importorskip("torch")
+        from harness import TorchHarness
+
+        t = TorchHarness()
+        model = t.build(spec)
+        _TORCH[spec.name] = (t.fingerprint(model), t.sites(model, spec), t.profile(model, spec))
+    return _TORCH[spec.name]
+
+
+def test_same_fingerprint_in_the_canonical_layout(harness, spec):
+    want = torch_reference(spec)[0]
+    got = harness.fingerprint(harness.build(spec))
+    assert got.differences(want) == []
+    assert got.digest == want.digest
+
+
+def test_same_fisher_for_every_weight_in_the_canonical_layout(harness, spec):
+    fisher = harness.fisher(harness.build(spec), spec)
+    want = ref_fisher(spec)
+    assert sorted(fisher) == sorted(want)
+    assert_fisher_close(fisher, want, list(want))  # shapes and values, no conversion
+
+
+def test_same_unit_axes_and_unit_scores(harness, spec):
+    if harness.no_unit_axes:
+        pytest.skip(harness.no_unit_axes)
+    _, torch_sites, torch_profile = torch_reference(spec)
+    model = harness.build(spec)
+    axes = {s.name: dict(s.unit_axes) for s in harness.sites(model, spec)}
+    assert axes == {s.name: dict(s.unit_axes) for s in torch_sites}
+    assert any(axes.values()), "the reference models have per-unit sites"
+    got = harness.profile(model, spec).unit_scores
+    assert sorted(got) == sorted(torch_profile.unit_scores)
+    for name, want in torch_profile.unit_scores.items():
+        floor = 1e-7 * float(np.abs(want).max())
+        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=floor, err_msg=name)
+
+
+def test_a_torch_profile_applies_to_every_replica_with_strict(harness, spec):
+    """strict=True is the default: the torch profile's fingerprint matches each replica's."""
+    profile = torch_reference(spec)[2]
+    model = harness.apply(harness.build(spec), spec, profile, granularity="unit")
+    got = harness.installed(model, spec)
+    want = profile.unit_probabilities()
+    for site in spec.sites:
+        if site in want:
+            np.testing.assert_allclose(
+                np.broadcast_to(got[site], want[site].shape), want[site], atol=1e-6
+            )
+        else:
+            assert float(np.mean(got[site])) == pytest.approx(profile.probabilities()[site])
+
+
 # -- probabilities ----------------------------------------------------------------------------
 MAPPING_CASES = [{"name": m, "p_lower": 0.0, "p_upper": 0.3} for m in MAPPINGS] + [
     {"name": "linear_rank", "p_lower": 0.0, "p_upper": 0.1, "target_mean": 0.1}

@@ -40,7 +40,8 @@ def canonical(var_owner: keras.layers.Layer, var: object) -> str:
 
 
 def reference_fisher(model: keras.Model, samples: list[tuple[np.ndarray, np.ndarray]], loss_fn):
-    """The slow reference: one gradient per sample, squared, averaged (float64)."""
+    """The slow reference: one gradient per sample, squared, averaged (float64), in the
+    canonical torch layout (Dense kernels transposed here, independently of the binding)."""
     owners = [(layer, v) for layer in model.layers for v in layer.trainable_weights]
     sums = {canonical(layer, v): np.zeros(tuple(v.shape)) for layer, v in owners}
     for x, y in samples:
@@ -59,4 +60,10 @@ def reference_fisher(model: keras.Model, samples: list[tuple[np.ndarray, np.ndar
         for (layer, v), g in zip(owners, grads, strict=True):
             arr = g.numpy() if BACKEND == "tensorflow" else g.detach().cpu().numpy()
             sums[canonical(layer, v)] += np.asarray(arr, np.float64) ** 2
-    return {k: s / len(samples) for k, s in sums.items()}
+    # the binding reports torch layout: a Dense kernel (in, out) is the Linear weight (out, in)
+    kernels = {
+        canonical(layer, v)
+        for layer, v in owners
+        if isinstance(layer, keras.layers.Dense) and str(v.name).endswith("kernel")
+    }
+    return {k: (s.T if k in kernels else s) / len(samples) for k, s in sums.items()}

@@ -71,8 +71,8 @@ def test_sites_mirror_a_torch_module_tree_with_dotted_names():
         "encoder.layer.0.attention.output.LayerNorm.weight",
         "encoder.layer.0.attention.output.LayerNorm.bias",
     )
-    assert attn.unit_axes[attn.params[0]] == 1 and attn.unit_axes[attn.params[1]] == 0
-    assert attn.units == 8
+    # canonical (torch) layout: the Dense kernel is the Linear weight (out, in), units on axis 0
+    assert all(attn.unit_axes[p] == 0 for p in attn.params) and attn.units == 8
     # the walk back from the last dropout ends at the LayerNorm the previous site holds
     assert top.params == ()
 
@@ -94,7 +94,7 @@ def test_sites_of_a_sequential_model_guard_the_layers_since_the_previous_site():
     assert [(s.name, s.units) for s in found] == [("dr1", 5), ("dr2", 4)]
     assert found[0].params == ("d1.weight", "d1.bias")
     assert found[1].params == ("d2.weight", "d2.bias", "bn.weight", "bn.bias")  # no moving stats
-    assert found[1].unit_axes == {"d2.weight": 1, "d2.bias": 0, "bn.weight": 0, "bn.bias": 0}
+    assert found[1].unit_axes == {"d2.weight": 0, "d2.bias": 0, "bn.weight": 0, "bn.bias": 0}
 
 
 @pytest.mark.single_backend
@@ -107,7 +107,8 @@ def test_spatial_dropout_and_guided_dropout_are_sites():
     found = gdk.sites(model)
     assert [s.name for s in found] == ["spatial", "custom.site"]
     assert found[0].params == ("conv.weight", "conv.bias") and found[0].units == 6
-    assert found[0].unit_axes == {"conv.weight": 2, "conv.bias": 0}
+    assert gdk.fingerprint(model).params[1] == ("conv.weight", (6, 4, 3))  # torch (out, in, k)
+    assert found[0].unit_axes == {"conv.weight": 0, "conv.bias": 0}
     assert found[1].params == ()
 
 
@@ -115,7 +116,7 @@ def test_spatial_dropout_and_guided_dropout_are_sites():
 def test_mapping_overrides_guarded_weights_and_is_validated(mlp):
     found = gdk.sites(mlp, {"enc1_dropout": ["classifier.weight"]})
     assert found[1].params == ("classifier.weight",)
-    assert found[1].unit_axes == {}  # (8, 3): the last axis is not the site's 8 units
+    assert found[1].unit_axes == {}  # (3, 8): the output axis is not the site's 8 units
     assert found[0].params == ("enc0_dense.weight", "enc0_dense.bias")
     with pytest.raises(ArgumentError, match=r"mapping: expected keys that are dropout site names"):
         gdk.sites(mlp, {"nope": []})
@@ -136,16 +137,16 @@ def test_models_without_bernoulli_dropout_raise_no_sites_error():
         gdk.sites("not a model")
 
 
-def test_fingerprint_uses_canonical_names_and_keras_shapes(mlp):
+def test_fingerprint_uses_canonical_names_and_torch_layout(mlp):
     fp = gdk.fingerprint(mlp)
     assert dict(fp.params) == {
-        "enc0_dense.weight": (6, 8),
+        "enc0_dense.weight": (8, 6),
         "enc0_dense.bias": (8,),
         "enc1_dense.weight": (8, 8),
         "enc1_dense.bias": (8,),
         "enc1_norm.weight": (8,),
         "enc1_norm.bias": (8,),
-        "classifier.weight": (8, 3),
+        "classifier.weight": (3, 8),
         "classifier.bias": (3,),
     }
 

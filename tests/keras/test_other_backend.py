@@ -31,7 +31,10 @@ def _env(backend: str) -> dict[str, str]:
 @pytest.mark.skipif(OTHER is None, reason=f"no other backend to compare with {BACKEND}")
 def test_backend_dependent_tests_pass_under_the_other_backend():
     pytest.importorskip("torch" if OTHER == "torch" else "tensorflow")
-    files = [str(HERE / f) for f in ("test_layer.py", "test_apply.py", "test_fisher.py")]
+    files = [
+        str(HERE / f)
+        for f in ("test_layer.py", "test_apply.py", "test_fisher.py", "test_layout.py")
+    ]
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
     cmd += ["-m", "not single_backend", "-W", "ignore::DeprecationWarning", *files]
     proc = subprocess.run(
