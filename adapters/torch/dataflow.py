@@ -188,9 +188,13 @@ def trace(
             )
         )
     was = root.training
+    # the forward leaves no trace in the model or the program: buffers (BatchNorm statistics,
+    # counters) are restored and the random streams (dropout draws) are forked
+    saved = [(b, b.detach().clone()) for b in root.buffers()]
+    cuda = sorted({p.device.index or 0 for p in root.parameters() if p.device.type == "cuda"})
     root.train()
     try:
-        with torch.no_grad(), rec:
+        with torch.random.fork_rng(devices=cuda), torch.no_grad(), rec:
             if isinstance(example, Mapping):
                 root(**example)
             elif isinstance(example, Sequence) and not torch.is_tensor(example):
@@ -201,6 +205,9 @@ def trace(
         for h in handles:
             h.remove()
         root.train(was)
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
     return rec.ops, rec.seen_sites, rec.module_out, rec.path_out
 
 
@@ -208,12 +215,13 @@ def example_input(root: nn.Module) -> Any:
     """A small input for one forward when the caller gave none: ``input_ids`` for models with a
     first ``nn.Embedding``, a float batch for a first ``nn.Linear``; ``None`` when unknown."""
     first = next((m for m in root.modules() if isinstance(m, (nn.Embedding, nn.Linear))), None)
+    gen = torch.Generator().manual_seed(0)  # the same input every time; the global stream untouched
     if isinstance(first, nn.Embedding):
-        ids = torch.randint(0, min(first.num_embeddings, 8), (2, 6))
+        ids = torch.randint(0, min(first.num_embeddings, 8), (2, 6), generator=gen)
         config = getattr(root, "config", None)
         if config is not None and hasattr(root, "get_input_embeddings"):
             return {"input_ids": ids}
         return (ids,)
     if isinstance(first, nn.Linear):
-        return (torch.randn(2, first.in_features),)
+        return (torch.randn(2, first.in_features, generator=gen),)
     return None

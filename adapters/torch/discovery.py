@@ -7,6 +7,7 @@ Sites are ``nn.Dropout``-family modules, float attributes named like ``*dropout*
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -323,6 +324,13 @@ def _trace(root: Any, index: _Index, found: Sequence[SiteHandle]) -> _Flow | Non
     example = example_input(root)
     if example is None:
         return None
+    device = next((p.device for p in root.parameters()), None)
+    if device is not None and device.type != "cpu":
+        example = (
+            {k: v.to(device) for k, v in example.items()}
+            if isinstance(example, Mapping)
+            else tuple(v.to(device) for v in example)
+        )
     try:
         ops, _, module_out, path_out = trace(
             root,
@@ -333,7 +341,15 @@ def _trace(root: Any, index: _Index, found: Sequence[SiteHandle]) -> _Flow | Non
             ),
             is_norm=_is_norm,
         )
-    except Exception:  # noqa: BLE001 - a model the guessed input does not fit
+    except Exception as exc:  # noqa: BLE001 - a model the guessed input does not fit
+        warnings.warn(
+            f"adapters.torch: one forward of {type(root).__name__} on a guessed input failed "
+            f"({type(exc).__name__}: {str(exc)[:200]}), so what each dropout site guards is "
+            "the structural guess (the parameters of the modules before it); pass "
+            "mapping={site: [parameter names]} to sites()/profile() to set it",
+            RuntimeWarning,
+            stacklevel=4,
+        )
         return None
     return _Flow(ops, module_out, path_out)
 
@@ -393,9 +409,21 @@ def _apply_mapping(index: _Index, found: list[SiteHandle], mapping: Any) -> list
     return out
 
 
+def _adapter_dropout(name: str) -> bool:
+    """A PEFT adapter's own dropout (``...q_proj.lora_dropout.default``)."""
+    return ".lora_dropout." in f".{name}."
+
+
 def _discover(
-    model: Any, mapping: Any = None, add_sites: Any = None, *, required: bool = True
+    model: Any,
+    mapping: Any = None,
+    add_sites: Any = None,
+    *,
+    required: bool = True,
+    trace: bool = True,
 ) -> tuple[_Index, list[SiteHandle]]:
+    """The sites and their handles; ``trace=False`` skips the traced forward (what each site
+    guards is then the structural guess: enough for callers that only need the handles)."""
     root = _unwrap(model)
     index = _Index(root)
     found: list[SiteHandle] = []
@@ -403,9 +431,13 @@ def _discover(
         if path and _is_dropout(mod):
             found.append(_module_site(index, path, mod))
         found.extend(_attribute_sites(index, path, mod))
-    flow = _trace(root, index, found)
-    if add_sites is None:  # zero-valued rate attributes (attention_dropout = 0.0) do not count
-        add_sites = not any(f.site.kind != "attribute" or current_p(f) > 0 for f in found)
+    flow = _trace(root, index, found) if trace else None
+    if add_sites is None:  # zero-valued rate attributes (attention_dropout = 0.0) do not count,
+        # nor adapter dropouts (PEFT's lora_dropout: on a side branch, not the residual stream)
+        add_sites = not any(
+            (f.site.kind != "attribute" or current_p(f) > 0) and not _adapter_dropout(f.site.name)
+            for f in found
+        )
     if add_sites is not False:
         found.extend(_virtual_hook_site(index, t) for t in _hook_targets(index, add_sites, flow))
     if flow is not None:
@@ -430,7 +462,7 @@ def sites(model: Any, mapping: Any = None, *, add_sites: Any = None) -> list[Sit
     guessed input; without one, the parameters of its parent's leaf children registered before
     it); ``mapping`` ({site: [parameter names]} or a function site -> names or None) overrides
     that. ``add_sites=None`` adds hook sites only when the model has no dropout (zero-valued rate
-    attributes do not count): on the embedding output and every residual branch (after every
+    attributes and PEFT's ``lora_dropout`` do not count): on the embedding output and every residual branch (after every
     LayerNorm in a model without residual stream); ``True`` always does; a list names the modules
     to add dropout after.
 

@@ -200,7 +200,7 @@ def apply(
         lora_plan = {}
     rows.extend(_lora.install(lora_sites, lora_plan))
     report = ApplyReport(rows, "torch", granularity, auto_notes + list(plan.notes), model=root)
-    _record(root, _resolve_sites(root, sites, add_sites)[1], granularity)
+    _record(root, lambda: _resolve_sites(root, sites, add_sites)[1], granularity)
     if schedule is not None:
         report.scheduler = Scheduler(report, schedule)
     return report
@@ -213,13 +213,15 @@ _UNAPPLIED = "_gd_unapplied_hook"
 
 def _record(root: Any, found: Any, granularity: str) -> None:
     """Write what is installed now into ``root.config.guided_dropout`` (plain JSON), so that
-    ``save_pretrained`` keeps it and ``apply(model)`` after ``from_pretrained`` restores it."""
+    ``save_pretrained`` keeps it and ``apply(model)`` after ``from_pretrained`` restores it.
+    ``found()`` lists the sites as installed (called only for a model with a config: it traces
+    one forward)."""
     _disarm(root)
     config = getattr(root, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
     installed: dict[str, Any] = {}
-    for f in found:
+    for f in found():
         mod = f.owner
         if isinstance(mod, GuidedDropout) and mod.rates.numel() > 1 and f.role == "hidden":
             installed[f.site.name] = [float(v) for v in mod.rates.detach().cpu().tolist()]

@@ -132,8 +132,10 @@ def probabilities(
     that weight's Fisher and mapped with the profile's mapping; the others follow ``missing``."""
     means = dict(profile.tensor_means)
     weights = [s.weight for s in sites]
-    renaming = find_renaming(list(means), weights)
-    known = {renaming(t): float(v) for t, v in means.items()}
+    # rename the base weights into the profile's names (not the other way: the profile keeps many
+    # more tensors than LoRA adapts, and a renaming must place most of what it renames)
+    renaming = find_renaming(weights, list(means))
+    known = {w: float(means[renaming(w)]) for w in weights if renaming(w) in means}
     m = _mapping_dict(profile.mapping if mapping is None else mapping)
     kwargs = {k: m[k] for k in ("p_lower", "p_upper", "target_mean") if k in m}
     have = [s for s in sites if s.weight in known]

@@ -39,7 +39,7 @@ class Scheduler:
         else:
             self.schedule = Schedule.from_config(schedule)
         model = target.model if isinstance(target, ApplyReport) else target
-        _, found = _discover(model, None, False)
+        _, found = _discover(model, None, False, trace=False)  # handles only: no forward
         if isinstance(target, ApplyReport):
             wanted = {r.site for r in target.rows}
             found = [f for f in found if f.site.name in wanted]

@@ -840,3 +840,35 @@ def test_public_api_has_docstring_examples():
         obj = getattr(gdt, name)
         assert obj.__doc__ and "Example" in obj.__doc__, name
     assert gdt.__file__.endswith(os.path.join("adapters", "torch", "__init__.py"))
+
+
+def test_discovery_forward_leaves_no_trace_in_model_or_random_stream():
+    """sites()/apply() trace one forward on a guessed input: BatchNorm statistics, counters and
+    the global random stream must be as they were (the forward runs in training mode)."""
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.3), nn.Linear(6, 2))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    found = gdt.sites(net)
+    gdt.apply(net, {"2": 0.1})
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream is untouched
+    assert [s.name for s in found] == ["2"] and "0.weight" in found[0].params
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "buffers changed"
+    assert net.training  # mode restored
+
+
+def test_discovery_warns_when_the_guessed_forward_fails():
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, x, mask):  # needs an input the guess does not give
+            return self.drop(self.lin(x) * mask)
+
+    with pytest.warns(RuntimeWarning, match="structural guess"):
+        found = gdt.sites(Picky())
+    assert [s.name for s in found] == ["drop"]

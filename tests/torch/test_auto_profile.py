@@ -49,7 +49,14 @@ def test_task_model_profiles_its_encoder_and_caches(tokenizer, cache):
     assert report["bert.encoder.layer.0.output.dropout"].source == "profile"
     assert report["dropout"].source == "keep"  # the new head's dropout is not profiled
     assert len(list(cache.glob("*.profile.npz"))) == 1
-    again = gdt.apply(clf, tokenizer=tokenizer, auto_profile=FAST)
+    # the same model again: it records what was applied (config.guided_dropout) and restores it
+    restored = gdt.apply(clf, tokenizer=tokenizer, auto_profile=FAST)
+    assert "restored the plan recorded" in restored.notes[0]
+    assert restored.probabilities() == report.probabilities()
+    # a fresh copy of the model (no recorded plan) finds the cached profile
+    fresh = transformers.BertForSequenceClassification(bert_config(tokenizer))
+    fresh.load_state_dict(clf.state_dict())
+    again = gdt.apply(fresh, tokenizer=tokenizer, auto_profile=FAST)
     assert again.notes[0].startswith("profile from the cache (computed by apply() earlier")
     assert again.probabilities() == report.probabilities()
 

@@ -112,13 +112,15 @@ def test_lora_bert_classifier_from_encoder_profile():
 
 def test_lora_profile_without_base_weights_follows_missing():
     base = tiny_llama()
-    prof = gdt.profile(base, batches(1), loss="clm", progress=False)  # attention weights only
+    # guarded weights only: every block's (the dataflow sites), not the LM head after the last
+    prof = gdt.profile(base, batches(1), loss="clm", progress=False)
+    assert "lm_head.weight" not in prof.tensor_means
     model = peft.get_peft_model(
-        base, peft.LoraConfig(r=2, lora_dropout=0.05, target_modules=["q_proj", "down_proj"])
+        base, peft.LoraConfig(r=2, lora_dropout=0.05, target_modules=["q_proj", "lm_head"])
     )
     report = gdt.apply(model, prof, missing="keep")
     by = {r.site.split(".")[-3]: r.source for r in report if r.kind == "lora"}
-    assert by == {"q_proj": "profile", "down_proj": "keep"}
+    assert by == {"q_proj": "profile", "lm_head": "keep"}, by
     with pytest.raises(Exception, match="lora_tensors"):
         gdt.apply(model, prof, missing="error")
 

@@ -162,6 +162,7 @@ def test_callback_steps_per_optimizer_step_with_accumulation(tmp_path):
     net = Net()
     report = gdt.apply(net, {"drop": 0.2}, schedule=Schedule("linear_warmup", steps=4))
     cb = gdt.GuidedDropoutCallback(report)
+    net.seen.clear()  # apply traced one forward (what each site guards)
     t = _small_trainer(
         transformers,
         Data(),
@@ -187,12 +188,14 @@ def test_callback_resumes_from_checkpoint(tmp_path):
     net = Net()
     report = gdt.apply(net, {"drop": 0.2}, schedule=Schedule("linear_warmup", steps=8))
     cb = gdt.GuidedDropoutCallback(report)
+    net.seen.clear()  # apply traced one forward (what each site guards)
     _small_trainer(transformers, Data(), net, tmp_path, cb, max_steps=3, save_steps=3).train()
     # a new process: a fresh model and schedule, resumed from the checkpoint of step 3
     net2 = Net()
     report2 = gdt.apply(net2, {"drop": 0.2}, schedule=Schedule("linear_warmup", steps=8))
     assert net2.drop.p == 0.0
     cb2 = gdt.GuidedDropoutCallback(report2)
+    net2.seen.clear()
     t = _small_trainer(transformers, Data(), net2, tmp_path, cb2, max_steps=5, save_steps=100)
     t.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
     assert net2.seen == pytest.approx([0.2 * 3 / 8, 0.2 * 4 / 8])
