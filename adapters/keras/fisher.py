@@ -443,6 +443,9 @@ def estimate_fisher(
     return result
 
 
+_REPORTED = ("fisher_engine", "fisher_fallback")  # carried into a profile's metadata
+
+
 def _reported(acc: Any, engine: _Engine) -> FisherResult:
     """The result, its accumulator's metadata carrying how the sums were computed (logged too,
     as the torch adapter logs its fallback)."""
@@ -486,7 +489,9 @@ def profile(
     default ``linear_rank`` over ``[0.0, 0.1]``), ``cache`` (store the profile in the per-user
     cache, where :func:`apply` with ``profile=None`` finds it) and ``metadata`` (merged into the
     profile's). The profile carries the model's fingerprint and metadata ``framework="keras"``,
-    ``backend``, ``samples``, ``skipped`` and ``loss``.
+    ``backend``, ``samples``, ``skipped``, ``loss``, ``fisher_engine`` and (TensorFlow)
+    ``fisher_fallback`` (:func:`estimate_fisher`'s report of the weights the jacobian path
+    computed).
 
     Example:
         >>> import numpy as np, keras
@@ -525,6 +530,9 @@ def profile(
         "samples": fisher.count,
         "skipped": fisher.skipped,
         "loss": fisher.accumulator.metadata.get("loss"),
+        **{
+            k: fisher.accumulator.metadata[k] for k in _REPORTED if k in fisher.accumulator.metadata
+        },
         **dict(metadata or {}),
     }
     prof = SensitivityProfile.from_fisher(

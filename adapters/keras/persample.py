@@ -350,8 +350,9 @@ class TFPerSampleBatchFn(_BatchFn):
         moved = set()
         pairs = [tuple(float(a) for a in e.numpy()) for e in errs]
         floor = 1e-2 * max([b for _, b in pairs] + [0.0])  # noise-level gradients (key biases)
+        dtypes = {vi: str(layer.compute_dtype) for layer, _, vi in self.plan}
         for i, (err, bound) in zip(checked, pairs, strict=True):
-            rtol = _RTOL.get(str(self.variables[i].dtype), 3e-2)
+            rtol = _RTOL.get(dtypes[i], 3e-2)  # the dtype the per-sample blocks are formed in
             if not err <= 1.5 * rtol * max(bound, floor) + 1e-30:
                 moved.add(i)
                 self.fallback[i] = (
