@@ -17,8 +17,9 @@ follow in closed form:
                          over the unique (sample, id) keys, squared, then summed per id, so no
                          (batch x vocabulary x width) tensor is built.
 
-Squares are summed over the samples in the weight's dtype (float32 sums of 16-ish samples, as the
-torch engine does), then cast to float64, in the framework: the same output
+Squares are summed over the samples in the layer's compute dtype, float32 at least (float32 sums
+of 16-ish samples, as the torch engine does; float16/bfloat16 output gradients are cast to float32
+first, since a half-precision square overflows above 256), then cast to float64, in the framework: the same output
 contract as ``adapters.keras.fisher._BatchFn`` (sums in variable order, per-sample finite flags, per-sample
 loss-finite flags). Variables of other layers (custom weights, LoRA or quantized layers, layers
 called with a different leading dimension) fall back to the exact ``GradientTape.jacobian`` path,
@@ -277,6 +278,8 @@ class TFPerSampleBatchFn(_BatchFn):
             for layer, role, vi in plan:
                 for x, z in records.get(id(layer), []):
                     g = _masked(gz[id(z)], mask)  # masked samples contribute exact zeros
+                    if g.dtype in (tf.float16, tf.bfloat16):  # mixed precision: float32 blocks
+                        g = tf.cast(g, tf.float32)  # (squares of half floats overflow early)
                     xm = _masked(x, mask) if x.dtype.is_floating else x
                     if type(layer).__name__ == "Embedding":
                         emb.setdefault(vi, []).append((x, g))
@@ -300,7 +303,7 @@ class TFPerSampleBatchFn(_BatchFn):
                 if i in emb:
                     sums.append(_embedding_sums(emb[i], v, n))
                 elif i in per:
-                    # squares summed over the batch in the weight's dtype (as the torch engine),
+                    # squares summed over the batch in float32 or float64 (as the torch engine),
                     # then float64 for the accumulator
                     sums.append(tf.cast(tf.reduce_sum(tf.square(per[i]), axis=0), tf.float64))
                 else:  # never used by this batch (e.g. a layer not called)

@@ -219,3 +219,28 @@ def test_engine_failure_falls_back_for_the_whole_model(monkeypatch):
     assert len(new.accumulator.metadata["fisher_fallback"]) == len(new)
     for name in ref:
         np.testing.assert_allclose(new[name], ref[name], rtol=1e-12, err_msg=name)
+
+
+def test_mixed_precision_blocks_are_float32():
+    """float16 compute: per-sample blocks and their squares in float32 (a float16 square
+    overflows above 256), no spurious fallback from the first-batch check."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5, 4))
+    h = keras.layers.Dense(16, activation="gelu", dtype="mixed_float16")(inp)
+    h = keras.layers.LayerNormalization(dtype="mixed_float16")(h)
+    h = keras.layers.MultiHeadAttention(2, 8, dtype="mixed_float16")(h, h)
+    out = keras.layers.Dense(3, dtype="float32")(keras.layers.GlobalAveragePooling1D()(h))
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 5, 4)).astype("float32")
+    y = rng.integers(0, 3, size=(8,))
+
+    def loss(model, batch):  # scaled: per-sample gradients above 256
+        return 1000.0 * _xent(model, batch)
+
+    ref, new, fn = _both(model, (x, y), loss)
+    assert fn.fallback == {}
+    assert new[1].all() and all(np.isfinite(s).all() for s in new[0])
+    scale = max(float(np.abs(a).max()) for a in ref[0])
+    for a, b in zip(ref[0], new[0], strict=True):
+        np.testing.assert_allclose(b, a, rtol=2e-2, atol=1e-4 * scale)
