@@ -32,9 +32,13 @@ Keras cells (TensorFlow backend, ``gd_cli.models.keras_bert_classifier`` of the 
 random weights, dropout 0, per-sample sparse cross-entropy on 2 random labels; compared with each
 other and Keras' own training step, not with the torch rows, whose loss differs):
 
-* ``keras_gd``          ``adapters.keras.persample`` (one forward + one backward per batch)
+* ``keras_gd``          ``adapters.keras.fisher.batch_fn``, the per-batch engine
+                        ``adapters.keras.estimate_fisher`` uses: ``adapters.keras.persample``
+                        (one forward + one backward per batch, jacobian fallback per weight; the
+                        number of fallback weights is recorded as ``fallback``)
 * ``keras_jacobian``    ``adapters.keras.fisher._TFBatchFn`` (``GradientTape.jacobian``, pfor):
-                        the path ``adapters.keras.estimate_fisher`` used before issue 18
+                        the path ``adapters.keras.estimate_fisher`` used before issue 18 (now
+                        only its fallback)
 * ``keras_train_step``  forward + ``GradientTape.gradient`` + ``SGD.apply`` in a ``tf.function``
 
 The per-sample loss is the library's ``ContrastiveLoss`` (MiniLM is a bare sentence encoder) with
@@ -472,8 +476,7 @@ def keras_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import keras
 
     from adapters.keras.discovery import ModelIndex
-    from adapters.keras.fisher import _TFBatchFn
-    from adapters.keras.persample import TFPerSampleBatchFn
+    from adapters.keras.fisher import _TFBatchFn, batch_fn
     from gd_cli import corpus as gdc
     from gd_cli.models import keras_bert_classifier
 
@@ -518,8 +521,7 @@ def keras_worker(spec: dict[str, Any]) -> dict[str, Any]:
         def run_batch(batch: Any) -> Any:
             return step(batch).numpy()
     else:
-        cls = TFPerSampleBatchFn if method == "keras_gd" else _TFBatchFn
-        fn = cls(model, variables, loss, False)
+        fn = (batch_fn if method == "keras_gd" else _TFBatchFn)(model, variables, loss, False)
 
         def run_batch(batch: Any) -> Any:
             return fn(batch, 2**31 - 1)
@@ -530,7 +532,9 @@ def keras_worker(spec: dict[str, Any]) -> dict[str, Any]:
     rss0 = C.proc_status().get("VmRSS", 0)
     reset_ok = C.reset_peak_rss()
     try:
-        run_batch(batches[0])  # warm-up: tracing
+        run_batch(batches[0])  # warm-up: tracing (keras_gd: its one-time first-batch check)
+        if method == "keras_gd":
+            run_batch(batches[0])  # and the tracing of its unchecked function
         t0 = time.perf_counter()
         acc = None
         for batch in batches:
@@ -542,6 +546,8 @@ def keras_worker(spec: dict[str, Any]) -> dict[str, Any]:
         out.update(status="error", error=_describe(exc))
         return out
     st = C.proc_status()
+    if method == "keras_gd":
+        out["fallback"] = len(getattr(fn, "fallback", {}))
     out.update(
         seconds=round(seconds, 4),
         samples_per_s=round(n / seconds, 3),

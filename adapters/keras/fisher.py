@@ -4,14 +4,18 @@ Each batch yields, in the framework, float64 sums over its samples of squared pe
 (plus per-sample loss finiteness); the loop (``max_samples``, non-finite samples, progress,
 checkpoints) is :func:`gd_core.fisher_loop.estimate`'s.
 
-TensorFlow: ``tf.GradientTape.jacobian`` of the per-sample losses (vectorised with pfor, falling
-back to a while loop if pfor cannot convert an op), inside a ``tf.function``.
+TensorFlow: one forward and one backward per batch (:mod:`adapters.keras.persample`: each
+supported layer's input and output gradient give its weights' per-sample gradients in closed
+form); the weights it does not cover take ``tf.GradientTape.jacobian`` of the per-sample losses
+(vectorised with pfor, falling back to a while loop if pfor cannot convert an op), inside a
+``tf.function``.
 torch: ``torch.func.vmap(torch.func.grad(...))`` with the model's weights substituted through
 ``keras.StatelessScope``; if vmap cannot run the model, a per-sample autograd loop.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,6 +36,7 @@ from .discovery import ModelIndex, _fingerprint, resolve_sites
 from .layer import keras
 
 ops = keras.ops
+_LOG = logging.getLogger(__name__)
 LossFn = Callable[[Any, Any], Any]
 
 
@@ -279,9 +284,14 @@ class _TorchBatchFn(_BatchFn):
 
 
 def batch_fn(model: Any, variables: list[Any], loss: LossFn, skip: bool) -> _BatchFn:
+    """The per-batch engine: on TensorFlow the one-forward-one-backward engine of
+    :mod:`adapters.keras.persample` (the jacobian path for the variables it does not cover),
+    on torch ``torch.func.vmap``."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        return _TFBatchFn(model, variables, loss, skip)
+        from .persample import TFPerSampleBatchFn  # persample imports this module
+
+        return TFPerSampleBatchFn(model, variables, loss, skip)
     if backend == "torch":
         return _TorchBatchFn(model, variables, loss, skip)
     raise bad_argument(
@@ -302,6 +312,16 @@ class _Engine(NumpyEngine):
         model, variables = idx.model, [idx.variables[n] for n in names]
         self.fn = batch_fn(model, variables, loss, skip=False)
         self.chunk = chunk
+
+    def report(self) -> dict[str, Any]:
+        """``engine`` (how the sums were computed) and ``fallback`` ({weight: reason} for the
+        weights the exact jacobian path computed on the TensorFlow backend)."""
+        fallback = getattr(self.fn, "fallback", None)
+        if fallback is None:  # torch backend
+            return {"engine": "vmap" if getattr(self.fn, "_vmap", False) else "autograd_loop"}
+        out = {self.names[i]: why for i, why in sorted(fallback.items())}
+        engine = "per_sample" if len(out) < len(self.names) else "jacobian"
+        return {"engine": engine, "fallback": out}
 
     def size(self, batch: Any) -> int:
         return len(keras.tree.flatten(batch)[0])
@@ -363,10 +383,18 @@ def estimate_fisher(
             interrupted run from it (:func:`gd_core.fisher_loop.estimate`).
         params: canonical names of the weights to estimate (default: every trainable weight).
 
-    Per-sample gradients are vectorised over the batch (TensorFlow: ``GradientTape.jacobian``
-    with pfor; torch: ``torch.func.vmap``), squared and summed in float64 in the framework, and the
-    sums are handed to ``gd_core.FisherAccumulator``. Memory grows with batch (or chunk) size x
-    weights.
+    TensorFlow backend: one forward and one backward per batch. The weights of ``Dense``,
+    ``EinsumDense`` (so the projections of ``MultiHeadAttention``), ``LayerNormalization`` (last
+    axis) and ``Embedding`` layers get their per-sample gradients in closed form from each
+    layer's input and output gradient; every other weight (custom or LoRA/quantized layers,
+    ``BatchNormalization``, a weight also used outside its layer's ``call``, found by checking
+    the first batch's per-sample gradients against the batch gradient) takes the exact
+    ``GradientTape.jacobian`` path. ``result.accumulator.metadata["fisher_fallback"]`` maps
+    those weights to the reason (also logged at INFO), ``["fisher_engine"]`` is
+    ``"per_sample"`` (``"jacobian"`` when every weight fell back). torch backend:
+    ``torch.func.vmap``. Squares are summed over each batch in the framework and handed to
+    ``gd_core.FisherAccumulator`` in float64. Memory grows with batch (or chunk) size x the
+    largest per-sample block (jacobian weights: x all of them).
 
     Example:
         >>> import numpy as np, keras
@@ -376,6 +404,8 @@ def estimate_fisher(
         >>> f = estimate_fisher(m, data, loss, progress=False)
         >>> f.count, sorted(f), f["fc.weight"].shape  # canonical (torch) layout
         (4, ['fc.bias', 'fc.weight'], (2, 3))
+        >>> f.accumulator.metadata.get("fisher_fallback", {})  # every weight in closed form
+        {}
     """
     idx = ModelIndex.build(model)
     trainable = idx.trainable()
@@ -409,8 +439,28 @@ def estimate_fisher(
         checkpoint_every=checkpoint_every,
         resume=resume,
         run={"loss": loss_name, "backend": keras.backend.backend()},
+        result=lambda acc: _reported(acc, engine),
     )
     return result
+
+
+_REPORTED = ("fisher_engine", "fisher_fallback")  # carried into a profile's metadata
+
+
+def _reported(acc: Any, engine: _Engine) -> FisherResult:
+    """The result, its accumulator's metadata carrying how the sums were computed (logged too,
+    as the torch adapter logs its fallback)."""
+    info = engine.report()
+    acc.metadata["fisher_engine"] = info["engine"]
+    if "fallback" in info:
+        acc.metadata["fisher_fallback"] = info["fallback"]
+        if info["fallback"]:
+            _LOG.info(
+                "estimate_fisher: GradientTape.jacobian fallback for %d weight(s): %s",
+                len(info["fallback"]),
+                ", ".join(f"{n} ({why})" for n, why in info["fallback"].items()),
+            )
+    return FisherResult.from_accumulator(acc)
 
 
 def profile(
@@ -440,7 +490,9 @@ def profile(
     default ``linear_rank`` over ``[0.0, 0.1]``), ``cache`` (store the profile in the per-user
     cache, where :func:`apply` with ``profile=None`` finds it) and ``metadata`` (merged into the
     profile's). The profile carries the model's fingerprint and metadata ``framework="keras"``,
-    ``backend``, ``samples``, ``skipped`` and ``loss``.
+    ``backend``, ``samples``, ``skipped``, ``loss``, ``fisher_engine`` and (TensorFlow)
+    ``fisher_fallback`` (:func:`estimate_fisher`'s report of the weights the jacobian path
+    computed).
 
     Example:
         >>> import numpy as np, keras
@@ -479,6 +531,9 @@ def profile(
         "samples": fisher.count,
         "skipped": fisher.skipped,
         "loss": fisher.accumulator.metadata.get("loss"),
+        **{
+            k: fisher.accumulator.metadata[k] for k in _REPORTED if k in fisher.accumulator.metadata
+        },
         **dict(metadata or {}),
     }
     prof = SensitivityProfile.from_fisher(

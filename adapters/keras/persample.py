@@ -17,25 +17,39 @@ follow in closed form:
                          over the unique (sample, id) keys, squared, then summed per id, so no
                          (batch x vocabulary x width) tensor is built.
 
-Squares are summed over the samples in the weight's dtype (float32 sums of 16-ish samples, as the
-torch engine does), then cast to float64, in the framework: the same output
+Squares are summed over the samples in the layer's compute dtype, float32 at least (float32 sums
+of 16-ish samples, as the torch engine does; float16/bfloat16 output gradients are cast to float32
+first, since a half-precision square overflows above 256), then cast to float64, in the framework: the same output
 contract as ``adapters.keras.fisher._BatchFn`` (sums in variable order, per-sample finite flags, per-sample
 loss-finite flags). Variables of other layers (custom weights, LoRA or quantized layers, layers
 called with a different leading dimension) fall back to the exact ``GradientTape.jacobian`` path,
-restricted to those variables. Assumes samples do not interact (no batch statistics in
+restricted to those variables; so do variables that fail a one-time check on the first fully
+finite batch (per-sample gradients summed over the batch against the batch gradient: a weight
+also read outside its layer's ``call``, such as a tied embedding, fails it). ``fallback`` names
+them with the reason. Assumes samples do not interact (no batch statistics in
 ``training=False`` mode), as the torch engine does.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
+
+from gd_core.errors import GuidedDropoutError
 
 from .fisher import _BatchFn, _check_losses, _TFBatchFn
 from .layer import keras
 
 SUPPORTED = ("Dense", "EinsumDense", "LayerNormalization", "Embedding")
+UNSUPPORTED = (
+    "not a variable of a layer the per-sample engine handles in closed form (Dense, "
+    "EinsumDense, LayerNormalization over the last axis, Embedding, the projections of "
+    "MultiHeadAttention)"
+)
+SHARED = "another variable of its layer is computed by the jacobian path"
+_RTOL = {"float64": 1e-6, "float32": 1e-3}  # Keras' own LayerNormalization rounds ~1e-8
 
 
 def _plain(layer: Any) -> bool:
@@ -178,26 +192,48 @@ def _sample_finite(t: Any, n: Any) -> Any:
 
 
 class TFPerSampleBatchFn(_BatchFn):
-    """(batch, limit) -> (float64 sums of squared per-sample gradients, finite, loss finite)."""
+    """(batch, limit) -> (float64 sums of squared per-sample gradients, finite, loss finite).
+
+    ``fallback`` maps the index (in ``variables``) of every variable the exact jacobian path
+    computes to the reason. The first batch whose samples are all finite is also checked: the
+    per-sample gradients of each closed-form variable, summed over the batch, must equal the
+    batch gradient (a variable also used outside its layer's ``call``, e.g. a tied embedding
+    read by a custom head, fails and is moved to the jacobian path). If the engine cannot run
+    the model at all, the whole model falls back to ``adapters.keras.fisher._TFBatchFn``.
+    """
 
     def __init__(self, model: Any, variables: list[Any], loss: Any, skip: bool) -> None:
         super().__init__(model, variables, loss, skip)
-        want = {id(v): i for i, v in enumerate(variables)}
+        self.fallback: dict[int, str] = {}
+        self._whole: _BatchFn | None = None  # the jacobian path for the whole model
+        self._verified = False
+        self._plan(set())
+
+    def _plan(self, moved: set[int]) -> None:
+        """Assign each variable to a closed-form rule or, failing that (or if in ``moved``), to
+        the jacobian path; (re)build the traced functions."""
+        want = {id(v): i for i, v in enumerate(self.variables) if i not in moved}
         self.plan: list[tuple[Any, str, int]] = []  # (layer, role, variable index)
         layers = []
-        for layer in model._flatten_layers(include_self=False, recursive=True):
+        for layer in self.model._flatten_layers(include_self=False, recursive=True):
             roles = _layer_vars(layer)
             if not roles or not all(id(v) in want for v in roles.values()):
+                for v in roles.values():  # a layer mate was moved: the whole layer goes
+                    if id(v) in want:
+                        self.fallback.setdefault(want[id(v)], SHARED)
                 continue
             layers.append(layer)
             for role, v in roles.items():
                 self.plan.append((layer, role, want.pop(id(v))))
+        for i in want.values():
+            self.fallback.setdefault(i, UNSUPPORTED)
         self.layers = layers
-        self.rest = sorted(want.values())  # variables left to the exact jacobian path
+        self.rest = sorted(set(want.values()) | moved)  # left to the exact jacobian path
         self.capture = _Capture(layers)
         self._fn = self._make()
+        self._check = self._make(verify=True)
 
-    def _make(self) -> Any:
+    def _make(self, verify: bool = False) -> Any:
         import tensorflow as tf
 
         model, variables, loss, skip = self.model, self.variables, self.loss, self.skip
@@ -217,7 +253,14 @@ class TFPerSampleBatchFn(_BatchFn):
             n = tf.shape(losses)[0]
             records = cap.records
             probes = [z for layer in cap.layers for _, z in records.get(id(layer), [])]
-            grads = tape.gradient(total, probes, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            checked = sorted({vi for _, _, vi in plan}) if verify else []
+            grads = tape.gradient(
+                total,
+                probes + [variables[i] for i in checked],
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            true = dict(zip(checked, grads[len(probes) :], strict=True))
+            grads = grads[: len(probes)]
             gz = {id(z): g for z, g in zip(probes, grads, strict=True)}
             loss_ok = tf.math.is_finite(tf.cast(losses, tf.float64))
             # finiteness from the small tensors (inputs, output gradients), not the per-sample
@@ -235,6 +278,8 @@ class TFPerSampleBatchFn(_BatchFn):
             for layer, role, vi in plan:
                 for x, z in records.get(id(layer), []):
                     g = _masked(gz[id(z)], mask)  # masked samples contribute exact zeros
+                    if g.dtype in (tf.float16, tf.bfloat16):  # mixed precision: float32 blocks
+                        g = tf.cast(g, tf.float32)  # (squares of half floats overflow early)
                     xm = _masked(x, mask) if x.dtype.is_floating else x
                     if type(layer).__name__ == "Embedding":
                         emb.setdefault(vi, []).append((x, g))
@@ -258,7 +303,7 @@ class TFPerSampleBatchFn(_BatchFn):
                 if i in emb:
                     sums.append(_embedding_sums(emb[i], v, n))
                 elif i in per:
-                    # squares summed over the batch in the weight's dtype (as the torch engine),
+                    # squares summed over the batch in float32 or float64 (as the torch engine),
                     # then float64 for the accumulator
                     sums.append(tf.cast(tf.reduce_sum(tf.square(per[i]), axis=0), tf.float64))
                 else:  # never used by this batch (e.g. a layer not called)
@@ -268,15 +313,87 @@ class TFPerSampleBatchFn(_BatchFn):
             clean = tf.reduce_all(tf.logical_or(finite, tf.logical_not(mask)))
             overflow = tf.logical_and(tf.logical_not(ok), clean)
             finite = tf.cond(overflow, lambda: tf.zeros_like(finite), lambda: finite)
-            return sums, finite, loss_ok
+            if not verify:
+                return sums, finite, loss_ok
+            # per variable: |sum_b g_b - batch gradient| and its tolerance scale
+            errs = []
+            for i in checked:
+                if i in emb:
+                    width = int(variables[i].shape[1])
+                    ps = tf.math.unsorted_segment_sum(
+                        tf.concat([tf.reshape(g, (-1, width)) for _, g in emb[i]], 0),
+                        tf.concat([tf.reshape(tf.cast(x, tf.int64), (-1,)) for x, _ in emb[i]], 0),
+                        int(variables[i].shape[0]),
+                    )
+                elif i in per:
+                    ps = tf.reduce_sum(per[i], axis=0)
+                else:
+                    ps = tf.zeros(variables[i].shape, tf.float64)
+                t = true[i]
+                if isinstance(t, tf.IndexedSlices):  # an embedding's batch gradient
+                    t = tf.math.unsorted_segment_sum(
+                        t.values, t.indices, int(variables[i].shape[0])
+                    )
+                diff = tf.cast(ps, tf.float64) - tf.cast(t, tf.float64)
+                bound = tf.sqrt(tf.reduce_sum(sums[i]) * tf.cast(n, tf.float64))
+                errs.append(tf.stack([tf.norm(tf.reshape(diff, (-1,))), bound]))
+            full = tf.reduce_all(mask) & tf.reduce_all(finite)
+            return sums, finite, loss_ok, errs, full
 
         return run
+
+    def _verify(self, batch: Any, lim: Any) -> Any:
+        """The first fully finite batch: run the checking function; move variables whose
+        per-sample gradients do not add up to the batch gradient to the jacobian path."""
+        sums, finite, loss_ok, errs, full = self._check(batch, lim)
+        if not bool(full.numpy()):
+            return sums, finite, loss_ok  # not checkable (non-finite or limited): next batch
+        self._verified = True
+        checked = sorted({vi for _, _, vi in self.plan})
+        moved = set()
+        pairs = [tuple(float(a) for a in e.numpy()) for e in errs]
+        floor = 1e-2 * max([b for _, b in pairs] + [0.0])  # noise-level gradients (key biases)
+        dtypes = {vi: str(layer.compute_dtype) for layer, _, vi in self.plan}
+        for i, (err, bound) in zip(checked, pairs, strict=True):
+            rtol = _RTOL.get(dtypes[i], 3e-2)  # the dtype the per-sample blocks are formed in
+            if not err <= 1.5 * rtol * max(bound, floor) + 1e-30:
+                moved.add(i)
+                self.fallback[i] = (
+                    "per-sample gradients do not add up to the batch gradient (the variable is "
+                    f"also used outside its layer's call; error {err:.3g})"
+                )
+        if not moved:
+            return sums, finite, loss_ok
+        self._plan(moved | set(self.rest))
+        return None  # rerun under the new plan's capture
 
     def __call__(self, batch: Any, limit: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         import tensorflow as tf
 
-        with self.capture:
-            sums, finite, loss_ok = self._fn(batch, tf.constant(limit, tf.int32))
+        if self._whole is not None:
+            return self._whole(batch, limit)
+        lim = tf.constant(limit, tf.int32)
+        try:
+            out = None
+            if not self._verified and self.plan:
+                with self.capture:
+                    out = self._verify(batch, lim)
+            if out is None:
+                with self.capture:
+                    out = self._fn(batch, lim)
+            sums, finite, loss_ok = out
+        except GuidedDropoutError:
+            raise
+        except (ValueError, TypeError, NotImplementedError, tf.errors.OpError) as exc:
+            warnings.warn(
+                f"estimate_fisher: the one-backward per-sample engine could not run the model "
+                f"({exc!s:.200}); every weight falls back to the GradientTape.jacobian path",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.fallback = {i: f"engine failed: {exc!s:.120}" for i in range(len(self.variables))}
+            self._whole = _TFBatchFn(self.model, self.variables, self.loss, self.skip)
+            return self._whole(batch, limit)
         return [s.numpy() for s in sums], finite.numpy(), loss_ok.numpy()
 
 
@@ -307,9 +424,8 @@ def _embedding_sums(calls: list[tuple[Any, Any]], var: Any, n: Any) -> Any:
 
 
 def persample_batch_fn(model: Any, variables: list[Any], loss: Any, skip: bool) -> _BatchFn:
-    """The one-forward-one-backward engine on TensorFlow; the current path elsewhere."""
-    if keras.backend.backend() == "tensorflow":
-        return TFPerSampleBatchFn(model, variables, loss, skip)
+    """The one-forward-one-backward engine on TensorFlow; the current path elsewhere (the same
+    choice as ``adapters.keras.fisher.batch_fn``, which ``estimate_fisher`` uses)."""
     from .fisher import batch_fn
 
     return batch_fn(model, variables, loss, skip)

@@ -129,6 +129,9 @@ def test_profile_aggregates_fisher_over_sites(model, toy, tmp_path):
     np.testing.assert_allclose(prof.scores, gd_core.aggregate(fisher, gdk.sites(model)), rtol=1e-12)
     assert prof.metadata["framework"] == "keras" and prof.metadata["backend"] == BACKEND
     assert prof.metadata["samples"] == 32
+    engine = {"tensorflow": "per_sample", "torch": "vmap"}[BACKEND]
+    assert prof.metadata["fisher_engine"] == engine
+    assert prof.metadata.get("fisher_fallback", {}) == {}
     assert prof.fingerprint == gdk.fingerprint(model)
     assert set(prof.unit_scores) == {"enc0_dropout", "enc1_dropout"}
     assert prof.unit_scores["enc0_dropout"].shape == (8,)

@@ -109,3 +109,138 @@ def test_nonfinite_flags_are_per_sample():
         np.testing.assert_array_equal(new[2], ref[2])
         if skip:
             _close(ref, new)
+
+
+# -- estimate_fisher uses the engine ---------------------------------------------------------
+def _jacobian_only(monkeypatch):
+    """estimate_fisher on the jacobian path alone (the reference)."""
+    import adapters.keras.fisher as kf
+
+    monkeypatch.setattr(kf, "batch_fn", lambda m, v, lf, skip: kf._TFBatchFn(m, v, lf, skip))
+
+
+def _estimate_both(monkeypatch, model, data, loss, **kw):
+    from adapters.keras import estimate_fisher
+
+    new = estimate_fisher(model, data, loss, progress=False, **kw)
+    with monkeypatch.context() as m:
+        _jacobian_only(m)
+        ref = estimate_fisher(model, data, loss, progress=False, **kw)
+    assert sorted(new) == sorted(ref) and (new.count, new.skipped) == (ref.count, ref.skipped)
+    return new, ref
+
+
+@pytest.mark.parametrize("make", [mlp_spec, encoder_spec])
+def test_estimate_fisher_equals_the_jacobian_path(monkeypatch, make):
+    spec = make()
+    model = build_keras(
+        spec, dropout_cls=lambda rate, name, dtype: keras.layers.Identity(name=name)
+    )
+    x = spec.inputs.astype("float64" if spec.name == "mlp" else "int32")
+    data = [(x[:4], spec.labels[:4]), (x[4:], spec.labels[4:])]
+    new, ref = _estimate_both(monkeypatch, model, data, _xent, max_samples=len(x) - 1)
+    assert new.accumulator.metadata["fisher_engine"] == "per_sample"
+    assert new.accumulator.metadata["fisher_fallback"] == {}
+    for name in ref:
+        np.testing.assert_allclose(new[name], ref[name], rtol=1e-5, atol=1e-12, err_msg=name)
+
+
+def _sce():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+
+
+def test_uncovered_layers_fall_back_and_are_reported(monkeypatch, caplog):
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((5, 4), dtype="float64")
+    h = keras.layers.Dense(6, activation="tanh", name="fc", dtype="float64")(inp)
+    h = keras.layers.BatchNormalization(name="bn", dtype="float64")(h)
+    out = keras.layers.Dense(3, name="head", dtype="float64")(
+        keras.layers.GlobalAveragePooling1D(dtype="float64")(h)
+    )
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(0)
+    data = [(rng.normal(size=(6, 5, 4)), rng.integers(0, 3, size=(6,))) for _ in range(2)]
+    with caplog.at_level("INFO", logger="adapters.keras.fisher"):
+        new, ref = _estimate_both(monkeypatch, model, data, _sce())
+    fallback = new.accumulator.metadata["fisher_fallback"]
+    assert sorted(fallback) == ["bn.bias", "bn.weight"], fallback
+    assert all("closed form" in why for why in fallback.values())
+    assert new.accumulator.metadata["fisher_engine"] == "per_sample"
+    assert "jacobian fallback for 2 weight(s): bn.weight (not a variable" in caplog.text
+    for name in ref:
+        np.testing.assert_allclose(new[name], ref[name], rtol=1e-5, atol=1e-14, err_msg=name)
+
+
+class _TiedHead(keras.layers.Layer):
+    """Logits from the transposed embedding matrix of another layer (a tied output head)."""
+
+    def __init__(self, embedding, **kw):
+        super().__init__(**kw)
+        self._emb = [embedding]  # a list: not tracked as a sublayer, its weight not ours
+
+    def call(self, h):
+        return keras.ops.matmul(
+            keras.ops.mean(h, axis=1), keras.ops.transpose(self._emb[0].embeddings)
+        )
+
+
+def test_a_weight_used_outside_its_layer_falls_back(monkeypatch):
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((4,), dtype="int32")
+    emb = keras.layers.Embedding(7, 5, name="emb", dtype="float64")
+    h = keras.layers.Dense(5, activation="tanh", name="fc", dtype="float64")(emb(inp))
+    model = keras.Model(inp, _TiedHead(emb, name="tied", dtype="float64")(h))
+    variables = list(ModelIndex.build(model).trainable().values())
+    assert sum(v is emb.embeddings for v in variables) == 1
+    rng = np.random.default_rng(0)
+    data = [(rng.integers(0, 7, size=(5, 4)).astype("int32"), rng.integers(0, 7, size=(5,)))]
+    new, ref = _estimate_both(monkeypatch, model, data * 2, _sce())
+    fallback = new.accumulator.metadata["fisher_fallback"]
+    assert list(fallback) == ["emb.weight"], fallback
+    assert "do not add up to the batch gradient" in fallback["emb.weight"]
+    for name in ref:
+        np.testing.assert_allclose(new[name], ref[name], rtol=1e-5, atol=1e-14, err_msg=name)
+
+
+def test_engine_failure_falls_back_for_the_whole_model(monkeypatch):
+    spec = mlp_spec()
+    model = build_keras(
+        spec, dropout_cls=lambda rate, name, dtype: keras.layers.Identity(name=name)
+    )
+
+    def broken(self, batch, lim):
+        raise NotImplementedError("no closed form today")
+
+    monkeypatch.setattr(TFPerSampleBatchFn, "_verify", broken)
+    data = [(spec.inputs.astype("float64"), spec.labels)]
+    with pytest.warns(RuntimeWarning, match="no closed form today"):
+        new, ref = _estimate_both(monkeypatch, model, data, _xent)
+    assert new.accumulator.metadata["fisher_engine"] == "jacobian"
+    assert len(new.accumulator.metadata["fisher_fallback"]) == len(new)
+    for name in ref:
+        np.testing.assert_allclose(new[name], ref[name], rtol=1e-12, err_msg=name)
+
+
+def test_mixed_precision_blocks_are_float32():
+    """float16 compute: per-sample blocks and their squares in float32 (a float16 square
+    overflows above 256), no spurious fallback from the first-batch check."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((5, 4))
+    h = keras.layers.Dense(16, activation="gelu", dtype="mixed_float16")(inp)
+    h = keras.layers.LayerNormalization(dtype="mixed_float16")(h)
+    h = keras.layers.MultiHeadAttention(2, 8, dtype="mixed_float16")(h, h)
+    out = keras.layers.Dense(3, dtype="float32")(keras.layers.GlobalAveragePooling1D()(h))
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 5, 4)).astype("float32")
+    y = rng.integers(0, 3, size=(8,))
+
+    def loss(model, batch):  # scaled: per-sample gradients above 256
+        return 1000.0 * _xent(model, batch)
+
+    ref, new, fn = _both(model, (x, y), loss)
+    assert fn.fallback == {}
+    assert new[1].all() and all(np.isfinite(s).all() for s in new[0])
+    scale = max(float(np.abs(a).max()) for a in ref[0])
+    for a, b in zip(ref[0], new[0], strict=True):
+        np.testing.assert_allclose(b, a, rtol=2e-2, atol=1e-4 * scale)
