@@ -112,6 +112,10 @@ def test_llama_eval_export_gets_the_torch_hook_sites() -> None:
             assert o[name] == t[name] | attn, name
         else:
             assert o[name] == t[name], name
+    # the torch profile's sites apply by name; the ones the graph cannot hold are listed
+    report = gdo.apply(proto, {n: 0.2 for n in t})
+    assert set(report.inserted) == hooks
+    assert sorted(report.absent) == sorted(set(t) - hooks)
 
 
 def test_encoder_eval_export_sites_pool_the_lost_dropout_modules() -> None:
@@ -129,7 +133,10 @@ def test_encoder_eval_export_sites_pool_the_lost_dropout_modules() -> None:
         f"{layer}.linear2.{HOOK_CHILD}",
     ]
     assert o[f"embed.{HOOK_CHILD}"] == {"embed.weight"}
-    assert o[f"{layer}.self_attn.{HOOK_CHILD}"] == t[f"{layer}.self_attn.dropout"] | t[f"{layer}.dropout1"]
+    assert (
+        o[f"{layer}.self_attn.{HOOK_CHILD}"]
+        == t[f"{layer}.self_attn.dropout"] | t[f"{layer}.dropout1"]
+    )
     assert o[f"{layer}.linear2.{HOOK_CHILD}"] == t[f"{layer}.dropout"] | t[f"{layer}.dropout2"]
     # a torch profile of this model names sites the eval graph does not have: refused, not silent
     with pytest.raises(Exception, match="(?i)site"):
