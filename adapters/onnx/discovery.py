@@ -108,6 +108,10 @@ def sites(model: ModelLike, mapping: Any = None, *, exclusive: bool = True) -> l
     ``mapping`` ({site: [parameter names]} or a function site -> names or None; canonical or
     ONNX names) overrides the guarded parameters of the sites it names.
 
+    A graph without Dropout nodes (an eval-mode export) gets the sites the torch adapter adds to
+    a dropout-free model (:mod:`adapters.onnx.insert`): ``<module>.gd_dropout`` on the embedding
+    output and on every residual branch, which :func:`apply` inserts as Dropout nodes.
+
     Example:
         >>> from adapters.onnx.graph import example_model
         >>> [(s.name, s.params) for s in sites(example_model())]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,8 @@ from .discovery import ModelLike, _copy, _discover, _load, fingerprint
 from .graph import TRAINING_MODE_NAME, GraphIndex, onnx
 from .insert import insert_sites, is_inserted
 from .rewrite import _f32, _owned_by, _refuse_unit_rewritten, _unit_width, _UnitRewrite
+
+INSERTED = "inserted (the graph had no Dropout node here)"
 
 
 @dataclass
@@ -233,6 +235,8 @@ def apply(
                     activate=activate,
                     report=report,
                 )
+                if site in report.inserted:
+                    row = replace(row, note="; ".join(n for n in (INSERTED, row.note) if n))
                 rows.append(row)
                 continue
             level_note = f"site level: {why}"
@@ -271,7 +275,7 @@ def apply(
             new_inits.append(onnx.numpy_helper.from_array(value, rname))
         report.ratio_names[site] = rname
         if site in report.inserted:
-            note = "inserted (the graph had no Dropout node here)"
+            note = INSERTED
         note = "; ".join(n for n in (level_note, note) if n)
         rows.append(ReportRow(site, old, _f32(p), source, note=note))
 

@@ -220,3 +220,51 @@ def test_tied_initializers_of_an_eval_export_are_a_note() -> None:
     report = gdo.apply(m, {"f.gd_dropout": 0.1, "g.gd_dropout": 0.2})
     assert report.inserted == ["f.gd_dropout", "g.gd_dropout"]
     assert any("g.weight = f.weight" in n for n in report.notes)
+
+
+def _two_blocks():  # type: ignore[no-untyped-def]
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), f"{b}.dense.weight")
+        for b in "ab"
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "a.dense.weight"], ["p"], name="/a/dense/MatMul"),
+        helper.make_node("Add", ["x", "p"], ["s"], name="/Add"),
+        helper.make_node("MatMul", ["s", "b.dense.weight"], ["q"], name="/b/dense/MatMul"),
+        helper.make_node("Add", ["s", "q"], ["y"], name="/Add_1"),
+    ]
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4]) for n in "xy"]
+    return helper.make_model(
+        helper.make_graph(nodes, "g", vi[:1], vi[1:], inits),
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
+    )
+
+
+def test_inserted_sites_take_ratio_inputs_and_unit_rates() -> None:
+    m = _two_blocks()
+    assert [(s.name, s.params) for s in gdo.sites(m)] == [
+        ("a.gd_dropout", ("a.dense.weight",)),
+        ("b.gd_dropout", ("b.dense.weight",)),
+    ]
+    assert not [n for n in m.graph.node if n.op_type == "Dropout"]  # sites() copies
+    rates = {"a.gd_dropout": 0.1, "b.gd_dropout": 0.2}
+    r = gdo.apply(m, rates, ratios_as_inputs=True)
+    assert [i.name for i in r.model.graph.input] == [
+        "x",
+        "a.gd_dropout.ratio",
+        "b.gd_dropout.ratio",
+    ]
+    assert not [t for t in r.model.graph.initializer if t.name.endswith(".ratio")]
+    u = gdo.apply(m, rates, granularity="unit")
+    assert [(row.units, row.note.split(";")[0]) for row in u.rows] == [
+        (4, "inserted (the graph had no Dropout node here)")
+    ] * 2
+    feeds = {"x": np.ones((3, 4), np.float32)}
+    want = ort.InferenceSession(m.SerializeToString()).run(None, feeds)[0]
+    zero = gdo.apply(m, {k: 0.0 for k in rates}).model
+    got = ort.InferenceSession(zero.SerializeToString()).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, atol=1e-6)
