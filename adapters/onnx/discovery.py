@@ -58,9 +58,9 @@ def _discover(
     """Sites and parameters. A graph without Dropout nodes gets sites inserted
     (:mod:`adapters.onnx.insert`) into a copy (the handles then point at the copy's nodes)."""
     infos, params = _g.discover(model, exclusive)
-    if not infos and not any(n.op_type == "Dropout" for n in model.graph.node):
-        from .insert import insert_sites
+    from .insert import insert_sites, wanted
 
+    if not infos and wanted(model):
         target = _copy(model)
         if insert_sites(target)[0]:
             infos, params = _g.discover(target, exclusive)

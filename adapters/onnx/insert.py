@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from gd_core.errors import bad_argument
+from gd_core.errors import bad_argument, no_sites
 
 from . import graph as _g
 from .graph import TRAINING_MODE_NAME, GraphIndex, onnx
@@ -146,6 +146,12 @@ def insert_in_place(model: Any, where: list[Point]) -> list[str]:
     return [p.name for p in where]
 
 
+def wanted(model: Any) -> bool:
+    """Whether sites are to be inserted: the graph has no Dropout node and no per-unit dropout
+    (a graph ``apply`` rewrote at unit granularity has its sites already)."""
+    return not any(n.op_type == "Dropout" or _g.gd_role(n) for n in model.graph.node)
+
+
 def is_inserted(node: Any) -> bool:
     """Whether a Dropout node is one :func:`insert_in_place` made."""
     return node.doc_string.startswith(INSERT_MARK)
@@ -169,6 +175,14 @@ def insert_sites(model: Any, *, warn: bool = True) -> tuple[list[str], list[str]
         ['MatMul', 'Dropout', 'Add']
     """
     where, skipped = points(model)
+    if skipped and not where:
+        raise no_sites(
+            "export with torch.onnx.export(..., dynamo=False), whose node names carry module "
+            "scopes (/model/layers.0/mlp/down_proj/MatMul), or in training mode so that the "
+            "Dropout nodes are kept",
+            detail=f"{len(skipped)} residual branch(es) to insert sites on, but no node name says "
+            f"which module returned them (e.g. {skipped[0]!r}), so no site could be named",
+        )
     notes = []
     if skipped:
         notes.append(
@@ -195,4 +209,12 @@ def insert_sites(model: Any, *, warn: bool = True) -> tuple[list[str], list[str]
     return insert_in_place(model, where) if where else [], notes
 
 
-__all__ = ["HOOK_CHILD", "Point", "insert_in_place", "insert_sites", "is_inserted", "points"]
+__all__ = [
+    "HOOK_CHILD",
+    "Point",
+    "insert_in_place",
+    "insert_sites",
+    "is_inserted",
+    "points",
+    "wanted",
+]

@@ -21,7 +21,7 @@ from . import rewrite as _r
 from . import train as _t
 from .discovery import ModelLike, _copy, _discover, _load, fingerprint
 from .graph import TRAINING_MODE_NAME, GraphIndex, onnx
-from .insert import insert_sites, is_inserted
+from .insert import insert_sites, is_inserted, wanted
 from .rewrite import _f32, _owned_by, _refuse_unit_rewritten, _unit_width, _UnitRewrite
 
 INSERTED = "inserted (the graph had no Dropout node here)"
@@ -148,7 +148,7 @@ def apply(
     out = _copy(proto)
     given_sites = isinstance(sites, Sequence) and not isinstance(sites, str)
     inserted_notes: list[str] = []
-    if not any(n.op_type == "Dropout" for n in out.graph.node):
+    if wanted(out):
         inserted_notes = insert_sites(out, warn=False)[1]  # sites for a dropout-free graph
     infos, table = _discover(out, "model", mapping=None if given_sites else sites)
     if given_sites:

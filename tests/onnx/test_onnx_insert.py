@@ -268,3 +268,20 @@ def test_inserted_sites_take_ratio_inputs_and_unit_rates() -> None:
     zero = gdo.apply(m, {k: 0.0 for k in rates}).model
     got = ort.InferenceSession(zero.SerializeToString()).run(None, feeds)[0]
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_unscoped_node_names_are_refused_with_the_fix() -> None:
+    from gd_core.errors import NoSitesError
+
+    m = _two_blocks()
+    for node in m.graph.node:  # names as an exporter without module scopes gives them
+        node.name = f"node_{node.op_type}_{id(node) % 97}"
+    with pytest.raises(NoSitesError, match="dynamo=False"):
+        gdo.sites(m)
+
+
+def test_unit_rewritten_inserted_graph_gets_no_second_insertion() -> None:
+    m = gdo.apply(_two_blocks(), {"a.gd_dropout": 0.1, "b.gd_dropout": 0.2}, granularity="unit")
+    from adapters.onnx.insert import wanted
+
+    assert not wanted(m.model)
