@@ -285,3 +285,62 @@ def test_unit_rewritten_inserted_graph_gets_no_second_insertion() -> None:
     from adapters.onnx.insert import wanted
 
     assert not wanted(m.model)
+
+
+def test_bert_eval_export_inserted_sites_train_and_eval_equals_original(
+    tmp_path, batch, make_bert
+) -> None:  # type: ignore[no-untyped-def]
+    """The issue's "done means": an eval-mode export of the tiny BERT classifier gets Dropout
+    nodes inserted, ORT Training trains it (loss falls), its eval graph equals the original."""
+    pytest.importorskip("onnxruntime.training", reason="needs onnxruntime-training")
+    model = make_bert("eager")
+    example = (
+        torch.from_numpy(batch["input_ids"][:2]),
+        torch.from_numpy(batch["attention_mask"][:2]),
+    )
+    model.eval()
+    buf = io.BytesIO()
+    torch.onnx.export(
+        model,
+        example,
+        buf,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits"],
+        dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}},
+        dynamo=False,
+        opset_version=17,
+        do_constant_folding=False,
+    )
+    proto = onnx.load_from_string(buf.getvalue())
+    assert not [n for n in proto.graph.node if n.op_type == "Dropout"]
+    names = [s.name for s in gdo.sites(proto)]
+    layer = "bert.encoder.layer.0"
+    assert names[:3] == [
+        f"bert.embeddings.{HOOK_CHILD}",
+        f"{layer}.attention.output.dense.{HOOK_CHILD}",
+        f"{layer}.output.dense.{HOOK_CHILD}",
+    ]
+    assert len(names) == 5  # embedding output + 2 layers x (attention, feed-forward) branches
+    report = gdo.apply(proto, {n: 0.1 for n in names})
+    assert report.inserted == names
+    art = gdo.make_artifacts(report.model, tmp_path / "art")
+    module, opt, _ = art.open()
+    opt.set_learning_rate(5e-3)
+    module.train()
+    losses = []
+    for _ in range(12):
+        module.lazy_reset_grad()
+        losses.append(float(module(*gdo.module_inputs(module, batch))))
+        opt.step()
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    # the eval graph of fresh artifacts: the original graph's loss, dropout off
+    fresh = gdo.make_artifacts(report.model, tmp_path / "fresh")
+    module, _, _ = fresh.open(optimizer=False)
+    module.eval()
+    eval_loss = float(module(*gdo.module_inputs(module, batch)))
+    feeds = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    logits = ort.InferenceSession(proto.SerializeToString()).run(None, feeds)[0]
+    shifted = logits - logits.max(1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    want = -float(np.mean(logp[np.arange(len(logp)), batch["labels"]]))
+    assert eval_loss == pytest.approx(want, rel=1e-4)
