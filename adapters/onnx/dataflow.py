@@ -39,7 +39,9 @@ def ops_of(
     realises (``None``: not one).
     Ops get unique names (node names, or ``node_<i>``); a site realised by several nodes (a module
     called twice) maps several ops to one site name. The nodes of a normalisation module exported
-    piecewise (opset < 17: ``ReduceMean``, ``Sub``, ``Pow``...) form one norm op."""
+    piecewise (opset < 17: ``ReduceMean``, ``Sub``, ``Pow``...) form one norm op; a ``Cast`` that
+    opens it (``hidden.to(float32)`` in an RMSNorm) is an op of its own where the exporter hands
+    its output to a node outside the norm too (the residual add)."""
     alias: dict[str, str] = dict(params)  # tensor -> canonical parameter it carries
     constants = {i.name for i in model.graph.initializer}
     ops: list[Op] = []
@@ -60,6 +62,10 @@ def ops_of(
         )
         group = []
 
+    read_in: dict[str, list[str]] = {}  # tensor -> scopes of the nodes reading it
+    for node in model.graph.node:
+        for t in node.input:
+            read_in.setdefault(t, []).append(_scope(node))
     for i, node in enumerate(model.graph.node):
         name = f"{node.name or 'node'}#{i}"
         if node.op_type in _ALIAS_OPS and len(node.input) == 1 and node.input[0] in alias:
@@ -81,7 +87,12 @@ def ops_of(
             constants.update(outs)  # computed from constants only (shape arithmetic)
             continue
         scope = _scope(node)
-        if site is None and (_is_norm_scope(scope) or node.op_type in _NORM_OPS):
+        lead_cast = (
+            node.op_type in _ALIAS_OPS
+            and (scope != group_scope or not group)
+            and any(r != scope for o in node.output for r in read_in.get(o, ()))
+        )
+        if site is None and not lead_cast and (_is_norm_scope(scope) or node.op_type in _NORM_OPS):
             if scope != group_scope:
                 flush()
                 group_scope = scope or name

@@ -50,15 +50,27 @@ def _copy(model: Any) -> Any:
 
 
 def _discover(
-    model: Any, arg: str = "model_proto", exclusive: bool = True, mapping: Any = None
+    model: Any,
+    arg: str = "model_proto",
+    exclusive: bool = True,
+    mapping: Any = None,
 ) -> tuple[list[SiteHandle], dict[str, Param]]:
+    """Sites and parameters. A graph without Dropout nodes gets sites inserted
+    (:mod:`adapters.onnx.insert`) into a copy (the handles then point at the copy's nodes)."""
     infos, params = _g.discover(model, exclusive)
+    from .insert import insert_sites, wanted
+
+    if not infos and wanted(model):
+        target = _copy(model)
+        if insert_sites(target)[0]:
+            infos, params = _g.discover(target, exclusive)
     if not infos:
         raise no_sites(
             "export in training mode so dropout is kept: torch.onnx.export(..., "
             "training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False, dynamo=False)",
             arg=arg,
-            detail=f"an ONNX graph of {len(model.graph.node)} nodes without Dropout",
+            detail=f"an ONNX graph of {len(model.graph.node)} nodes without Dropout and without "
+            "a residual stream to insert sites on",
         )
     if mapping is not None:
         _override_params(infos, params, mapping)
@@ -95,6 +107,10 @@ def sites(model: ModelLike, mapping: Any = None, *, exclusive: bool = True) -> l
     keeping all it reaches (a residual stream carries each norm's output to every later site).
     ``mapping`` ({site: [parameter names]} or a function site -> names or None; canonical or
     ONNX names) overrides the guarded parameters of the sites it names.
+
+    A graph without Dropout nodes (an eval-mode export) gets the sites the torch adapter adds to
+    a dropout-free model (:mod:`adapters.onnx.insert`): ``<module>.gd_dropout`` on the embedding
+    output and on every residual branch, which :func:`apply` inserts as Dropout nodes.
 
     Example:
         >>> from adapters.onnx.graph import example_model

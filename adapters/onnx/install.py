@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,10 @@ from . import rewrite as _r
 from . import train as _t
 from .discovery import ModelLike, _copy, _discover, _load, fingerprint
 from .graph import TRAINING_MODE_NAME, GraphIndex, onnx
+from .insert import insert_sites, is_inserted, wanted
 from .rewrite import _f32, _owned_by, _refuse_unit_rewritten, _unit_width, _UnitRewrite
+
+INSERTED = "inserted (the graph had no Dropout node here)"
 
 
 @dataclass
@@ -38,6 +41,8 @@ class OnnxApplyReport(ApplyReport):
         absent: profile sites (after renaming) with no Dropout node in the graph, e.g.
             attention-probability dropout an exporter folded away.
         activated: sites whose nodes were inert (no ``training_mode``) and now train.
+        inserted: sites whose Dropout nodes :mod:`adapters.onnx.insert` added (a graph without
+            Dropout nodes: on the embedding output and every residual branch).
         changes: what :func:`prepare_for_training` changed.
 
     Example:
@@ -53,6 +58,7 @@ class OnnxApplyReport(ApplyReport):
     nodes: dict[str, list[str]] = field(default_factory=dict)
     absent: list[str] = field(default_factory=list)
     activated: list[str] = field(default_factory=list)
+    inserted: list[str] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
 
 
@@ -142,6 +148,9 @@ def apply(
     _refuse_unit_rewritten(proto)
     out = _copy(proto)
     given_sites = isinstance(sites, Sequence) and not isinstance(sites, str)
+    inserted_notes: list[str] = []
+    if wanted(out):
+        inserted_notes = insert_sites(out, warn=False)[1]  # sites for a dropout-free graph
     infos, table = _discover(out, "model", mapping=None if given_sites else sites)
     if given_sites:
         infos = _only(infos, sites)
@@ -169,7 +178,7 @@ def apply(
     resolved = {e.site: (e.p, e.source) for e in plan}
     unit_p = {e.site: e.rates for e in plan if e.rates is not None}
     absent = list(plan.absent)
-    notes: list[str] = list(plan.notes)
+    notes: list[str] = list(plan.notes) + inserted_notes
     flipped = [p for p in table.values() if p.transposed]
     if flipped:
         notes.append(
@@ -193,6 +202,8 @@ def apply(
         site = info.site.name
         p, source = resolved[site]
         report.nodes[site] = list(info.node_names)
+        if all(is_inserted(out.graph.node[i]) for i in info.nodes):
+            report.inserted.append(site)
         old = (_f32(info.ratio) if info.ratio is not None else math.nan) if info.active else 0.0
         if info.ratio is None and source == "keep":
             rows.append(
@@ -227,6 +238,8 @@ def apply(
                     activate=activate,
                     report=report,
                 )
+                if site in report.inserted:
+                    row = replace(row, note="; ".join(n for n in (INSERTED, row.note) if n))
                 rows.append(row)
                 continue
             level_note = f"site level: {why}"
@@ -264,6 +277,8 @@ def apply(
         else:
             new_inits.append(onnx.numpy_helper.from_array(value, rname))
         report.ratio_names[site] = rname
+        if site in report.inserted:
+            note = INSERTED
         note = "; ".join(n for n in (level_note, note) if n)
         rows.append(ReportRow(site, old, _f32(p), source, note=note))
 

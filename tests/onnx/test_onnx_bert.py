@@ -207,7 +207,8 @@ def test_docs_quickstart_runs(capsys):
     text = (Path(__file__).resolve().parents[2] / "docs" / "onnx.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     runnable = [b for b in blocks if not b.startswith("# doc-test: skip")]
-    assert len(runnable) == 1
-    exec(compile(runnable[0], "docs/onnx.md", "exec"), {"__name__": "docs_onnx"})
+    quick = [b for b in runnable if "export in training mode" in b]
+    assert len(quick) == 1  # tests/test_docs.py runs the others
+    exec(compile(quick[0], "docs/onnx.md", "exec"), {"__name__": "docs_onnx"})
     out = capsys.readouterr().out
     assert "bert.embeddings.dropout" in out and "eval loss:" in out

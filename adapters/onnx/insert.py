@@ -1,0 +1,220 @@
+"""Dropout sites for ONNX graphs that have none (an eval-mode export, the ``dynamo=True``
+exporter's graph): the places :func:`gd_core.dataflow.insertion_points` gives (the embedding
+output and every residual branch before its add), named as the torch adapter names its hook
+sites on the same model, and realised as inserted ``Dropout`` nodes.
+
+A site's name is ``<module>.gd_dropout`` (``adapters.torch``'s ``HOOK_CHILD``), ``<module>`` being
+the outermost module that returned the dropped tensor, read from the exporter's node scopes: the
+shortest scope of the producing node that some reader of the tensor lies outside of. That is the
+module whose output a torch forward hook replaces, so a profile made by ``adapters.torch`` on the
+model applies to its export. An inserted node reads the tensor, a ratio initializer
+``<site>.ratio`` (0.0 until :func:`adapters.onnx.apply` sets it) and the ``True``
+``training_mode`` initializer that :func:`~adapters.onnx.apply` gives inert Dropout nodes: ORT
+Training's gradient graph drops and its eval graph (``training_mode`` removed) is the identity.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gd_core.errors import bad_argument, no_sites
+
+from . import graph as _g
+from .graph import TRAINING_MODE_NAME, GraphIndex, onnx
+
+HOOK_CHILD = "gd_dropout"  # adapters.torch.layer.HOOK_CHILD (tests assert they agree)
+INSERT_MARK = "guided-dropout inserted site"
+_PASS_OPS = frozenset({"Cast", "Identity"})
+
+
+@dataclass(frozen=True)
+class Point:
+    """Where a site goes: the tensor it drops, the site name, the producing node's position and
+    the scope parts of the module the name comes from."""
+
+    tensor: str
+    name: str
+    after: int
+    scope: tuple[str, ...]
+
+
+def _parts(node: Any) -> tuple[str, ...]:
+    parts = [p for p in node.name.strip("/").split("/") if p]
+    return tuple(parts[:-1]) if node.name.startswith("/") else ()
+
+
+def _returning(index: GraphIndex, tensor: str) -> tuple[str, ...] | None:
+    """Scope parts of the outermost module that returned ``tensor`` (None: no module did, e.g.
+    a function called at the root of the model)."""
+    scope = _parts(index.nodes[index.producer[tensor]])
+    readers = [_parts(index.nodes[i]) for i, _ in index.consumers.get(tensor, [])]
+    if tensor in index.outputs:
+        readers.append(())
+    for k in range(1, len(scope) + 1):
+        if any(r[:k] != scope[:k] for r in readers):
+            return scope[:k]
+    return None
+
+
+def _upstream(index: GraphIndex, tensor: str) -> str:
+    """Through ``Cast``/``Identity`` nodes that are the only reader of their input (the exporter
+    records ``hidden.to(float32)`` at the start of an RMSNorm; torch's hook sees the input)."""
+    while tensor in index.producer:
+        node = index.nodes[index.producer[tensor]]
+        if node.op_type not in _PASS_OPS or len(node.input) != 1:
+            break
+        src = node.input[0]
+        if src not in index.producer or len(index.consumers.get(src, [])) != 1:
+            break
+        tensor = src
+    return tensor
+
+
+def points(model: Any) -> tuple[list[Point], list[str]]:
+    """``(points, skipped)``: where sites go in a graph without Dropout nodes, and the tensors
+    the rule names but no module returned (the torch adapter has no hook site there either)."""
+    from .dataflow import insertion_points, ops_of
+
+    params = _g.param_table(model)
+    ops, _ = ops_of(model, {k: v.name for k, v in params.items()}, lambda i, n: None)
+    index = GraphIndex(model.graph)
+    out: list[Point] = []
+    skipped: list[str] = []
+    seen: set[str] = set()
+    for raw in insertion_points(ops):
+        tensor = _upstream(index, raw)
+        if tensor not in index.producer or tensor in seen:
+            continue
+        seen.add(tensor)
+        scope = _returning(index, tensor)
+        if scope is None:
+            skipped.append(tensor)
+            continue
+        name = ".".join((*scope, HOOK_CHILD))
+        out.append(Point(tensor, name, index.producer[tensor], scope))
+    names = [p.name for p in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise bad_argument(
+            "model",
+            "residual branches of modules called once (one site name each)",
+            dup[:3],
+            "give each call its own module, or export in training mode with nn.Dropout modules",
+        )
+    return out, skipped
+
+
+def insert_in_place(model: Any, where: list[Point]) -> list[str]:
+    """Insert one ``Dropout`` node per point (ratio 0.0, ``training_mode`` True); returns the
+    site names. Every reader of a point's tensor reads the dropped tensor instead."""
+    _g.check_dropout_opset(model, "model")
+    index = GraphIndex(model.graph)
+    taken = index.names()
+    graph = model.graph
+    after: dict[int, list[Any]] = {}
+    inits = []
+    mode = TRAINING_MODE_NAME
+    if mode not in index.inits:
+        mode = _g.unique_name(TRAINING_MODE_NAME, taken)
+        inits.append(onnx.numpy_helper.from_array(np.array(True), mode))
+    for p in where:
+        ratio = _g.unique_name(f"{p.name}.ratio", taken)
+        inits.append(onnx.numpy_helper.from_array(np.array(0.0, np.float32), ratio))
+        dropped = _g.unique_name(f"{p.tensor}.{HOOK_CHILD}", taken)
+        mask = _g.unique_name(f"{dropped}.mask", taken)
+        for i, j in index.consumers.get(p.tensor, []):
+            graph.node[i].input[j] = dropped
+        node = onnx.helper.make_node(
+            "Dropout",
+            [p.tensor, ratio, mode],
+            [dropped, mask],
+            name=_g.unique_name("/" + "/".join((*p.scope, HOOK_CHILD, "Dropout")), taken),
+            doc_string=f"{INSERT_MARK}: {p.name}",
+        )
+        after.setdefault(p.after, []).append(node)
+    nodes = []
+    for i, node in enumerate(graph.node):
+        nodes.append(node)
+        nodes.extend(after.get(i, []))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    return [p.name for p in where]
+
+
+def wanted(model: Any) -> bool:
+    """Whether sites are to be inserted: the graph has no Dropout node and no per-unit dropout
+    (a graph ``apply`` rewrote at unit granularity has its sites already)."""
+    return not any(n.op_type == "Dropout" or _g.gd_role(n) for n in model.graph.node)
+
+
+def is_inserted(node: Any) -> bool:
+    """Whether a Dropout node is one :func:`insert_in_place` made."""
+    return node.doc_string.startswith(INSERT_MARK)
+
+
+def insert_sites(model: Any, *, warn: bool = True) -> tuple[list[str], list[str]]:
+    """Insert sites into a graph without Dropout nodes (in place): ``(site names, notes)``.
+
+    Example:
+        >>> from onnx import helper, TensorProto, numpy_helper
+        >>> import numpy as np
+        >>> w = numpy_helper.from_array(np.ones((4, 4), np.float32), "f.weight")
+        >>> nodes = [helper.make_node("MatMul", ["x", "f.weight"], ["b"], name="/f/MatMul"),
+        ...          helper.make_node("Add", ["x", "b"], ["y"], name="/Add")]
+        >>> vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in "xy"]
+        >>> g = helper.make_graph(nodes, "g", vi[:1], vi[1:], [w])
+        >>> m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        >>> insert_sites(m)
+        (['f.gd_dropout'], [])
+        >>> [n.op_type for n in m.graph.node]
+        ['MatMul', 'Dropout', 'Add']
+    """
+    where, skipped = points(model)
+    if skipped and not where:
+        raise no_sites(
+            "export with torch.onnx.export(..., dynamo=False), whose node names carry module "
+            "scopes (/model/layers.0/mlp/down_proj/MatMul), or in training mode so that the "
+            "Dropout nodes are kept",
+            detail=f"{len(skipped)} residual branch(es) to insert sites on, but no node name says "
+            f"which module returned them (e.g. {skipped[0]!r}), so no site could be named",
+        )
+    notes = []
+    if skipped:
+        notes.append(
+            f"{len(skipped)} insertion point(s) get no site: no module returned the tensor "
+            f"(e.g. {skipped[0]!r}), so there is no name a torch profile would use (the torch "
+            "adapter has no hook site there either)"
+        )
+        if warn:
+            warnings.warn(notes[-1], stacklevel=3)
+    tied = [
+        (n.output[0], n.input[0])
+        for n in model.graph.node
+        if n.op_type == "Identity"
+        and len(n.input) == 1
+        and n.input[0] in {t.name for t in model.graph.initializer}
+        and not n.output[0].startswith(("/", "onnx::"))
+    ]
+    if tied:
+        notes.append(
+            f"{len(tied)} parameter(s) are copies of another initializer (an eval-mode export "
+            f"merges equal-valued initializers, e.g. {tied[0][0]} = {tied[0][1]}): they train as "
+            "one and sites name the initializer kept; export a trained model, or in training mode"
+        )
+    return insert_in_place(model, where) if where else [], notes
+
+
+__all__ = [
+    "HOOK_CHILD",
+    "Point",
+    "insert_in_place",
+    "insert_sites",
+    "is_inserted",
+    "points",
+    "wanted",
+]

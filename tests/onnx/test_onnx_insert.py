@@ -1,0 +1,346 @@
+"""Sites inserted into ONNX graphs without Dropout nodes (eval-mode exports): the names and the
+guarded groups the torch adapter gives the same model, apply inserts ratio-carrying Dropout nodes,
+the eval graph equals the original and ORT Training trains with the inserted dropout active."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch exports the test models")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import adapters.onnx as gdo  # noqa: E402
+import adapters.torch as gdt  # noqa: E402
+from adapters.onnx.insert import HOOK_CHILD  # noqa: E402
+
+nn = torch.nn
+
+
+def _eval_export(model, example, names):  # type: ignore[no-untyped-def]
+    """An eval-mode export; norm weights are randomised first because the exporter merges
+    equal-valued initializers in eval mode (freshly initialised norms are all ones)."""
+    torch.manual_seed(1)
+    for mod in model.modules():
+        for attr in ("weight", "bias"):
+            p = getattr(mod, attr, None)
+            if "Norm" in type(mod).__name__ and isinstance(p, torch.nn.Parameter):
+                with torch.no_grad():
+                    p.normal_()
+    model.eval()
+    buf = io.BytesIO()
+    torch.onnx.export(
+        model,
+        example,
+        buf,
+        input_names=names,
+        dynamo=False,
+        opset_version=17,
+        do_constant_folding=False,
+    )
+    proto = onnx.load_from_string(buf.getvalue())
+    assert not [n for n in proto.graph.node if n.op_type == "Dropout"]
+    return proto
+
+
+def _encoder():  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 32)
+            layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.1, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, ids):  # type: ignore[no-untyped-def]
+            return self.head(self.encoder(self.embed(ids)).mean(1))
+
+    return Encoder()
+
+
+def _llama():  # type: ignore[no-untyped-def]
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = transformers.LlamaForCausalLM(cfg)
+
+        def forward(self, ids):  # type: ignore[no-untyped-def]
+            return self.inner(input_ids=ids).logits
+
+    return Logits()
+
+
+def _groups(sites) -> dict[str, set[str]]:  # type: ignore[no-untyped-def]
+    return {s.name: set(s.params) for s in sites}
+
+
+def test_hook_child_is_the_torch_adapters() -> None:
+    from adapters.torch.layer import HOOK_CHILD as TORCH_HOOK_CHILD
+
+    assert HOOK_CHILD == TORCH_HOOK_CHILD
+
+
+def test_llama_eval_export_gets_the_torch_hook_sites() -> None:
+    model = _llama()
+    proto = _eval_export(model, (torch.randint(0, 64, (2, 8)),), ["ids"])
+    t = _groups(gdt.sites(model))
+    o = _groups(gdo.sites(proto))
+    hooks = {n for n in t if n.endswith(f".{HOOK_CHILD}")}
+    assert len(hooks) == 5 and set(o) == hooks  # same names: embedding + 2 x (attention, MLP)
+    for name in hooks:
+        if ".self_attn." in name:
+            # the eval graph has no attention-probability site (the rate attribute is 0 and
+            # exported as nothing): its parameters go to the attention branch, by the same rule
+            attn = t[name.replace(HOOK_CHILD, "attention_dropout")]
+            assert o[name] == t[name] | attn, name
+        else:
+            assert o[name] == t[name], name
+    # the torch profile's sites apply by name; the ones the graph cannot hold are listed
+    report = gdo.apply(proto, {n: 0.2 for n in t})
+    assert set(report.inserted) == hooks
+    assert sorted(report.absent) == sorted(set(t) - hooks)
+
+
+def test_encoder_eval_export_sites_pool_the_lost_dropout_modules() -> None:
+    """nn.TransformerEncoderLayer has nn.Dropout modules, which an eval export drops: the graph
+    cannot carry their names, so its inserted sites are named after the modules that return the
+    residual branches, and guard what the lost sites of that branch guard in torch."""
+    model = _encoder()
+    proto = _eval_export(model, (torch.randint(0, 50, (2, 5)),), ["ids"])
+    t = _groups(gdt.sites(model))
+    o = _groups(gdo.sites(proto))
+    layer = "encoder.layers.0"
+    assert list(o) == [
+        f"embed.{HOOK_CHILD}",
+        f"{layer}.self_attn.{HOOK_CHILD}",
+        f"{layer}.linear2.{HOOK_CHILD}",
+    ]
+    assert o[f"embed.{HOOK_CHILD}"] == {"embed.weight"}
+    assert (
+        o[f"{layer}.self_attn.{HOOK_CHILD}"]
+        == t[f"{layer}.self_attn.dropout"] | t[f"{layer}.dropout1"]
+    )
+    assert o[f"{layer}.linear2.{HOOK_CHILD}"] == t[f"{layer}.dropout"] | t[f"{layer}.dropout2"]
+    # a torch profile of this model names sites the eval graph does not have: refused, not silent
+    with pytest.raises(Exception, match="(?i)site"):
+        gdo.apply(proto, {n: 0.2 for n in t})
+
+
+def test_apply_inserts_eval_unchanged_and_ort_training_drops(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("onnxruntime.training", reason="needs onnxruntime-training")
+    model = _llama()
+    ids = torch.randint(0, 64, (2, 8))
+    proto = _eval_export(model, (ids,), ["ids"])
+    names = [s.name for s in gdo.sites(proto)]
+    report = gdo.apply(proto, {n: 0.3 for n in names})
+    assert report.inserted == names
+    assert all(r.note.startswith("inserted") and r.new_p == pytest.approx(0.3) for r in report.rows)
+    out = report.model
+    onnx.checker.check_model(out, full_check=True)
+    drops = [n for n in out.graph.node if n.op_type == "Dropout"]
+    assert len(drops) == len(names) and all(len(n.input) == 3 for n in drops)
+    feeds = {"ids": ids.numpy()}
+    original = ort.InferenceSession(proto.SerializeToString()).run(None, feeds)[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(original, model(ids).numpy(), rtol=1e-4, atol=1e-5)
+    zero = gdo.apply(proto, {n: 0.0 for n in names}).model  # ratio 0: the identity
+    np.testing.assert_allclose(
+        ort.InferenceSession(zero.SerializeToString()).run(None, feeds)[0], original, atol=1e-6
+    )
+
+    art = gdo.make_artifacts(out, tmp_path, loss="mse")
+    module, opt, _ = art.open()
+    batch = {"ids": feeds["ids"], "target": np.zeros_like(original)}
+    module.eval()
+    eval_loss = float(module(*gdo.module_inputs(module, batch)))
+    assert eval_loss == pytest.approx(float(np.mean(original**2)), rel=1e-4)  # dropout off
+    module.train()
+    losses = []
+    for _ in range(3):
+        module.lazy_reset_grad()
+        losses.append(float(module(*gdo.module_inputs(module, batch))))
+        opt.step()
+    assert all(np.isfinite(losses))
+    module.lazy_reset_grad()
+    a = float(module(*gdo.module_inputs(module, batch)))
+    b = float(module(*gdo.module_inputs(module, batch)))
+    assert a != b  # the inserted dropout is active in the training graph (fresh masks)
+
+
+def test_graph_without_residual_stream_still_raises() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "f.weight")
+    node = helper.make_node("MatMul", ["x", "f.weight"], ["y"], name="/f/MatMul")
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in "xy"]
+    m = helper.make_model(
+        helper.make_graph([node], "g", vi[:1], vi[1:], [w]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    from gd_core.errors import NoSitesError
+
+    with pytest.raises(NoSitesError, match="residual stream"):
+        gdo.sites(m)
+
+
+def test_tied_initializers_of_an_eval_export_are_a_note() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "f.weight")
+    nodes = [
+        helper.make_node("Identity", ["f.weight"], ["g.weight"], name="Identity_0"),
+        helper.make_node("MatMul", ["x", "f.weight"], ["a"], name="/f/MatMul"),
+        helper.make_node("Add", ["x", "a"], ["s"], name="/Add"),
+        helper.make_node("MatMul", ["s", "g.weight"], ["b"], name="/g/MatMul"),
+        helper.make_node("Add", ["s", "b"], ["y"], name="/Add_1"),
+    ]
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in "xy"]
+    m = helper.make_model(
+        helper.make_graph(nodes, "g", vi[:1], vi[1:], [w]),
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
+    )
+    report = gdo.apply(m, {"f.gd_dropout": 0.1, "g.gd_dropout": 0.2})
+    assert report.inserted == ["f.gd_dropout", "g.gd_dropout"]
+    assert any("g.weight = f.weight" in n for n in report.notes)
+
+
+def _two_blocks():  # type: ignore[no-untyped-def]
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), f"{b}.dense.weight")
+        for b in "ab"
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "a.dense.weight"], ["p"], name="/a/dense/MatMul"),
+        helper.make_node("Add", ["x", "p"], ["s"], name="/Add"),
+        helper.make_node("MatMul", ["s", "b.dense.weight"], ["q"], name="/b/dense/MatMul"),
+        helper.make_node("Add", ["s", "q"], ["y"], name="/Add_1"),
+    ]
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 4]) for n in "xy"]
+    return helper.make_model(
+        helper.make_graph(nodes, "g", vi[:1], vi[1:], inits),
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
+    )
+
+
+def test_inserted_sites_take_ratio_inputs_and_unit_rates() -> None:
+    m = _two_blocks()
+    assert [(s.name, s.params) for s in gdo.sites(m)] == [
+        ("a.gd_dropout", ("a.dense.weight",)),
+        ("b.gd_dropout", ("b.dense.weight",)),
+    ]
+    assert not [n for n in m.graph.node if n.op_type == "Dropout"]  # sites() copies
+    rates = {"a.gd_dropout": 0.1, "b.gd_dropout": 0.2}
+    r = gdo.apply(m, rates, ratios_as_inputs=True)
+    assert [i.name for i in r.model.graph.input] == [
+        "x",
+        "a.gd_dropout.ratio",
+        "b.gd_dropout.ratio",
+    ]
+    assert not [t for t in r.model.graph.initializer if t.name.endswith(".ratio")]
+    u = gdo.apply(m, rates, granularity="unit")
+    assert [(row.units, row.note.split(";")[0]) for row in u.rows] == [
+        (4, "inserted (the graph had no Dropout node here)")
+    ] * 2
+    feeds = {"x": np.ones((3, 4), np.float32)}
+    want = ort.InferenceSession(m.SerializeToString()).run(None, feeds)[0]
+    zero = gdo.apply(m, {k: 0.0 for k in rates}).model
+    got = ort.InferenceSession(zero.SerializeToString()).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_unscoped_node_names_are_refused_with_the_fix() -> None:
+    from gd_core.errors import NoSitesError
+
+    m = _two_blocks()
+    for node in m.graph.node:  # names as an exporter without module scopes gives them
+        node.name = f"node_{node.op_type}_{id(node) % 97}"
+    with pytest.raises(NoSitesError, match="dynamo=False"):
+        gdo.sites(m)
+
+
+def test_unit_rewritten_inserted_graph_gets_no_second_insertion() -> None:
+    m = gdo.apply(_two_blocks(), {"a.gd_dropout": 0.1, "b.gd_dropout": 0.2}, granularity="unit")
+    from adapters.onnx.insert import wanted
+
+    assert not wanted(m.model)
+
+
+def test_bert_eval_export_inserted_sites_train_and_eval_equals_original(
+    tmp_path, batch, make_bert
+) -> None:  # type: ignore[no-untyped-def]
+    """The issue's "done means": an eval-mode export of the tiny BERT classifier gets Dropout
+    nodes inserted, ORT Training trains it (loss falls), its eval graph equals the original."""
+    pytest.importorskip("onnxruntime.training", reason="needs onnxruntime-training")
+    model = make_bert("eager")
+    example = (
+        torch.from_numpy(batch["input_ids"][:2]),
+        torch.from_numpy(batch["attention_mask"][:2]),
+    )
+    model.eval()
+    buf = io.BytesIO()
+    torch.onnx.export(
+        model,
+        example,
+        buf,
+        input_names=["input_ids", "attention_mask"],
+        output_names=["logits"],
+        dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}},
+        dynamo=False,
+        opset_version=17,
+        do_constant_folding=False,
+    )
+    proto = onnx.load_from_string(buf.getvalue())
+    assert not [n for n in proto.graph.node if n.op_type == "Dropout"]
+    names = [s.name for s in gdo.sites(proto)]
+    layer = "bert.encoder.layer.0"
+    assert names[:3] == [
+        f"bert.embeddings.{HOOK_CHILD}",
+        f"{layer}.attention.output.dense.{HOOK_CHILD}",
+        f"{layer}.output.dense.{HOOK_CHILD}",
+    ]
+    assert len(names) == 5  # embedding output + 2 layers x (attention, feed-forward) branches
+    report = gdo.apply(proto, {n: 0.1 for n in names})
+    assert report.inserted == names
+    art = gdo.make_artifacts(report.model, tmp_path / "art")
+    module, opt, _ = art.open()
+    opt.set_learning_rate(5e-3)
+    module.train()
+    losses = []
+    for _ in range(12):
+        module.lazy_reset_grad()
+        losses.append(float(module(*gdo.module_inputs(module, batch))))
+        opt.step()
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    # the eval graph of fresh artifacts: the original graph's loss, dropout off
+    fresh = gdo.make_artifacts(report.model, tmp_path / "fresh")
+    module, _, _ = fresh.open(optimizer=False)
+    module.eval()
+    eval_loss = float(module(*gdo.module_inputs(module, batch)))
+    feeds = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    logits = ort.InferenceSession(proto.SerializeToString()).run(None, feeds)[0]
+    shifted = logits - logits.max(1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    want = -float(np.mean(logp[np.arange(len(logp)), batch["labels"]]))
+    assert eval_loss == pytest.approx(want, rel=1e-4)
