@@ -39,7 +39,7 @@ import numpy as np
 
 from gd_core.errors import GuidedDropoutError
 
-from .fisher import _BatchFn, _check_losses, _TFBatchFn
+from .batchfn import _BatchFn, _check_losses, _TFBatchFn
 from .layer import keras
 
 SUPPORTED = ("Dense", "EinsumDense", "LayerNormalization", "Embedding")
@@ -423,12 +423,4 @@ def _embedding_sums(calls: list[tuple[Any, Any]], var: Any, n: Any) -> Any:
     return tf.cast(tf.math.unsorted_segment_sum(tf.square(seg), uniq % vocab, vocab), tf.float64)
 
 
-def persample_batch_fn(model: Any, variables: list[Any], loss: Any, skip: bool) -> _BatchFn:
-    """The one-forward-one-backward engine on TensorFlow; the current path elsewhere (the same
-    choice as ``adapters.keras.fisher.batch_fn``, which ``estimate_fisher`` uses)."""
-    from .fisher import batch_fn
-
-    return batch_fn(model, variables, loss, skip)
-
-
-__all__ = ["TFPerSampleBatchFn", "persample_batch_fn", "_TFBatchFn"]
+__all__ = ["TFPerSampleBatchFn", "_TFBatchFn"]

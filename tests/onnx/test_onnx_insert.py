@@ -9,6 +9,8 @@ import io
 import numpy as np
 import pytest
 
+from gd_core.errors import ArgumentError
+
 torch = pytest.importorskip("torch", reason="torch exports the test models")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -112,10 +114,17 @@ def test_llama_eval_export_gets_the_torch_hook_sites() -> None:
             assert o[name] == t[name] | attn, name
         else:
             assert o[name] == t[name], name
-    # the torch profile's sites apply by name; the ones the graph cannot hold are listed
-    report = gdo.apply(proto, {n: 0.2 for n in t})
+    # a torch profile applies by name; the sites the graph cannot hold are listed as absent
+    def loss(m, ids):  # type: ignore[no-untyped-def]
+        return m(ids).float().pow(2).mean(dim=(1, 2))
+
+    prof = gdt.profile(model, [torch.randint(0, 64, (2, 8))], loss=loss, progress=False)
+    report = gdo.apply(proto, prof)
     assert set(report.inserted) == hooks
     assert sorted(report.absent) == sorted(set(t) - hooks)
+    # a {site: p} naming sites the graph does not have is refused, as in every adapter
+    with pytest.raises(ArgumentError, match="dropout sites of this model"):
+        gdo.apply(proto, {n: 0.2 for n in t})
 
 
 def test_encoder_eval_export_sites_pool_the_lost_dropout_modules() -> None:
