@@ -36,7 +36,7 @@ other and Keras' own training step, not with the torch rows, whose loss differs)
                         ``adapters.keras.estimate_fisher`` uses: ``adapters.keras.persample``
                         (one forward + one backward per batch, jacobian fallback per weight; the
                         number of fallback weights is recorded as ``fallback``)
-* ``keras_jacobian``    ``adapters.keras.fisher._TFBatchFn`` (``GradientTape.jacobian``, pfor):
+* ``keras_jacobian``    ``adapters.keras.batchfn._TFBatchFn`` (``GradientTape.jacobian``, pfor):
                         the path ``adapters.keras.estimate_fisher`` used before issue 18 (now
                         only its fallback)
 * ``keras_train_step``  forward + ``GradientTape.gradient`` + ``SGD.apply`` in a ``tf.function``
@@ -475,8 +475,9 @@ def keras_worker(spec: dict[str, Any]) -> dict[str, Any]:
         tf.config.threading.set_inter_op_parallelism_threads(int(spec["threads"]))
     import keras
 
+    from adapters.keras.batchfn import _TFBatchFn
     from adapters.keras.discovery import ModelIndex
-    from adapters.keras.fisher import _TFBatchFn, batch_fn
+    from adapters.keras.fisher import batch_fn
     from gd_cli import corpus as gdc
     from gd_cli.models import keras_bert_classifier
 

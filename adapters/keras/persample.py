@@ -20,7 +20,7 @@ follow in closed form:
 Squares are summed over the samples in the layer's compute dtype, float32 at least (float32 sums
 of 16-ish samples, as the torch engine does; float16/bfloat16 output gradients are cast to float32
 first, since a half-precision square overflows above 256), then cast to float64, in the framework: the same output
-contract as ``adapters.keras.fisher._BatchFn`` (sums in variable order, per-sample finite flags, per-sample
+contract as ``adapters.keras.batchfn._BatchFn`` (sums in variable order, per-sample finite flags, per-sample
 loss-finite flags). Variables of other layers (custom weights, LoRA or quantized layers, layers
 called with a different leading dimension) fall back to the exact ``GradientTape.jacobian`` path,
 restricted to those variables; so do variables that fail a one-time check on the first fully
@@ -199,7 +199,7 @@ class TFPerSampleBatchFn(_BatchFn):
     per-sample gradients of each closed-form variable, summed over the batch, must equal the
     batch gradient (a variable also used outside its layer's ``call``, e.g. a tied embedding
     read by a custom head, fails and is moved to the jacobian path). If the engine cannot run
-    the model at all, the whole model falls back to ``adapters.keras.fisher._TFBatchFn``.
+    the model at all, the whole model falls back to ``adapters.keras.batchfn._TFBatchFn``.
     """
 
     def __init__(self, model: Any, variables: list[Any], loss: Any, skip: bool) -> None:

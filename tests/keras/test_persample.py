@@ -16,8 +16,9 @@ if keras.backend.backend() != "tensorflow":
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "conformance"))
 from refmodels import build_keras, encoder_spec, mlp_spec  # noqa: E402
 
+from adapters.keras.batchfn import _TFBatchFn  # noqa: E402
 from adapters.keras.discovery import ModelIndex  # noqa: E402
-from adapters.keras.fisher import _from_pair_loss, _TFBatchFn  # noqa: E402
+from adapters.keras.fisher import _from_pair_loss  # noqa: E402
 from adapters.keras.persample import TFPerSampleBatchFn  # noqa: E402
 
 
@@ -116,7 +117,7 @@ def _jacobian_only(monkeypatch):
     """estimate_fisher on the jacobian path alone (the reference)."""
     import adapters.keras.fisher as kf
 
-    monkeypatch.setattr(kf, "batch_fn", lambda m, v, lf, skip: kf._TFBatchFn(m, v, lf, skip))
+    monkeypatch.setattr(kf, "batch_fn", lambda m, v, lf, skip: _TFBatchFn(m, v, lf, skip))
 
 
 def _estimate_both(monkeypatch, model, data, loss, **kw):

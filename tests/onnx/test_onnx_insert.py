@@ -114,6 +114,7 @@ def test_llama_eval_export_gets_the_torch_hook_sites() -> None:
             assert o[name] == t[name] | attn, name
         else:
             assert o[name] == t[name], name
+
     # a torch profile applies by name; the sites the graph cannot hold are listed as absent
     def loss(m, ids):  # type: ignore[no-untyped-def]
         return m(ids).float().pow(2).mean(dim=(1, 2))
