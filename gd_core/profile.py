@@ -97,19 +97,51 @@ class SensitivityProfile:
         guarded = {p for s in sites_t for p in s.params}
         # every tensor estimated, not only the guarded ones: LoRA rates read the others
         stats = tensor_stats({p: fisher[p] for p in (*guarded, *fisher) if p in fisher})
-        scores = np.array([site_score_from_stats(s, stats, aggregation) for s in sites_t])
         units: dict[str, np.ndarray] = {}
         if with_units:
             for s in sites_t:
                 u = unit_scores(fisher, s) if s.unit_axes else None
                 if u is not None:
                     units[s.name] = u
+        return cls.from_stats(
+            stats,
+            sites_t,
+            units,
+            aggregation=aggregation,
+            mapping=mapping,
+            fingerprint=fingerprint,
+            metadata=metadata,
+        )
+
+    @classmethod
+    def from_stats(
+        cls,
+        stats: Mapping[str, tuple[float, int]],
+        sites: Sequence[Site],
+        unit_scores: Mapping[str, np.ndarray] | None = None,
+        *,
+        aggregation: str = "tensor_mean",
+        mapping: str | Mapping[str, Any] | None = None,
+        fingerprint: Fingerprint | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SensitivityProfile:
+        """A profile from per-tensor Fisher statistics ``{tensor: (mean, element count)}`` (what
+        an engine that never forms the element-wise diagonal computes) and per-site unit scores.
+        Site scores are aggregated here, by ``aggregation``; the mapping is validated now.
+
+        Example:
+            >>> sites = [Site("a.dropout", ("a.weight",)), Site("b.dropout", ("b.weight",))]
+            >>> prof = SensitivityProfile.from_stats({"a.weight": (3.0, 2), "b.weight": (1.0, 2)}, sites)
+            >>> prof.probabilities()
+            {'a.dropout': 0.0, 'b.dropout': 0.1}
+        """
+        sites_t = tuple(check_sites(sites))
         prof = cls(
             sites=sites_t,
-            scores=scores,
-            tensor_means={p: m for p, (m, _) in stats.items()},
-            tensor_sizes={p: n for p, (_, n) in stats.items()},
-            unit_scores=units,
+            scores=np.array([site_score_from_stats(s, stats, aggregation) for s in sites_t]),
+            tensor_means={p: float(m) for p, (m, _) in stats.items()},
+            tensor_sizes={p: int(n) for p, (_, n) in stats.items()},
+            unit_scores=dict(unit_scores or {}),
             aggregation=aggregation,
             mapping=_mapping_dict(mapping),
             fingerprint=fingerprint,

@@ -38,8 +38,7 @@ import numpy as np
 
 from gd_core import FisherAccumulator, SensitivityProfile, Site
 from gd_core.errors import bad_argument
-from gd_core.profile import _mapping_dict
-from gd_core.sites import check_sites, site_score_from_stats, unit_scores
+from gd_core.sites import check_sites, unit_scores
 
 __all__ = ["FisherNorms", "SqNorm", "use_gram"]
 
@@ -419,7 +418,6 @@ def profile_from_norms(
     guarded = {p for s in sites_t for p in s.params}
     # every tensor estimated, not only the guarded ones: LoRA rates read the others
     stats = {p: all_stats[p] for p in (*guarded, *all_stats) if p in all_stats}
-    scores = np.array([site_score_from_stats(s, stats, aggregation) for s in sites_t])
     units: dict[str, np.ndarray] = {}
     for s in sites_t:
         if not s.unit_axes:
@@ -434,19 +432,15 @@ def profile_from_norms(
         u = unit_scores(shaped, s)
         if u is not None:
             units[s.name] = u
-    prof = SensitivityProfile(
-        sites=sites_t,
-        scores=scores,
-        tensor_means={p: m for p, (m, _) in stats.items()},
-        tensor_sizes={p: n for p, (_, n) in stats.items()},
-        unit_scores=units,
+    return SensitivityProfile.from_stats(
+        stats,
+        sites_t,
+        units,
         aggregation=aggregation,
-        mapping=_mapping_dict(mapping),
+        mapping=mapping,
         fingerprint=fingerprint,
-        metadata=dict(metadata or {}),
+        metadata=metadata,
     )
-    prof.probabilities()  # validate the mapping now, not at apply time
-    return prof
 
 
 def default_axes(
