@@ -11,24 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+from heldout_models import encoder  # noqa: E402
 
-class Encoder(nn.Module):
-    """nn.TransformerEncoder (d_model 32, 2 heads, batch_first) with an embedding and a head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(50, 32)
-        layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.1, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
-        self.head = nn.Linear(32, 3)
-
-    def forward(self, ids):  # type: ignore[no-untyped-def]
-        return self.head(self.encoder(self.embed(ids)).mean(1))
-
-
-def _encoder() -> nn.Module:
-    torch.manual_seed(0)
-    return Encoder()
+_encoder = encoder
 
 
 def _onnx(model: nn.Module, example: tuple, names: list[str], eval_mode: bool = False):  # type: ignore[no-untyped-def]

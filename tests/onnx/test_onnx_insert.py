@@ -5,6 +5,8 @@ the eval graph equals the original and ORT Training trains with the inserted dro
 from __future__ import annotations
 
 import io
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,9 @@ ort = pytest.importorskip("onnxruntime")
 import adapters.onnx as gdo  # noqa: E402
 import adapters.torch as gdt  # noqa: E402
 from adapters.onnx.insert import HOOK_CHILD  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "conformance"))
+from heldout_models import encoder  # noqa: E402
 
 nn = torch.nn
 
@@ -48,21 +53,7 @@ def _eval_export(model, example, names):  # type: ignore[no-untyped-def]
     return proto
 
 
-def _encoder():  # type: ignore[no-untyped-def]
-    torch.manual_seed(0)
-
-    class Encoder(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Embedding(50, 32)
-            layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.1, batch_first=True)
-            self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
-            self.head = nn.Linear(32, 3)
-
-        def forward(self, ids):  # type: ignore[no-untyped-def]
-            return self.head(self.encoder(self.embed(ids)).mean(1))
-
-    return Encoder()
+_encoder = encoder
 
 
 def _llama():  # type: ignore[no-untyped-def]
