@@ -151,6 +151,27 @@ def check_int(
     return int(value)
 
 
+def check_known(
+    values: Sequence[str], name: str, known: Sequence[str], what: str, fix: str | None = None
+) -> list[str]:
+    """``values`` as a list, when every one is among ``known`` (names of parameters, weights...).
+
+    Example:
+        >>> check_known(["b"], "params", ["a", "b"], "names of this model's parameters")
+        ['b']
+        >>> check_known(["c"], "params", ["a", "b"], "names of this model's parameters")
+        Traceback (most recent call last):
+        ...
+        gd_core.errors.ArgumentError: params: expected names of this model's parameters, received ['c']; fix: use names such as ['a', 'b']
+    """
+    values = list(values)
+    have = set(known)
+    unknown = [v for v in values if v not in have]
+    if unknown:
+        raise bad_argument(name, what, unknown[:3], fix or f"use names such as {list(known)[:3]}")
+    return values
+
+
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     """One of ``choices`` (the first is suggested as the fix).
 

@@ -29,7 +29,7 @@ from gd_core.fisher import FisherResult
 from gd_core.fisher_loop import BatchSums, NumpyEngine
 from gd_core.profile import SensitivityProfile
 from gd_core.sites import Site
-from gd_core.validate import check_int
+from gd_core.validate import check_int, check_known
 
 from .batchfn import LossFn, _BatchFn, _TorchBatchFn
 from .discovery import ModelIndex, _fingerprint, resolve_sites
@@ -250,15 +250,10 @@ def estimate_fisher(
     idx = ModelIndex.build(model)
     trainable = idx.trainable()
     if params is not None:
-        unknown = [n for n in params if n not in trainable]
-        if unknown:
-            raise bad_argument(
-                "params",
-                "canonical names of this model's trainable weights",
-                unknown[:3],
-                f"use names such as {list(trainable)[:3]}",
-            )
-        trainable = {n: trainable[n] for n in params}
+        wanted = check_known(
+            params, "params", list(trainable), "canonical names of this model's trainable weights"
+        )
+        trainable = {n: trainable[n] for n in wanted}
     if not trainable:
         raise bad_argument(
             "model",

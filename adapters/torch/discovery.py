@@ -16,6 +16,7 @@ from gd_core import Fingerprint, Site
 from gd_core.dataflow import guarded, insertion_points, with_sites
 from gd_core.errors import bad_argument, no_sites
 from gd_core.sites import site_mapping
+from gd_core.validate import check_known
 
 from .layer import HOOK_CHILD, GuidedDropout, torch
 
@@ -490,12 +491,9 @@ def fingerprint(model: Any, *, params: Iterable[str] | None = None) -> Fingerpri
     named = dict(root.named_parameters())
     if params is None:
         return Fingerprint.from_shapes((n, tuple(p.shape)) for n, p in named.items())
-    wanted = list(params)
-    unknown = [n for n in wanted if n not in named]
-    if unknown:
-        raise bad_argument(
-            "params", "names of this model's parameters", unknown[:3], "check the names"
-        )
+    wanted = check_known(
+        params, "params", list(named), "names of this model's parameters", "check the names"
+    )
     return Fingerprint.from_shapes((n, tuple(named[n].shape)) for n in wanted)
 
 

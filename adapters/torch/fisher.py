@@ -19,7 +19,7 @@ from gd_core import cache as _cache
 from gd_core import fisher_loop as loop
 from gd_core.errors import bad_argument
 from gd_core.fisher_loop import BatchSums, FisherEngine
-from gd_core.validate import check_choice, check_int
+from gd_core.validate import check_choice, check_int, check_known
 
 from . import losses, norms, persample
 from .discovery import _features, _resolve_sites, _unit_axes, _unwrap, fingerprint
@@ -323,15 +323,8 @@ def estimate_fisher(
     if params is None:
         names = [n for n, p in all_params.items() if p.requires_grad]
     else:
-        unknown = [n for n in params if n not in all_params]
-        if unknown:
-            raise bad_argument(
-                "params",
-                "names of this model's parameters",
-                unknown[:3],
-                f"use names such as {list(all_params)[:3]}",
-            )
-        names = [n for n in params if all_params[n].requires_grad]
+        wanted = check_known(params, "params", list(all_params), "names of this model's parameters")
+        names = [n for n in wanted if all_params[n].requires_grad]
     if not names:
         raise bad_argument(
             "model", "parameters that require gradients", "none", "unfreeze the model"
@@ -429,15 +422,13 @@ def profile(
     _, loss_name = _resolve_loss(loss, seed)
     guarded = [n for n in index.owner if any(n in f.site.params for f in found)]
     if tensors is not None:
-        extra = [str(t) for t in tensors]
-        unknown = [t for t in extra if t not in index.owner]
-        if unknown:
-            raise bad_argument(
-                "tensors",
-                "parameter names of this model",
-                unknown[:3],
-                f"use names from model.named_parameters(), e.g. {list(index.owner)[:2]}",
-            )
+        extra = check_known(
+            [str(t) for t in tensors],
+            "tensors",
+            list(index.owner),
+            "parameter names of this model",
+            f"use names from model.named_parameters(), e.g. {list(index.owner)[:2]}",
+        )
         guarded += [t for t in extra if t not in guarded]
     widths: dict[str, int] = {}
     handles = []
