@@ -177,13 +177,14 @@ def computed_note(c: Computed, settings: AutoSettings, seconds: float, cached: P
 
 def lookup(
     compute: Callable[[AutoSettings], Computed] | None,
-    settings: AutoSettings,
+    settings: Any,
     notes: list[str],
 ) -> Callable[[Sequence[str], Fingerprint], SensitivityProfile | None]:
     """The profile lookup of an adapter's ``apply(model)`` (``make_plan(..., lookup=)``): a cached
     compatible profile, else one computed now with ``compute`` (and cached), else None (no
     objective known for this model, e.g. an ONNX graph, or ``settings.enabled`` False: the caller
-    raises ProfileNotFoundError naming ``gd profile``). What happened is appended to ``notes``.
+    raises ProfileNotFoundError naming ``gd profile``). ``settings`` is what ``apply`` was given
+    as ``auto_profile`` (see :func:`as_settings`). What happened is appended to ``notes``.
 
     Example:
         >>> import numpy as np, tempfile, os
@@ -205,6 +206,7 @@ def lookup(
         True
         >>> del os.environ["GD_CACHE_DIR"]
     """
+    settings = as_settings(settings)
 
     def find(names: Sequence[str], fingerprint: Fingerprint) -> SensitivityProfile | None:
         cached = find_cached(names, fingerprint)

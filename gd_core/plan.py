@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from .align import align, check_same_model, find_cached, find_renaming, resolve
 from .errors import ProfileMismatchError, ProfileNotFoundError, bad_argument
 from .fingerprint import Fingerprint
 from .profile import SensitivityProfile, _mapping_dict
-from .sites import Site
+from .sites import BySite, Site
 from .validate import check_choice, check_fraction, check_probability
 
 GRANULARITIES: tuple[str, ...] = ("site", "unit")
@@ -58,7 +58,7 @@ class SitePlan:
 
 
 @dataclass
-class Plan:
+class Plan(BySite[SitePlan]):
     """Per-site decisions of :func:`make_plan`, in the model's site order."""
 
     entries: list[SitePlan]
@@ -67,17 +67,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     profile: SensitivityProfile | None = None
 
-    def __iter__(self) -> Iterator[SitePlan]:
-        return iter(self.entries)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, site: str) -> SitePlan:
-        for e in self.entries:
-            if e.site == site:
-                return e
-        raise KeyError(f"site {site!r} is not in this plan")
+    def _by_site(self) -> list[SitePlan]:
+        return self.entries
 
     def probabilities(self) -> dict[str, float]:
         return {e.site: e.p for e in self.entries}

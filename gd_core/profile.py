@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 
@@ -32,6 +32,16 @@ DEFAULT_MAPPING: dict[str, Any] = {
     "p_upper": 0.1,
     "target_mean": None,
 }
+
+
+class MappingOverrides(TypedDict, total=False):
+    """Keywords that override single values of a score-to-probability mapping: the
+    probabilities of the most and least important site (``p_lower``, ``p_upper``) and the mean
+    probability some mappings aim for (``target_mean``); None keeps the mapping's value."""
+
+    p_lower: float | None
+    p_upper: float | None
+    target_mean: float | None
 
 
 def _mapping_dict(mapping: str | Mapping[str, Any] | None, **overrides: Any) -> dict[str, Any]:
@@ -162,36 +172,21 @@ class SensitivityProfile:
         raise KeyError(f"site {name!r} is not in this profile (sites: {self.site_names[:4]}...)")
 
     def probability_array(
-        self,
-        mapping: str | Mapping[str, Any] | None = None,
-        *,
-        p_lower: float | None = None,
-        p_upper: float | None = None,
-        target_mean: float | None = None,
+        self, mapping: str | Mapping[str, Any] | None = None, **overrides: Unpack[MappingOverrides]
     ) -> np.ndarray:
-        """Probabilities in site order, under the stored mapping or an override."""
-        base = self.mapping if mapping is None else mapping
-        m = _mapping_dict(base, p_lower=p_lower, p_upper=p_upper, target_mean=target_mean)
-        return map_scores(
-            self.scores,
-            m["name"],
-            p_lower=m["p_lower"],
-            p_upper=m["p_upper"],
-            target_mean=m["target_mean"],
-        )
+        """Probabilities in site order, under the stored mapping or an override (a mapping name
+        or dict, and/or :class:`MappingOverrides` keywords: ``p_lower``, ``p_upper``,
+        ``target_mean``)."""
+        m = _mapping_dict(self.mapping if mapping is None else mapping, **overrides)
+        bounds = {k: m[k] for k in MappingOverrides.__annotations__}
+        return map_scores(self.scores, m["name"], **bounds)
 
     def probabilities(
-        self,
-        mapping: str | Mapping[str, Any] | None = None,
-        *,
-        p_lower: float | None = None,
-        p_upper: float | None = None,
-        target_mean: float | None = None,
+        self, mapping: str | Mapping[str, Any] | None = None, **overrides: Unpack[MappingOverrides]
     ) -> dict[str, float]:
-        """``{site name: dropout probability}`` under the stored mapping or an override."""
-        probs = self.probability_array(
-            mapping, p_lower=p_lower, p_upper=p_upper, target_mean=target_mean
-        )
+        """``{site name: dropout probability}`` under the stored mapping or an override (as
+        :meth:`probability_array` takes)."""
+        probs = self.probability_array(mapping, **overrides)
         return {s.name: float(p) for s, p in zip(self.sites, probs, strict=True)}
 
     def unit_probabilities(
@@ -206,7 +201,7 @@ class SensitivityProfile:
         }
 
     def with_mapping(
-        self, mapping: str | Mapping[str, Any] | None = None, **overrides: Any
+        self, mapping: str | Mapping[str, Any] | None = None, **overrides: Unpack[MappingOverrides]
     ) -> SensitivityProfile:
         """A copy whose stored mapping is replaced (validated)."""
         m = _mapping_dict(self.mapping if mapping is None else mapping, **overrides)

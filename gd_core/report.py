@@ -5,9 +5,11 @@ Framework-neutral, so the torch, Keras and ONNX adapters share one report type.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from .sites import BySite
 
 SOURCES: tuple[str, ...] = ("profile", "keep", "upper", "given")
 
@@ -50,7 +52,7 @@ class ReportRow:
 
 
 @dataclass
-class ApplyReport:
+class ApplyReport(BySite[ReportRow]):
     """What every adapter's ``apply`` returns: the rows of the call, report-wide notes, and the
     model to train; ``str()`` gives a table.
 
@@ -80,17 +82,8 @@ class ApplyReport:
     model: Any = field(default=None, repr=False, compare=False)
     scheduler: Any = field(default=None, repr=False, compare=False)
 
-    def __iter__(self) -> Iterator[ReportRow]:
-        return iter(self.rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, site: str) -> ReportRow:
-        for row in self.rows:
-            if row.site == site:
-                return row
-        raise KeyError(f"site {site!r} is not in this report (sites: {self.sites[:4]}...)")
+    def _by_site(self) -> list[ReportRow]:
+        return self.rows
 
     @property
     def sites(self) -> list[str]:

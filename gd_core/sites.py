@@ -7,16 +7,54 @@ output it guards and the number of units (features along the last axis) it drops
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 
 from .errors import ArgumentError, NoSitesError, bad_argument
 
+T = TypeVar("T")
+
 Aggregation = Literal["tensor_mean", "element_mean"]
 AGGREGATIONS: tuple[str, ...] = ("tensor_mean", "element_mean")
+
+
+class BySite(Generic[T]):
+    """A sequence of per-site records (``.site`` names the site) that can also be indexed by
+    site name: iterating, ``len`` and ``[site]`` over what :meth:`_by_site` returns.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass
+        ... class Row:
+        ...     site: str
+        >>> class Rows(BySite[Row]):
+        ...     def _by_site(self):
+        ...         return [Row("a"), Row("b")]
+        >>> rows = Rows()
+        >>> len(rows), rows["b"]
+        (2, Row(site='b'))
+    """
+
+    def _by_site(self) -> Sequence[T]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self._by_site())
+
+    def __len__(self) -> int:
+        return len(self._by_site())
+
+    def __getitem__(self, site: str) -> T:
+        items = self._by_site()
+        for item in items:
+            if getattr(item, "site", None) == site:
+                return item
+        names = [getattr(item, "site", None) for item in items]
+        kind = type(self).__name__
+        raise KeyError(f"site {site!r} is not in this {kind} (sites: {names[:4]}...)")
 
 
 @dataclass(frozen=True)

@@ -182,3 +182,19 @@ def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise bad_argument(name, f"one of {tuple(choices)}", value, f"use {name}={choices[0]!r}")
     return value
+
+
+def check_type(value: Any, name: str, types: type | tuple[type, ...], what: str, fix: str) -> Any:
+    """``value`` when it is an instance of ``types``; else the error names what was received.
+
+    Example:
+        >>> check_type({"a": 1}, "state_dict", dict, "a mapping {name: array}", "pass a dict")
+        {'a': 1}
+        >>> check_type([1], "state_dict", dict, "a mapping {name: array}", "pass a dict")
+        Traceback (most recent call last):
+        ...
+        gd_core.errors.ArgumentError: state_dict: expected a mapping {name: array}, received 'list'; fix: pass a dict
+    """
+    if not isinstance(value, types):
+        raise bad_argument(name, what, type(value).__name__, fix)
+    return value

@@ -20,6 +20,7 @@ from gd_core.errors import bad_argument, no_sites
 from gd_core.fingerprint import Fingerprint
 from gd_core.names import LEAF_ALIASES, from_keras_layer
 from gd_core.sites import Site, site_mapping
+from gd_core.validate import check_type
 
 from .layer import GuidedDropout, _children, keras
 
@@ -327,15 +328,13 @@ def default_params(idx: ModelIndex, site: Any) -> list[str]:
 
 
 def _unit_axes(idx: ModelIndex, params: Sequence[str], units: int | None) -> dict[str, int]:
-    if units is None:
-        return {}
-    out = {}
-    for p in params:
-        shape = tuple(idx.variables[p].shape)
-        if shape and shape[-1] == units:  # Keras keeps output features last ...
-            perm = idx.layouts.get(p)  # ... canonical layout puts them where torch does
-            out[p] = len(shape) - 1 if perm is None else perm.index(len(shape) - 1)
-    return out
+    """The output-unit axis, in canonical layout, of each weight with ``units`` output features
+    (Keras keeps them last; the canonical layout puts them where torch does)."""
+    shapes = {p: tuple(idx.variables[p].shape) for p in params}
+    last = {p: len(shape) - 1 for p, shape in shapes.items() if shape and shape[-1] == units}
+    return {
+        p: a if idx.layouts.get(p) is None else idx.layouts[p].index(a) for p, a in last.items()
+    }
 
 
 def discover(model: Any, mapping: Mapping[str, Sequence[str]] | None = None) -> list[Site]:
@@ -454,13 +453,13 @@ def resolve_sites(idx: ModelIndex, given: Any) -> list[tuple[Site, Any]]:
     layer_of = {s.name: layer for s, layer in zip(found, idx.site_layers, strict=True)}
     out = []
     for site in given:
-        if not isinstance(site, Site):
-            raise bad_argument(
-                "sites",
-                "None, a list of gd_core.Site, or a site mapping {site: [weight names]}",
-                type(site).__name__,
-                "pass sites=adapters.keras.sites(model) or a dict",
-            )
+        check_type(
+            site,
+            "sites",
+            Site,
+            "None, a list of gd_core.Site, or a site mapping {site: [weight names]}",
+            "pass sites=adapters.keras.sites(model) or a dict",
+        )
         if site.name not in layer_of:
             raise bad_argument(
                 "sites",
@@ -518,13 +517,8 @@ def load_state_dict(
         >>> load_state_dict(m, {"fc.weight": w, "step": 1}, strict=False)
         LoadedKeys(missing_keys=['fc.bias'], unexpected_keys=['step'])
     """
-    if not isinstance(state_dict, Mapping):
-        raise bad_argument(
-            "state_dict",
-            "a mapping {canonical name: array}",
-            type(state_dict).__name__,
-            "pass e.g. torch_model.state_dict() or dict(zip(names, arrays))",
-        )
+    fix = "pass e.g. torch_model.state_dict() or dict(zip(names, arrays))"
+    check_type(state_dict, "state_dict", Mapping, "a mapping {canonical name: array}", fix)
     idx = ModelIndex.build(model)
     missing = [n for n in idx.variables if n not in state_dict]
     unexpected = [str(k) for k in state_dict if k not in idx.variables]

@@ -16,15 +16,14 @@ torch: ``torch.func.vmap(torch.func.grad(...))`` with the model's weights substi
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
-from gd_core import cache as _cache
 from gd_core import fisher_loop as loop
 from gd_core.errors import bad_argument
+from gd_core.face import FisherOptions, FisherSettings, ProfileOptions, ProfileSettings
 from gd_core.fisher import FisherResult
 from gd_core.fisher_loop import BatchSums, NumpyEngine
 from gd_core.profile import SensitivityProfile
@@ -192,15 +191,9 @@ def estimate_fisher(
     model: Any,
     batches: Any,
     loss: Callable[[Any, Any], Any] | Any,
-    max_samples: int | None = None,
-    progress: bool = True,
-    chunk_size: int | None = None,
-    on_nonfinite: str = "raise",
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int = 50,
-    resume: bool = False,
     *,
     params: Sequence[str] | None = None,
+    **options: Unpack[FisherOptions],
 ) -> FisherResult:
     """Empirical Fisher diagonal of every trainable weight: mean of squared per-sample gradients,
     keyed by canonical name, in canonical (torch) layout like every adapter's.
@@ -212,16 +205,12 @@ def estimate_fisher(
         loss: ``loss(model, batch) -> 1-D per-sample losses`` (call the model with
             ``training=False``), or a ``keras.losses.Loss`` with ``reduction=None`` (or a Keras
             loss name) used on ``(x, y)`` batches as ``loss(y, model(x, training=False))``.
-        max_samples: stop after this many samples (default: the whole dataset).
-        progress: show a tqdm progress bar (if tqdm is installed).
-        on_nonfinite: ``"raise"`` (NonFiniteGradientError naming the weight) or ``"skip"`` (drop
-            and count such samples: ``result.skipped``).
-        chunk_size: split each batch into pieces of at most this many samples (the per-sample
-            gradients of one piece are held in memory at once); default the whole batch.
-        checkpoint, checkpoint_every, resume: save the accumulator atomically to ``checkpoint``
-            every ``checkpoint_every`` batches and at the end; ``resume=True`` continues an
-            interrupted run from it (:func:`gd_core.fisher_loop.estimate`).
         params: canonical names of the weights to estimate (default: every trainable weight).
+        options: the Fisher loop's, the same in every adapter
+            (:class:`gd_core.face.FisherOptions`): ``max_samples``, ``progress``,
+            ``chunk_size`` (the per-sample gradients of one piece of a batch are held in memory
+            at once), ``on_nonfinite`` (``"raise"`` or ``"skip"``, counted in
+            ``result.skipped``), ``checkpoint``, ``checkpoint_every``, ``resume``.
 
     TensorFlow backend: one forward and one backward per batch. The weights of ``Dense``,
     ``EinsumDense`` (so the projections of ``MultiHeadAttention``), ``LayerNormalization`` (last
@@ -247,6 +236,7 @@ def estimate_fisher(
         >>> f.accumulator.metadata.get("fisher_fallback", {})  # every weight in closed form
         {}
     """
+    opts = FisherSettings.of(options, "estimate_fisher")
     idx = ModelIndex.build(model)
     trainable = idx.trainable()
     if params is not None:
@@ -261,20 +251,15 @@ def estimate_fisher(
             "none",
             "unfreeze the pretrained layers (layer.trainable = True) before estimating Fisher",
         )
-    chunk_size = check_int(chunk_size, "chunk_size", 1, 8, optional=True)
+    chunk_size = check_int(opts.chunk_size, "chunk_size", 1, 8, optional=True)
     loss_fn, loss_name = make_loss(loss)
     engine = _Engine(idx, list(trainable), loss_fn, chunk_size)
     result = loop.estimate(
         iterate(batches),
         engine,
-        max_samples=max_samples,
-        progress=progress,
-        on_nonfinite=on_nonfinite,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
         run={"loss": loss_name, "backend": keras.backend.backend()},
         result=lambda acc: _reported(acc, engine),
+        **opts.loop(),
     )
     return result
 
@@ -302,20 +287,10 @@ def profile(
     model: Any,
     batches: Any,
     loss: Callable[[Any, Any], Any] | Any,
-    max_samples: int | None = None,
-    progress: bool = True,
-    chunk_size: int | None = None,
-    on_nonfinite: str = "raise",
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int = 50,
-    resume: bool = False,
     *,
     sites: Mapping[str, Sequence[str]] | Sequence[Site] | None = None,
-    aggregation: str = "tensor_mean",
-    mapping: str | Mapping[str, Any] | None = None,
-    cache: bool = False,
-    metadata: Mapping[str, Any] | None = None,
     with_units: bool = True,
+    **options: Unpack[ProfileOptions],
 ) -> SensitivityProfile:
     """Estimate Fisher and aggregate it into a ``gd_core.SensitivityProfile`` for this model.
 
@@ -341,6 +316,7 @@ def profile(
         >>> prof.site_names, prof.metadata["framework"]
         (['drop_in', 'drop_mid'], 'keras')
     """
+    opts = ProfileSettings.of(options, "profile")
     idx = ModelIndex.build(model)
     model_sites = [site for site, _ in resolve_sites(idx, sites)]
     trainable = idx.trainable()
@@ -349,14 +325,8 @@ def profile(
         model,
         batches,
         loss,
-        max_samples,
-        progress,
-        chunk_size,
-        on_nonfinite,
-        checkpoint,
-        checkpoint_every,
-        resume,
         params=guarded or None,
+        **opts.fisher(),
     )
     meta = {
         "framework": "keras",
@@ -369,17 +339,6 @@ def profile(
         **{
             k: fisher.accumulator.metadata[k] for k in _REPORTED if k in fisher.accumulator.metadata
         },
-        **dict(metadata or {}),
     }
-    prof = SensitivityProfile.from_fisher(
-        fisher,
-        model_sites,
-        aggregation=aggregation,
-        mapping=mapping,
-        fingerprint=_fingerprint(idx),
-        metadata=meta,
-        with_units=with_units,
-    )
-    if cache:
-        _cache.store(prof)
-    return prof
+    build = SensitivityProfile.from_fisher
+    return opts.finish(build, fisher, model_sites, _fingerprint(idx), meta, with_units=with_units)

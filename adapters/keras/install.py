@@ -7,13 +7,13 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
-from gd_core.auto import as_settings
 from gd_core.auto import lookup as auto_lookup
 from gd_core.errors import ArgumentError
+from gd_core.face import ApplyOptions, ApplySettings
 from gd_core.plan import make_plan
 from gd_core.profile import SensitivityProfile
 from gd_core.report import ApplyReport, ReportRow
@@ -112,16 +112,11 @@ def _unit_note(layer: Any, in_mha: bool = False) -> str | None:
 def apply(
     model: Any,
     profile: SensitivityProfile | str | os.PathLike[str] | Mapping[str, float] | None = None,
-    mapping: str | Mapping[str, Any] | None = None,
-    granularity: str = "site",
-    missing: str = "keep",
-    strict: bool = True,
     *,
     sites: Mapping[str, Sequence[str]] | Sequence[Site] | None = None,
-    spread: float = 1.0,
-    schedule: Schedule | Mapping[str, Any] | None = None,
     tokenizer: Any = None,
     auto_profile: Any = True,
+    **options: Unpack[ApplyOptions],
 ) -> ApplyReport:
     """Replace the model's dropout layers by ``GuidedDropout`` layers at the plan's probabilities.
 
@@ -177,32 +172,28 @@ def apply(
         >>> type(report.model.get_layer("d2")).__name__
         'GuidedDropout'
     """
-    sched = None if schedule is None else Schedule.from_config(schedule)
+    opts = ApplySettings.of(options, "apply")
+    sched = None if opts.schedule is None else Schedule.from_config(opts.schedule)
     idx = ModelIndex.build(model)
     pairs = resolve_sites(idx, sites)
     current = {site.name: layer_rate(layer) for site, layer in pairs}
     auto_notes: list[str] = []
+    find = auto_lookup(
+        _auto.computer(model, tokenizer, sys.modules["adapters.keras"]), auto_profile, auto_notes
+    )
     plan = make_plan(
         profile,
         [site for site, _ in pairs],
         current,
         _fingerprint(idx),
-        mapping=mapping,
-        missing=missing,
-        strict=strict,
-        granularity=granularity,
-        spread=spread,
+        **opts.plan(),
         framework="keras",
         not_found=(
             f"Keras model {model.name!r}",
             "pass profile=..., pass tokenizer= so apply computes one on text, or run "
             "adapters.keras.profile(model, batches, loss, cache=True) once",
         ),
-        lookup=auto_lookup(
-            _auto.computer(model, tokenizer, sys.modules["adapters.keras"]),
-            as_settings(auto_profile),
-            auto_notes,
-        ),
+        lookup=find,
     )
     rows: list[ReportRow] = []
     factories: dict[int, Callable[[], Any]] = {}
@@ -252,7 +243,7 @@ def apply(
     return ApplyReport(
         rows,
         framework="keras",
-        granularity=granularity,
+        granularity=opts.granularity,
         notes=auto_notes + notes + list(plan.notes),
         model=new_model,
         scheduler=None if sched is None else GuidedDropoutScheduler(),

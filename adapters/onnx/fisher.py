@@ -11,13 +11,13 @@ import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
-from gd_core import cache as _cache
 from gd_core import fisher_loop as loop
 from gd_core.errors import bad_argument
+from gd_core.face import FisherOptions, FisherSettings, ProfileOptions, ProfileSettings
 from gd_core.fisher import FisherResult
 from gd_core.fisher_loop import BatchSums, NumpyEngine
 from gd_core.profile import SensitivityProfile
@@ -106,17 +106,11 @@ def estimate_fisher(
     model: ModelLike | Artifacts,
     batches: Iterable[Any],
     loss: Any = "cross_entropy",
-    max_samples: int | None = None,
-    progress: bool = True,
-    chunk_size: int | None = None,
-    on_nonfinite: str = "raise",
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int = 50,
-    resume: bool = False,
     *,
     params: Sequence[str] | None = None,
     output: str | None = None,
     device: str = "cpu",
+    **options: Unpack[FisherOptions],
 ) -> FisherResult:
     """The empirical Fisher diagonal from per-sample gradients through ORT Training.
 
@@ -127,9 +121,8 @@ def estimate_fisher(
     is fixed in the graph are refused. For each sample: ``module.lazy_reset_grad()``, a
     train step on a batch of one, and the gradients from ``state.parameters[name].grad``;
     float64 sums of their squares go to a :class:`gd_core.FisherAccumulator`. ORT Training
-    computes one sample per step, so ``chunk_size`` may only be None or 1. ``max_samples``,
-    ``progress``, ``on_nonfinite``, ``checkpoint``, ``checkpoint_every`` and ``resume`` are
-    :func:`gd_core.fisher_loop.estimate`'s, as in every adapter.
+    computes one sample per step, so ``chunk_size`` may only be None or 1. ``options`` are the
+    Fisher loop's, the same in every adapter (:class:`gd_core.face.FisherOptions`).
 
     ``batches`` yields dicts ``{input name: array}`` with the loss target as ``labels`` (or
     ``target``), or tuples in the training graph's input order; the batch axis of the model's
@@ -144,24 +137,18 @@ def estimate_fisher(
         >>> f.count, f["dense.weight"].shape
         (3, (4, 4))
     """
-    check_int(max_samples, "max_samples", 1, 1000, optional=True)
-    check_int(chunk_size, "chunk_size", 1, 1, optional=True)
-    if chunk_size is not None and chunk_size != 1:
+    opts = FisherSettings.of(options, "estimate_fisher")
+    check_int(opts.max_samples, "max_samples", 1, 1000, optional=True)
+    check_int(opts.chunk_size, "chunk_size", 1, 1, optional=True)
+    if opts.chunk_size is not None and opts.chunk_size != 1:
         raise bad_argument(
             "chunk_size",
             "None or 1 (ONNX Runtime Training computes one sample per step)",
-            chunk_size,
+            opts.chunk_size,
             "omit chunk_size",
         )
-    run = dict(
-        max_samples=max_samples,
-        progress=progress,
-        on_nonfinite=on_nonfinite,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-    )
-    check_choice(on_nonfinite, "on_nonfinite", loop.NONFINITE_POLICIES)  # before any work
+    run = opts.loop()
+    check_choice(opts.on_nonfinite, "on_nonfinite", loop.NONFINITE_POLICIES)  # before any work
     if isinstance(model, Artifacts) or (
         isinstance(model, (str, os.PathLike)) and Path(model).is_dir()
     ):
@@ -234,21 +221,11 @@ def profile(
     model: ModelLike,
     batches: Iterable[Any],
     loss: Any = "cross_entropy",
-    max_samples: int | None = None,
-    progress: bool = True,
-    chunk_size: int | None = None,
-    on_nonfinite: str = "raise",
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int = 50,
-    resume: bool = False,
     *,
     sites: Any = None,
-    aggregation: str = "tensor_mean",
-    mapping: str | Mapping[str, Any] | None = None,
-    cache: bool = False,
-    metadata: Mapping[str, Any] | None = None,
     output: str | None = None,
     device: str = "cpu",
+    **options: Unpack[ProfileOptions],
 ) -> SensitivityProfile:
     """Estimate the Fisher diagonal of the guarded parameters and build a sensitivity profile.
 
@@ -267,6 +244,7 @@ def profile(
         >>> prof.site_names, prof.metadata["samples"]
         (['dropout', 'head_drop'], 3)
     """
+    opts = ProfileSettings.of(options, "profile")
     proto = _load(model, "model")
     if isinstance(sites, Sequence) and not isinstance(sites, str):
         found = list(sites)
@@ -285,16 +263,10 @@ def profile(
         proto,
         batches,
         loss,
-        max_samples,
-        progress,
-        chunk_size,
-        on_nonfinite,
-        checkpoint,
-        checkpoint_every,
-        resume,
         params=guarded,
         output=output,
         device=device,
+        **opts.fisher(),
     )
     meta = {
         "framework": "onnxruntime-training",
@@ -302,16 +274,5 @@ def profile(
         "skipped": fisher.skipped,
         "loss": loss if isinstance(loss, str) else type(loss).__name__,
         "model": proto.graph.name,
-        **dict(metadata or {}),
     }
-    prof = SensitivityProfile.from_fisher(
-        fisher,
-        found,
-        aggregation=aggregation,
-        mapping=mapping,
-        fingerprint=fingerprint(proto),
-        metadata=meta,
-    )
-    if cache:
-        _cache.store(prof)
-    return prof
+    return opts.finish(SensitivityProfile.from_fisher, fisher, found, fingerprint(proto), meta)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
 from gd_core.errors import bad_argument
+from gd_core.face import ApplyOptions, ApplySettings
 from gd_core.plan import make_plan
 from gd_core.report import ApplyReport, ReportRow
 from gd_core.schedules import Schedule
@@ -65,19 +66,14 @@ class OnnxApplyReport(ApplyReport):
 def apply(
     model: ModelLike,
     profile: Any = None,
-    mapping: str | Mapping[str, Any] | None = None,
-    granularity: str = "site",
-    missing: str = "keep",
-    strict: bool = True,
     *,
     sites: Any = None,
-    spread: float = 1.0,
-    schedule: Schedule | Mapping[str, Any] | None = None,
     ratios_as_inputs: bool = False,
     repair: bool = True,
     activate: bool = True,
     check: bool = True,
     seed: int | None = None,
+    **options: Unpack[ApplyOptions],
 ) -> OnnxApplyReport:
     """Rewrite every Dropout's ratio from a profile; returns the report, whose ``model`` is the
     new ``ModelProto`` (the input is not changed).
@@ -132,12 +128,13 @@ def apply(
         >>> report["dropout"].units, report["dropout"].new_p, report.ratio_names["dropout"]
         (4, 0.1, 'dropout.rates')
     """
+    opts = ApplySettings.of(options, "apply")
     proto = _load(model, "model")
     _g.check_ort_compatible(proto)
     _g.check_dropout_opset(proto)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
         raise bad_argument("seed", "an int or None", seed, "pass e.g. seed=0")
-    sched = None if schedule is None else Schedule.from_config(schedule)
+    sched = None if opts.schedule is None else Schedule.from_config(opts.schedule)
     if sched is not None and not ratios_as_inputs:
         raise bad_argument(
             "schedule",
@@ -161,11 +158,7 @@ def apply(
         names,  # unit widths come from the graph's inferred types (_unit_width), not Site.units
         current,
         None if isinstance(profile, Mapping) else fingerprint(out),
-        mapping=mapping,
-        missing=missing,
-        strict=strict,
-        granularity=granularity,
-        spread=spread,
+        **opts.plan(),
         framework="onnx",
         not_found=(
             f"ONNX graph {out.graph.name!r}",
@@ -194,9 +187,9 @@ def apply(
     new_inits: list[Any] = []
     new_inputs: list[Any] = []
     rows: list[ReportRow] = []
-    report = OnnxApplyReport(framework="onnx", granularity=granularity, scheduler=sched)
+    report = OnnxApplyReport(framework="onnx", granularity=opts.granularity, scheduler=sched)
     tm_name: str | None = None
-    types = _g.inferred_types(out) if granularity == "unit" else {}
+    types = _g.inferred_types(out) if opts.granularity == "unit" else {}
     unit = _UnitRewrite(index, taken)
     for info in infos:
         site = info.site.name
@@ -223,7 +216,7 @@ def apply(
             )
             continue
         level_note = ""
-        if granularity == "unit":
+        if opts.granularity == "unit":
             width, dtype, why = _unit_width(info, index, types, unit_p.get(site))
             if width is not None:
                 row = unit.rewrite(
@@ -287,7 +280,7 @@ def apply(
     new_inits.extend(unit.new_inits)
     new_inputs.extend(unit.new_inputs)
     unit.splice(out)
-    if granularity == "unit":
+    if opts.granularity == "unit":
         n_unit = sum(r.units is not None for r in rows)
         notes.append(
             f"unit granularity: {n_unit} site(s) per unit, {len(rows) - n_unit} at site level "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -77,16 +77,17 @@ def mode_signal_nodes(taken: set[str]) -> tuple[list[Any], str]:
     return nodes, out
 
 
+class SiteRates(NamedTuple):
+    """A site's per-unit rate tensor, its ``1 - rates`` tensor and their element type."""
+
+    site: str
+    rates: str
+    keep_scale: str
+    dtype: int
+
+
 def unit_dropout_nodes(
-    dropout: Any,
-    *,
-    site: str,
-    rates: str,
-    keep_scale: str,
-    cond: str,
-    dtype: int,
-    mask: bool,
-    taken: set[str],
+    dropout: Any, unit: SiteRates, cond: str, mask: bool, taken: set[str]
 ) -> list[Any]:
     """Inverted per-unit dropout replacing node ``dropout`` (same data input and outputs).
 
@@ -95,6 +96,7 @@ def unit_dropout_nodes(
     mask ``Or(keep, Not(cond))`` when ``mask``. The RandomUniformLike keeps the Dropout's seed.
     Gradients reach ``x`` through Mul and Where only.
     """
+    site, rates, keep_scale, dtype = unit
     x, y = dropout.input[0], dropout.output[0]
     base = (dropout.name or y).rstrip("/") + UNIT_INFIX
     doc = f"{UNIT_MARK} site={site}"
@@ -122,8 +124,11 @@ def unit_dropout_nodes(
     return nodes
 
 
-def rate_scale_nodes(site: str, rates: str, dtype: int, taken: set[str]) -> tuple[list[Any], str]:
-    """``1 - rates`` (the keep probabilities), once per site; returns the nodes and its name."""
+def rate_scale_nodes(
+    site: str, rates: str, dtype: int, taken: set[str]
+) -> tuple[list[Any], SiteRates]:
+    """``1 - rates`` (the keep probabilities), once per site; returns the nodes and the site's
+    rate tensors."""
     doc = f"{UNIT_MARK} site={site}"
     one = unique_name(f"{rates}.one", taken)
     out = unique_name(f"{rates}.keep", taken)
@@ -131,7 +136,8 @@ def rate_scale_nodes(site: str, rates: str, dtype: int, taken: set[str]) -> tupl
     base = f"/{site}{UNIT_INFIX}"
     sub = onnx.helper.make_node("Sub", [one, rates], [out], name=unique_name(base + "Sub", taken))
     sub.doc_string = doc
-    return [_const(one, np.array(1.0, np_type), doc, unique_name(base + "One", taken)), sub], out
+    nodes = [_const(one, np.array(1.0, np_type), doc, unique_name(base + "One", taken)), sub]
+    return nodes, SiteRates(site, rates, out, dtype)
 
 
 @dataclass
@@ -431,7 +437,7 @@ class _UnitRewrite:
             self.new_inits.append(onnx.numpy_helper.from_array(values, rname))
         report.ratio_names[site] = rname
         report.unit_rates[site] = values
-        scale_nodes, keep_scale = rate_scale_nodes(site, rname, dtype, self.taken)
+        scale_nodes, unit = rate_scale_nodes(site, rname, dtype, self.taken)
         notes = [] if rates is not None else ["no unit scores in the profile: the site p per unit"]
         first = True
         for i in info.nodes:
@@ -465,16 +471,7 @@ class _UnitRewrite:
             used = _has_output(node, 1) and (
                 node.output[1] in self.index.consumers or node.output[1] in self.index.outputs
             )
-            extra += unit_dropout_nodes(
-                node,
-                site=site,
-                rates=rname,
-                keep_scale=keep_scale,
-                cond=cond,
-                dtype=dtype,
-                mask=used,
-                taken=self.taken,
-            )
+            extra += unit_dropout_nodes(node, unit, cond, used, self.taken)
             self.replacements[i] = (scale_nodes if first else []) + extra
             first = False
         note = "; ".join(dict.fromkeys(notes))

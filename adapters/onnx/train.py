@@ -40,6 +40,16 @@ def _ort_training() -> tuple[Any, Any]:
     return artifacts, api
 
 
+class _InFolder:
+    """A read-only attribute: the path of one artifact file inside ``self.directory``."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else obj.directory / self.filename
+
+
 @dataclass
 class Artifacts:
     """Paths of the files ``generate_artifacts`` wrote, plus what the adapter needs to use them.
@@ -64,21 +74,10 @@ class Artifacts:
     loss: str = ""
     dropout: str = "unknown"
 
-    @property
-    def training_model(self) -> Path:
-        return self.directory / "training_model.onnx"
-
-    @property
-    def eval_model(self) -> Path:
-        return self.directory / "eval_model.onnx"
-
-    @property
-    def optimizer_model(self) -> Path:
-        return self.directory / "optimizer_model.onnx"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.directory / "checkpoint"
+    training_model = _InFolder("training_model.onnx")
+    eval_model = _InFolder("eval_model.onnx")
+    optimizer_model = _InFolder("optimizer_model.onnx")
+    checkpoint = _InFolder("checkpoint")
 
     def open(self, device: str = "cpu", optimizer: bool = True) -> tuple[Any, Any, Any]:
         """``(Module, Optimizer or None, CheckpointState)`` ready to train on ``device``."""

@@ -6,18 +6,17 @@ loop (``max_samples``, non-finite samples, progress, checkpoints) is :mod:`gd_co
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
 from gd_core import SensitivityProfile
-from gd_core import cache as _cache
 from gd_core import fisher_loop as loop
 from gd_core.errors import bad_argument
+from gd_core.face import FisherOptions, FisherSettings, ProfileOptions, ProfileSettings
 from gd_core.fisher_loop import BatchSums, FisherEngine
 from gd_core.validate import check_choice, check_int, check_known
 
@@ -113,23 +112,36 @@ class _Engine(FisherEngine):
     parameters' devices between flushes and summed over ranks under ``torch.distributed``."""
 
     def __init__(
-        self, model: Any, loss_fn: Callable[..., Any], names: list[str], chunk_size: int | None
+        self,
+        model: Any,
+        loss_fn: Callable[..., Any],
+        names: list[str],
+        chunk_size: int | None,
+        axes: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
-        self.names = names
         self.chunk_size = chunk_size
         params = dict(model.named_parameters())
         self.params = {n: params[n] for n in names}
+        self.axes = None if axes is None else {n: tuple(axes.get(n, ())) for n in names}
         self.device = params[names[0]].device
         self.dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        self.pending = {  # on each parameter's own device (model-parallel models work too)
-            n: torch.zeros(params[n].shape, dtype=self.dtype, device=params[n].device)
-            for n in names
-        }
+        self.pending = self._buffers()  # on each parameter's own device (model parallel works)
+        self.names = list(self.pending)
         d = _dist()
         self.world = d.get_world_size() if d is not None else 1
         self.rank = d.get_rank() if d is not None else 0
+
+    def _buffers(self) -> dict[str, Any]:
+        """Zeroed sums, one per key of what :meth:`sq_grad_sums` returns."""
+        return {
+            n: torch.zeros(p.shape, dtype=self.dtype, device=p.device)
+            for n, p in self.params.items()
+        }
+
+    def _keyed(self, sums: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(sums)
 
     def size(self, batch: Any) -> int:
         return _batch_size(batch)
@@ -152,9 +164,10 @@ class _Engine(FisherEngine):
             _to_device(batch, self.device),
             params=self.params,
             chunk_size=self.chunk_size,
+            **({} if self.axes is None else {"norms": self.axes}),
         )
         losses = torch.as_tensor(per_sample).detach().reshape(-1).double().cpu().numpy()
-        return BatchSums(sums, int(n), losses=losses)
+        return BatchSums(self._keyed(sums), int(n), losses=losses)
 
     def nonfinite(self, sums: Mapping[str, Any]) -> list[str]:
         names = list(sums)
@@ -217,45 +230,19 @@ class _NormsEngine(_Engine):
     per-sample gradient norms and, per unit axis, the same summed over every other axis
     (``output="norms"``; the arithmetic is :mod:`adapters.torch.norms`)."""
 
-    def __init__(
-        self,
-        model: Any,
-        loss_fn: Callable[..., Any],
-        names: list[str],
-        chunk_size: int | None,
-        axes: Mapping[str, Sequence[int]],
-    ) -> None:
-        self.model = model
-        self.loss_fn = loss_fn
-        self.chunk_size = chunk_size
-        params = dict(model.named_parameters())
-        self.params = {n: params[n] for n in names}
-        self.axes = {n: tuple(axes.get(n, ())) for n in names}
-        self.device = params[names[0]].device
-        self.dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        self.names = [k for n in names for k in norms.keys_of(n, self.axes[n])]
-        self.pending = {}
-        for n in names:
-            dev = params[n].device
-            self.pending[norms.keys_of(n, ())[0]] = torch.zeros((), dtype=self.dtype, device=dev)
+    axes: dict[str, tuple[int, ...]]
+
+    def _buffers(self) -> dict[str, Any]:
+        out = {}
+        for n, p in self.params.items():
+            out[norms.keys_of(n, ())[0]] = torch.zeros((), dtype=self.dtype, device=p.device)
             for a in self.axes[n]:
                 key = norms.keys_of(n, (a,))[1]
-                self.pending[key] = torch.zeros(params[n].shape[a], dtype=self.dtype, device=dev)
-        d = _dist()
-        self.world = d.get_world_size() if d is not None else 1
-        self.rank = d.get_rank() if d is not None else 0
+                out[key] = torch.zeros(p.shape[a], dtype=self.dtype, device=p.device)
+        return out
 
-    def sq_grad_sums(self, batch: Any) -> BatchSums:
-        sums, n, per_sample = persample.per_sample_sq_grad_sums(
-            self.model,
-            self.loss_fn,
-            _to_device(batch, self.device),
-            params=self.params,
-            chunk_size=self.chunk_size,
-            norms=self.axes,
-        )
-        losses = torch.as_tensor(per_sample).detach().reshape(-1).double().cpu().numpy()
-        return BatchSums(norms.flatten(sums), int(n), losses=losses)
+    def _keyed(self, sums: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(norms.flatten(sums))
 
     def nonfinite(self, sums: Mapping[str, Any]) -> list[str]:
         bad = super().nonfinite(sums)  # keys "name:sum", "name:axisK" -> parameter names
@@ -272,18 +259,12 @@ def estimate_fisher(
     model: Any,
     batches: Iterable[Any],
     loss: str | Callable[..., Any] = "mlm",
-    max_samples: int | None = None,
-    progress: bool = True,
-    chunk_size: int | None = None,
-    on_nonfinite: str = "raise",
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int = 50,
-    resume: bool = False,
     *,
     params: Sequence[str] | None = None,
     seed: int = 0,
     output: str = "diagonal",
     norm_axes: Mapping[str, Sequence[int]] | None = None,
+    **options: Unpack[FisherOptions],
 ) -> Any:
     """The exact empirical Fisher diagonal: the mean over samples of squared per-sample gradients.
 
@@ -291,7 +272,9 @@ def estimate_fisher(
     model's device (float64 where the device has it) and handed to a
     :class:`gd_core.FisherAccumulator` at checkpoints and at the end. ``loss`` is ``"mlm"``,
     ``"clm"``, ``"contrastive"`` or a callable ``(model, batch) -> per-sample losses``.
-    ``max_samples`` truncates the last batch (per process when distributed). With ``checkpoint``,
+    ``options`` are the Fisher loop's, the same in every adapter (:class:`gd_core.face.FisherOptions`:
+    ``max_samples``, ``progress``, ``chunk_size``, ``on_nonfinite``, ``checkpoint``,
+    ``checkpoint_every``, ``resume``). ``max_samples`` truncates the last batch (per process when distributed). With ``checkpoint``,
     the accumulator is saved atomically every ``checkpoint_every`` batches and at the end;
     ``resume=True`` loads it and skips the batches it already counts. A NaN/Inf loss or gradient
     raises :class:`gd_core.NonFiniteGradientError` naming the parameter, or with
@@ -316,9 +299,10 @@ def estimate_fisher(
         >>> sorted(fisher), fisher.count, fisher["weight"].shape
         (['bias', 'weight'], 4, (1, 3))
     """
+    opts = FisherSettings.of(options, "estimate_fisher")
     root = _unwrap(model)
     loss_fn, loss_name = _resolve_loss(loss, seed)
-    chunk_size = check_int(chunk_size, "chunk_size", 1, 8, optional=True)
+    chunk_size = check_int(opts.chunk_size, "chunk_size", 1, 8, optional=True)
     all_params = dict(root.named_parameters())
     if params is None:
         names = [n for n, p in all_params.items() if p.requires_grad]
@@ -345,14 +329,9 @@ def estimate_fisher(
         return loop.estimate(
             batches,
             engine,
-            max_samples=max_samples,
-            progress=progress,
-            on_nonfinite=on_nonfinite,
-            checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
             run=run,
             result=norms.FisherNorms.from_accumulator if output == "norms" else None,
+            **opts.loop(),
         )
     finally:
         for m, mode in modes:
@@ -375,23 +354,13 @@ def profile(
     model: Any,
     batches: Iterable[Any],
     loss: str | Callable[..., Any] = "mlm",
-    max_samples: int | None = None,
-    progress: bool = True,
-    chunk_size: int | None = None,
-    on_nonfinite: str = "raise",
-    checkpoint: str | os.PathLike[str] | None = None,
-    checkpoint_every: int = 50,
-    resume: bool = False,
     *,
     sites: Any = None,
-    aggregation: str = "tensor_mean",
-    mapping: str | Mapping[str, Any] | None = None,
-    cache: bool = False,
-    metadata: Mapping[str, Any] | None = None,
     add_sites: Any = None,
     seed: int = 0,
     method: str = "norms",
     tensors: Iterable[str] | None = None,
+    **options: Unpack[ProfileOptions],
 ) -> SensitivityProfile:
     """Estimate the Fisher diagonal of the guarded parameters and build a sensitivity profile.
 
@@ -416,6 +385,7 @@ def profile(
         >>> prof.site_names, prof.metadata["samples"]
         (['1', '3'], 8)
     """
+    opts = ProfileSettings.of(options, "profile")
     root = _unwrap(model)
     check_choice(method, "method", ("norms", "diagonal"))
     index, found = _resolve_sites(root, sites, add_sites)
@@ -453,16 +423,10 @@ def profile(
             root,
             batches,
             loss=loss,
-            max_samples=max_samples,
-            progress=progress,
-            chunk_size=chunk_size,
-            on_nonfinite=on_nonfinite,
-            checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
             params=guarded or None,
             seed=seed,
             **(_norms_args(root, guarded, found) if method == "norms" else {}),
+            **opts.fisher(),
         )
     finally:
         for h in handles:
@@ -483,22 +447,12 @@ def profile(
         "framework": "torch",
         "torch_version": torch.__version__,
         "seed": seed,
-        "max_samples": max_samples,
+        "max_samples": opts.max_samples,
         "unit_widths": "measured" if widths else "structural",
     }
     tf = sys.modules.get("transformers")
     if tf is not None:
         meta["transformers_version"] = getattr(tf, "__version__", "")
-    meta.update(dict(metadata or {}))
     build = norms.profile_from_norms if method == "norms" else SensitivityProfile.from_fisher
-    prof = build(
-        result,
-        measured,
-        aggregation=aggregation,
-        mapping=mapping,
-        fingerprint=fingerprint(root, params=sorted({p for s in measured for p in s.params})),
-        metadata=meta,
-    )
-    if cache:
-        _cache.store(prof)
-    return prof
+    fp = fingerprint(root, params=sorted({p for s in measured for p in s.params}))
+    return opts.finish(build, result, measured, fp, meta)

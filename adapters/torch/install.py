@@ -8,12 +8,11 @@ import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, Unpack
 
-from gd_core import Schedule
-from gd_core.auto import as_settings
 from gd_core.auto import lookup as auto_lookup
 from gd_core.errors import bad_argument
+from gd_core.face import ApplyOptions, ApplySettings
 from gd_core.plan import make_plan
 from gd_core.report import ApplyReport, ReportRow
 from gd_core.validate import check_probability
@@ -46,18 +45,13 @@ def _install_hook(f: SiteHandle, generator: Any, device: Any) -> SiteHandle:
 def apply(
     model: Any,
     profile: Any = None,
-    mapping: str | Mapping[str, Any] | None = None,
-    granularity: str = "site",
-    missing: str = "keep",
-    strict: bool = True,
     *,
     sites: Any = None,
-    spread: float = 1.0,
-    schedule: Schedule | Mapping[str, Any] | None = None,
     add_sites: Any = None,
     generator: Any = None,
     tokenizer: Any = None,
     auto_profile: Any = True,
+    **options: Unpack[ApplyOptions],
 ) -> ApplyReport:
     """Set every dropout site's probability from a profile, in place; returns the report.
 
@@ -97,12 +91,15 @@ def apply(
         >>> report.model is net
         True
     """
+    opts = ApplySettings.of(options, "apply")
     root = _unwrap(model)
     _watch_from_pretrained()
     recorded = recorded_plan(root) if profile is None and sites is None else None
     if recorded is not None:
-        _only_defaults(mapping=mapping, granularity=granularity, missing=missing, spread=spread)
-        return _restore(root, recorded, schedule=schedule, add_sites=add_sites, generator=generator)
+        _only_defaults(opts)
+        return _restore(
+            root, recorded, schedule=opts.schedule, add_sites=add_sites, generator=generator
+        )
     index, found = _resolve_sites(root, sites, add_sites)
     lora_sites = _lora.lora_sites(root)
     lora_names = {s.name for s in lora_sites}
@@ -115,16 +112,15 @@ def apply(
     name = getattr(getattr(root, "config", None), "_name_or_path", None) or "PATH"
     auto_notes: list[str] = []
     fp = _lora.fingerprint(root) if lora_sites else fingerprint(root)
+    find = auto_lookup(
+        _auto.computer(root, tokenizer, sys.modules["adapters.torch"]), auto_profile, auto_notes
+    )
     plan = make_plan(
         profile,
         [f.site.name for f in found],  # torch measures unit widths at run time (GuidedDropout)
         current,
         None if isinstance(profile, Mapping) else fp,
-        mapping=mapping,
-        missing=missing,
-        strict=strict,
-        granularity=granularity,
-        spread=spread,
+        **opts.plan(),
         framework="torch",
         not_found=(
             f"this {type(root).__name__}",
@@ -132,11 +128,7 @@ def apply(
             "profile='PROFILE', or in Python run adapters.torch.profile(model, batches, "
             "cache=True) once",
         ),
-        lookup=auto_lookup(
-            _auto.computer(root, tokenizer, sys.modules["adapters.torch"]),
-            as_settings(auto_profile),
-            auto_notes,
-        ),
+        lookup=find,
     )
     device = _model_device(root)
     rows = []
@@ -159,7 +151,7 @@ def apply(
             setattr(f.owner, f.attr, p)
             how = "attribute"
         elif (
-            granularity == "unit"
+            opts.granularity == "unit"
             and f.role == "hidden"
             and (type(mod) is nn.Dropout or isinstance(mod, GuidedDropout))
         ):
@@ -174,7 +166,7 @@ def apply(
         else:
             mod.p = p
             how = "hook" if f.site.kind == "hook" else "p"
-            if granularity == "unit":
+            if opts.granularity == "unit":
                 why = (
                     "attention probabilities, read through .p"
                     if f.role == "attention"
@@ -195,14 +187,16 @@ def apply(
             for s in lora_sites
         }
     elif lora_sites and plan.profile is not None:
-        lora_plan = _lora.probabilities(lora_sites, plan.profile, mapping=mapping, missing=missing)
+        lora_plan = _lora.probabilities(
+            lora_sites, plan.profile, mapping=opts.mapping, missing=opts.missing
+        )
     else:
         lora_plan = {}
     rows.extend(_lora.install(lora_sites, lora_plan))
-    report = ApplyReport(rows, "torch", granularity, auto_notes + list(plan.notes), model=root)
-    _record(root, lambda: _resolve_sites(root, sites, add_sites)[1], granularity)
-    if schedule is not None:
-        report.scheduler = Scheduler(report, schedule)
+    report = ApplyReport(rows, "torch", opts.granularity, auto_notes + list(plan.notes), model=root)
+    _record(root, lambda: _resolve_sites(root, sites, add_sites)[1], opts.granularity)
+    if opts.schedule is not None:
+        report.scheduler = Scheduler(report, opts.schedule)
     return report
 
 
@@ -250,19 +244,18 @@ def recorded_plan(model: Any) -> dict[str, Any] | None:
     return rec
 
 
-def _only_defaults(**given: Any) -> None:
+def _only_defaults(opts: ApplySettings) -> None:
     """Restoring a recorded plan installs it exactly: refuse arguments that would change it."""
-    defaults = {"mapping": None, "granularity": "site", "missing": "keep", "spread": 1.0}
-    changed = {k: v for k, v in given.items() if v != defaults[k]}
-    if changed:
-        name = next(iter(changed))
-        raise bad_argument(
-            name,
-            f"{name}={defaults[name]!r} when apply(model) restores the plan recorded in the "
-            f"model's config ({CONFIG_KEY})",
-            changed[name],
-            "pass the profile (or {site: p}) again to apply a new plan with these settings",
-        )
+    defaults = ApplySettings()
+    for name in ("mapping", "granularity", "missing", "spread"):
+        if getattr(opts, name) != getattr(defaults, name):
+            raise bad_argument(
+                name,
+                f"{name}={getattr(defaults, name)!r} when apply(model) restores the plan recorded "
+                f"in the model's config ({CONFIG_KEY})",
+                getattr(opts, name),
+                "pass the profile (or {site: p}) again to apply a new plan with these settings",
+            )
 
 
 def _restore(

@@ -406,13 +406,11 @@ class FisherNorms(dict):  # type: ignore[type-arg]
 def profile_from_norms(
     norms: FisherNorms,
     sites: Sequence[Site],
-    *,
-    aggregation: str = "tensor_mean",
-    mapping: Any = None,
-    fingerprint: Any = None,
-    metadata: Mapping[str, Any] | None = None,
+    **options: Any,
 ) -> SensitivityProfile:
-    """What ``SensitivityProfile.from_fisher`` builds from a full diagonal, from norms."""
+    """What ``SensitivityProfile.from_fisher`` builds from a full diagonal, from norms;
+    ``options`` are ``SensitivityProfile.from_stats``' keywords (aggregation, mapping,
+    fingerprint, metadata)."""
     sites_t = tuple(check_sites(sites))
     all_stats = norms.stats()
     guarded = {p for s in sites_t for p in s.params}
@@ -432,15 +430,7 @@ def profile_from_norms(
         u = unit_scores(shaped, s)
         if u is not None:
             units[s.name] = u
-    return SensitivityProfile.from_stats(
-        stats,
-        sites_t,
-        units,
-        aggregation=aggregation,
-        mapping=mapping,
-        fingerprint=fingerprint,
-        metadata=metadata,
-    )
+    return SensitivityProfile.from_stats(stats, sites_t, units, **options)
 
 
 def default_axes(
