@@ -213,7 +213,8 @@ def trace(
 
 def example_input(root: nn.Module) -> Any:
     """A small input for one forward when the caller gave none: ``input_ids`` for models with a
-    first ``nn.Embedding``, a float batch for a first ``nn.Linear``; ``None`` when unknown."""
+    first ``nn.Embedding``, a float batch (of the layer's dtype) for a first ``nn.Linear``; ``None``
+    when unknown."""
     first = next((m for m in root.modules() if isinstance(m, (nn.Embedding, nn.Linear))), None)
     gen = torch.Generator().manual_seed(0)  # the same input every time; the global stream untouched
     if isinstance(first, nn.Embedding):
@@ -223,5 +224,6 @@ def example_input(root: nn.Module) -> Any:
             return {"input_ids": ids}
         return (ids,)
     if isinstance(first, nn.Linear):
-        return (torch.randn(2, first.in_features, generator=gen),)
+        x = torch.randn(2, first.in_features, generator=gen)
+        return (x.to(first.weight.dtype if first.weight.is_floating_point() else x.dtype),)
     return None

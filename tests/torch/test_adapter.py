@@ -872,3 +872,16 @@ def test_discovery_warns_when_the_guessed_forward_fails():
     with pytest.warns(RuntimeWarning, match="structural guess"):
         found = gdt.sites(Picky())
     assert [s.name for s in found] == ["drop"]
+
+
+def test_a_float64_model_is_traced_on_an_input_of_its_dtype():
+    """The dataflow forward's guessed input takes the first layer's dtype: a float64 model used
+    to fail that forward (float input) and fall back to the structural guess, with a warning."""
+    import warnings
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Linear(4, 4), nn.Dropout(0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        sites = gdt.sites(net.double())
+    assert [s.name for s in sites] == ["1", "3"]
+    assert sites[1].params == ("2.weight", "2.bias")
