@@ -13,7 +13,6 @@ import numpy as np
 
 from gd_core.auto import as_settings
 from gd_core.auto import lookup as auto_lookup
-from gd_core.errors import ArgumentError
 from gd_core.plan import make_plan
 from gd_core.profile import SensitivityProfile
 from gd_core.report import ApplyReport, ReportRow
@@ -29,6 +28,7 @@ from .discovery import (
     layer_rate,
     resolve_sites,
 )
+from .holders import _cannot_rewrite, _rewrite_in_place, carry
 from .layer import GuidedDropout, GuidedDropoutScheduler, _all_layers, keras
 
 
@@ -259,15 +259,6 @@ def apply(
     )
 
 
-def _cannot_rewrite(model: Any, why: str) -> ArgumentError:
-    return ArgumentError(
-        f"model: expected a model whose dropout layers can be replaced, received "
-        f"{type(model).__name__} {model.name!r} where {why}; fix: build the model with "
-        "keras.layers.Dropout layers held as attributes (subclassed) or in a Sequential/"
-        "functional graph, and give custom layers a get_config()"
-    )
-
-
 def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable[[], Any]]) -> Any:
     pairs: list[tuple[Any, Any]] = []
 
@@ -309,6 +300,7 @@ def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable
                 if id(a) in factories
             }
             _rewrite_in_place(new, ModelIndex.build(new), inner)
+            carry(new)  # its config alone would make plain dropout layers again when loaded
     if _fingerprint(ModelIndex.build(new_model)) != _fingerprint(idx):
         raise _cannot_rewrite(model, "the rebuilt model's weights differ from the original's")
     if getattr(model, "compiled", False):
@@ -324,68 +316,3 @@ def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable
                 stacklevel=3,
             )
     return new_model
-
-
-def _rewrite_in_place(
-    root: Any, idx: ModelIndex, factories: Mapping[int, Callable[[], Any]]
-) -> None:
-    """Replace site layers held as attributes (or in list/dict attributes) of their parents."""
-    made: dict[int, Any] = {}
-
-    def new_for(old: Any) -> Any:
-        if id(old) not in made:
-            made[id(old)] = factories[id(old)]()
-        return made[id(old)]
-
-    for parent in idx.layers:
-        if parent is not root and is_site(parent):
-            continue
-        tracker = getattr(parent, "_tracker", None)
-        holders = dict(vars(parent))
-        holders.update(getattr(parent, "_modules", None) or {})
-        for attr, value in holders.items():
-            if attr in ("_layers", "_tracker", "_modules", "_parameters", "_buffers"):
-                continue
-            if id(value) in factories:
-                new = new_for(value)
-                _swap_tracked(tracker, value, new)
-                setattr(parent, attr, new)
-                if attr == "_dropout_layer" and isinstance(
-                    getattr(parent, "_dropout", None), float
-                ):
-                    # MultiHeadAttention rebuilds its dropout from its config when loaded: keep
-                    # the config's rate the one now in force, so a saved model keeps it
-                    parent._dropout = float(new.rate)
-            elif isinstance(value, list):
-                for i, item in enumerate(list(value)):
-                    if id(item) in factories:
-                        new = new_for(item)
-                        _swap_tracked(tracker, item, new)
-                        list.__setitem__(value, i, new)
-            elif isinstance(value, dict):
-                for key, item in list(value.items()):
-                    if id(item) in factories:
-                        new = new_for(item)
-                        _swap_tracked(tracker, item, new)
-                        dict.__setitem__(value, key, new)
-    left = [
-        layer.name for layer in idx.site_layers if id(layer) in factories and id(layer) not in made
-    ]
-    if left:
-        raise _cannot_rewrite(
-            root,
-            f"dropout layers {left[:3]} are not attributes of a layer (nor items of a list or "
-            "dict attribute), so they cannot be replaced",
-        )
-    for attr in ("train_function", "test_function", "predict_function"):
-        if getattr(root, attr, None) is not None:
-            setattr(root, attr, None)  # traced functions captured the old layers
-
-
-def _swap_tracked(tracker: Any, old: Any, new: Any) -> None:
-    if tracker is None:
-        return
-    if tracker.is_in_store("layers", old):
-        tracker.replace_tracked_value("layers", old, new)
-    else:
-        tracker.track(new)
