@@ -48,8 +48,8 @@ class GuidedSites:
         >>> import keras
         >>> from adapters.keras.holders import guided_class
         >>> cls = guided_class(keras.layers.TimeDistributed)
-        >>> cls.__name__, issubclass(cls, keras.layers.TimeDistributed)
-        ('GuidedTimeDistributed', True)
+        >>> cls.__qualname__, cls.__name__, issubclass(cls, keras.layers.TimeDistributed)
+        ('GuidedTimeDistributed', 'TimeDistributed', True)
         >>> keras.saving.get_registered_name(cls)
         'guided_dropout>GuidedSites'
     """
@@ -115,7 +115,9 @@ def guided_class(base: type) -> type:
             _install_pending(self)
 
         namespace["build"] = build
-    cls = type(f"Guided{base.__name__}", (GuidedSites, base), namespace)
+    # the same __name__: Keras names weights in .weights.h5 / .keras files after the class name,
+    # so the original's weight files load into the guided model and the reverse
+    cls = type(base.__name__, (GuidedSites, base), namespace)
     # one registered name for all (a fresh process cannot know the classes made here): register
     # the new class under it, so Keras writes that name, then give the name back to GuidedSites
     _register(cls)
@@ -126,7 +128,21 @@ def guided_class(base: type) -> type:
 
 def carry(layer: Any) -> None:
     """Give ``layer`` (not a model) the class ``Guided<Name>`` if it holds dropout sites, so that a
-    saved ``.keras`` file keeps them; see the module."""
+    saved ``.keras`` file keeps them; see the module. ``apply`` calls it.
+
+    Example:
+        >>> import keras
+        >>> class Block(keras.layers.Layer):
+        ...     def __init__(self, **kwargs):
+        ...         super().__init__(**kwargs)
+        ...         self.drop = keras.layers.Dropout(0.1)
+        ...     def call(self, x):
+        ...         return self.drop(x)
+        >>> block = Block()
+        >>> carry(block)
+        >>> type(block).__qualname__, isinstance(block, Block), "guided_dropout" in block.get_config()
+        ('GuidedBlock', True, True)
+    """
     if isinstance(layer, (keras.Model, GuidedSites)) or not _held_sites(layer):
         return
     layer.__class__ = guided_class(type(layer))
