@@ -211,10 +211,14 @@ def apply(
     for site, layer in pairs:
         entry = plan[site.name]
         rates, note = entry.rates, entry.note
-        in_mha = graph and isinstance(idx.parent.get(id(layer)), keras.layers.MultiHeadAttention)
+        mha = idx.parent.get(id(layer))
+        in_mha = graph and isinstance(mha, keras.layers.MultiHeadAttention)
+        # a graph's MultiHeadAttention is rebuilt from its config (one fixed rate); one inside
+        # a layer that makes it (keras_hub) keeps a GuidedDropout (adapters.keras.holders)
+        in_config = in_mha and isinstance(idx.parent.get(id(mha)), keras.Model)
         if rates is not None and (why := _unit_note(layer, in_mha)) is not None:
             rates, note = None, why
-        if in_mha and sched is not None:
+        if in_config and sched is not None:
             fixed.append(site.name)
         kept = entry.source == "keep"
         if kept and isinstance(layer, GuidedDropout) and layer.rates is not None:
@@ -227,7 +231,7 @@ def apply(
                 entry.source,
                 None if rates is None else len(rates),
                 note,
-                how=_row_how(layer, rates, kept, in_mha),
+                how=_row_how(layer, rates, kept, in_config),
                 kind=site.kind,
             )
         )
