@@ -3,9 +3,10 @@
 A layer that makes its own dropout layers (keras_hub's ``TransformerEncoder`` and
 ``TransformerDecoder``, a custom layer creating ``Dropout`` in ``__init__`` or ``build``) makes
 them again from its config when a ``.keras`` file is loaded, and its config holds hyperparameters
-(one ``dropout`` for all of them), not the layers: the guided probabilities would be lost. So
-:func:`carry` gives such a layer of a Sequential or functional model, once ``apply`` has replaced
-its dropout layers, the class ``Guided<Name>``: a subclass of its own class made here, whose
+(one ``dropout`` for all of them), not the layers: the guided probabilities would be lost; so
+would a subclassed model's, which makes its layers in ``__init__``. So :func:`carry` gives such a
+layer (or subclassed model), once ``apply`` has replaced its dropout layers, the class
+``Guided<Name>``: a subclass of its own class made here (with the same ``__name__``), whose
 config also holds the dropout layers now inside it (key ``guided_dropout``) and which puts them
 back when it is built again. ``keras.saving.load_model`` (after ``import adapters.keras``, which
 registers the classes, as for :class:`~adapters.keras.GuidedDropout`) then returns the guided
@@ -26,7 +27,7 @@ from typing import Any
 
 from gd_core.errors import ArgumentError
 
-from .discovery import ModelIndex, is_site
+from .discovery import ModelIndex, _is_graph_model, is_site
 from .layer import keras
 
 CONFIG_KEY = "guided_dropout"
@@ -127,8 +128,9 @@ def guided_class(base: type) -> type:
 
 
 def carry(layer: Any) -> None:
-    """Give ``layer`` (not a model) the class ``Guided<Name>`` if it holds dropout sites, so that a
-    saved ``.keras`` file keeps them; see the module. ``apply`` calls it.
+    """Give ``layer`` (a layer or subclassed model; a Sequential or functional model's config holds
+    its layers already) the class ``Guided<Name>`` if it holds dropout sites, so that a saved
+    ``.keras`` file keeps them; see the module. ``apply`` calls it.
 
     Example:
         >>> import keras
@@ -143,8 +145,9 @@ def carry(layer: Any) -> None:
         >>> type(block).__qualname__, isinstance(block, Block), "guided_dropout" in block.get_config()
         ('GuidedBlock', True, True)
     """
-    if isinstance(layer, (keras.Model, GuidedSites)) or not _held_sites(layer):
-        return
+    graph = isinstance(layer, keras.Sequential) or _is_graph_model(layer)
+    if graph or isinstance(layer, GuidedSites) or not _held_sites(layer):
+        return  # a graph's config already holds its layers
     layer.__class__ = guided_class(type(layer))
 
 

@@ -156,7 +156,10 @@ def apply(
     Sequential and functional models are rebuilt with ``keras.models.clone_model`` (same layer
     names, weights copied, compile config copied when the model was compiled); the input model is
     unchanged. Subclassed models are changed *in place* (dropout attributes, including items of
-    lists and dicts, are replaced); recompile them before training. ``AlphaDropout`` stays an
+    lists and dicts, are replaced); recompile them before training. A subclassed model, or a
+    layer of a graph that makes its own dropout layers (keras_hub's transformer layers), gets a
+    ``Guided<Name>`` subclass of its class whose config keeps the new dropout layers, so a saved
+    ``.keras`` file loads with them (:mod:`adapters.keras.holders`). ``AlphaDropout`` stays an
     ``AlphaDropout`` (its SELU-preserving noise) with the new rate.
 
     Returns the :class:`gd_core.report.ApplyReport`; ``report.model`` is the model to train
@@ -248,6 +251,7 @@ def apply(
         new_model = _rewrite_graph(model, idx, factories)
     else:
         _rewrite_in_place(model, idx, factories)
+        carry(model)
         new_model = model
         notes.append(
             f"{type(model).__name__} is a subclassed model: its dropout layers were replaced in "
