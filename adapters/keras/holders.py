@@ -83,9 +83,8 @@ class GuidedSites:
         del config[CONFIG_KEY]
         layer = super().from_config(config)  # type: ignore[misc]
         object.__setattr__(layer, "_gd_pending", list(saved["sites"]))
-        base = cls._gd_base
-        if len(_held_sites(layer)) == len(saved["sites"]) or _default_build(base):
-            _install_pending(layer)  # made in __init__ (else in build, see guided_class)
+        if layer.built or _default_build(cls._gd_base):
+            _install_pending(layer)  # made in __init__ (else when built: see guided_class)
         return layer
 
 
