@@ -88,7 +88,7 @@ class GuidedSites:
         return layer
 
 
-def guided_class(base: type) -> type:
+def guided_class(base: Any) -> Any:
     """``Guided<Name>``: ``base`` whose config keeps the dropout layers installed in it (cached).
 
     Example:
@@ -150,7 +150,7 @@ def carry(layer: Any) -> None:
     layer.__class__ = guided_class(type(layer))
 
 
-def _default_build(base: type | None) -> bool:
+def _default_build(base: Any) -> bool:
     return base is None or bool(getattr(base.build, "_is_default", False))
 
 
@@ -166,7 +166,7 @@ def _class_info(cls: type) -> dict[str, Any]:
     }
 
 
-def _resolve(info: Any) -> type:
+def _resolve(info: Any) -> Any:
     """The layer class a saved ``Guided<Name>`` extends (as Keras itself finds classes)."""
     if not isinstance(info, dict) or not isinstance(info.get("class_name"), str):
         raise TypeError(
@@ -210,7 +210,7 @@ def _install_pending(layer: Any) -> None:
         )
         return
     factories: dict[int, Callable[[], Any]] = {
-        id(old): (lambda config=config: keras.saving.deserialize_keras_object(config))
+        id(old): functools.partial(keras.saving.deserialize_keras_object, config)
         for old, config in zip(found, saved, strict=True)
     }
     _rewrite_in_place(layer, idx, factories)
