@@ -8,7 +8,10 @@ A thin translator over :mod:`gd_core`, in modules that show its parts:
   layout) and :func:`load_state_dict` (canonical, e.g. torch, weights into a Keras replica);
 - :mod:`~adapters.keras.fisher` — :func:`estimate_fisher`, :func:`profile` (per-sample gradients
   natively; the loop is :mod:`gd_core.fisher_loop`'s);
-- :mod:`~adapters.keras.install` — :func:`apply` (the plan is :mod:`gd_core.plan`'s).
+- :mod:`~adapters.keras.install` — :func:`apply` (the plan is :mod:`gd_core.plan`'s);
+- :mod:`~adapters.keras.holders` — replacing the dropout layers a layer holds, and keeping them in
+  ``.keras`` files when the layer makes its own (``Guided<Name>``, e.g. keras_hub's transformer
+  layers).
 
 Example:
     >>> import numpy as np, keras
@@ -32,7 +35,8 @@ weights), so a profile computed with :mod:`adapters.torch` applies to a Keras re
 model with ``strict=True``.
 
 Loading a saved ``.keras`` model that contains ``GuidedDropout`` needs only ``import
-adapters.keras`` first (the layer is registered as ``guided_dropout>GuidedDropout``).
+adapters.keras`` first (the layer is registered as ``guided_dropout>GuidedDropout``, and every
+``Guided<Name>`` layer as ``guided_dropout>GuidedSites``).
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from typing import Any, Unpack
 import numpy as np
 
 from gd_core.auto import lookup as auto_lookup
-from gd_core.errors import ArgumentError
 from gd_core.face import ApplyOptions, ApplySettings
 from gd_core.plan import make_plan
 from gd_core.profile import SensitivityProfile
@@ -29,6 +28,7 @@ from .discovery import (
     layer_rate,
     resolve_sites,
 )
+from .holders import _cannot_rewrite, _rewrite_in_place, carry
 from .layer import GuidedDropout, GuidedDropoutScheduler, _all_layers, keras
 
 
@@ -151,7 +151,10 @@ def apply(
     Sequential and functional models are rebuilt with ``keras.models.clone_model`` (same layer
     names, weights copied, compile config copied when the model was compiled); the input model is
     unchanged. Subclassed models are changed *in place* (dropout attributes, including items of
-    lists and dicts, are replaced); recompile them before training. ``AlphaDropout`` stays an
+    lists and dicts, are replaced); recompile them before training. A subclassed model, or a
+    layer of a graph that makes its own dropout layers (keras_hub's transformer layers), gets a
+    ``Guided<Name>`` subclass of its class whose config keeps the new dropout layers, so a saved
+    ``.keras`` file loads with them (:mod:`adapters.keras.holders`). ``AlphaDropout`` stays an
     ``AlphaDropout`` (its SELU-preserving noise) with the new rate.
 
     Returns the :class:`gd_core.report.ApplyReport`; ``report.model`` is the model to train
@@ -202,10 +205,14 @@ def apply(
     for site, layer in pairs:
         entry = plan[site.name]
         rates, note = entry.rates, entry.note
-        in_mha = graph and isinstance(idx.parent.get(id(layer)), keras.layers.MultiHeadAttention)
+        mha = idx.parent.get(id(layer))
+        in_mha = graph and isinstance(mha, keras.layers.MultiHeadAttention)
+        # a graph's MultiHeadAttention is rebuilt from its config (one fixed rate); one inside
+        # a layer that makes it (keras_hub) keeps a GuidedDropout (adapters.keras.holders)
+        in_config = in_mha and isinstance(idx.parent.get(id(mha)), keras.Model)
         if rates is not None and (why := _unit_note(layer, in_mha)) is not None:
             rates, note = None, why
-        if in_mha and sched is not None:
+        if in_config and sched is not None:
             fixed.append(site.name)
         kept = entry.source == "keep"
         if kept and isinstance(layer, GuidedDropout) and layer.rates is not None:
@@ -218,7 +225,7 @@ def apply(
                 entry.source,
                 None if rates is None else len(rates),
                 note,
-                how=_row_how(layer, rates, kept, in_mha),
+                how=_row_how(layer, rates, kept, in_config),
                 kind=site.kind,
             )
         )
@@ -235,6 +242,7 @@ def apply(
         new_model = _rewrite_graph(model, idx, factories)
     else:
         _rewrite_in_place(model, idx, factories)
+        carry(model)
         new_model = model
         notes.append(
             f"{type(model).__name__} is a subclassed model: its dropout layers were replaced in "
@@ -247,15 +255,6 @@ def apply(
         notes=auto_notes + notes + list(plan.notes),
         model=new_model,
         scheduler=None if sched is None else GuidedDropoutScheduler(),
-    )
-
-
-def _cannot_rewrite(model: Any, why: str) -> ArgumentError:
-    return ArgumentError(
-        f"model: expected a model whose dropout layers can be replaced, received "
-        f"{type(model).__name__} {model.name!r} where {why}; fix: build the model with "
-        "keras.layers.Dropout layers held as attributes (subclassed) or in a Sequential/"
-        "functional graph, and give custom layers a get_config()"
     )
 
 
@@ -300,6 +299,7 @@ def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable
                 if id(a) in factories
             }
             _rewrite_in_place(new, ModelIndex.build(new), inner)
+            carry(new)  # its config alone would make plain dropout layers again when loaded
     if _fingerprint(ModelIndex.build(new_model)) != _fingerprint(idx):
         raise _cannot_rewrite(model, "the rebuilt model's weights differ from the original's")
     if getattr(model, "compiled", False):
@@ -315,68 +315,3 @@ def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable
                 stacklevel=3,
             )
     return new_model
-
-
-def _rewrite_in_place(
-    root: Any, idx: ModelIndex, factories: Mapping[int, Callable[[], Any]]
-) -> None:
-    """Replace site layers held as attributes (or in list/dict attributes) of their parents."""
-    made: dict[int, Any] = {}
-
-    def new_for(old: Any) -> Any:
-        if id(old) not in made:
-            made[id(old)] = factories[id(old)]()
-        return made[id(old)]
-
-    for parent in idx.layers:
-        if parent is not root and is_site(parent):
-            continue
-        tracker = getattr(parent, "_tracker", None)
-        holders = dict(vars(parent))
-        holders.update(getattr(parent, "_modules", None) or {})
-        for attr, value in holders.items():
-            if attr in ("_layers", "_tracker", "_modules", "_parameters", "_buffers"):
-                continue
-            if id(value) in factories:
-                new = new_for(value)
-                _swap_tracked(tracker, value, new)
-                setattr(parent, attr, new)
-                if attr == "_dropout_layer" and isinstance(
-                    getattr(parent, "_dropout", None), float
-                ):
-                    # MultiHeadAttention rebuilds its dropout from its config when loaded: keep
-                    # the config's rate the one now in force, so a saved model keeps it
-                    parent._dropout = float(new.rate)
-            elif isinstance(value, list):
-                for i, item in enumerate(list(value)):
-                    if id(item) in factories:
-                        new = new_for(item)
-                        _swap_tracked(tracker, item, new)
-                        list.__setitem__(value, i, new)
-            elif isinstance(value, dict):
-                for key, item in list(value.items()):
-                    if id(item) in factories:
-                        new = new_for(item)
-                        _swap_tracked(tracker, item, new)
-                        dict.__setitem__(value, key, new)
-    left = [
-        layer.name for layer in idx.site_layers if id(layer) in factories and id(layer) not in made
-    ]
-    if left:
-        raise _cannot_rewrite(
-            root,
-            f"dropout layers {left[:3]} are not attributes of a layer (nor items of a list or "
-            "dict attribute), so they cannot be replaced",
-        )
-    for attr in ("train_function", "test_function", "predict_function"):
-        if getattr(root, attr, None) is not None:
-            setattr(root, attr, None)  # traced functions captured the old layers
-
-
-def _swap_tracked(tracker: Any, old: Any, new: Any) -> None:
-    if tracker is None:
-        return
-    if tracker.is_in_store("layers", old):
-        tracker.replace_tracked_value("layers", old, new)
-    else:
-        tracker.track(new)

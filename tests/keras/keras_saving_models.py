@@ -78,6 +78,39 @@ class Net(keras.Model):
         return self.head(self.head_dropout(self.b0(x, training=training), training=training))
 
 
+@keras.saving.register_keras_serializable(package="gd_test_saving")
+class Encoder(layers.Layer):
+    """Makes its Dense and Dropout layers in ``build`` from one ``dropout`` hyperparameter (as
+    keras_hub's transformer layers do): its config cannot carry per-layer guided rates."""
+
+    def __init__(self, units: int = 8, dropout: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.dropout = units, dropout
+
+    def build(self, input_shape):
+        self.inner = layers.Dense(self.units, activation="tanh", name="inner")
+        self.inner.build(input_shape)
+        self.inner_dropout = layers.Dropout(self.dropout, name="inner_dropout")
+        self.outer = layers.Dense(self.units, name="outer")
+        self.outer.build((*input_shape[:-1], self.units))
+        self.outer_dropout = layers.Dropout(self.dropout, name="outer_dropout")
+
+    def call(self, x, training=False):
+        h = self.inner_dropout(self.inner(x), training=training)
+        return self.outer_dropout(self.outer(h), training=training)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "dropout": self.dropout}
+
+
+def custom_layer() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6,), name="features")
+    h = Encoder(name="enc0")(inp)
+    h = Encoder(name="enc1")(h)
+    return keras.Model(inp, layers.Dense(3, name="head")(h), name="custom")
+
+
 def subclassed() -> keras.Model:
     keras.utils.set_random_seed(0)
     net = Net(name="net")
@@ -86,7 +119,7 @@ def subclassed() -> keras.Model:
 
 
 BUILDERS = {"sequential": sequential, "functional": functional, "subclassed": subclassed,
-            "attention": attention}  # fmt: skip
+            "attention": attention, "custom_layer": custom_layer}  # fmt: skip
 
 
 def example_input(kind: str) -> np.ndarray:

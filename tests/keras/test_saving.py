@@ -83,6 +83,36 @@ print(repr(rates))
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    if kind != "subclassed":  # a subclassed model rebuilds its layers from its own code
-        assert eval(done.stdout.strip().splitlines()[-1]) == rates
+    assert eval(done.stdout.strip().splitlines()[-1]) == rates
     np.testing.assert_allclose(np.load(tmp_path / "got.npy"), expected, atol=1e-6)
+
+
+def _guided_encoder():
+    model = BUILDERS["custom_layer"]()
+    model(example_input("custom_layer"))
+    guided = _applied(model, _site_probs(model))
+    return guided.get_layer("enc0")
+
+
+def test_a_layer_making_other_dropout_layers_than_saved_warns_with_the_fix():
+    layer = _guided_encoder()
+    assert type(layer).__qualname__ == "GuidedEncoder" and type(layer).__name__ == "Encoder"
+    config = layer.get_config()
+    assert [s["config"]["rate"] for s in config["guided_dropout"]["sites"]] == [0.05, 0.1]
+    config["guided_dropout"]["sites"] = config["guided_dropout"]["sites"][:1]  # code changed
+    rebuilt = type(layer).from_config(config)
+    with pytest.warns(RuntimeWarning, match=r"holds 1 guided dropout layers .* made 2.*apply"):
+        rebuilt.build((None, 6))
+    assert [float(rebuilt.inner_dropout.rate), float(rebuilt.outer_dropout.rate)] == [0.1, 0.1]
+
+
+def test_a_guided_layer_config_names_what_is_missing():
+    from adapters.keras.holders import GuidedSites
+
+    config = _guided_encoder().get_config()
+    config["guided_dropout"]["base"] = {"module": "mine", "class_name": "Gone"}
+    with pytest.raises(TypeError, match=r"mine\.Gone .*fix: import the module defining Gone"):
+        GuidedSites.from_config(config)
+    del config["guided_dropout"]
+    with pytest.raises(TypeError, match=r"expected a config with 'guided_dropout'"):
+        GuidedSites.from_config(config)
