@@ -1,8 +1,10 @@
 """Fisher estimation and profiles for ONNX models through ONNX Runtime Training.
 
-The per-sample gradients come from ``onnxruntime.training.api`` (a train step on a batch of one
-per sample, gradients read from ``state.parameters[name].grad``); the loop (``max_samples``,
-non-finite samples, progress, checkpoints) is :func:`gd_core.fisher_loop.estimate`'s.
+The per-sample gradients come from ``onnxruntime.training.api``: one train step per batch whose
+training graph also outputs what the closed-form rules of :mod:`adapters.onnx.persample` need,
+and the exact loop (a train step on a batch of one per sample) for the parameters they do not
+cover; the loop (``max_samples``, non-finite samples, progress, checkpoints) is
+:func:`gd_core.fisher_loop.estimate`'s.
 """
 
 from __future__ import annotations
@@ -13,93 +15,31 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import numpy as np  # noqa: F401  (the examples use it)
 
 from gd_core import cache as _cache
 from gd_core import fisher_loop as loop
 from gd_core.errors import bad_argument
 from gd_core.fisher import FisherResult
-from gd_core.fisher_loop import BatchSums, NumpyEngine
 from gd_core.profile import SensitivityProfile
 from gd_core.validate import check_choice, check_int
 
 from . import graph as _g
 from .discovery import ModelLike, _discover, _load, _onnx_names, fingerprint, prepare_for_training
 from .graph import Param, onnx
+from .persample import Engine, reported
 from .train import (
     Artifacts,
     _drop_unused_inputs,
     _dropout_off,
-    _label_aliases,
     _ratio_inputs,
     make_artifacts,
-    module_inputs,
-    split_batch,
     training_dropout,
 )
 
-
-class _Engine(NumpyEngine):
-    """Squared per-sample gradients through ORT Training, one train step per sample."""
-
-    def __init__(self, art: Artifacts, params: Mapping[str, Param], device: str) -> None:
-        super().__init__()
-        self.module, _, self.state = art.open(device, optimizer=False)
-        self.module.train()
-        self.names = list(self.module.input_names())
-        zero = np.zeros((), dtype=np.float32)
-        self.fixed = {n: zero for n in art.ratio_inputs.values() if n in self.names}
-        self.user = [n for n in self.names if n not in self.fixed]
-        self.aliases = _label_aliases(self.user)
-        self.params = params
-        self.trained = [n for n in art.requires_grad if n in params]
-
-    def _arrays(self, batch: Any) -> tuple[dict[str, np.ndarray], int]:
-        return split_batch(batch, self.user, self.aliases)
-
-    def size(self, batch: Any) -> int:
-        return self._arrays(batch)[1]
-
-    def take(self, batch: Any, index: Any) -> Any:
-        arrays, _ = self._arrays(batch)
-        idx = index if isinstance(index, slice) else np.asarray(list(index), dtype=np.int64)
-        return {n: arrays[n][idx] for n in self.user}
-
-    def sq_grad_sums(self, batch: Any) -> BatchSums:
-        arrays, size = self._arrays(batch)
-        shapes = {n: self.state.parameters[n].data.shape for n in self.trained}
-        sums = {n: np.zeros(shapes[n], dtype=np.float64) for n in self.trained}
-        count, bad = 0, None
-        for i in range(size):
-            feeds = {n: np.ascontiguousarray(arrays[n][i : i + 1]) for n in self.user}
-            feeds.update(self.fixed)
-            self.module.lazy_reset_grad()
-            loss = np.asarray(self.module(*module_inputs(self.names, feeds, "batches")))
-            grads = {n: self.state.parameters[n].grad for n in self.trained}
-            where = _first_nonfinite(loss, grads)
-            if where is not None:
-                bad = where if bad is None else bad
-                continue
-            for n in self.trained:
-                if grads[n] is not None:  # None: the loss does not reach this parameter
-                    g = np.asarray(grads[n], dtype=np.float64)
-                    sums[n] += g * g
-            count += 1
-        canonical = {}
-        for n in self.trained:
-            p = self.params[n]
-            canonical[p.name] = sums[n].T if p.transposed else sums[n]
-        named = None if bad is None else (loop.LOSS if bad == "" else self.params[bad].name)
-        return BatchSums(canonical, count, exact=True, bad=named)
-
-
-def _first_nonfinite(loss: np.ndarray, grads: Mapping[str, Any]) -> str | None:
-    if not np.all(np.isfinite(loss)):
-        return ""
-    for n, g in grads.items():
-        if g is not None and not np.all(np.isfinite(g)):
-            return n
-    return None
+#: internal switch: False makes every parameter take the exact loop (one train step per sample),
+#: as before the batched rules (tests compare the two)
+_PER_SAMPLE = True
 
 
 def estimate_fisher(
@@ -212,7 +152,14 @@ def _fisher_from_artifacts(
     if params is not None:
         wanted = set(_onnx_names(params, table, "params"))
         art.requires_grad = [n for n in art.requires_grad if n in wanted]
-    result = loop.estimate(batches, _Engine(art, table, device), run={"loss": art.loss}, **run)
+    engine = Engine(art, table, device, per_sample=_PER_SAMPLE)
+    result = loop.estimate(
+        batches,
+        engine,
+        run={"loss": art.loss},
+        result=lambda acc: reported(acc, engine),
+        **run,
+    )
     result.accumulator.metadata["framework"] = "onnxruntime-training"
     return result
 

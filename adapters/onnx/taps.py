@@ -1,0 +1,249 @@
+"""Which tensors of an ORT training graph give per-sample gradients in closed form (private).
+
+ORT's gradient builder names the gradient of a forward tensor ``Y`` ``Y_grad``. For each forward
+use of a trained parameter that a closed-form rule covers (MatMul, Gemm, Add/Sub, Mul, Gather,
+LayerNormalization; see :class:`Use`) the use's output gradient and, where the rule needs it, its
+other input are made extra graph outputs (:func:`add_taps`, through ``Identity`` nodes whose
+names hold no ``_grad``: ORT's Module takes outputs named ``*_grad*`` for gradient buffers).
+Every other use makes its parameter fall back, with the reason (:func:`plan`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .graph import DEFAULT_DOMAINS, PARAM_TRANSFORMS, SHAPE_OPS, GraphIndex, _attr, onnx
+
+TAP_PREFIX = "gd.tap."
+GRAD_SUFFIX = "_grad"
+
+
+@dataclass
+class Use:
+    """One forward use of a trained parameter, with the rule that gives its per-sample gradient.
+
+    ``kind``: ``matmul`` (``x @ W``), ``gemm`` (``alpha * x @ op(W)``, ``trans``: transB),
+    ``bias`` (``W`` added, or subtracted with ``scale`` -1; Gemm's C with ``scale`` beta;
+    LayerNormalization's bias), ``mul`` (``x * W``), ``gather`` (rows ``x`` of ``W``),
+    ``ln_scale`` (LayerNormalization's scale; ``axis``, ``eps``). ``y``: the tensor whose gradient
+    the rule reads; ``x``: the forward tensor it reads. ``chain``: the ``(op, attribute, shape
+    before)`` steps (Transpose, Reshape, Cast...) from the initializer to the node, whose last
+    shape is ``shape``. ``alt_y``: for a Gather whose indices carry no batch axis (position
+    embeddings), the Add that broadcasts its output over the batch.
+    """
+
+    param: str
+    kind: str
+    node: str
+    y: str
+    x: str = ""
+    shape: tuple[int, ...] = ()
+    chain: list[tuple[str, Any, tuple[int, ...]]] = field(default_factory=list)
+    scale: float = 1.0
+    trans: bool = False
+    axis: int = -1
+    eps: float = 1e-5
+    alt_y: str = ""
+    batch_free: bool | None = None
+
+
+@dataclass
+class Plan:
+    """Uses per covered parameter, reasons per parameter that falls back, and the taps."""
+
+    uses: dict[str, list[Use]]
+    fallback: dict[str, str]
+    forward: list[str]  # forward tensors to tap
+    grads: list[str]  # forward tensors whose gradient (``<name>_grad``) to tap
+    mean: bool = True  # the loss averages over the batch
+
+
+def forward_nodes(index: GraphIndex, loss: str) -> set[int]:
+    """Positions of the nodes the loss depends on (the gradient nodes are not among them)."""
+    out: set[int] = set()
+    todo = [loss]
+    while todo:
+        i = index.producer.get(todo.pop())
+        if i is None or i in out:
+            continue
+        out.add(i)
+        todo.extend(n for n in index.nodes[i].input if n)
+    return out
+
+
+def loss_is_mean(index: GraphIndex, loss: str) -> bool:
+    """Whether the loss averages over the batch (``mean`` reduction): per-sample gradients of the
+    output are then the batch gradient's times the batch size. Unknown reductions read as mean;
+    the engine's first-batch check against the exact loop catches a wrong guess."""
+    i = index.producer.get(loss)
+    seen = 0
+    while i is not None and seen < 4:
+        node = index.nodes[i]
+        if node.op_type == "ReduceSum":
+            return False
+        reduction = _attr(node, "reduction")
+        if reduction is not None:
+            return (reduction.decode() if isinstance(reduction, bytes) else reduction) != "sum"
+        if node.op_type == "ReduceMean":
+            return True
+        if node.op_type not in ("Identity", "Cast", "Mul", "Div"):
+            return True
+        i = index.producer.get(node.input[0])
+        seen += 1
+    return True
+
+
+def _view(shape: Sequence[int]) -> np.ndarray:
+    """A zero-stride array of ``shape`` (no memory): NumPy works out reshapes and transposes."""
+    return np.broadcast_to(np.zeros((), np.float32), tuple(shape))
+
+
+def _axes(index: GraphIndex, node: Any) -> list[int] | None:
+    if len(node.input) > 1 and node.input[1]:
+        value = index.constant(node.input[1])
+        return None if value is None else [int(a) for a in np.asarray(value).reshape(-1)]
+    axes = _attr(node, "axes")
+    return None if axes is None else [int(a) for a in axes]
+
+
+def _step(index: GraphIndex, node: Any, shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+    """``(attribute, shape after)`` of one Transpose/Reshape/... step; a str: why it can't."""
+    op, view = node.op_type, _view(shape)
+    if op in ("Cast", "Identity"):
+        return None, shape
+    if op == "Transpose":
+        perm = _attr(node, "perm") or list(range(len(shape)))[::-1]
+        return [int(p) for p in perm], tuple(np.transpose(view, perm).shape)
+    if op == "Reshape":
+        target = index.constant(node.input[1]) if len(node.input) > 1 else None
+        if target is None or _attr(node, "allowzero", 0):
+            return f"its {op} {node.name!r} takes a computed shape", shape
+        dims = [shape[k] if int(d) == 0 else int(d) for k, d in enumerate(np.reshape(target, -1))]
+        return None, tuple(view.reshape(dims).shape)
+    axes = _axes(index, node)
+    if op == "Unsqueeze" and axes is not None:
+        return None, tuple(np.expand_dims(view, tuple(axes)).shape)
+    if op == "Squeeze":
+        squeezed = np.squeeze(view) if axes is None else np.squeeze(view, tuple(axes))
+        return None, tuple(squeezed.shape)
+    return f"its {op} {node.name!r} takes computed axes", shape
+
+
+def _classify(index: GraphIndex, node: Any, j: int, use: Use, fwd: set[int]) -> Use | str:
+    op, y = node.op_type, node.output[0]
+    label = f"{op} node {node.name or y!r}"
+    if node.domain not in DEFAULT_DOMAINS:
+        return f"used by {label} of domain {node.domain!r}, which no per-sample rule covers"
+    use.y, use.node = y, label
+    if op == "MatMul" and j == 1 and len(use.shape) == 2:
+        use.kind, use.x = "matmul", node.input[0]
+    elif op == "Gemm" and j == 1 and not _attr(node, "transA", 0):
+        use.kind, use.x = "gemm", node.input[0]
+        use.scale, use.trans = float(_attr(node, "alpha", 1.0)), bool(_attr(node, "transB", 0))
+    elif op == "Gemm" and j == 2:
+        use.kind, use.scale = "bias", float(_attr(node, "beta", 1.0))
+    elif op in ("Add", "Sub") and j in (0, 1):
+        use.kind, use.scale = "bias", -1.0 if (op == "Sub" and j == 1) else 1.0
+    elif op == "Mul" and j in (0, 1) and node.input[0] != node.input[1]:
+        use.kind, use.x = "mul", node.input[1 - j]
+    elif op == "Gather" and j == 0 and int(_attr(node, "axis", 0)) == 0:
+        use.kind, use.x = "gather", node.input[1]
+        users = [index.nodes[i] for i, _ in index.consumers.get(y, []) if i in fwd]
+        if len(users) == 1 and users[0].op_type == "Add":
+            use.alt_y = users[0].output[0]
+    elif op == "LayerNormalization" and j in (1, 2):
+        if j == 2:
+            use.kind = "bias"
+        else:
+            use.kind, use.x = "ln_scale", node.input[0]
+            use.axis, use.eps = int(_attr(node, "axis", -1)), float(_attr(node, "epsilon", 1e-5))
+    else:
+        return f"used by {label} as input {j}, which no per-sample rule covers"
+    return use
+
+
+def _uses(index: GraphIndex, name: str, shape: tuple[int, ...], fwd: set[int]) -> list[Use] | str:
+    out: list[Use] = []
+    todo: list[tuple[str, tuple[int, ...], list[Any]]] = [(name, shape, [])]
+    while todo:
+        tensor, shp, chain = todo.pop()
+        for i, j in index.consumers.get(tensor, []):
+            node = index.nodes[i]
+            if i not in fwd or node.op_type in SHAPE_OPS:
+                continue  # a gradient node, or no gradient flows
+            if node.op_type in PARAM_TRANSFORMS and j == 0 and node.domain in DEFAULT_DOMAINS:
+                attr, after = _step(index, node, shp)
+                if isinstance(attr, str):
+                    return f"reaches its use through a step the rules cannot map back: {attr}"
+                todo.append((node.output[0], after, [*chain, (node.op_type, attr, shp)]))
+                continue
+            got = _classify(index, node, j, Use(name, "", "", "", shape=shp, chain=chain), fwd)
+            if isinstance(got, str):
+                return got
+            out.append(got)
+    if not out:
+        return "the loss does not reach it through a node the per-sample rules cover"
+    return out
+
+
+def plan(model: Any, trained: Iterable[str], shapes: Mapping[str, tuple[int, ...]]) -> Plan:
+    """The uses of every trained parameter of the training graph ``model``, or why it falls back."""
+    index = GraphIndex(model.graph)
+    loss = model.graph.output[0].name
+    fwd = forward_nodes(index, loss)
+    produced = set(index.producer)
+    uses: dict[str, list[Use]] = {}
+    fallback: dict[str, str] = {}
+    for name in trained:
+        got = _uses(index, name, tuple(shapes[name]), fwd)
+        if isinstance(got, str):
+            fallback[name] = got
+            continue
+        lacking = [
+            u.y
+            for u in got
+            if u.y + GRAD_SUFFIX not in produced
+            and not (u.alt_y and u.alt_y + GRAD_SUFFIX in produced)
+        ]
+        if lacking:
+            fallback[name] = f"the training graph holds no gradient tensor of {lacking[0]!r}"
+            continue
+        uses[name] = got
+    forward, grads = [], []
+    for group in uses.values():
+        for u in group:
+            if u.x:
+                forward.append(u.x)
+            for t in (u.y, u.alt_y):
+                if t and t + GRAD_SUFFIX in produced:
+                    grads.append(t)
+    return Plan(
+        uses,
+        fallback,
+        list(dict.fromkeys(forward)),
+        list(dict.fromkeys(grads)),
+        loss_is_mean(index, loss),
+    )
+
+
+def add_taps(model: Any, p: Plan) -> dict[str, str]:
+    """Make the planned tensors extra outputs of ``model`` (in place); returns ``{output name:
+    tensor}`` (a gradient as ``<tensor>_grad``)."""
+    helper = onnx.helper
+    taps: dict[str, str] = {}
+    nodes, outputs = [], []
+    taken = {o.name for o in model.graph.output}
+    for k, tensor in enumerate([*p.forward, *(t + GRAD_SUFFIX for t in p.grads)]):
+        name = f"{TAP_PREFIX}{k}"
+        while name in taken:
+            name += "_"
+        taps[name] = tensor
+        nodes.append(helper.make_node("Identity", [tensor], [name], name=f"/gd_tap/{k}"))
+        outputs.append(onnx.ValueInfoProto(name=name))
+    model.graph.node.extend(nodes)
+    model.graph.output.extend(outputs)
+    return taps
