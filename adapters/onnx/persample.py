@@ -400,6 +400,10 @@ def _back(u: _t.Use, g: np.ndarray, m: int) -> np.ndarray:
             g = g.transpose([0, *(int(p) + 1 for p in np.argsort(attr))])
         elif op in ("Reshape", "Unsqueeze", "Squeeze"):
             g = g.reshape((m, *before))
+        elif op == "Slice":
+            full = np.zeros((m, *before), g.dtype)
+            full[(slice(None), *attr)] = g
+            g = full
     return g
 
 

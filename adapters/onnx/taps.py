@@ -19,6 +19,8 @@ import numpy as np
 from .graph import DEFAULT_DOMAINS, PARAM_TRANSFORMS, SHAPE_OPS, GraphIndex, _attr, onnx
 
 TAP_PREFIX = "gd.tap."
+#: ops between an initializer and its use that the rules map gradients back through
+_CHAIN_OPS = PARAM_TRANSFORMS | {"Slice"}
 GRAD_SUFFIX = "_grad"
 
 
@@ -31,7 +33,7 @@ class Use:
     LayerNormalization's bias), ``mul`` (``x * W``), ``gather`` (rows ``x`` of ``W``),
     ``ln_scale`` (LayerNormalization's scale; ``axis``, ``eps``). ``y``: the tensor whose gradient
     the rule reads; ``x``: the forward tensor it reads. ``chain``: the ``(op, attribute, shape
-    before)`` steps (Transpose, Reshape, Cast...) from the initializer to the node, whose last
+    before)`` steps (Transpose, Reshape, Slice, Cast...) from the initializer to the node, whose last
     shape is ``shape``. ``alt_y``: for a Gather whose indices carry no batch axis (position
     embeddings), the Add that broadcasts its output over the batch.
     """
@@ -110,6 +112,26 @@ def _axes(index: GraphIndex, node: Any) -> list[int] | None:
     return None if axes is None else [int(a) for a in axes]
 
 
+def _slices(index: GraphIndex, node: Any, shape: tuple[int, ...]) -> tuple[slice, ...] | None:
+    """The NumPy index of a Slice (opset >= 10: bounds as inputs) with constant bounds."""
+    bounds = [index.constant(n) if n else None for n in list(node.input[1:5])]
+    if len(bounds) < 2 or bounds[0] is None or bounds[1] is None:
+        return None
+    if any(b is None for k, b in enumerate(bounds) if node.input[1 + k]):
+        return None
+    starts, ends = (np.reshape(b, -1).tolist() for b in bounds[:2])
+    axes = np.reshape(bounds[2], -1).tolist() if len(bounds) > 2 and bounds[2] is not None else None
+    steps = (
+        np.reshape(bounds[3], -1).tolist() if len(bounds) > 3 and bounds[3] is not None else None
+    )
+    out = [slice(None)] * len(shape)
+    for k, (lo, hi) in enumerate(zip(starts, ends, strict=True)):
+        axis = int(axes[k]) % len(shape) if axes is not None else k
+        step = int(steps[k]) if steps is not None else 1
+        out[axis] = slice(int(lo), int(hi), step)  # NumPy clamps out-of-range bounds as ONNX does
+    return tuple(out)
+
+
 def _step(index: GraphIndex, node: Any, shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
     """``(attribute, shape after)`` of one Transpose/Reshape/... step; a str: why it can't."""
     op, view = node.op_type, _view(shape)
@@ -124,6 +146,11 @@ def _step(index: GraphIndex, node: Any, shape: tuple[int, ...]) -> tuple[Any, tu
             return f"its {op} {node.name!r} takes a computed shape", shape
         dims = [shape[k] if int(d) == 0 else int(d) for k, d in enumerate(np.reshape(target, -1))]
         return None, tuple(view.reshape(dims).shape)
+    if op == "Slice":
+        got = _slices(index, node, shape)
+        if got is None:
+            return f"its {op} {node.name!r} takes computed bounds", shape
+        return got, tuple(view[got].shape)
     axes = _axes(index, node)
     if op == "Unsqueeze" and axes is not None:
         return None, tuple(np.expand_dims(view, tuple(axes)).shape)
@@ -175,7 +202,7 @@ def _uses(index: GraphIndex, name: str, shape: tuple[int, ...], fwd: set[int]) -
             node = index.nodes[i]
             if i not in fwd or node.op_type in SHAPE_OPS:
                 continue  # a gradient node, or no gradient flows
-            if node.op_type in PARAM_TRANSFORMS and j == 0 and node.domain in DEFAULT_DOMAINS:
+            if node.op_type in _CHAIN_OPS and j == 0 and node.domain in DEFAULT_DOMAINS:
                 attr, after = _step(index, node, shp)
                 if isinstance(attr, str):
                     return f"reaches its use through a step the rules cannot map back: {attr}"
