@@ -40,6 +40,7 @@ from .train import (
 #: internal switch: False makes every parameter take the exact loop (one train step per sample),
 #: as before the batched rules (tests compare the two)
 _PER_SAMPLE = True
+_REPORTED = ("fisher_engine", "fisher_fallback")  # carried into a profile's metadata
 
 
 def estimate_fisher(
@@ -249,6 +250,9 @@ def profile(
         "skipped": fisher.skipped,
         "loss": loss if isinstance(loss, str) else type(loss).__name__,
         "model": proto.graph.name,
+        **{
+            k: fisher.accumulator.metadata[k] for k in _REPORTED if k in fisher.accumulator.metadata
+        },
         **dict(metadata or {}),
     }
     prof = SensitivityProfile.from_fisher(

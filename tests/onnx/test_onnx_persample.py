@@ -201,3 +201,10 @@ def test_artifacts_folder_takes_the_batched_engine(tmp_path):
     new, old = _both(art.directory, batches)
     _assert_same(new, old)
     assert new.accumulator.metadata["fisher_engine"] == "per_sample"
+
+
+def test_profile_metadata_says_how_fisher_was_computed(exported, batch):
+    _, path = exported(17)
+    prof = ao.profile(path, [batch], progress=False)
+    assert prof.metadata["fisher_engine"] == "per_sample"
+    assert prof.metadata["fisher_fallback"] == {}
