@@ -166,6 +166,7 @@ class Engine(NumpyEngine):
         feeds.update(self.fixed)
         self.module.lazy_reset_grad()
         out = self.module(*module_inputs(self.names, feeds, "batches"))
+        out = out if isinstance(out, (tuple, list)) else (out,)
         values = {
             self.taps[k]: np.asarray(v)
             for k, v in zip(self.outputs, out, strict=True)
@@ -249,6 +250,11 @@ class Engine(NumpyEngine):
     def _param_sums(self, name: str, values: Mapping[str, np.ndarray], n: int) -> np.ndarray:
         assert self.plan is not None
         uses, shape = self.plan.uses[name], self.shapes[name]
+        if len(uses) == 1 and uses[0].sq:  # squared and summed in the graph
+            got = values.get(uses[0].sq)
+            if got is None or got.shape != tuple(uses[0].shape):
+                raise _Unsupported(f"its {uses[0].node}'s in-graph sums are missing or misshapen")
+            return _back(uses[0], np.asarray(got, np.float64)[None], 1)[0].reshape(shape)
         if len(uses) == 1 and uses[0].kind == "gather" and not uses[0].chain:
             return _gather_sparse(uses[0], values, n).reshape(shape)
         step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(shape))))
@@ -328,7 +334,7 @@ def _use_grad(u: _t.Use, values: Mapping[str, np.ndarray], n: int, lo: int, hi: 
         if x.ndim < 2:
             raise _Unsupported(f"its {u.node} reads a vector")
         xs, ds = x.reshape(m, -1, x.shape[-1]), dy.reshape(m, -1, dy.shape[-1])
-        return np.matmul(xs.transpose(0, 2, 1), ds)
+        return np.einsum("bti,bto->bio", xs, ds, optimize=True)
     if u.kind == "gemm":
         if x.ndim != 2 or dy.ndim != 2:
             raise _Unsupported(f"its {u.node} reads an input of rank {x.ndim}")
