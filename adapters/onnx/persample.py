@@ -65,8 +65,16 @@ class Engine(NumpyEngine):
         self.taps: dict[str, str] = {}
         self.plan: _t.Plan | None = None
         self.checked = False
+        opened = None
         if per_sample and self.trained:
-            self.module, self.state = self._open_tapped(art, device)
+            try:
+                opened = self._open_tapped(art, device)
+            except Exception as exc:  # noqa: BLE001 - reported: every parameter takes the loop
+                why = f"the training graph with extra outputs could not be run ({exc})"[:400]
+                self.plan, self.taps = None, {}
+                self.fallback = dict.fromkeys(self.trained, why)
+        if opened is not None:
+            self.module, self.state = opened
         else:
             self.module, _, self.state = art.open(device, optimizer=False)
         self.module.train()
@@ -182,7 +190,7 @@ class Engine(NumpyEngine):
     def _check(self, arrays: Mapping[str, np.ndarray], size: int) -> bool:
         """The first batch's first samples both ways; False: deferred (a non-finite sample)."""
         k = min(size, CHECK_SAMPLES)
-        sub = {n: a[:k] for n, a in arrays.items()}
+        sub = {n: arrays[n][:k] for n in self.user}
         ref, count, _, _ = self._loop_raw(sub, k, self.fast)
         if count < k:
             return False
@@ -228,7 +236,7 @@ class Engine(NumpyEngine):
         if count < size:  # the loop skipped samples: leave them out of the batched sums too
             if not kept:
                 return self._result({**slow_sums, **{n: 0 * s for n, s in sums.items()}}, 0, bad)
-            loss, values = self._run({n: a[kept] for n, a in arrays.items()})
+            loss, values = self._run({n: arrays[n][kept] for n in self.user})
             sums, failed = self._fast_sums(values, count, list(sums))
             if failed or any(not np.all(np.isfinite(s)) for s in sums.values()):
                 return self._loop(arrays, size)
@@ -250,6 +258,8 @@ class Engine(NumpyEngine):
     def _param_sums(self, name: str, values: Mapping[str, np.ndarray], n: int) -> np.ndarray:
         assert self.plan is not None
         uses, shape = self.plan.uses[name], self.shapes[name]
+        if not uses:  # the loss does not reach it: no gradient, as the loop finds
+            return np.zeros(shape, np.float64)
         if len(uses) == 1 and uses[0].sq:  # squared and summed in the graph
             got = values.get(uses[0].sq)
             if got is None or got.shape != tuple(uses[0].shape):

@@ -208,3 +208,15 @@ def test_profile_metadata_says_how_fisher_was_computed(exported, batch):
     prof = ao.profile(path, [batch], progress=False)
     assert prof.metadata["fisher_engine"] == "per_sample"
     assert prof.metadata["fisher_fallback"] == {}
+
+
+def test_a_graph_the_taps_break_takes_the_loop_and_says_so(monkeypatch):
+    def broken(model, plan):
+        raise RuntimeError("no taps today")
+
+    monkeypatch.setattr(_ps._t, "add_taps", broken)
+    new, old = _both(_tied_model(), _tied_batches([4, 3]), loss="mse")
+    _assert_same(new, old)
+    fallback = new.accumulator.metadata["fisher_fallback"]
+    assert new.accumulator.metadata["fisher_engine"] == "loop"
+    assert set(fallback) == set(old) and all("no taps today" in w for w in fallback.values())
