@@ -220,3 +220,24 @@ def test_a_graph_the_taps_break_takes_the_loop_and_says_so(monkeypatch):
     fallback = new.accumulator.metadata["fisher_fallback"]
     assert new.accumulator.metadata["fisher_engine"] == "loop"
     assert set(fallback) == set(old) and all("no taps today" in w for w in fallback.values())
+
+
+@pytest.mark.parametrize("which", ["mlp", "encoder"])
+def test_conformance_fixtures_equal_the_loop(which):
+    pytest.importorskip("torch", reason="torch exports the conformance fixtures")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "conformance"))
+    import refmodels
+    from harness import OnnxHarness
+
+    spec = refmodels.mlp_spec() if which == "mlp" else refmodels.encoder_spec()
+    harness = OnnxHarness()
+    model = harness.build(spec)
+    batch = {**harness._feed(spec), "labels": spec.labels.astype(np.int64)}
+    half = len(spec.labels) // 2
+    batches = [{k: v[:half] for k, v in batch.items()}, {k: v[half:] for k, v in batch.items()}]
+    new, old = _both(model, batches)
+    _assert_same(new, old)
+    assert new.accumulator.metadata["fisher_fallback"] == {}
