@@ -53,7 +53,19 @@ class _Unsupported(Exception):
 
 class Engine(NumpyEngine):
     """Squared per-sample gradients through ORT Training: the batched rules, or the exact loop
-    (``per_sample=False``, or per parameter where the rules do not apply)."""
+    (``per_sample=False``, or per parameter where the rules do not apply).
+
+    Example:
+        >>> import tempfile
+        >>> from adapters.onnx.graph import example_model, param_table
+        >>> from adapters.onnx.train import make_artifacts
+        >>> art = make_artifacts(example_model(0.0), tempfile.mkdtemp(), "mse", optimizer=None)
+        >>> engine = Engine(art, param_table(example_model()), "cpu")
+        >>> x, y = np.ones((3, 4), np.float32), np.zeros((3, 2), np.float32)
+        >>> got = engine.sq_grad_sums({"x": x, "target": y})
+        >>> got.n, got.sums["dense.weight"].shape, engine.report()
+        (3, (4, 4), {'engine': 'per_sample', 'fallback': {}})
+    """
 
     def __init__(
         self, art: Artifacts, params: Mapping[str, Param], device: str, per_sample: bool = True
@@ -425,7 +437,18 @@ def _back(u: _t.Use, g: np.ndarray, m: int) -> np.ndarray:
 
 def reported(acc: Any, engine: Engine) -> FisherResult:
     """The result, its accumulator's metadata carrying how the sums were computed
-    (``fisher_engine``, ``fisher_fallback``; the fallback is logged at INFO too)."""
+    (``fisher_engine``, ``fisher_fallback``; the fallback is logged at INFO too).
+
+    Example:
+        >>> from gd_core.fisher import FisherAccumulator
+        >>> class Done:
+        ...     def report(self):
+        ...         return {"engine": "per_sample", "fallback": {}}
+        >>> acc = FisherAccumulator()
+        >>> _ = acc.add({"w": np.ones(2)}, 2)
+        >>> reported(acc, Done()).accumulator.metadata["fisher_engine"]
+        'per_sample'
+    """
     info = engine.report()
     acc.metadata["fisher_engine"] = info["engine"]
     acc.metadata["fisher_fallback"] = info["fallback"]

@@ -220,7 +220,21 @@ def _uses(index: GraphIndex, name: str, shape: tuple[int, ...], fwd: set[int]) -
 
 
 def plan(model: Any, trained: Iterable[str], shapes: Mapping[str, tuple[int, ...]]) -> Plan:
-    """The uses of every trained parameter of the training graph ``model``, or why it falls back."""
+    """The uses of every trained parameter of the training graph ``model``, or why it falls back.
+
+    Example:
+        >>> from onnx import TensorProto, helper
+        >>> nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]),
+        ...          helper.make_node("ReduceMean", ["y"], ["loss"]),
+        ...          helper.make_node("Identity", ["seed"], ["y_grad"])]  # ORT's gradient name
+        >>> out = [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])]
+        >>> m = helper.make_model(helper.make_graph(nodes, "g", [], out))
+        >>> p = plan(m, ["W"], {"W": (4, 2)})
+        >>> [(u.kind, u.x, u.y) for u in p.uses["W"]], p.fallback, p.mean
+        ([('matmul', 'x', 'y')], {}, True)
+        >>> list(add_taps(m, p)), m.graph.output[-1].name  # its squares summed in the graph
+        (['gd.tap.sq.0'], 'gd.tap.sq.0')
+    """
     index = GraphIndex(model.graph)
     loss = model.graph.output[0].name
     fwd = forward_nodes(index, loss)
