@@ -201,6 +201,7 @@ def test_artifacts_folder_takes_the_batched_engine(tmp_path):
     new, old = _both(art.directory, batches)
     _assert_same(new, old)
     assert new.accumulator.metadata["fisher_engine"] == "per_sample"
+    assert new.accumulator.metadata["fisher_fallback"] == {}  # Gemm weight (transB) and bias
 
 
 def test_profile_metadata_says_how_fisher_was_computed(exported, batch):
