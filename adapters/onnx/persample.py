@@ -132,10 +132,13 @@ class Engine(NumpyEngine):
     def report(self) -> dict[str, Any]:
         """``engine`` (``per_sample``, or ``loop`` when every parameter took the loop) and
         ``fallback`` ({canonical name: reason} for the parameters the loop computed)."""
-        fallback = {
-            self.params[n].name: self.fallback[n] for n in self.trained if n in self.fallback
-        }
-        return {"engine": "per_sample" if self.fast else "loop", "fallback": fallback}
+        why = dict(self.fallback)
+        if not self.checked:  # no batch of two or more finite samples came: all took the loop
+            for n in self.fast:
+                why[n] = "no batch of two or more finite samples to check the rules on came"
+        fallback = {self.params[n].name: why[n] for n in self.trained if n in why}
+        per_sample = self.fast and self.checked
+        return {"engine": "per_sample" if per_sample else "loop", "fallback": fallback}
 
     def sq_grad_sums(self, batch: Any) -> BatchSums:
         arrays, size = self._arrays(batch)

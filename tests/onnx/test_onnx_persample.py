@@ -242,3 +242,11 @@ def test_conformance_fixtures_equal_the_loop(which):
     new, old = _both(model, batches)
     _assert_same(new, old)
     assert new.accumulator.metadata["fisher_fallback"] == {}
+
+
+def test_batches_of_one_take_the_loop_and_say_so():
+    new, old = _both(_tied_model(), _tied_batches([1, 1, 1]), loss="mse")
+    _assert_same(new, old)
+    assert new.accumulator.metadata["fisher_engine"] == "loop"
+    fallback = new.accumulator.metadata["fisher_fallback"]
+    assert set(fallback) == set(old) and all("two or more" in w for w in fallback.values())
