@@ -41,6 +41,19 @@ other and Keras' own training step, not with the torch rows, whose loss differs)
                         only its fallback)
 * ``keras_train_step``  forward + ``GradientTape.gradient`` + ``SGD.apply`` in a ``tf.function``
 
+ONNX Runtime Training cells (``transformers.BertForSequenceClassification`` of the same config with
+random weights and 2 labels, exported with ``gd_cli.models.export_training_onnx`` at opset 17,
+dropout-free cross-entropy artifacts built as ``adapters.onnx.estimate_fisher`` builds them; ORT's
+default threads; compared with each other and ORT's own training step):
+
+* ``ort_gd``            ``adapters.onnx.persample.Engine``, the engine ``adapters.onnx.
+                        estimate_fisher`` uses: one train step per batch with the tapped output
+                        gradients, the exact loop for the parameters it does not cover
+                        (recorded as ``fallback``)
+* ``ort_loop``          the same engine with ``per_sample=False``: one train step on a batch of
+                        one per sample, the path before issue 18 (now only the fallback)
+* ``ort_train_step``    ``Module`` train step on the whole batch + ``Optimizer.step`` (SGD)
+
 The per-sample loss is the library's ``ContrastiveLoss`` (MiniLM is a bare sentence encoder) with
 ``drop_prob=0`` and a fixed bank of 32 reference paragraphs, so that each sample's loss does not
 depend on which other samples share its batch (needed to compare batch-of-one methods with
@@ -53,6 +66,8 @@ Examples::
     python bench/fisher.py --smoke                         # < 1 minute, tiny random BERT
     python bench/fisher.py                                 # MiniLM, batch 16, len 64, N 16,64,128
     python bench/fisher.py --samples 16,64 --methods gd,train_step,authors --repeats 3
+    python bench/fisher.py --samples 64 --methods ort_gd,ort_train_step --batch-size 32 \
+        --seq-len 128                                      # ONNX Runtime Training (issue 18)
     python bench/fisher.py --samples 64 --methods gd,gd_norms,train_step,floor,opacus_ghost \
         --threads 2 --repeats 3 --seq-len 128            # the norms path (issue 17)
 
@@ -88,7 +103,8 @@ TORCH_METHODS = (
     "torch_func",
 )
 KERAS_METHODS = ("keras_gd", "keras_jacobian", "keras_train_step")
-METHODS = TORCH_METHODS + KERAS_METHODS
+ORT_METHODS = ("ort_gd", "ort_loop", "ort_train_step")
+METHODS = TORCH_METHODS + KERAS_METHODS + ORT_METHODS
 NORM_METHODS = (
     "gd_norms",
     "gd_norms_gram",
@@ -562,10 +578,122 @@ def keras_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _ort_artifacts(spec: dict[str, Any], folder: Path, optimizer: str | None) -> tuple[Any, Any]:
+    """``(Artifacts, {onnx name: Param})`` of the cell's BERT classifier, dropout-free, as
+    ``adapters.onnx.estimate_fisher`` builds them (``optimizer``: for the train step)."""
+    import onnx
+    import torch
+    import transformers
+
+    from adapters.onnx import graph as g
+    from adapters.onnx.discovery import prepare_for_training
+    from adapters.onnx.train import _drop_unused_inputs, _dropout_off, _ratio_inputs, make_artifacts
+    from gd_cli.models import export_training_onnx
+
+    torch.manual_seed(0)
+    cfg = C.bert_config(spec["model"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg.num_labels = 2
+    net = transformers.BertForSequenceClassification(cfg)
+    t = spec["seq_len"]
+    example = (torch.ones(2, t, dtype=torch.long), torch.ones(2, t, dtype=torch.long))
+    path = export_training_onnx(net, example, folder / "model.onnx", opset=17)
+    proto = onnx.load(str(path))
+    fixed, _ = prepare_for_training(_dropout_off(proto))
+    _drop_unused_inputs(fixed, _ratio_inputs(proto).values())
+    art = make_artifacts(fixed, folder / "art", "cross_entropy", optimizer=optimizer, repair=False)
+    table = {
+        n: g.Param(n, str(art.params[n][0]), (), bool(art.params[n][1])) for n in art.requires_grad
+    }
+    return art, table
+
+
+def ort_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One ONNX Runtime Training cell (fresh process): warm-up on the first batch (``ort_gd``:
+    its one-time check against the loop), then N samples timed."""
+    import tempfile
+
+    from adapters.onnx.persample import Engine
+    from adapters.onnx.train import module_inputs
+    from gd_cli import corpus as gdc
+
+    method = spec["method"]
+    n, bs, t = spec["n_samples"], spec["batch_size"], spec["seq_len"]
+    texts = gdc.select(C.corpus_paragraphs(), 32 + n, seed=0)[32:]
+    enc = C.tokenizer()(
+        texts, padding="max_length", truncation=True, max_length=t, return_tensors="np"
+    )
+    ids, att = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    labels = np.random.default_rng(0).integers(0, 2, size=n).astype(np.int64)
+    batches = [
+        {
+            "input_ids": ids[a : a + bs],
+            "attention_mask": att[a : a + bs],
+            "labels": labels[a : a + bs],
+        }
+        for a in range(0, n, bs)
+    ]
+    tmp = tempfile.TemporaryDirectory(prefix="gd-bench-ort-")
+    art, table = _ort_artifacts(spec, Path(tmp.name), "sgd" if method == "ort_train_step" else None)
+    out: dict[str, Any] = {"status": "ok"}
+    gc.collect()
+    rss0 = C.proc_status().get("VmRSS", 0)
+    reset_ok = C.reset_peak_rss()
+    engine = None
+    try:
+        if method == "ort_train_step":
+            module, opt, state = art.open("cpu", optimizer=True)
+            module.train()
+            names = list(module.input_names())
+
+            def run_batch(batch: dict[str, Any]) -> Any:
+                module.lazy_reset_grad()
+                loss = module(*module_inputs(names, batch))
+                opt.step()
+                return loss
+        else:
+            engine = Engine(art, table, "cpu", per_sample=method == "ort_gd")
+
+            def run_batch(batch: dict[str, Any]) -> Any:
+                return engine.sq_grad_sums(batch)
+
+        run_batch(batches[0])  # warm-up (ort_gd: its one-time first-batch check)
+        t0 = time.perf_counter()
+        acc: dict[str, np.ndarray] = {}
+        for batch in batches:
+            r = run_batch(batch)
+            if engine is not None:  # the float64 sums, as estimate_fisher accumulates
+                for k, v in r.sums.items():
+                    acc[k] = acc[k] + v if k in acc else v
+        seconds = time.perf_counter() - t0
+    except Exception as exc:  # noqa: BLE001
+        out.update(status="error", error=_describe(exc))
+        return out
+    finally:
+        tmp.cleanup()
+    st = C.proc_status()
+    state = engine.state if engine is not None else state
+    out["n_params"] = int(sum(int(state.parameters[k].data.size) for k in art.requires_grad))
+    if engine is not None:
+        out["fallback"] = len(engine.report()["fallback"])
+    out.update(
+        seconds=round(seconds, 4),
+        samples_per_s=round(n / seconds, 3),
+        s_per_16=round(seconds / n * 16, 4),
+        rss_before_mb=round(rss0 / 1024, 1),
+        peak_rss_mb=round(st.get("VmHWM", 0) / 1024, 1),
+        peak_growth_mb=round((st.get("VmHWM", 0) - rss0) / 1024, 1),
+        peak_reset=reset_ok,
+        threads=int(spec["threads"] or 0),
+    )
+    return out
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one cell and return its measured fields (called in a fresh process)."""
     if spec["method"] in KERAS_METHODS:
         return keras_worker(spec)
+    if spec["method"] in ORT_METHODS:
+        return ort_worker(spec)
     import torch
 
     from gd_core._io import atomic_write_npz, read_npz
@@ -746,7 +874,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 recorded = method in methods and not results.done(key)
                 if method == "gd":
                     need_ref = not ref.exists() and any(
-                        m not in ("gd", "train_step", "floor") + KERAS_METHODS
+                        m not in ("gd", "train_step", "floor") + KERAS_METHODS + ORT_METHODS
                         and not results.done({**base, "method": m, "n_samples": n, "repeat": rep})
                         for m in methods
                     )

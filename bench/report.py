@@ -274,10 +274,13 @@ def fisher_tables(records: list[dict[str, Any]]) -> str:
                     continue
                 ok = [r for r in rs if r.get("status") == "ok"]
                 s16 = med(m, n, "s_per_16")
-                ts = med("train_step", n, "s_per_16")
+                # ORT rows against ORT's own batched step (their model and loss differ)
+                ts = med(
+                    "ort_train_step" if m in fisher.ORT_METHODS else "train_step", n, "s_per_16"
+                )
                 au = med("authors", n, "s_per_16")
                 agree = [r.get("agreement", {}).get("agree") for r in ok if r.get("agreement")]
-                if m == "train_step":
+                if m in ("train_step", "ort_train_step"):
                     agree_txt = "(no Fisher)"
                 elif agree:
                     agree_txt = "yes" if all(agree) else f"NO ({agree.count(False)}/{len(agree)})"

@@ -14,7 +14,9 @@ A thin translator over :mod:`gd_core`, in modules that show its parts:
 - :mod:`~adapters.onnx.train` — :func:`make_artifacts` for ``onnxruntime.training.api``;
 - :mod:`~adapters.onnx.fisher` — :func:`estimate_fisher`, :func:`profile` from per-sample
   gradients through ORT Training with dropout switched off (the loop is
-  :mod:`gd_core.fisher_loop`'s).
+  :mod:`gd_core.fisher_loop`'s): :mod:`~adapters.onnx.taps` picks the tensors of the training
+  graph that give per-sample gradients in closed form, :mod:`~adapters.onnx.persample` forms
+  them from one train step per batch (the exact batch-of-one loop as per-parameter fallback).
 
 ``onnxruntime.training`` is imported only by the training functions (its package imports torch
 when torch is installed); importing this package imports neither torch nor tensorflow. See

@@ -1,8 +1,10 @@
 """Fisher estimation and profiles for ONNX models through ONNX Runtime Training.
 
-The per-sample gradients come from ``onnxruntime.training.api`` (a train step on a batch of one
-per sample, gradients read from ``state.parameters[name].grad``); the loop (``max_samples``,
-non-finite samples, progress, checkpoints) is :func:`gd_core.fisher_loop.estimate`'s.
+The per-sample gradients come from ``onnxruntime.training.api``: one train step per batch whose
+training graph also outputs what the closed-form rules of :mod:`adapters.onnx.persample` need,
+and the exact loop (a train step on a batch of one per sample) for the parameters they do not
+cover; the loop (``max_samples``, non-finite samples, progress, checkpoints) is
+:func:`gd_core.fisher_loop.estimate`'s.
 """
 
 from __future__ import annotations
@@ -13,93 +15,32 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Unpack
 
-import numpy as np
+import numpy as np  # noqa: F401  (the examples use it)
 
 from gd_core import fisher_loop as loop
 from gd_core.errors import bad_argument
 from gd_core.face import FisherOptions, FisherSettings, ProfileOptions, ProfileSettings
 from gd_core.fisher import FisherResult
-from gd_core.fisher_loop import BatchSums, NumpyEngine
 from gd_core.profile import SensitivityProfile
 from gd_core.validate import check_choice, check_int
 
 from . import graph as _g
 from .discovery import ModelLike, _discover, _load, _onnx_names, fingerprint, prepare_for_training
 from .graph import Param, onnx
+from .persample import Engine, reported
 from .train import (
     Artifacts,
     _drop_unused_inputs,
     _dropout_off,
-    _label_aliases,
     _ratio_inputs,
     make_artifacts,
-    module_inputs,
-    split_batch,
     training_dropout,
 )
 
-
-class _Engine(NumpyEngine):
-    """Squared per-sample gradients through ORT Training, one train step per sample."""
-
-    def __init__(self, art: Artifacts, params: Mapping[str, Param], device: str) -> None:
-        super().__init__()
-        self.module, _, self.state = art.open(device, optimizer=False)
-        self.module.train()
-        self.names = list(self.module.input_names())
-        zero = np.zeros((), dtype=np.float32)
-        self.fixed = {n: zero for n in art.ratio_inputs.values() if n in self.names}
-        self.user = [n for n in self.names if n not in self.fixed]
-        self.aliases = _label_aliases(self.user)
-        self.params = params
-        self.trained = [n for n in art.requires_grad if n in params]
-
-    def _arrays(self, batch: Any) -> tuple[dict[str, np.ndarray], int]:
-        return split_batch(batch, self.user, self.aliases)
-
-    def size(self, batch: Any) -> int:
-        return self._arrays(batch)[1]
-
-    def take(self, batch: Any, index: Any) -> Any:
-        arrays, _ = self._arrays(batch)
-        idx = index if isinstance(index, slice) else np.asarray(list(index), dtype=np.int64)
-        return {n: arrays[n][idx] for n in self.user}
-
-    def sq_grad_sums(self, batch: Any) -> BatchSums:
-        arrays, size = self._arrays(batch)
-        shapes = {n: self.state.parameters[n].data.shape for n in self.trained}
-        sums = {n: np.zeros(shapes[n], dtype=np.float64) for n in self.trained}
-        count, bad = 0, None
-        for i in range(size):
-            feeds = {n: np.ascontiguousarray(arrays[n][i : i + 1]) for n in self.user}
-            feeds.update(self.fixed)
-            self.module.lazy_reset_grad()
-            loss = np.asarray(self.module(*module_inputs(self.names, feeds, "batches")))
-            grads = {n: self.state.parameters[n].grad for n in self.trained}
-            where = _first_nonfinite(loss, grads)
-            if where is not None:
-                bad = where if bad is None else bad
-                continue
-            for n in self.trained:
-                if grads[n] is not None:  # None: the loss does not reach this parameter
-                    g = np.asarray(grads[n], dtype=np.float64)
-                    sums[n] += g * g
-            count += 1
-        canonical = {}
-        for n in self.trained:
-            p = self.params[n]
-            canonical[p.name] = sums[n].T if p.transposed else sums[n]
-        named = None if bad is None else (loop.LOSS if bad == "" else self.params[bad].name)
-        return BatchSums(canonical, count, exact=True, bad=named)
-
-
-def _first_nonfinite(loss: np.ndarray, grads: Mapping[str, Any]) -> str | None:
-    if not np.all(np.isfinite(loss)):
-        return ""
-    for n, g in grads.items():
-        if g is not None and not np.all(np.isfinite(g)):
-            return n
-    return None
+#: internal switch: False makes every parameter take the exact loop (one train step per sample),
+#: as before the batched rules (tests compare the two)
+_PER_SAMPLE = True
+_REPORTED = ("fisher_engine", "fisher_fallback")  # carried into a profile's metadata
 
 
 def estimate_fisher(
@@ -118,11 +59,16 @@ def estimate_fisher(
     temporary folder: every Dropout loses its ``training_mode`` input, which makes it the
     identity (eval semantics), and ``loss`` (see :func:`make_artifacts`) is added. Given an
     artifact folder (or :class:`Artifacts`), its ratio inputs are fed 0; artifacts whose dropout
-    is fixed in the graph are refused. For each sample: ``module.lazy_reset_grad()``, a
-    train step on a batch of one, and the gradients from ``state.parameters[name].grad``;
-    float64 sums of their squares go to a :class:`gd_core.FisherAccumulator`. ORT Training
-    computes one sample per step, so ``chunk_size`` may only be None or 1. ``options`` are the
-    Fisher loop's, the same in every adapter (:class:`gd_core.face.FisherOptions`).
+    is fixed in the graph are refused. One train step per batch (or per piece of at most
+    ``chunk_size`` samples): the training graph also outputs the inputs and output gradients of
+    the nodes that use each trained weight (MatMul, Gemm, Add/Sub/Mul by a weight, LayerNorm,
+    Gather), from which closed-form rules give every sample's gradient; their squares are summed
+    (float64 across batches) into a :class:`gd_core.FisherAccumulator`. A parameter no rule
+    covers, or whose rule disagrees with the exact loop (a train step on a batch of one per
+    sample, ``state.parameters[name].grad``) on the first batch, takes that loop; the result's
+    ``accumulator.metadata`` says so (``fisher_engine``, ``fisher_fallback``: {name: reason};
+    logged at INFO; docs/onnx.md). ``options`` are the Fisher loop's, the same in every adapter
+    (:class:`gd_core.face.FisherOptions`).
 
     ``batches`` yields dicts ``{input name: array}`` with the loss target as ``labels`` (or
     ``target``), or tuples in the training graph's input order; the batch axis of the model's
@@ -139,28 +85,21 @@ def estimate_fisher(
     """
     opts = FisherSettings.of(options, "estimate_fisher")
     check_int(opts.max_samples, "max_samples", 1, 1000, optional=True)
-    check_int(opts.chunk_size, "chunk_size", 1, 1, optional=True)
-    if opts.chunk_size is not None and opts.chunk_size != 1:
-        raise bad_argument(
-            "chunk_size",
-            "None or 1 (ONNX Runtime Training computes one sample per step)",
-            opts.chunk_size,
-            "omit chunk_size",
-        )
+    check_int(opts.chunk_size, "chunk_size", 1, 8, optional=True)
     run = opts.loop()
     check_choice(opts.on_nonfinite, "on_nonfinite", loop.NONFINITE_POLICIES)  # before any work
     if isinstance(model, Artifacts) or (
         isinstance(model, (str, os.PathLike)) and Path(model).is_dir()
     ):
         art = model if isinstance(model, Artifacts) else Artifacts.load(model)
-        return _fisher_from_artifacts(art, batches, params, device, run)
+        return _fisher_from_artifacts(art, batches, params, device, run, opts.chunk_size)
     proto = _load(model, "model")
     _g.check_ort_compatible(proto, "model")
     fixed, _ = prepare_for_training(_dropout_off(proto))  # the repair zeroes inert ratios
     _drop_unused_inputs(fixed, _ratio_inputs(proto).values())
     with tempfile.TemporaryDirectory(prefix="gd-ort-fisher-") as tmp:
         art = make_artifacts(fixed, tmp, loss, params, optimizer=None, output=output, repair=False)
-        return _fisher_from_artifacts(art, batches, None, device, run)
+        return _fisher_from_artifacts(art, batches, None, device, run, opts.chunk_size)
 
 
 def _fisher_from_artifacts(
@@ -169,6 +108,7 @@ def _fisher_from_artifacts(
     params: Sequence[str] | None,
     device: str,
     run: Mapping[str, Any],
+    chunk_size: int | None = None,
 ) -> FisherResult:
     if art.dropout == "constant" or (
         art.dropout == "unknown" and training_dropout(art.training_model, art.ratio_inputs.values())
@@ -199,7 +139,14 @@ def _fisher_from_artifacts(
     if params is not None:
         wanted = set(_onnx_names(params, table, "params"))
         art.requires_grad = [n for n in art.requires_grad if n in wanted]
-    result = loop.estimate(batches, _Engine(art, table, device), run={"loss": art.loss}, **run)
+    engine = Engine(art, table, device, per_sample=_PER_SAMPLE, chunk_size=chunk_size)
+    result = loop.estimate(
+        batches,
+        engine,
+        run={"loss": art.loss},
+        result=lambda acc: reported(acc, engine),
+        **run,
+    )
     result.accumulator.metadata["framework"] = "onnxruntime-training"
     return result
 
@@ -274,5 +221,8 @@ def profile(
         "skipped": fisher.skipped,
         "loss": loss if isinstance(loss, str) else type(loss).__name__,
         "model": proto.graph.name,
+        **{
+            k: fisher.accumulator.metadata[k] for k in _REPORTED if k in fisher.accumulator.metadata
+        },
     }
     return opts.finish(SensitivityProfile.from_fisher, fisher, found, fingerprint(proto), meta)

@@ -171,6 +171,19 @@ def test_fisher_smoke_keras_cells(tmp_path):
     assert all(r["status"] == "ok" and r["seconds"] > 0 for r in recs), recs
 
 
+def test_fisher_smoke_ort_cells(tmp_path):
+    pytest.importorskip("onnxruntime.training")
+    pytest.importorskip("transformers")
+    out = tmp_path / "fisher.jsonl"
+    args = ["bench/fisher.py", "--smoke", "--methods", "ort_gd,ort_loop,ort_train_step"]
+    done = _run(*args, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    recs = {r["method"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(recs) == ["ort_gd", "ort_loop", "ort_train_step"]
+    assert all(r["status"] == "ok" and r["seconds"] > 0 for r in recs.values()), recs
+    assert recs["ort_gd"]["fallback"] == 0 and recs["ort_loop"]["n_params"] > 0
+
+
 def test_auto_profile_smoke_cell_records_and_resumes(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "auto.jsonl"
