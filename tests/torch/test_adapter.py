@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -639,10 +640,13 @@ def test_add_sites_after_layernorm_outputs():
         nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 6), nn.LayerNorm(6)
     ).double()
     sites = gdt.sites(model)  # no dropout: hook sites after every LayerNorm
+    # each guards what its output carries since the previous site: the Linear and the LayerNorm
+    # (the float64 model is traced like a float32 one, on an input of its dtype)
     assert [(s.name, s.kind, s.params) for s in sites] == [
-        ("1.gd_dropout", "hook", ("1.weight", "1.bias")),
-        ("3.gd_dropout", "hook", ("3.weight", "3.bias")),
+        ("1.gd_dropout", "hook", ("0.weight", "0.bias", "1.weight", "1.bias")),
+        ("3.gd_dropout", "hook", ("2.weight", "2.bias", "3.weight", "3.bias")),
     ]
+    assert [s.params for s in gdt.sites(copy.deepcopy(model).float())] == [s.params for s in sites]
     with pytest.raises(NoSitesError):
         gdt.sites(model, add_sites=False)
     assert [s.name for s in gdt.sites(model, add_sites=["2"])] == ["2.gd_dropout"]
