@@ -94,6 +94,9 @@ def _how(layer: Any, rates: np.ndarray | None) -> str:
     return "GuidedDropout" if rates is None else f"GuidedDropout, unit rates ({len(rates)})"
 
 
+_ATTENTION = "attention probabilities (last axis: key positions, not features): one rate"
+
+
 def _unit_note(layer: Any, in_mha: bool = False) -> str | None:
     """Why a site cannot take per-unit rates (None if it can)."""
     if in_mha:
@@ -206,11 +209,13 @@ def apply(
         entry = plan[site.name]
         rates, note = entry.rates, entry.note
         mha = idx.parent.get(id(layer))
-        in_mha = graph and isinstance(mha, keras.layers.MultiHeadAttention)
+        is_mha = isinstance(mha, keras.layers.MultiHeadAttention)
+        in_mha = graph and is_mha
         # a graph's MultiHeadAttention is rebuilt from its config (one fixed rate); one inside
         # a layer that makes it (keras_hub) keeps a GuidedDropout (adapters.keras.holders)
         in_config = in_mha and isinstance(idx.parent.get(id(mha)), keras.Model)
-        if rates is not None and (why := _unit_note(layer, in_mha)) is not None:
+        why = _unit_note(layer, in_mha) or (_ATTENTION if is_mha else None)
+        if rates is not None and why is not None:
             rates, note = None, why
         if in_config and sched is not None:
             fixed.append(site.name)

@@ -61,10 +61,6 @@ def _model_kwargs(batch: Mapping[str, Any], drop: Sequence[str]) -> dict[str, An
     return {k: v for k, v in batch.items() if k not in drop}
 
 
-def _generator(seed: int, counter: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + counter) % (1 << 63))
-
-
 def _sample_generator(seed: int, *rows: torch.Tensor) -> torch.Generator:
     """A generator seeded by ``seed`` and the content of one sample (its token ids, its
     attention row): the same sample gets the same draws in any batch, chunk, order or process."""
@@ -275,8 +271,9 @@ class ContrastiveLoss:
     * **anchor** ``z_i``: embedding (mean of ``last_hidden_state`` over the attention mask,
       L2-normalised) of a *token-dropout view* of sample ``i``: each non-special, non-padding
       token is hidden from attention and pooling with probability ``drop_prob`` (at least one
-      token stays), drawn from a generator seeded by ``(seed, call counter)``. Computed with
-      gradient.
+      token stays), drawn from a generator seeded by ``seed`` and the sample's content (its ids
+      and attention row), so a sample gets the same view in any batch, chunk, order or process.
+      Computed with gradient.
     * **positive** ``p_i``: embedding of the full sample ``i``, computed under ``no_grad``
       (a stop-gradient target).
     * **negatives**: a FIXED bank of reference embeddings computed once under ``no_grad``: from
@@ -321,7 +318,7 @@ class ContrastiveLoss:
         self.bank: torch.Tensor | None = None
 
     def reset(self) -> None:
-        """Forget the reference bank and rewind the batch counter."""
+        """Forget the reference bank and rewind the call counter (views do not depend on it)."""
         self.counter = 0
         self.bank = None
 
@@ -342,7 +339,6 @@ class ContrastiveLoss:
         att = batch.get("attention_mask")
         if att is None:
             att = torch.ones_like(ids)
-        gen = _generator(self.seed, self.counter)
         self.counter += 1
         with torch.no_grad():
             pos = self.embed(model, batch)
@@ -353,7 +349,12 @@ class ContrastiveLoss:
         # token-dropout view
         attended = att.bool().cpu()
         special = _special_mask(model, batch, ids, self.special_token_ids).cpu()
-        u = torch.rand(n, t, generator=gen)
+        u = torch.stack(  # per sample, from (seed, its content): any batch, chunk or process
+            [
+                torch.rand(t, generator=_sample_generator(self.seed, ids[i], att[i]))
+                for i in range(n)
+            ]
+        )
         drop = attended & ~special & (u < self.drop_prob)
         keep = attended & ~drop
         lost = ~keep.any(1)  # never drop every token of a sample

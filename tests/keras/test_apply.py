@@ -440,3 +440,34 @@ def test_second_apply_keeps_other_sites_per_unit_rates(kind):
 
 def _layer(model, name):
     return next(lay for lay in model._flatten_layers() if lay.name == name)
+
+
+class AttentionNet(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.emb = layers.Dense(8, name="emb")
+        self.mha = layers.MultiHeadAttention(2, 4, dropout=0.1, name="mha")
+        self.head = layers.Dense(2, name="head")
+
+    def call(self, x, training=False):
+        h = self.emb(x)
+        return self.head(self.mha(h, h, training=training)[:, 0])
+
+
+def test_attention_dropout_of_a_subclassed_model_stays_one_rate_at_unit_granularity():
+    """Unit scores for a MultiHeadAttention's dropout (from another framework's profile, say)
+    would give per-unit rates along the attention probabilities' last axis, the key positions:
+    the site keeps one rate, and the row says why, as in a functional model and in torch."""
+    net = AttentionNet()
+    x = np.ones((2, 5, 3), "float32")
+    net(x)
+    (site,) = gdk.sites(net)
+    prof = gd_core.SensitivityProfile(
+        sites=(site,),
+        scores=np.ones(1),
+        unit_scores={site.name: np.arange(1.0, 5.0)},
+        fingerprint=gdk.fingerprint(net),
+    )
+    (row,) = gdk.apply(net, prof, granularity="unit")
+    assert row.units is None and "attention probabilities" in row.note
+    assert np.all(np.isfinite(keras.ops.convert_to_numpy(net(x, training=True))))

@@ -889,3 +889,19 @@ def test_a_float64_model_is_traced_on_an_input_of_its_dtype():
         sites = gdt.sites(net.double())
     assert [s.name for s in sites] == ["1", "3"]
     assert sites[1].params == ("2.weight", "2.bias")
+
+
+def test_contrastive_views_do_not_depend_on_batching_or_order():
+    """Each sample's token-dropout view is drawn from (seed, its content), like MaskedLMLoss's
+    masks: the same losses whole, split into other batches, or in another order (so chunks and
+    processes agree); with a fixed reference bank nothing else depends on the batch."""
+    torch.manual_seed(0)
+    model = transformers.BertModel(bert_config()).eval()
+    ids = torch.randint(5, VOCAB, (6, 10))
+    refs = {"input_ids": torch.randint(5, VOCAB, (3, 10))}
+    whole = ContrastiveLoss(references=refs, drop_prob=0.5)(model, {"input_ids": ids})
+    split = ContrastiveLoss(references=refs, drop_prob=0.5)
+    parts = torch.cat([split(model, {"input_ids": ids[4:]}), split(model, {"input_ids": ids[:4]})])
+    torch.testing.assert_close(parts, torch.cat([whole[4:], whole[:4]]))
+    other = ContrastiveLoss(references=refs, drop_prob=0.5, seed=1)(model, {"input_ids": ids})
+    assert not torch.allclose(other, whole)  # the seed still chooses the views
