@@ -565,16 +565,7 @@ def keras_worker(spec: dict[str, Any]) -> dict[str, Any]:
     st = C.proc_status()
     if method == "keras_gd":
         out["fallback"] = len(getattr(fn, "fallback", {}))
-    out.update(
-        seconds=round(seconds, 4),
-        samples_per_s=round(n / seconds, 3),
-        s_per_16=round(seconds / n * 16, 4),
-        rss_before_mb=round(rss0 / 1024, 1),
-        peak_rss_mb=round(st.get("VmHWM", 0) / 1024, 1),
-        peak_growth_mb=round((st.get("VmHWM", 0) - rss0) / 1024, 1),
-        peak_reset=reset_ok,
-        threads=int(spec["threads"] or 0),
-    )
+    out.update(_measured(seconds, n, rss0, st, reset_ok, int(spec["threads"] or 0)))
     return out
 
 
@@ -675,17 +666,25 @@ def ort_worker(spec: dict[str, Any]) -> dict[str, Any]:
     out["n_params"] = int(sum(int(state.parameters[k].data.size) for k in art.requires_grad))
     if engine is not None:
         out["fallback"] = len(engine.report()["fallback"])
-    out.update(
-        seconds=round(seconds, 4),
-        samples_per_s=round(n / seconds, 3),
-        s_per_16=round(seconds / n * 16, 4),
-        rss_before_mb=round(rss0 / 1024, 1),
-        peak_rss_mb=round(st.get("VmHWM", 0) / 1024, 1),
-        peak_growth_mb=round((st.get("VmHWM", 0) - rss0) / 1024, 1),
-        peak_reset=reset_ok,
-        threads=int(spec["threads"] or 0),
-    )
+    out.update(_measured(seconds, n, rss0, st, reset_ok, int(spec["threads"] or 0)))
     return out
+
+
+def _measured(
+    seconds: float, n: int, rss0: float, st: dict[str, Any], reset_ok: bool, threads: int
+) -> dict[str, Any]:
+    """The fields every cell records: time per sample and per 16, resident memory and its peak
+    growth since ``rss0`` (kB, from /proc/self/status ``st``)."""
+    return {
+        "seconds": round(seconds, 4),
+        "samples_per_s": round(n / seconds, 3),
+        "s_per_16": round(seconds / n * 16, 4),
+        "rss_before_mb": round(rss0 / 1024, 1),
+        "peak_rss_mb": round(st.get("VmHWM", 0) / 1024, 1),
+        "peak_growth_mb": round((st.get("VmHWM", 0) - rss0) / 1024, 1),
+        "peak_reset": reset_ok,
+        "threads": threads,
+    }
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -763,16 +762,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         out["gpu"] = torch.cuda.get_device_name()
     st = C.proc_status()
     n = spec["n_samples"]
-    out.update(
-        seconds=round(seconds, 4),
-        samples_per_s=round(n / seconds, 3),
-        s_per_16=round(seconds / n * 16, 4),
-        rss_before_mb=round(rss0 / 1024, 1),
-        peak_rss_mb=round(st.get("VmHWM", 0) / 1024, 1),
-        peak_growth_mb=round((st.get("VmHWM", 0) - rss0) / 1024, 1),
-        peak_reset=reset_ok,
-        threads=torch.get_num_threads(),
-    )
+    out.update(_measured(seconds, n, rss0, st, reset_ok, torch.get_num_threads()))
     ref_path = spec.get("ref")
     if fisher is not None and ref_path:
         if method == "gd" and spec.get("write_ref"):

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -320,3 +321,44 @@ def estimate(
             "pass a non-empty iterable of batches",
         )
     return (result or FisherResult.from_accumulator)(acc)
+
+
+REPORTED = ("fisher_engine", "fisher_fallback")  # carried into a profile's metadata
+
+
+def reported(
+    acc: FisherAccumulator, info: Mapping[str, Any], fallback: str, log: logging.Logger
+) -> FisherResult:
+    """The result of a run whose engine computed some tensors another way, saying so.
+
+    ``info`` is the engine's ``{"engine": name, "fallback": {tensor: reason}}`` (``fallback``
+    may be absent where the engine has none); both go into the accumulator's metadata
+    (``fisher_engine``, ``fisher_fallback``, kept by a profile made from it) and a non-empty
+    fallback is logged at INFO on ``log`` as "estimate_fisher: <fallback> for N tensor(s): ...".
+
+    Example:
+        >>> import logging
+        >>> acc = FisherAccumulator()
+        >>> _ = acc.add({"w": np.ones(2)}, 2)
+        >>> info = {"engine": "per_sample", "fallback": {"w": "no rule"}}
+        >>> r = reported(acc, info, "the exact loop", logging.getLogger("demo"))
+        >>> r.accumulator.metadata["fisher_fallback"]
+        {'w': 'no rule'}
+    """
+    acc.metadata["fisher_engine"] = info["engine"]
+    if "fallback" in info:
+        acc.metadata["fisher_fallback"] = dict(info["fallback"])
+        if info["fallback"]:
+            log.info(
+                "estimate_fisher: %s for %d tensor(s): %s",
+                fallback,
+                len(info["fallback"]),
+                ", ".join(f"{n} ({why})" for n, why in info["fallback"].items()),
+            )
+    return FisherResult.from_accumulator(acc)
+
+
+def engine_metadata(result: FisherResult) -> dict[str, Any]:
+    """What :func:`reported` put in a result's metadata, for the profile made from it."""
+    meta = result.accumulator.metadata
+    return {k: meta[k] for k in REPORTED if k in meta}

@@ -264,23 +264,9 @@ def estimate_fisher(
     return result
 
 
-_REPORTED = ("fisher_engine", "fisher_fallback")  # carried into a profile's metadata
-
-
 def _reported(acc: Any, engine: _Engine) -> FisherResult:
-    """The result, its accumulator's metadata carrying how the sums were computed (logged too,
-    as the torch adapter logs its fallback)."""
-    info = engine.report()
-    acc.metadata["fisher_engine"] = info["engine"]
-    if "fallback" in info:
-        acc.metadata["fisher_fallback"] = info["fallback"]
-        if info["fallback"]:
-            _LOG.info(
-                "estimate_fisher: GradientTape.jacobian fallback for %d weight(s): %s",
-                len(info["fallback"]),
-                ", ".join(f"{n} ({why})" for n, why in info["fallback"].items()),
-            )
-    return FisherResult.from_accumulator(acc)
+    """The result, its metadata saying how the sums were computed (logged too)."""
+    return loop.reported(acc, engine.report(), "GradientTape.jacobian fallback", _LOG)
 
 
 def profile(
@@ -336,9 +322,7 @@ def profile(
         "samples": fisher.count,
         "skipped": fisher.skipped,
         "loss": fisher.accumulator.metadata.get("loss"),
-        **{
-            k: fisher.accumulator.metadata[k] for k in _REPORTED if k in fisher.accumulator.metadata
-        },
+        **loop.engine_metadata(fisher),
     }
     build = SensitivityProfile.from_fisher
     return opts.finish(build, fisher, model_sites, _fingerprint(idx), meta, with_units=with_units)

@@ -40,7 +40,6 @@ from .train import (
 #: internal switch: False makes every parameter take the exact loop (one train step per sample),
 #: as before the batched rules (tests compare the two)
 _PER_SAMPLE = True
-_REPORTED = ("fisher_engine", "fisher_fallback")  # carried into a profile's metadata
 
 
 def estimate_fisher(
@@ -221,8 +220,6 @@ def profile(
         "skipped": fisher.skipped,
         "loss": loss if isinstance(loss, str) else type(loss).__name__,
         "model": proto.graph.name,
-        **{
-            k: fisher.accumulator.metadata[k] for k in _REPORTED if k in fisher.accumulator.metadata
-        },
+        **loop.engine_metadata(fisher),
     }
     return opts.finish(SensitivityProfile.from_fisher, fisher, found, fingerprint(proto), meta)

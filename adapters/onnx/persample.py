@@ -470,13 +470,4 @@ def reported(acc: Any, engine: Engine) -> FisherResult:
         >>> reported(acc, Done()).accumulator.metadata["fisher_engine"]
         'per_sample'
     """
-    info = engine.report()
-    acc.metadata["fisher_engine"] = info["engine"]
-    acc.metadata["fisher_fallback"] = info["fallback"]
-    if info["fallback"]:
-        _LOG.info(
-            "estimate_fisher: the exact per-sample loop computed %d parameter(s): %s",
-            len(info["fallback"]),
-            ", ".join(f"{n} ({why})" for n, why in info["fallback"].items()),
-        )
-    return FisherResult.from_accumulator(acc)
+    return loop.reported(acc, engine.report(), "the exact per-sample loop", _LOG)

@@ -167,7 +167,7 @@ def test_uncovered_layers_fall_back_and_are_reported(monkeypatch, caplog):
     assert sorted(fallback) == ["bn.bias", "bn.weight"], fallback
     assert all("closed form" in why for why in fallback.values())
     assert new.accumulator.metadata["fisher_engine"] == "per_sample"
-    assert "jacobian fallback for 2 weight(s): bn.weight (not a variable" in caplog.text
+    assert "jacobian fallback for 2 tensor(s): bn.weight (not a variable" in caplog.text
     for name in ref:
         np.testing.assert_allclose(new[name], ref[name], rtol=1e-5, atol=1e-14, err_msg=name)
 
