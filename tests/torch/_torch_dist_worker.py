@@ -6,6 +6,7 @@ child processes whatever pytest's import mode is.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -61,5 +62,12 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
             arrays["p"] = np.array(report.probabilities()["2"])
             arrays["p_after"] = np.array(model[2].p)
             np.savez(Path(out_dir) / "rank0.npz", **arrays)
+        torch.distributed.barrier()  # no rank tears gloo down while another still uses it
     finally:
         torch.distributed.destroy_process_group()
+    # Reached only on success (an exception above reaches torch.multiprocessing.spawn as a
+    # failure). Under pytest, about 1 run in 10 of this worker aborted at interpreter exit,
+    # after everything above had finished ("terminate called without an active exception"),
+    # once apply's dataflow forward ran here; 24 runs outside pytest were clean. Skipping the
+    # interpreter's teardown keeps this test about the results it checks.
+    os._exit(0)
