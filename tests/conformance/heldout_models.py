@@ -25,3 +25,32 @@ def encoder() -> nn.Module:
     """An :class:`Encoder` with seeded weights."""
     torch.manual_seed(0)
     return Encoder()
+
+
+def llama() -> nn.Module:
+    """A tiny seeded Llama-style causal LM (2 layers, no dropout modules): ``transformers``
+    must be importable (callers skip first)."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+class Logits(nn.Module):
+    """A Hugging Face model called on token ids, returning its logits (one tensor to export)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids):  # type: ignore[no-untyped-def]
+        return self.inner(input_ids=ids).logits

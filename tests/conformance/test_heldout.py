@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from heldout_models import encoder  # noqa: E402
+from heldout_models import Logits, encoder, llama  # noqa: E402
 
 _encoder = encoder
 
@@ -86,18 +86,8 @@ def test_sequential_names_agree() -> None:
 
 
 def _llama():  # type: ignore[no-untyped-def]
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    pytest.importorskip("transformers")
+    return llama()
 
 
 def test_llama_zero_rate_attributes_do_not_suppress_insertion() -> None:
@@ -261,15 +251,6 @@ def _hf(kind: str):  # type: ignore[no-untyped-def]
     return transformers.GPT2LMHeadModel(cfg)
 
 
-class _Logits(nn.Module):
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, ids):  # type: ignore[no-untyped-def]
-        return self.inner(input_ids=ids).logits
-
-
 @pytest.mark.parametrize(
     "kind",
     [
@@ -301,7 +282,7 @@ def test_torch_and_onnx_agree_site_by_site(kind: str) -> None:
         model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.1), nn.Linear(8, 8), nn.Dropout(0.2))
         example, names = (torch.ones(2, 4),), ["x"]
     else:
-        model, example, names = _Logits(_hf(kind)), (torch.randint(0, 60, (2, 6)),), ["ids"]
+        model, example, names = Logits(_hf(kind)), (torch.randint(0, 60, (2, 6)),), ["ids"]
     t = gdt.sites(model)
     o = gdo.sites(_onnx(model, example, names))
     assert sorted(s.name for s in t) == sorted(s.name for s in o)  # torch: module order

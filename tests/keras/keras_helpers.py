@@ -13,6 +13,19 @@ BACKEND = keras.backend.backend()
 LEAF = {"kernel": "weight", "gamma": "weight", "beta": "bias", "embeddings": "weight"}
 
 
+#: build_mlp()'s weights in torch layout (a Linear weight is (out, in)), canonical names
+MLP_TORCH_SHAPES = {
+    "enc0_dense.weight": (8, 6),
+    "enc0_dense.bias": (8,),
+    "enc1_dense.weight": (8, 8),
+    "enc1_dense.bias": (8,),
+    "enc1_norm.weight": (8,),
+    "enc1_norm.bias": (8,),
+    "classifier.weight": (3, 8),
+    "classifier.bias": (3,),
+}
+
+
 def build_mlp(n_in: int = 6, hidden: int = 8, n_out: int = 3, seed: int = 0) -> keras.Model:
     """A small functional MLP with two dropout sites, a LayerNormalization and a head."""
     keras.utils.set_random_seed(seed)

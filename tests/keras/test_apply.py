@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from keras_helpers import BACKEND, build_mlp
+from keras_helpers import BACKEND, MLP_TORCH_SHAPES, build_mlp
 
 import gd_core
 import gd_core.cache
@@ -139,16 +139,7 @@ def test_models_without_bernoulli_dropout_raise_no_sites_error():
 
 def test_fingerprint_uses_canonical_names_and_torch_layout(mlp):
     fp = gdk.fingerprint(mlp)
-    assert dict(fp.params) == {
-        "enc0_dense.weight": (8, 6),
-        "enc0_dense.bias": (8,),
-        "enc1_dense.weight": (8, 8),
-        "enc1_dense.bias": (8,),
-        "enc1_norm.weight": (8,),
-        "enc1_norm.bias": (8,),
-        "classifier.weight": (3, 8),
-        "classifier.bias": (3,),
-    }
+    assert dict(fp.params) == MLP_TORCH_SHAPES
 
 
 # -- apply ----------------------------------------------------------------------------------

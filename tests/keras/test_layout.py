@@ -5,24 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from keras_helpers import build_mlp
+from keras_helpers import MLP_TORCH_SHAPES, build_mlp
 
 from gd_core.errors import ArgumentError
 
 keras = pytest.importorskip("keras")
 gdk = pytest.importorskip("adapters.keras")
 
-#: build_mlp()'s weights in torch layout (a Linear weight is (out, in))
-TORCH_SHAPES = {
-    "enc0_dense.weight": (8, 6),
-    "enc0_dense.bias": (8,),
-    "enc1_dense.weight": (8, 8),
-    "enc1_dense.bias": (8,),
-    "enc1_norm.weight": (8,),
-    "enc1_norm.bias": (8,),
-    "classifier.weight": (3, 8),
-    "classifier.bias": (3,),
-}
+TORCH_SHAPES = MLP_TORCH_SHAPES
 
 
 def torch_state(seed: int = 0) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ skip with a reason when torch or transformers is missing.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("onnx", reason="the ONNX adapter needs the onnx package")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for ort_helpers (importlib mode)
 
 VOCAB, HIDDEN, LAYERS, HEADS, FFN, SEQ, LABELS = 100, 32, 2, 2, 37, 8, 3
 

@@ -14,6 +14,8 @@ pytest.importorskip("transformers", reason="transformers builds the test BERT")
 pytest.importorskip("onnxruntime.training", reason="needs onnxruntime-training")
 onnx = pytest.importorskip("onnx")
 
+from ort_helpers import train_losses  # noqa: E402
+
 import adapters.onnx as ao  # noqa: E402
 from gd_core import Fingerprint, ProfileMismatchError, SensitivityProfile, Site  # noqa: E402
 
@@ -52,19 +54,6 @@ def ratios(model) -> dict[str, float]:
     """``{Dropout node name: ratio}`` read back from the graph's initializers."""
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     return {n.name: float(inits[n.input[1]]) for n in model.graph.node if n.op_type == "Dropout"}
-
-
-def train_losses(art, batch, steps: int = 12, lr: float = 5e-3) -> list[float]:
-    module, opt, _ = art.open()
-    opt.set_learning_rate(lr)
-    module.train()
-    losses = []
-    for _ in range(steps):
-        module.lazy_reset_grad()
-        loss = module(*ao.module_inputs(module, batch))
-        opt.step()
-        losses.append(float(loss))
-    return losses
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -22,16 +22,18 @@ import adapters.torch as gdt  # noqa: E402
 from adapters.onnx.insert import HOOK_CHILD  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "conformance"))
-from heldout_models import encoder  # noqa: E402
+from heldout_models import Logits, encoder, llama  # noqa: E402
+from ort_helpers import train_losses  # noqa: E402
 
 nn = torch.nn
 
 
-def _eval_export(model, example, names):  # type: ignore[no-untyped-def]
-    """An eval-mode export; norm weights are randomised first because the exporter merges
+def _eval_export(model, example, names, *, randomise_norms=True, **export):  # type: ignore[no-untyped-def]
+    """An eval-mode export (no Dropout nodes); ``export``: more ``torch.onnx.export`` keywords.
+    Norm weights are randomised first unless told not to, because the exporter merges
     equal-valued initializers in eval mode (freshly initialised norms are all ones)."""
     torch.manual_seed(1)
-    for mod in model.modules():
+    for mod in model.modules() if randomise_norms else ():
         for attr in ("weight", "bias"):
             p = getattr(mod, attr, None)
             if "Norm" in type(mod).__name__ and isinstance(p, torch.nn.Parameter):
@@ -47,6 +49,7 @@ def _eval_export(model, example, names):  # type: ignore[no-untyped-def]
         dynamo=False,
         opset_version=17,
         do_constant_folding=False,
+        **export,
     )
     proto = onnx.load_from_string(buf.getvalue())
     assert not [n for n in proto.graph.node if n.op_type == "Dropout"]
@@ -57,27 +60,8 @@ _encoder = encoder
 
 
 def _llama():  # type: ignore[no-untyped-def]
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-
-    class Logits(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = transformers.LlamaForCausalLM(cfg)
-
-        def forward(self, ids):  # type: ignore[no-untyped-def]
-            return self.inner(input_ids=ids).logits
-
-    return Logits()
+    pytest.importorskip("transformers")
+    return Logits(llama())
 
 
 def _groups(sites) -> dict[str, set[str]]:  # type: ignore[no-untyped-def]
@@ -299,21 +283,14 @@ def test_bert_eval_export_inserted_sites_train_and_eval_equals_original(
         torch.from_numpy(batch["input_ids"][:2]),
         torch.from_numpy(batch["attention_mask"][:2]),
     )
-    model.eval()
-    buf = io.BytesIO()
-    torch.onnx.export(
+    proto = _eval_export(
         model,
         example,
-        buf,
-        input_names=["input_ids", "attention_mask"],
+        ["input_ids", "attention_mask"],
+        randomise_norms=False,
         output_names=["logits"],
         dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}},
-        dynamo=False,
-        opset_version=17,
-        do_constant_folding=False,
     )
-    proto = onnx.load_from_string(buf.getvalue())
-    assert not [n for n in proto.graph.node if n.op_type == "Dropout"]
     names = [s.name for s in gdo.sites(proto)]
     layer = "bert.encoder.layer.0"
     assert names[:3] == [
@@ -324,15 +301,7 @@ def test_bert_eval_export_inserted_sites_train_and_eval_equals_original(
     assert len(names) == 5  # embedding output + 2 layers x (attention, feed-forward) branches
     report = gdo.apply(proto, {n: 0.1 for n in names})
     assert report.inserted == names
-    art = gdo.make_artifacts(report.model, tmp_path / "art")
-    module, opt, _ = art.open()
-    opt.set_learning_rate(5e-3)
-    module.train()
-    losses = []
-    for _ in range(12):
-        module.lazy_reset_grad()
-        losses.append(float(module(*gdo.module_inputs(module, batch))))
-        opt.step()
+    losses = train_losses(gdo.make_artifacts(report.model, tmp_path / "art"), batch)
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     # the eval graph of fresh artifacts: the original graph's loss, dropout off
     fresh = gdo.make_artifacts(report.model, tmp_path / "fresh")

@@ -19,6 +19,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxruntime.training", reason="needs onnxruntime-training")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from ort_helpers import train  # noqa: E402
 
 import adapters.onnx as ao  # noqa: E402
 from adapters.onnx import graph as g  # noqa: E402
@@ -356,14 +357,7 @@ def test_bert_unit_rewrite_reports_fallback_trains_and_evaluates_without_dropout
     assert sorted(u.site for u in rw.unit_dropouts(out)) == sorted(unit_p)
     art = ao.make_artifacts(out, tmp_path / "art")
     assert not any(n.endswith(".rates") for n in art.requires_grad)
-    module, opt, state = art.open()
-    opt.set_learning_rate(5e-3)
-    module.train()
-    losses = []
-    for _ in range(12):
-        module.lazy_reset_grad()
-        losses.append(float(module(*ao.module_inputs(module, batch))))
-        opt.step()
+    losses, module, state = train(art, batch)
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
     # the eval graph ORT derived is dropout-free: it equals torch's eval forward on the same
     # (trained) weights
