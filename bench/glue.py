@@ -12,6 +12,9 @@ Methods (all on the same split, data order and head initialisation for a given s
                      to 0.1 (least), from a MiniLM profile on WikiText-2 (contrastive objective)
 * ``guided_rescaled`` the guided probabilities rescaled to mean 0.1 (equal budget to standard)
 * ``none``           no dropout anywhere
+* ``uniform_mean``   every profiled site at the guided probabilities' mean (0.05 for the paper's
+                     0.0-0.1 range): the same budget as ``guided`` without the ordering, paired
+                     with ``guided`` ("why not just set dropout to 0.05?")
 * ``random_order``   the guided probabilities assigned to sites in a random order
                      (``gd_core.shuffled`` with the run's seed): tests whether the order matters
 * ``depth``          the same range ordered by depth (``depth_linear``, LIMA-style)
@@ -290,6 +293,7 @@ class Method:
     shuffle: bool = False
     baseline: str = "standard"
     granularity: str = "site"  # "unit": per-unit rates inside each site (same site means)
+    flatten: bool = False  # every site at the mean of the mapped probabilities
 
 
 METHODS = {
@@ -300,6 +304,7 @@ METHODS = {
     # the controls are also paired with guided: does the Fisher ordering beat a random or a
     # depth ordering of the same probabilities?
     "random_order": Method("random_order", None, 0.1, PAPER, shuffle=True, baseline="guided"),
+    "uniform_mean": Method("uniform_mean", None, 0.1, PAPER, baseline="guided", flatten=True),
     "depth": Method("depth", None, 0.1, {**PAPER, "name": "depth_linear"}, baseline="guided"),
     "uniform_0.15": Method("uniform_0.15", 0.15, 0.15),
     "guided_0.3": Method(
@@ -319,6 +324,8 @@ def site_probabilities(method: Method, profile: Any, seed: int) -> dict[str, flo
     probs = profile.probability_array(method.mapping)
     if method.shuffle:
         probs = gd_core.shuffled(probs, seed)
+    if method.flatten:  # the same mean rate, no ordering
+        probs = np.full_like(probs, float(np.mean(probs)))
     return {name: float(p) for name, p in zip(profile.site_names, probs, strict=True)}
 
 
@@ -537,6 +544,8 @@ def run_one(
             "max_p": round(float(np.max(ps)), 5),
             "kept": [r.site for r in report if r.source == "keep"],
         }
+        if method.flatten:  # recorded as what it is: one uniform rate, guided's mean
+            applied["uniform_p"] = applied["mean_p"]
         if method.granularity == "unit":
             applied["unit_sites"] = sum(1 for r in report if r.how.startswith("unit rates"))
     applied["head_p"] = round(float(model.dropout.p), 6)
