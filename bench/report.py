@@ -118,6 +118,40 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+#: the questions a user asks of guided dropout, as paired differences (method minus reference)
+QUESTIONS = (
+    ("guided", "standard", "does it beat standard dropout 0.1?"),
+    ("guided", "uniform_mean", "beyond the same mean rate on every site?"),
+    ("guided", "random_order", "beyond a random order of the same rates?"),
+    ("guided", "none", "against no dropout at all?"),
+    ("guided_rescaled", "standard", "at standard's budget (mean 0.1)?"),
+)
+
+
+def question_rows(
+    by_method: dict[str, dict[int, dict[str, Any]]], primary: str
+) -> list[tuple[str, str, str, int, float, float, float]]:
+    """The paired differences of :data:`QUESTIONS` present in one cell: ``(method, reference,
+    question, pairs, mean, low, high)`` with a 95% t-interval over the seeds both have.
+
+    Example:
+        >>> runs = lambda vals: {s: {"metrics": {"pearson": v}} for s, v in enumerate(vals)}
+        >>> cell = {"guided": runs([0.80, 0.81, 0.82]), "standard": runs([0.77, 0.78, 0.80])}
+        >>> [(m, r, n, round(d, 3)) for m, r, _, n, d, _, _ in question_rows(cell, "pearson")]
+        [('guided', 'standard', 3, 0.027)]
+    """
+    out = []
+    for m, ref, question in QUESTIONS:
+        a, b = by_method.get(m, {}), by_method.get(ref, {})
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            continue
+        d = [a[s]["metrics"][primary] - b[s]["metrics"][primary] for s in seeds]
+        mean, lo, hi = paired_ci(d)
+        out.append((m, ref, question, len(seeds), mean, lo, hi))
+    return out
+
+
 def glue_tables(records: list[dict[str, Any]]) -> str:
     import glue
 
@@ -213,6 +247,16 @@ def glue_tables(records: list[dict[str, Any]]) -> str:
                     + f" | {diff_txt} | {verdict} | {nl}/{len(runs)} |"
                 )
             lines.append("")
+            qs = question_rows(by_method, task.primary)
+            if len(qs) > 1:
+                lines.append(f"Paired differences of {task.primary} (95% t-interval over seeds):\n")
+                lines.append("| question | difference | pairs | Δ [95% CI] |")
+                lines.append("|---|---|---|---|")
+                for m, ref, question, n, mean, lo, hi in qs:
+                    lines.append(
+                        f"| {question} | {m} − {ref} | {n} | {mean:+.4f} [{_fmt(lo)}, {_fmt(hi)}] |"
+                    )
+                lines.append("")
             if not_learned:
                 flagged.append(
                     f"- {setting} / {task_name}: standard dropout did not learn in "
