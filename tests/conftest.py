@@ -20,3 +20,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is absent (set GD_SHARED_DATA to use it)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_profile_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every test session (each parallel worker has its own) writes automatic profiles to a cache
+    of its own, never to the user's ~/.cache/guided-dropout nor a folder another worker uses;
+    a test that needs a particular cache still sets GD_CACHE_DIR itself."""
+    if "GD_CACHE_DIR" not in os.environ:
+        os.environ["GD_CACHE_DIR"] = str(tmp_path_factory.mktemp("gd-cache"))
