@@ -141,15 +141,69 @@ def batch_fn(model: Any, variables: list[Any], loss: LossFn, skip: bool) -> _Bat
     )
 
 
+#: the model attribute holding its per-batch engines across calls (a dunder name: Keras' saving
+#: skips it, and ``Layer.__setattr__``'s tracking is bypassed)
+_ENGINES = "__gd_fisher_engines__"
+#: engines kept per model (the least recently used goes first): a fresh loss callable per call
+#: would otherwise keep every traced function alive
+_KEEP = 4
+
+
+def _structure(model: Any) -> tuple[Any, ...]:
+    """What an engine's traced functions depend on: the model's layers and variables (identity,
+    shape, dtype, trainable). Adding or replacing a layer, enabling LoRA or quantizing changes it."""
+    layers = tuple(id(la) for la in model._flatten_layers(include_self=True, recursive=True))
+    variables = tuple(
+        (id(v), tuple(v.shape), str(v.dtype), bool(getattr(v, "trainable", True)))
+        for v in model.variables
+    )
+    return layers, variables
+
+
+def _loss_key(loss: Any) -> tuple[Any, ...]:
+    """A key for the loss argument: a loss name by value, a loss object or callable by identity
+    (the cache entry keeps the object alive, so the identity is not reused)."""
+    return ("name", loss) if isinstance(loss, str) else ("object", id(loss))
+
+
+def cached_batch_fn(model: Any, names: list[str], variables: list[Any], loss: Any) -> _BatchFn:
+    """The per-batch engine of ``model`` for these weights and loss, built (and, on TensorFlow,
+    traced and checked on a first batch) once and reused by later calls.
+
+    The engines live on the model itself (``model.__gd_fisher_engines__``), so the cache never
+    keeps a model alive (the model and its engines are one collectable cycle) and dies with the
+    model; they are dropped when the model's structure changes (:func:`_structure`). Within an
+    engine, ``tf.function`` keeps one trace per input signature (shapes, dtypes). torch backend:
+    not cached (nothing is traced).
+    """
+    fn_loss, _ = make_loss(loss)
+    if keras.backend.backend() != "tensorflow":
+        return batch_fn(model, variables, fn_loss, skip=False)
+    structure = _structure(model)
+    held = model.__dict__.get(_ENGINES)
+    if held is None or held[0] != structure:
+        held = (structure, {})
+        object.__setattr__(model, _ENGINES, held)
+    engines: dict[Any, Any] = held[1]
+    key = (tuple(names), _loss_key(loss), batch_fn)  # batch_fn: tests swap the engine
+    entry = engines.pop(key, None)
+    if entry is None:
+        entry = (batch_fn(model, variables, fn_loss, skip=False), loss)
+    engines[key] = entry  # most recently used last
+    while len(engines) > _KEEP:
+        engines.pop(next(iter(engines)))
+    return entry[0]
+
+
 class _Engine(NumpyEngine):
     """Per-sample squared-gradient sums of a Keras model, a chunk of samples at a time."""
 
-    def __init__(self, idx: ModelIndex, names: list[str], loss: LossFn, chunk: int | None) -> None:
+    def __init__(self, idx: ModelIndex, names: list[str], loss: Any, chunk: int | None) -> None:
         super().__init__()
         self.idx = idx
         self.names = names
         model, variables = idx.model, [idx.variables[n] for n in names]
-        self.fn = batch_fn(model, variables, loss, skip=False)
+        self.fn = cached_batch_fn(model, names, variables, loss)
         self.chunk = chunk
 
     def report(self) -> dict[str, Any]:
@@ -252,8 +306,8 @@ def estimate_fisher(
             "unfreeze the pretrained layers (layer.trainable = True) before estimating Fisher",
         )
     chunk_size = check_int(opts.chunk_size, "chunk_size", 1, 8, optional=True)
-    loss_fn, loss_name = make_loss(loss)
-    engine = _Engine(idx, list(trainable), loss_fn, chunk_size)
+    _, loss_name = make_loss(loss)
+    engine = _Engine(idx, list(trainable), loss, chunk_size)
     result = loop.estimate(
         iterate(batches),
         engine,
