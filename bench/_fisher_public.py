@@ -58,8 +58,14 @@ def _paired(first: Any, step: Any, public: Any, pairs: int) -> dict[str, Any]:
     for _ in range(pairs):
         load = os.getloadavg()[0]
         s, p = _timed(step), _timed(public)
-        rows.append({"step_s": round(s, 3), "public_s": round(p, 3), "ratio": round(p / s, 3),
-                     "loadavg_1m": round(load, 2)})
+        rows.append(
+            {
+                "step_s": round(s, 3),
+                "public_s": round(p, 3),
+                "ratio": round(p / s, 3),
+                "loadavg_1m": round(load, 2),
+            }
+        )
     ratios = [r["ratio"] for r in rows]
     return {
         "status": "ok",
@@ -122,8 +128,11 @@ def keras_public(spec: dict[str, Any], pairs: int = 3) -> dict[str, Any]:
         assert f.count == n, f.count
 
     out = _paired(public, step, public, pairs)
-    out["fallback"] = len(estimate_fisher(model, batches[:1], loss, progress=False)
-                          .accumulator.metadata.get("fisher_fallback", {}))
+    out["fallback"] = len(
+        estimate_fisher(model, batches[:1], loss, progress=False).accumulator.metadata.get(
+            "fisher_fallback", {}
+        )
+    )
     return out
 
 
@@ -142,8 +151,11 @@ def ort_public(spec: dict[str, Any], pairs: int = 3) -> dict[str, Any]:
     n, bs, t = spec["n_samples"], spec["batch_size"], spec["seq_len"]
     ids, att, labels = _texts(n, t, np.int64)
     batches = [
-        {"input_ids": ids[i : i + bs], "attention_mask": att[i : i + bs],
-         "labels": labels[i : i + bs]}
+        {
+            "input_ids": ids[i : i + bs],
+            "attention_mask": att[i : i + bs],
+            "labels": labels[i : i + bs],
+        }
         for i in range(0, n, bs)
     ]
     with tempfile.TemporaryDirectory(prefix="gd-bench-ort-public-") as tmp:

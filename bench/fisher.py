@@ -878,7 +878,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 recorded = method in methods and not results.done(key)
                 if method == "gd":
                     need_ref = not ref.exists() and any(
-                        m not in ("gd", "train_step", "floor") + KERAS_METHODS + ORT_METHODS
+                        m
+                        not in ("gd", "train_step", "floor")
+                        + KERAS_METHODS
+                        + ORT_METHODS
                         + PUBLIC_METHODS
                         and not results.done({**base, "method": m, "n_samples": n, "repeat": rep})
                         for m in methods
