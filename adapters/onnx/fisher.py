@@ -61,8 +61,10 @@ def estimate_fisher(
 ) -> FisherResult:
     """The empirical Fisher diagonal from per-sample gradients through ORT Training.
 
-    Given a model (ModelProto or ``.onnx`` path), dropout-free training artifacts are built in a
-    temporary folder: every Dropout loses its ``training_mode`` input, which makes it the
+    Given a model (ModelProto or ``.onnx`` path), dropout-free training artifacts are built once
+    per graph into ``cache_dir()/ort-artifacts/<sha256>`` and reused by later calls (the opened,
+    checked engine too, within the process; a loss block other than a name: a temporary folder,
+    per call): every Dropout loses its ``training_mode`` input, which makes it the
     identity (eval semantics), and ``loss`` (see :func:`make_artifacts`) is added. Given an
     artifact folder (or :class:`Artifacts`), its ratio inputs are fed 0; artifacts whose dropout
     is fixed in the graph are refused. One train step per batch (or per piece of at most
@@ -159,6 +161,8 @@ def _cached_artifacts(
             fixed, folder, loss, params, optimizer=None, output=output, repair=False
         )
     except OSError:  # another process put the same artifacts in place meanwhile
+        if not (folder / "training_model.onnx").is_file():
+            raise
         art = Artifacts.load(folder)
     _prune(root, keep=folder)
     return art
