@@ -274,7 +274,9 @@ def estimate_fisher(
     the first batch's per-sample gradients against the batch gradient) takes the exact
     ``GradientTape.jacobian`` path. ``result.accumulator.metadata["fisher_fallback"]`` maps
     those weights to the reason (also logged at INFO), ``["fisher_engine"]`` is
-    ``"per_sample"`` (``"jacobian"`` when every weight fell back). torch backend:
+    ``"per_sample"`` (``"jacobian"`` when every weight fell back). The engine (traced functions,
+    the check's outcome) is built once per model, weight set and loss, and reused by later calls
+    (:func:`cached_batch_fn`). torch backend:
     ``torch.func.vmap``. Squares are summed over each batch in the framework and handed to
     ``gd_core.FisherAccumulator`` in float64. Memory grows with batch (or chunk) size x the
     largest per-sample block (jacobian weights: x all of them).
