@@ -114,6 +114,11 @@ def test_another_models_checkpoint_is_refused_with_the_reason(tmp_path):
     shutil.copy(b.checkpoint, a.checkpoint)
     with pytest.raises(ArgumentError, match="checkpoint is not the file gd_artifacts.json"):
         ao.estimate_fisher(a.directory, _data(4), progress=False)
+    meta = json.loads((a.directory / ot.META_FILE).read_text())
+    del meta["files"]  # metadata written before the digests were recorded
+    (a.directory / ot.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ArgumentError, match=r"parameter 'dense.bias' has shape \[6\]"):
+        ao.estimate_fisher(a.directory, _data(4), progress=False)
     (a.directory / ot.META_FILE).unlink()  # no digests: the shapes tell
     with pytest.raises(
         ArgumentError,
