@@ -205,6 +205,8 @@ class _Engine(NumpyEngine):
         model, variables = idx.model, [idx.variables[n] for n in names]
         self.fn = cached_batch_fn(model, names, variables, loss)
         self.chunk = chunk
+        #: the TensorFlow one-backward engine: sums kept as tensors until flushed
+        self.on_device = isinstance(self.fn, TFPerSampleBatchFn)
 
     def report(self) -> dict[str, Any]:
         """``engine`` (how the sums were computed) and ``fallback`` ({weight: reason} for the
@@ -226,19 +228,52 @@ class _Engine(NumpyEngine):
         return keras.tree.map_structure(lambda t: ops.take(t, idx, axis=0), batch)
 
     def sq_grad_sums(self, batch: Any) -> BatchSums:
+        """On TensorFlow the sums stay float64 tensors in Keras layout until :meth:`flush` (no
+        per-batch copy of every weight's sums to the host); otherwise NumPy, canonical layout."""
         n = self.size(batch)
         step = self.chunk or n
-        total: list[np.ndarray] | None = None
+        total: list[Any] | None = None
         ok: list[np.ndarray] = []
         for start in range(0, n, step):
             part = batch if step >= n else self.take(batch, slice(start, start + step))
-            sums, _, loss_ok = self.fn(part, 2**31 - 1)
+            if self.on_device:
+                sums, _, loss_ok = self.fn(part, 2**31 - 1, tensors=True)
+            else:
+                sums, _, loss_ok = self.fn(part, 2**31 - 1)
             total = sums if total is None else [a + b for a, b in zip(total, sums, strict=True)]
             ok.append(np.asarray(loss_ok))
         assert total is not None
         flags = np.concatenate(ok) if ok else np.ones(0, bool)
-        sums = {n: self.idx.to_canonical(n, t) for n, t in zip(self.names, total, strict=True)}
-        return BatchSums(sums, n, losses=np.where(flags, 0.0, np.nan))
+        if self.on_device:
+            named = dict(zip(self.names, total, strict=True))
+        else:
+            named = {n: self.idx.to_canonical(n, t) for n, t in zip(self.names, total, strict=True)}
+        return BatchSums(named, n, losses=np.where(flags, 0.0, np.nan))
+
+    def nonfinite(self, sums: Mapping[str, Any]) -> list[str]:
+        if not self.on_device:
+            return super().nonfinite(sums)
+        import tensorflow as tf
+
+        return [n for n, s in sums.items() if not bool(tf.reduce_all(tf.math.is_finite(s)).numpy())]
+
+    def add(self, sums: Mapping[str, Any], n: int) -> None:
+        if not self.on_device:
+            return super().add(sums, n)
+        for name, s in sums.items():  # float64 tensors: summed by TensorFlow
+            self.pending[name] = s if name not in self.pending else self.pending[name] + s
+        return None
+
+    def flush(
+        self, counted: int, skipped: int, local: int
+    ) -> tuple[dict[str, np.ndarray], int, int, list[int]]:
+        if not self.on_device:
+            return super().flush(counted, skipped, local)
+        pending, self.pending = self.pending, {}
+        out = {
+            n: self.idx.to_canonical(n, np.asarray(t, dtype=np.float64)) for n, t in pending.items()
+        }
+        return out, counted, skipped, [local]
 
 
 def estimate_fisher(
