@@ -159,7 +159,7 @@ def ort_public(spec: dict[str, Any], pairs: int = 3) -> dict[str, Any]:
         for i in range(0, n, bs)
     ]
     with tempfile.TemporaryDirectory(prefix="gd-bench-ort-public-") as tmp:
-        os.environ.setdefault("GD_CACHE_DIR", str(Path(tmp) / "cache"))  # a cold first call
+        os.environ["GD_CACHE_DIR"] = str(Path(tmp) / "cache")  # a cold first call
         example = (torch.ones(2, t, dtype=torch.long), torch.ones(2, t, dtype=torch.long))
         path = str(export_training_onnx(net, example, Path(tmp) / "model.onnx", opset=17))
         art = make_artifacts(path, Path(tmp) / "art", "cross_entropy", optimizer="sgd")

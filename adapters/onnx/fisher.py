@@ -101,6 +101,11 @@ def estimate_fisher(
     ):
         art = model if isinstance(model, Artifacts) else Artifacts.load(model)
         return _fisher_from_artifacts(art, batches, params, device, run, opts.chunk_size)
+    quick = _quick_key(model, loss, params, output, device)
+    known = _KNOWN.get(quick) if quick is not None else None
+    if known is not None and known in _ENGINES:  # the same file or graph as an earlier call
+        _ENGINES.move_to_end(known)
+        return _estimate(_ENGINES[known], batches, run, opts.chunk_size)
     proto = _load(model, "model")
     _g.check_ort_compatible(proto, "model")
     fixed, _ = prepare_for_training(_dropout_off(proto))  # the repair zeroes inert ratios
@@ -113,6 +118,10 @@ def estimate_fisher(
             return _fisher_from_artifacts(art, batches, None, device, run, opts.chunk_size)
     digest = _graph_digest(fixed, loss, params, output)
     key = ("graph", digest, device, _PER_SAMPLE)
+    if quick is not None:
+        _KNOWN[quick] = key
+        while len(_KNOWN) > 4 * KEEP_ENGINES:
+            _KNOWN.popitem(last=False)
     engine = _ENGINES.get(key)
     if engine is not None:  # built, checked and opened by an earlier call in this process
         _ENGINES.move_to_end(key)
@@ -121,11 +130,33 @@ def estimate_fisher(
     return _fisher_from_artifacts(art, batches, None, device, run, opts.chunk_size, key=key)
 
 
+def _quick_key(
+    model: Any, loss: Any, params: Sequence[str] | None, output: str | None, device: str
+) -> Any:
+    """What identifies the model as given without preparing its graph: a file by path, size and
+    modification time (ns), a ModelProto by the SHA-256 of its bytes; None for a loss block."""
+    if not isinstance(loss, str):
+        return None
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            return None
+        st = path.stat()
+        source: Any = ("file", str(path.resolve()), st.st_size, st.st_mtime_ns)
+    elif isinstance(model, onnx.ModelProto):
+        source = ("proto", hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest())
+    else:
+        return None
+    return (source, loss, tuple(params or ()), output, device, _PER_SAMPLE)
+
+
 #: artifact folders kept in ``cache_dir()/ort-artifacts`` (the least recently used goes first)
 KEEP_FOLDERS = 4
 #: opened engines kept in this process (each holds an ORT Module with the model's weights)
 KEEP_ENGINES = 2
 _ENGINES: OrderedDict[Any, Engine] = OrderedDict()
+#: the model as given (:func:`_quick_key`) -> its key in ``_ENGINES``
+_KNOWN: OrderedDict[Any, Any] = OrderedDict()
 
 
 def _graph_digest(fixed: Any, loss: str, params: Sequence[str] | None, output: str | None) -> str:

@@ -57,8 +57,23 @@ def test_a_later_call_reuses_the_artifacts_and_the_checked_engine(monkeypatch):
     # another graph (other weights) gets its own artifacts
     other = example_model(0.1)
     other.graph.initializer[1].raw_data = np.ones(4, np.float32).tobytes()
-    ao.estimate_fisher(other, data, "mse", progress=False)
+    changed = ao.estimate_fisher(other, data, "mse", progress=False)
     assert len(built) == 2
+    assert not np.allclose(changed["dense.weight"], first["dense.weight"])
+
+
+def test_a_file_rewritten_in_place_is_not_taken_for_the_earlier_one(tmp_path):
+    import onnx
+
+    path, data = tmp_path / "m.onnx", _data()
+    onnx.save(example_model(0.1), str(path))
+    first = ao.estimate_fisher(path, data, "mse", progress=False)
+    assert ao.estimate_fisher(path, data, "mse", progress=False).count == 6
+    other = example_model(0.1)
+    other.graph.initializer[1].raw_data = np.ones(4, np.float32).tobytes()
+    onnx.save(other, str(path))  # same size, other weights
+    again = ao.estimate_fisher(path, data, "mse", progress=False)
+    assert not np.allclose(again["dense.weight"], first["dense.weight"])
 
 
 def test_a_tampered_cached_folder_is_rebuilt_with_a_warning(monkeypatch):
