@@ -44,3 +44,35 @@ def test_gpu_perf_smoke_records_every_section(tmp_path):
     assert prof["profile_over_step"] > 0 and prof["floor_ms_per_sample"] > 0
     (app,) = [r for r in recs if r["section"] == "apply"]
     assert app["wall_s"] > 0 and app["sites"] > 0
+
+
+def test_fisher_smoke_public_cells(tmp_path):
+    """bench/fisher.py's public-call cells (issue 27): the first call, then paired ratios."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("onnxruntime.training")
+    out = tmp_path / "fisher.jsonl"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/fisher.py",
+            "--smoke",
+            "--methods",
+            "keras_public,ort_public",
+            "--pairs",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    recs = {r["method"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(recs) == ["keras_public", "ort_public"]
+    for r in recs.values():
+        assert r["status"] == "ok" and r["first_call_s"] > 0 and r["fallback"] == 0, r
+        assert len(r["pairs"]) == 2 and r["median_ratio"] > 0
+        assert all(p["loadavg_1m"] >= 0 for p in r["pairs"])
