@@ -54,6 +54,14 @@ default threads; compared with each other and ORT's own training step):
                         one per sample, the path before issue 18 (now only the fallback)
 * ``ort_train_step``    ``Module`` train step on the whole batch + ``Optimizer.step`` (SGD)
 
+The public call, fixed costs included (``bench/_fisher_public.py``; one process per cell, the
+paired comparison inside it: the first call timed alone, then ``--pairs`` interleaved pairs of
+the framework's training steps on the N samples and the public call on the same samples):
+
+* ``keras_public``      ``adapters.keras.estimate_fisher`` against ``keras_train_step``'s step
+* ``ort_public``        ``adapters.onnx.estimate_fisher`` on the ``.onnx`` file against
+                        ``ort_train_step``'s step (artifacts built by the first call are reused)
+
 The per-sample loss is the library's ``ContrastiveLoss`` (MiniLM is a bare sentence encoder) with
 ``drop_prob=0`` and a fixed bank of 32 reference paragraphs, so that each sample's loss does not
 depend on which other samples share its batch (needed to compare batch-of-one methods with
@@ -88,6 +96,7 @@ from typing import Any
 
 import _common as C
 import numpy as np
+from _fisher_public import PUBLIC_METHODS
 
 TORCH_METHODS = (
     "gd",
@@ -104,7 +113,7 @@ TORCH_METHODS = (
 )
 KERAS_METHODS = ("keras_gd", "keras_jacobian", "keras_train_step")
 ORT_METHODS = ("ort_gd", "ort_loop", "ort_train_step")
-METHODS = TORCH_METHODS + KERAS_METHODS + ORT_METHODS
+METHODS = TORCH_METHODS + KERAS_METHODS + ORT_METHODS + PUBLIC_METHODS
 NORM_METHODS = (
     "gd_norms",
     "gd_norms_gram",
@@ -693,6 +702,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         return keras_worker(spec)
     if spec["method"] in ORT_METHODS:
         return ort_worker(spec)
+    if spec["method"] in PUBLIC_METHODS:
+        import _fisher_public
+
+        return _fisher_public.run(spec)
     import torch
 
     from gd_core._io import atomic_write_npz, read_npz
@@ -818,6 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="absolute tolerance as a fraction of each tensor's largest Fisher value",
     )
     ap.add_argument("--ref-dir", default="/tmp/gd-bench-fisher-refs")
+    ap.add_argument("--pairs", type=int, default=3, help="interleaved pairs (*_public methods)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -864,7 +878,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 recorded = method in methods and not results.done(key)
                 if method == "gd":
                     need_ref = not ref.exists() and any(
-                        m not in ("gd", "train_step", "floor") + KERAS_METHODS + ORT_METHODS
+                        m
+                        not in ("gd", "train_step", "floor")
+                        + KERAS_METHODS
+                        + ORT_METHODS
+                        + PUBLIC_METHODS
                         and not results.done({**base, "method": m, "n_samples": n, "repeat": rep})
                         for m in methods
                     )
@@ -880,6 +898,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "write_ref": method == "gd" and not ref.exists(),
                     "rtol": args.rtol,
                     "atol_rel": args.atol_rel,
+                    "pairs": args.pairs,
                 }
                 C.log(f"fisher: {method} N={n} repeat {rep} ...")
                 res = (
@@ -893,6 +912,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 res["bench"] = "fisher"
                 results.append(key, res)
                 agree = res.get("agreement", {})
+                if method in PUBLIC_METHODS and res.get("status") == "ok":
+                    C.log(
+                        f"  first call {res['first_call_s']:.2f} s; median public/step "
+                        f"{res['median_ratio']:.2f} ({res['median_public_s']:.2f} s / "
+                        f"{res['median_step_s']:.2f} s); load {res['loadavg_before']:.1f}"
+                    )
+                    continue
                 C.log(
                     f"  {res.get('status')}: "
                     + (

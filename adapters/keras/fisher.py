@@ -141,16 +141,72 @@ def batch_fn(model: Any, variables: list[Any], loss: LossFn, skip: bool) -> _Bat
     )
 
 
+#: the model attribute holding its per-batch engines across calls (a dunder name: Keras' saving
+#: skips it, and ``Layer.__setattr__``'s tracking is bypassed)
+_ENGINES = "__gd_fisher_engines__"
+#: engines kept per model (the least recently used goes first): a fresh loss callable per call
+#: would otherwise keep every traced function alive
+_KEEP = 4
+
+
+def _structure(model: Any) -> tuple[Any, ...]:
+    """What an engine's traced functions depend on: the model's layers and variables (identity,
+    shape, dtype, trainable). Adding or replacing a layer, enabling LoRA or quantizing changes it."""
+    layers = tuple(id(la) for la in model._flatten_layers(include_self=True, recursive=True))
+    variables = tuple(
+        (id(v), tuple(v.shape), str(v.dtype), bool(getattr(v, "trainable", True)))
+        for v in model.variables
+    )
+    return layers, variables
+
+
+def _loss_key(loss: Any) -> tuple[Any, ...]:
+    """A key for the loss argument: a loss name by value, a loss object or callable by identity
+    (the cache entry keeps the object alive, so the identity is not reused)."""
+    return ("name", loss) if isinstance(loss, str) else ("object", id(loss))
+
+
+def cached_batch_fn(model: Any, names: list[str], variables: list[Any], loss: Any) -> _BatchFn:
+    """The per-batch engine of ``model`` for these weights and loss, built (and, on TensorFlow,
+    traced and checked on a first batch) once and reused by later calls.
+
+    The engines live on the model itself (``model.__gd_fisher_engines__``), so the cache never
+    keeps a model alive (the model and its engines are one collectable cycle) and dies with the
+    model; they are dropped when the model's structure changes (:func:`_structure`). Within an
+    engine, ``tf.function`` keeps one trace per input signature (shapes, dtypes). torch backend:
+    not cached (nothing is traced).
+    """
+    fn_loss, _ = make_loss(loss)
+    if keras.backend.backend() != "tensorflow":
+        return batch_fn(model, variables, fn_loss, skip=False)
+    structure = _structure(model)
+    held = model.__dict__.get(_ENGINES)
+    if held is None or held[0] != structure:
+        held = (structure, {})
+        object.__setattr__(model, _ENGINES, held)
+    engines: dict[Any, Any] = held[1]
+    key = (tuple(names), _loss_key(loss), batch_fn)  # batch_fn: tests swap the engine
+    entry = engines.pop(key, None)
+    if entry is None:
+        entry = (batch_fn(model, variables, fn_loss, skip=False), loss)
+    engines[key] = entry  # most recently used last
+    while len(engines) > _KEEP:
+        engines.pop(next(iter(engines)))
+    return entry[0]
+
+
 class _Engine(NumpyEngine):
     """Per-sample squared-gradient sums of a Keras model, a chunk of samples at a time."""
 
-    def __init__(self, idx: ModelIndex, names: list[str], loss: LossFn, chunk: int | None) -> None:
+    def __init__(self, idx: ModelIndex, names: list[str], loss: Any, chunk: int | None) -> None:
         super().__init__()
         self.idx = idx
         self.names = names
         model, variables = idx.model, [idx.variables[n] for n in names]
-        self.fn = batch_fn(model, variables, loss, skip=False)
+        self.fn = cached_batch_fn(model, names, variables, loss)
         self.chunk = chunk
+        #: the TensorFlow one-backward engine: sums kept as tensors until flushed
+        self.on_device = isinstance(self.fn, TFPerSampleBatchFn)
 
     def report(self) -> dict[str, Any]:
         """``engine`` (how the sums were computed) and ``fallback`` ({weight: reason} for the
@@ -172,19 +228,52 @@ class _Engine(NumpyEngine):
         return keras.tree.map_structure(lambda t: ops.take(t, idx, axis=0), batch)
 
     def sq_grad_sums(self, batch: Any) -> BatchSums:
+        """On TensorFlow the sums stay float64 tensors in Keras layout until :meth:`flush` (no
+        per-batch copy of every weight's sums to the host); otherwise NumPy, canonical layout."""
         n = self.size(batch)
         step = self.chunk or n
-        total: list[np.ndarray] | None = None
+        total: list[Any] | None = None
         ok: list[np.ndarray] = []
         for start in range(0, n, step):
             part = batch if step >= n else self.take(batch, slice(start, start + step))
-            sums, _, loss_ok = self.fn(part, 2**31 - 1)
+            if self.on_device:
+                sums, _, loss_ok = self.fn(part, 2**31 - 1, tensors=True)
+            else:
+                sums, _, loss_ok = self.fn(part, 2**31 - 1)
             total = sums if total is None else [a + b for a, b in zip(total, sums, strict=True)]
             ok.append(np.asarray(loss_ok))
         assert total is not None
         flags = np.concatenate(ok) if ok else np.ones(0, bool)
-        sums = {n: self.idx.to_canonical(n, t) for n, t in zip(self.names, total, strict=True)}
-        return BatchSums(sums, n, losses=np.where(flags, 0.0, np.nan))
+        if self.on_device:
+            named = dict(zip(self.names, total, strict=True))
+        else:
+            named = {n: self.idx.to_canonical(n, t) for n, t in zip(self.names, total, strict=True)}
+        return BatchSums(named, n, losses=np.where(flags, 0.0, np.nan))
+
+    def nonfinite(self, sums: Mapping[str, Any]) -> list[str]:
+        if not self.on_device:
+            return super().nonfinite(sums)
+        import tensorflow as tf
+
+        return [n for n, s in sums.items() if not bool(tf.reduce_all(tf.math.is_finite(s)).numpy())]
+
+    def add(self, sums: Mapping[str, Any], n: int) -> None:
+        if not self.on_device:
+            return super().add(sums, n)
+        for name, s in sums.items():  # float64 tensors: summed by TensorFlow
+            self.pending[name] = s if name not in self.pending else self.pending[name] + s
+        return None
+
+    def flush(
+        self, counted: int, skipped: int, local: int
+    ) -> tuple[dict[str, np.ndarray], int, int, list[int]]:
+        if not self.on_device:
+            return super().flush(counted, skipped, local)
+        pending, self.pending = self.pending, {}
+        out = {
+            n: self.idx.to_canonical(n, np.asarray(t, dtype=np.float64)) for n, t in pending.items()
+        }
+        return out, counted, skipped, [local]
 
 
 def estimate_fisher(
@@ -220,7 +309,9 @@ def estimate_fisher(
     the first batch's per-sample gradients against the batch gradient) takes the exact
     ``GradientTape.jacobian`` path. ``result.accumulator.metadata["fisher_fallback"]`` maps
     those weights to the reason (also logged at INFO), ``["fisher_engine"]`` is
-    ``"per_sample"`` (``"jacobian"`` when every weight fell back). torch backend:
+    ``"per_sample"`` (``"jacobian"`` when every weight fell back). The engine (traced functions,
+    the check's outcome) is built once per model, weight set and loss, and reused by later calls
+    (:func:`cached_batch_fn`). torch backend:
     ``torch.func.vmap``. Squares are summed over each batch in the framework and handed to
     ``gd_core.FisherAccumulator`` in float64. Memory grows with batch (or chunk) size x the
     largest per-sample block (jacobian weights: x all of them).
@@ -252,8 +343,8 @@ def estimate_fisher(
             "unfreeze the pretrained layers (layer.trainable = True) before estimating Fisher",
         )
     chunk_size = check_int(opts.chunk_size, "chunk_size", 1, 8, optional=True)
-    loss_fn, loss_name = make_loss(loss)
-    engine = _Engine(idx, list(trainable), loss_fn, chunk_size)
+    _, loss_name = make_loss(loss)
+    engine = _Engine(idx, list(trainable), loss, chunk_size)
     result = loop.estimate(
         iterate(batches),
         engine,

@@ -367,7 +367,11 @@ class TFPerSampleBatchFn(_BatchFn):
         self._plan(moved | set(self.rest))
         return None  # rerun under the new plan's capture
 
-    def __call__(self, batch: Any, limit: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    def __call__(
+        self, batch: Any, limit: int, tensors: bool = False
+    ) -> tuple[list[Any], np.ndarray, np.ndarray]:
+        """``tensors``: the sums are returned as float64 TensorFlow tensors (not copied to the
+        host; the jacobian path's NumPy arrays where the whole model fell back)."""
         import tensorflow as tf
 
         if self._whole is not None:
@@ -394,7 +398,11 @@ class TFPerSampleBatchFn(_BatchFn):
             self.fallback = {i: f"engine failed: {exc!s:.120}" for i in range(len(self.variables))}
             self._whole = _TFBatchFn(self.model, self.variables, self.loss, self.skip)
             return self._whole(batch, limit)
-        return [s.numpy() for s in sums], finite.numpy(), loss_ok.numpy()
+        return (
+            (list(sums) if tensors else [s.numpy() for s in sums]),
+            finite.numpy(),
+            loss_ok.numpy(),
+        )
 
 
 def _masked(t: Any, mask: Any) -> Any:

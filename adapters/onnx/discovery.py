@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from gd_core.errors import bad_argument, no_sites
+from gd_core.errors import ArgumentError, bad_argument, no_sites
 from gd_core.fingerprint import Fingerprint
 from gd_core.sites import Site, site_mapping
 
@@ -33,6 +33,12 @@ def _load(model: ModelLike, arg: str = "model_proto") -> Any:
         if not path.is_file():
             raise bad_argument(
                 arg, "an onnx.ModelProto or a path to a .onnx file", str(path), "check the path"
+            )
+        if path.stat().st_size == 0:  # onnx.load would return an empty model without a word
+            raise ArgumentError(
+                f"{arg}: expected a .onnx file holding a model, received {str(path)!r}, an empty "
+                "file (0 bytes); fix: export the model again (an interrupted export or copy "
+                "leaves an empty file)"
             )
         return onnx.load(str(path))
     raise bad_argument(

@@ -9,8 +9,13 @@ cover; the loop (``max_samples``, non-finite samples, progress, checkpoints) is
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import tempfile
+import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Unpack
@@ -18,7 +23,8 @@ from typing import Any, Unpack
 import numpy as np  # noqa: F401  (the examples use it)
 
 from gd_core import fisher_loop as loop
-from gd_core.errors import bad_argument
+from gd_core.cache import cache_dir
+from gd_core.errors import ArgumentError, bad_argument
 from gd_core.face import FisherOptions, FisherSettings, ProfileOptions, ProfileSettings
 from gd_core.fisher import FisherResult
 from gd_core.profile import SensitivityProfile
@@ -29,6 +35,7 @@ from .discovery import ModelLike, _discover, _load, _onnx_names, fingerprint, pr
 from .graph import Param, onnx
 from .persample import Engine, reported
 from .train import (
+    META_FORMAT,
     Artifacts,
     _drop_unused_inputs,
     _dropout_off,
@@ -54,8 +61,10 @@ def estimate_fisher(
 ) -> FisherResult:
     """The empirical Fisher diagonal from per-sample gradients through ORT Training.
 
-    Given a model (ModelProto or ``.onnx`` path), dropout-free training artifacts are built in a
-    temporary folder: every Dropout loses its ``training_mode`` input, which makes it the
+    Given a model (ModelProto or ``.onnx`` path), dropout-free training artifacts are built once
+    per graph into ``cache_dir()/ort-artifacts/<sha256>`` and reused by later calls (the opened,
+    checked engine too, within the process; a loss block other than a name: a temporary folder,
+    per call): every Dropout loses its ``training_mode`` input, which makes it the
     identity (eval semantics), and ``loss`` (see :func:`make_artifacts`) is added. Given an
     artifact folder (or :class:`Artifacts`), its ratio inputs are fed 0; artifacts whose dropout
     is fixed in the graph are refused. One train step per batch (or per piece of at most
@@ -92,13 +101,126 @@ def estimate_fisher(
     ):
         art = model if isinstance(model, Artifacts) else Artifacts.load(model)
         return _fisher_from_artifacts(art, batches, params, device, run, opts.chunk_size)
+    quick = _quick_key(model, loss, params, output, device)
+    known = _KNOWN.get(quick) if quick is not None else None
+    if known is not None and known in _ENGINES:  # the same file or graph as an earlier call
+        _ENGINES.move_to_end(known)
+        return _estimate(_ENGINES[known], batches, run, opts.chunk_size)
     proto = _load(model, "model")
     _g.check_ort_compatible(proto, "model")
     fixed, _ = prepare_for_training(_dropout_off(proto))  # the repair zeroes inert ratios
     _drop_unused_inputs(fixed, _ratio_inputs(proto).values())
-    with tempfile.TemporaryDirectory(prefix="gd-ort-fisher-") as tmp:
-        art = make_artifacts(fixed, tmp, loss, params, optimizer=None, output=output, repair=False)
-        return _fisher_from_artifacts(art, batches, None, device, run, opts.chunk_size)
+    if not isinstance(loss, str):  # an ORT loss block: no stable key, built for this call only
+        with tempfile.TemporaryDirectory(prefix="gd-ort-fisher-") as tmp:
+            art = make_artifacts(
+                fixed, tmp, loss, params, optimizer=None, output=output, repair=False
+            )
+            return _fisher_from_artifacts(art, batches, None, device, run, opts.chunk_size)
+    digest = _graph_digest(fixed, loss, params, output)
+    key = ("graph", digest, device, _PER_SAMPLE)
+    if quick is not None:
+        _KNOWN[quick] = key
+        while len(_KNOWN) > 4 * KEEP_ENGINES:
+            _KNOWN.popitem(last=False)
+    engine = _ENGINES.get(key)
+    if engine is not None:  # built, checked and opened by an earlier call in this process
+        _ENGINES.move_to_end(key)
+        return _estimate(engine, batches, run, opts.chunk_size)
+    art = _cached_artifacts(fixed, digest, loss, params, output)
+    return _fisher_from_artifacts(art, batches, None, device, run, opts.chunk_size, key=key)
+
+
+def _quick_key(
+    model: Any, loss: Any, params: Sequence[str] | None, output: str | None, device: str
+) -> Any:
+    """What identifies the model as given without preparing its graph: a file by path, size and
+    modification time (ns), a ModelProto by the SHA-256 of its bytes; None for a loss block."""
+    if not isinstance(loss, str):
+        return None
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.is_file():
+            return None
+        st = path.stat()
+        source: Any = ("file", str(path.resolve()), st.st_size, st.st_mtime_ns)
+    elif isinstance(model, onnx.ModelProto):
+        source = ("proto", hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest())
+    else:
+        return None
+    return (source, loss, tuple(params or ()), output, device, _PER_SAMPLE)
+
+
+#: artifact folders kept in ``cache_dir()/ort-artifacts`` (the least recently used goes first)
+KEEP_FOLDERS = 4
+#: opened engines kept in this process (each holds an ORT Module with the model's weights)
+KEEP_ENGINES = 2
+_ENGINES: OrderedDict[Any, Engine] = OrderedDict()
+#: the model as given (:func:`_quick_key`) -> its key in ``_ENGINES``
+_KNOWN: OrderedDict[Any, Any] = OrderedDict()
+
+
+def _graph_digest(fixed: Any, loss: str, params: Sequence[str] | None, output: str | None) -> str:
+    """The content address of the artifacts of a prepared graph: the graph (weights included),
+    the loss, the trained parameters, the loss's output and the library's artifact format."""
+    h = hashlib.sha256(fixed.SerializeToString(deterministic=True))
+    h.update(json.dumps([loss, list(params or []), output, META_FORMAT, 1]).encode())
+    return h.hexdigest()
+
+
+def _cached_artifacts(
+    fixed: Any, digest: str, loss: str, params: Sequence[str] | None, output: str | None
+) -> Artifacts:
+    """Dropout-free artifacts of ``fixed``, built once into ``cache_dir()/ort-artifacts/<digest>``
+    (one rename, see :func:`adapters.onnx.train.generate`) and reused by later calls, in this
+    process or another. A cached folder whose files do not match its recorded digests (tampered,
+    truncated) is rebuilt, with a warning saying why."""
+    root = cache_dir() / "ort-artifacts"
+    folder = root / digest[:32]
+    if folder.is_dir():
+        try:
+            art = Artifacts.load(folder)
+            os.utime(folder)  # most recently used
+            return art
+        except ArgumentError as exc:
+            warnings.warn(
+                f"estimate_fisher: the cached ONNX Runtime artifacts are rebuilt ({exc})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    try:
+        art = make_artifacts(
+            fixed, folder, loss, params, optimizer=None, output=output, repair=False
+        )
+    except OSError:  # another process put the same artifacts in place meanwhile
+        if not (folder / "training_model.onnx").is_file():
+            raise
+        art = Artifacts.load(folder)
+    _prune(root, keep=folder)
+    return art
+
+
+def _prune(root: Path, keep: Path) -> None:
+    """Remove all but the :data:`KEEP_FOLDERS` most recently used artifact folders."""
+    folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    folders.sort(key=lambda p: (p == keep, p.stat().st_mtime))
+    for old in folders[: max(0, len(folders) - KEEP_FOLDERS)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _estimate(
+    engine: Engine, batches: Iterable[Any], run: Mapping[str, Any], chunk_size: int | None
+) -> FisherResult:
+    engine.chunk_size = chunk_size
+    engine.pending = {}
+    result = loop.estimate(
+        batches,
+        engine,
+        run={"loss": engine.loss},
+        result=lambda acc: reported(acc, engine),
+        **run,
+    )
+    result.accumulator.metadata["framework"] = "onnxruntime-training"
+    return result
 
 
 def _fisher_from_artifacts(
@@ -108,6 +230,7 @@ def _fisher_from_artifacts(
     device: str,
     run: Mapping[str, Any],
     chunk_size: int | None = None,
+    key: Any = None,
 ) -> FisherResult:
     if art.dropout == "constant" or (
         art.dropout == "unknown" and training_dropout(art.training_model, art.ratio_inputs.values())
@@ -139,15 +262,11 @@ def _fisher_from_artifacts(
         wanted = set(_onnx_names(params, table, "params"))
         art.requires_grad = [n for n in art.requires_grad if n in wanted]
     engine = Engine(art, table, device, per_sample=_PER_SAMPLE, chunk_size=chunk_size)
-    result = loop.estimate(
-        batches,
-        engine,
-        run={"loss": art.loss},
-        result=lambda acc: reported(acc, engine),
-        **run,
-    )
-    result.accumulator.metadata["framework"] = "onnxruntime-training"
-    return result
+    if key is not None:
+        _ENGINES[key] = engine
+        while len(_ENGINES) > KEEP_ENGINES:
+            _ENGINES.popitem(last=False)
+    return _estimate(engine, batches, run, chunk_size)
 
 
 def _vector_ratio_inputs(art: Artifacts) -> list[str]:

@@ -77,6 +77,7 @@ class Engine(NumpyEngine):
     ) -> None:
         super().__init__()
         self.chunk_size = chunk_size
+        self.loss = art.loss
         self.params = params
         self.trained = [n for n in art.requires_grad if n in params]
         self.fallback: dict[str, str] = {}

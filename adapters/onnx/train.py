@@ -6,6 +6,7 @@ torch when torch is installed).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gd_core._io import atomic_write_bytes
-from gd_core.errors import bad_argument
+from gd_core.errors import ArgumentError, bad_argument
 
 from .._lazy import require
 from . import graph as _g
@@ -73,6 +73,7 @@ class Artifacts:
     ratio_inputs: dict[str, str] = field(default_factory=dict)
     loss: str = ""
     dropout: str = "unknown"
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     training_model = _InFolder("training_model.onnx")
     eval_model = _InFolder("eval_model.onnx")
@@ -83,6 +84,8 @@ class Artifacts:
         """``(Module, Optimizer or None, CheckpointState)`` ready to train on ``device``."""
         _, api = _ort_training()
         state = api.CheckpointState.load_checkpoint(str(self.checkpoint))
+        onnx = require("onnx")
+        check_state(self, onnx.load(str(self.training_model), load_external_data=False), state)
         eval_model = str(self.eval_model) if self.eval_model.exists() else None
         module = api.Module(str(self.training_model), state, eval_model, device=device)
         opt = None
@@ -100,6 +103,7 @@ class Artifacts:
                 "ratio_inputs": self.ratio_inputs,
                 "loss": self.loss,
                 "dropout": self.dropout,
+                "files": self.files,
             },
             indent=1,
         )
@@ -118,7 +122,9 @@ class Artifacts:
             )
         meta_path = folder / META_FILE
         if not meta_path.is_file():
-            return cls(folder)
+            art = cls(folder)
+            check_files(art)
+            return art
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -135,14 +141,25 @@ class Artifacts:
                 meta.get("format"),
                 "regenerate the artifacts with adapters.onnx.make_artifacts",
             )
-        return cls(
+        if meta.get("version") != 1:
+            raise bad_argument(
+                "artifacts",
+                f"{META_FILE} of version 1 (the version this library writes)",
+                f"version {meta.get('version')!r} in {meta_path}",
+                "upgrade guided-dropout, or regenerate the artifacts with "
+                "adapters.onnx.make_artifacts",
+            )
+        art = cls(
             folder,
             list(meta.get("requires_grad", [])),
             {str(k): list(v) for k, v in dict(meta.get("params", {})).items()},
             {str(k): str(v) for k, v in dict(meta.get("ratio_inputs", {})).items()},
             str(meta.get("loss", "")),
             str(meta.get("dropout", "unknown")),
+            {str(k): dict(v) for k, v in dict(meta.get("files", {})).items()},
         )
+        check_files(art)
+        return art
 
 
 def loss_block(loss: Any) -> Any:
@@ -186,17 +203,21 @@ def generate(
     output: str | None,
     meta: Artifacts,
 ) -> Artifacts:
-    """Run ``generate_artifacts`` into a temporary folder, then move each file into place."""
+    """Run ``generate_artifacts`` into a temporary folder beside ``out_dir`` with the metadata
+    (each file's size and sha256), then make it ``out_dir`` in one rename. A folder that also
+    holds files of its own (not artifacts) gets the files moved one by one, its metadata removed
+    first and written last, so that an interrupted rebuild is detected by :func:`check_files`."""
     artifacts, _ = _ort_training()
     target = Path(out_dir)
-    target.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     outputs = [o.name for o in model.graph.output]
     if output is not None and output not in outputs:
         raise bad_argument("output", f"one of the graph outputs {outputs}", output, "name one")
     kwargs: dict[str, Any] = {}
     if output is not None or len(outputs) > 1:
         kwargs["loss_input_names"] = [output or outputs[0]]
-    tmp = Path(tempfile.mkdtemp(prefix=".gd-artifacts-", dir=target))
+    foreign = _foreign_files(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.gd-build-", dir=target.parent))
     try:
         artifacts.generate_artifacts(
             model,
@@ -207,16 +228,125 @@ def generate(
             artifact_directory=str(tmp),
             **kwargs,
         )
-        stale = target / "optimizer_model.onnx"
-        if optimizer is None and stale.exists():
-            stale.unlink()
-        for item in sorted(tmp.iterdir()):
-            os.replace(item, target / item.name)
+        meta.directory = target
+        meta.files = {
+            item.name: _file_record(item) for item in sorted(tmp.iterdir()) if item.is_file()
+        }
+        (tmp / META_FILE).write_bytes(meta.to_json().encode())
+        if not foreign:
+            _swap_in(tmp, target)
+        else:  # other files live there: moved file by file, the metadata (digests) last
+            (target / META_FILE).unlink(missing_ok=True)
+            for name in (*ARTIFACT_FILES, *meta.files):
+                if name not in meta.files:
+                    (target / name).unlink(missing_ok=True)  # e.g. a stale optimizer graph
+            for name in meta.files:
+                os.replace(tmp / name, target / name)
+            os.replace(tmp / META_FILE, target / META_FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    meta.directory = target
-    atomic_write_bytes(target / META_FILE, meta.to_json().encode())
     return meta
+
+
+#: the files ``generate_artifacts`` writes
+ARTIFACT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+
+
+def _is_artifact(name: str) -> bool:
+    return name == META_FILE or any(name.startswith(a) for a in ARTIFACT_FILES)
+
+
+def _foreign_files(target: Path) -> list[str]:
+    """Names in an existing ``target`` that are not artifact files (the user's own)."""
+    if not target.is_dir():
+        return []
+    return sorted(p.name for p in target.iterdir() if not _is_artifact(p.name))
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Make the finished folder ``tmp`` the folder ``target`` in one rename (an existing folder of
+    artifacts is first renamed aside and removed after): a reader sees the old folder, none, or
+    the new one, never a mixture."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.gd-old-", dir=target.parent))
+    old.rmdir()
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:  # interrupted between the two renames: the old folder goes back
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _mismatch(folder: Path, why: str) -> Exception:
+    return ArgumentError(
+        "artifacts: expected an artifact folder whose files belong together (as make_artifacts "
+        f"wrote them), received {str(folder)!r}, where {why}; fix: rebuild it with "
+        "adapters.onnx.make_artifacts(model, folder) (an interrupted rebuild or files copied "
+        "from another model's artifacts leave such a folder), or delete it"
+    )
+
+
+def check_files(art: Artifacts) -> None:
+    """Refuse a folder whose files are empty or differ from the digests its metadata records."""
+    for name in ARTIFACT_FILES:
+        path = art.directory / name
+        if path.is_file() and path.stat().st_size == 0:
+            raise _mismatch(art.directory, f"{name} is empty (0 bytes)")
+    for name, rec in art.files.items():
+        path = art.directory / name
+        if not path.is_file():
+            raise _mismatch(art.directory, f"{name}, listed in {META_FILE}, is missing")
+        if path.stat().st_size != rec.get("size") or _sha256(path) != rec.get("sha256"):
+            raise _mismatch(
+                art.directory, f"{name} is not the file {META_FILE} records (size, sha256)"
+            )
+
+
+def check_state(art: Artifacts, graph: Any, state: Any) -> None:
+    """Refuse a checkpoint whose parameters do not fit the training graph's parameter inputs
+    (ORT itself would fail with ``INVALID_ARGUMENT : Got invalid dimensions``)."""
+    inputs = {
+        v.name: [
+            d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim
+        ]
+        for v in graph.graph.input
+    }
+    for name, param in state.parameters:
+        if not param.requires_grad:
+            continue
+        want = inputs.get(name)
+        have = list(param.data.shape)
+        if want is None:
+            raise _mismatch(
+                art.directory,
+                f"the checkpoint's parameter {name!r} is not an input of training_model.onnx",
+            )
+        if len(want) != len(have) or any(
+            w is not None and w != h for w, h in zip(want, have, strict=False)
+        ):
+            raise _mismatch(
+                art.directory,
+                f"the checkpoint's parameter {name!r} has shape {have}, training_model.onnx "
+                f"expects {want}",
+            )
 
 
 def training_dropout(path: Path, ratio_inputs: Iterable[str]) -> bool:

@@ -86,3 +86,14 @@ def batch() -> dict[str, np.ndarray]:
 def make_bert() -> Callable[..., Any]:
     """``make_bert(attn='sdpa', hidden=32, seed=0)``: a tiny random BERT classifier."""
     return tiny_bert
+
+
+@pytest.fixture(autouse=True)
+def _ort_caches(tmp_path_factory: Any, monkeypatch: Any) -> Any:
+    """Artifacts that estimate_fisher caches go to one folder of this session (not the user's
+    cache); engines it keeps open in the process are dropped after each test (tests patch them)."""
+    monkeypatch.setenv("GD_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "gd-cache"))
+    yield
+    fisher = sys.modules.get("adapters.onnx.fisher")
+    if fisher is not None and hasattr(fisher, "_ENGINES"):
+        fisher._ENGINES.clear()
