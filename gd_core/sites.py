@@ -127,8 +127,8 @@ class SiteList(list[Site]):
 
     Example:
         >>> found = SiteList([Site("drop", ("w",))], dead={"unused": "never called"})
-        >>> [s.name for s in found], found.dead
-        (['drop'], {'unused': 'never called'})
+        >>> [s.name for s in found], found["drop"].params, found.dead
+        (['drop'], ('w',), {'unused': 'never called'})
     """
 
     def __init__(
@@ -143,6 +143,18 @@ class SiteList(list[Site]):
         self.dead: dict[str, str] = dict(dead or {})
         self.unguarded: dict[str, str] = dict(unguarded or {})
         self.notes: list[str] = list(notes)
+
+    def __getitem__(self, key: Any) -> Any:
+        """A site by position, slice, or name (``found["classifier.dropout"]``)."""
+        if not isinstance(key, str):
+            return super().__getitem__(key)
+        for site in self:
+            if site.name == key:
+                return site
+        why = f": it is dead ({self.dead[key]})" if key in self.dead else ""
+        raise KeyError(
+            f"site {key!r} is not a live site{why} (sites: {[s.name for s in self][:4]}...)"
+        )
 
 
 def check_sites(sites: Sequence[Site]) -> list[Site]:

@@ -145,7 +145,14 @@ class _Recorder(TorchFunctionMode):
         else:
             name = getattr(func, "__name__", "op")
             self.ops.append(
-                Op(self.here(name), data, outs, params, add=name in _ADDS, softmax="softmax" in name)
+                Op(
+                    self.here(name),
+                    data,
+                    outs,
+                    params,
+                    add=name in _ADDS,
+                    softmax="softmax" in name,
+                )
             )
         return out
 

@@ -29,6 +29,8 @@ _DROPOUT_TYPES: tuple[type, ...] = (
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )
+
+
 @dataclass
 class SiteHandle:
     """A dropout site and its torch handle (every adapter names this pair ``SiteHandle``)."""
@@ -305,7 +307,9 @@ def _trace(
         for f in found
         if f.installed and not isinstance(f.owner, GuidedDropout)
     ]
-    modules = {id(f.owner): f.site.name for f in found if f.installed and f.site.kind != "attribute"}
+    modules = {
+        id(f.owner): f.site.name for f in found if f.installed and f.site.kind != "attribute"
+    }
     if example is None:
         example = example_input(root)
     if example is None:
