@@ -209,6 +209,15 @@ class _Recorder(TorchFunctionMode):
         self._first_out(path, out)
 
 
+def _unleak(root: nn.Module, rates: Mapping[float, str], old: Mapping[str, Any]) -> None:
+    """Modules the forward built (BigBird switching its attention type on short inputs) copied a
+    sentinel rate from a holder: give them the holder's real rate."""
+    for mod in root.modules():
+        for attr, value in list(vars(mod).items()):
+            if isinstance(value, float) and value in rates and rates[value] in old:
+                setattr(mod, attr, old[rates[value]])
+
+
 def sentinel_rates(holders: Sequence[tuple[Any, str, str]]) -> dict[float, str]:
     """A distinct rate for each candidate holder ``(object, attribute, holder name)``."""
     return {_SENTINEL_BASE + i * _SENTINEL_STEP: name for i, (_, _, name) in enumerate(holders)}
@@ -264,6 +273,11 @@ def trace(
     finally:
         for obj, attr, value in old_rates:
             setattr(obj, attr, value)
+        _unleak(
+            root,
+            rates,
+            {name: value for (_, _, name), (_, _, value) in zip(holders, old_rates, strict=True)},
+        )
         for h in handles:
             h.remove()
         root.train(was)
@@ -304,10 +318,10 @@ def _from_config(root: nn.Module, gen: Any) -> dict[str, Any] | None:
     if config is None or not isinstance(name, str):
         return None
     dtype = next((p.dtype for p in root.parameters() if p.is_floating_point()), torch.float32)
-    emb = root.get_input_embeddings() if hasattr(root, "get_input_embeddings") else None
     vocab = getattr(config, "vocab_size", None)
     if not isinstance(vocab, int):
-        vocab = emb.num_embeddings if isinstance(emb, nn.Embedding) else 16
+        emb = next((m for m in root.modules() if isinstance(m, nn.Embedding)), None)
+        vocab = emb.num_embeddings if emb is not None else 16
     example: dict[str, Any] = {}
     if name == "input_ids":
         example[name] = _ids(config, vocab, gen)

@@ -185,8 +185,10 @@ def _module_site(index: _Index, path: str, mod: Any) -> SiteHandle:
         params = index.params_of(guard)
     else:  # no leaf sibling with parameters: guard the parent's whole subtree
         params = index.params_of([parent], recurse=True)
-    site = Site(path, params, None, {}, "module")  # units: from the trace (what it drops)
-    return SiteHandle(site, mod, parent, leaf, "unknown")
+    # without a trace a called module is taken for hidden dropout (the trace decides otherwise)
+    units = _hidden_units(before)
+    site = Site(path, params, units, _unit_axes(index, params, units), "module")
+    return SiteHandle(site, mod, parent, leaf, "hidden")
 
 
 def _is_rate_attr(name: str, value: Any) -> bool:
@@ -408,6 +410,27 @@ def _adapter_dropout(name: str) -> bool:
     return ".lora_dropout." in f".{name}."
 
 
+def _candidates(root: Any) -> tuple[_Index, list[SiteHandle]]:
+    """Every candidate rate holder (dropout modules, rate attributes) with its structural guess;
+    stochastic depth (modules with a ``drop_prob`` rate) is noted as not handled."""
+    index = _Index(root)
+    found: list[SiteHandle] = []
+    depth = []
+    for path, mod in index.modules.items():
+        if path and _is_dropout(mod):
+            found.append(_module_site(index, path, mod))
+        found.extend(_attribute_sites(index, path, mod))
+        rate = vars(mod).get("drop_prob")
+        if isinstance(rate, float) and rate > 0 and not _is_dropout(mod):
+            depth.append(path)
+    if depth:
+        index.notes.append(
+            f"stochastic depth is not a site kind and is left as it is: {len(depth)} module(s) "
+            f"with drop_prob > 0 ({depth[:3]}...)"
+        )
+    return index, found
+
+
 def _discover(
     model: Any,
     mapping: Any = None,
@@ -422,16 +445,22 @@ def _discover(
     (what each site guards is then the structural guess, and no holder is found dead: enough for
     callers that only need the handles)."""
     root = _unwrap(model)
-    index = _Index(root)
-    found: list[SiteHandle] = []
-    for path, mod in index.modules.items():
-        if path and _is_dropout(mod):
-            found.append(_module_site(index, path, mod))
-        found.extend(_attribute_sites(index, path, mod))
+    index, found = _candidates(root)
     flow = None
     if trace:
         config = _config_holders(index)
         flow = _trace(root, found + config, example_input, given=example_input is not None)
+        if flow is not None and {id(m) for m in root.modules()} != {
+            id(m) for m in index.modules.values()
+        }:  # the forward built or replaced modules (BigBird on short inputs): list them again
+            built = sorted(set(dict(root.named_modules())) - set(index.modules))
+            index, found = _candidates(root)
+            config = _config_holders(index)
+            flow = _trace(root, found + config, example_input, given=example_input is not None)
+            index.notes.append(
+                f"the traced forward built or replaced modules ({built[:4]}...): the sites are "
+                "those of the model after it"
+            )
         if flow is not None:
             index.dead = {
                 f.site.name: "never used by a training-mode forward (not called, its rate never "

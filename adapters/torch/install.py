@@ -172,7 +172,7 @@ def apply(
             how = "hook" if f.site.kind == "hook" else "p"
             if opts.granularity == "unit":
                 why = {
-                    "attention": "attention probabilities: one rate per site",
+                    "attention": "attention probabilities, read through .p: one rate",
                     "unknown": "what it drops is unknown without a traced forward: one rate",
                 }.get(f.role, f"{type(mod).__name__} kept")
                 how = f"p ({why})"
