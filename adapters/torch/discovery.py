@@ -114,6 +114,7 @@ class _Index:
         self.root = root
         self.dead: dict[str, str] = {}  # holders one forward never uses: {name: reason}
         self.notes: list[str] = []
+        self.unguarded: dict[str, str] = {}  # parameters no site guards: {name: reason}
         self.modules: dict[str, Any] = dict(root.named_modules())
         self.pname: dict[int, str] = {id(p): n for n, p in root.named_parameters()}
         self.owner: dict[str, tuple[Any, str]] = {}
@@ -486,6 +487,7 @@ def _discover(
     if flow is not None:
         found = _regroup(index, found, flow)
     found = _apply_mapping(index, found, mapping)
+    index.unguarded = _unguarded(index, found, flow)
     if required and not found:
         raise no_sites(
             "use a model with nn.Dropout modules or dropout-rate attributes, or pass "
@@ -493,6 +495,52 @@ def _discover(
             detail=type(root).__name__,
         )
     return index, found
+
+
+def _unguarded(index: _Index, found: Sequence[SiteHandle], flow: _Flow | None) -> dict[str, str]:
+    """Every parameter no site guards, with the reason."""
+    guarded_now = {p for f in found for p in f.site.params}
+    used = {p for op in flow.ops for p in op.params} if flow is not None else set()
+    out = {}
+    for name in index.pname.values():
+        if name in guarded_now:
+            continue
+        if flow is None:
+            out[name] = "unknown: no traced forward (what the sites guard is a structural guess)"
+        elif name not in used:
+            out[name] = "not read by the traced training-mode forward"
+        else:
+            out[name] = (
+                "no dropout acts on its output: the tensors it computes reach no site before "
+                "a residual branch point, another site or the model's output"
+            )
+    return out
+
+
+def coverage(
+    model: Any, mapping: Any = None, *, add_sites: Any = None, example_input: Any = None
+) -> dict[str, dict[str, Any]]:
+    """Which parameters the sites guard and which none does, with the reason.
+
+    Returns ``{"guarded": {parameter: [site names]}, "unguarded": {parameter: reason}}``, every
+    parameter of the model in one of the two (tied parameters under their first name). Same
+    arguments as :func:`sites`.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(
+        ...     torch.nn.Linear(3, 5), torch.nn.Dropout(0.1), torch.nn.Linear(5, 2)
+        ... )
+        >>> c = coverage(net)
+        >>> c["guarded"], sorted(c["unguarded"])
+        ({'0.weight': ['1'], '0.bias': ['1']}, ['2.bias', '2.weight'])
+    """
+    index, found = _discover(model, mapping, add_sites, example_input=example_input)
+    by: dict[str, list[str]] = {}
+    for f in found:
+        for p in f.site.params:
+            by.setdefault(p, []).append(f.site.name)
+    return {"guarded": by, "unguarded": dict(index.unguarded)}
 
 
 def sites(
@@ -509,7 +557,8 @@ def sites(
     image size, audio, decoder inputs) links every dropout call to its holder; every call adds to
     what the site guards (:mod:`gd_core.dataflow`'s rule, the union over calls), and a site that
     drops a softmax output is attention-probability dropout (``units`` is ``None``). Holders the
-    forward never uses are not sites: they are listed in the result's ``dead`` with the reason.
+    forward never uses are not sites: they are listed in the result's ``dead`` with the reason;
+    parameters no site guards are in its ``unguarded``, with the reason (see :func:`coverage`).
     Without a traced forward (a warning says why) a site guards the parameters of its parent's
     leaf children registered before it. ``mapping`` ({site: [parameter names]} or a function
     site -> names or None) overrides what a site guards. ``add_sites=None`` adds hook sites only
@@ -526,7 +575,9 @@ def sites(
         ('1', ('0.weight', '0.bias'), 5, {'0.weight': 0, '0.bias': 0}, 'module')
     """
     index, found = _discover(model, mapping, add_sites, example_input=example_input)
-    return SiteList([f.site for f in found], dead=index.dead, notes=index.notes)
+    return SiteList(
+        [f.site for f in found], dead=index.dead, unguarded=index.unguarded, notes=index.notes
+    )
 
 
 def fingerprint(model: Any, *, params: Iterable[str] | None = None) -> Fingerprint:

@@ -193,3 +193,127 @@ def test_no_name_lists_decide_a_site_kind():
 
     for old in ("_QKV_CHILDREN", "_HIDDEN_WORDS", "_ATTENTION_WORDS"):
         assert not hasattr(d, old)
+
+
+def _vision(name: str):
+    torch.manual_seed(0)
+    if name == "resnet":
+        cfg = T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], image_size=32)
+        return T.ResNetForImageClassification(cfg)
+    if name == "regnet":
+        cfg = T.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2], groups_width=8)
+        return T.RegNetForImageClassification(cfg)
+    if name == "swin":
+        cfg = T.SwinConfig(
+            image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[2, 2],
+            window_size=2, drop_path_rate=0.1,
+        )  # fmt: skip
+        return T.SwinForImageClassification(cfg)
+    if name == "wav2vec2":
+        cfg = T.Wav2Vec2Config(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            conv_dim=(8, 8), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=4,
+            num_conv_pos_embedding_groups=2, classifier_proj_size=8,
+        )  # fmt: skip
+        return T.Wav2Vec2ForSequenceClassification(cfg)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", ["swin", "wav2vec2"])
+def test_image_and_audio_models_trace_from_their_main_input(name):
+    found = _sites(_vision(name))
+    assert not [n for n in found.notes if "structural" in n or "no traced forward" in n]
+    assert any(s.units is None for s in found)  # attention probabilities found by dataflow
+
+
+def test_stochastic_depth_is_reported_as_not_handled():
+    found = _sites(_vision("swin"))
+    assert any("stochastic depth" in n and "drop_path" in n for n in found.notes)
+
+
+@pytest.mark.parametrize("name", ["resnet", "regnet"])
+def test_image_models_without_dropout_get_residual_sites(name):
+    model = _vision(name)
+    found = _sites(model)
+    assert found and all(s.kind == "hook" for s in found)
+    report = apply(model, {s.name: 0.05 for s in found})
+    assert all(r.new_p == 0.05 for r in report)
+
+
+def test_parameters_read_directly_are_seen():
+    torch.manual_seed(0)
+    cfg = T.DebertaV2Config(
+        relative_attention=True, position_buckets=8, norm_rel_ebd="layer_norm", **TINY
+    )
+    found = _sites(T.DebertaV2ForSequenceClassification(cfg))
+    guarded = {p for s in found for p in s.params}
+    assert "deberta.encoder.rel_embeddings.weight" in guarded
+
+
+def test_bigbird_building_modules_in_the_forward_does_not_leak_rates():
+    torch.manual_seed(0)
+    cfg = T.BigBirdConfig(attention_type="block_sparse", block_size=2, num_random_blocks=2, **TINY)
+    model = T.BigBirdForSequenceClassification(cfg)
+    found = _sites(model)
+    assert any("built or replaced modules" in n for n in found.notes)
+    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {0.1}  # no sentinel rate left behind
+    assert found["bert.encoder.layer.0.attention.self.dropout"].units is None
+
+
+def test_a_rate_read_from_config_at_forward_time_is_installable():
+    torch.manual_seed(0)
+    cfg = T.FalconConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        hidden_dropout=0.1, attention_dropout=0.1,
+    )  # fmt: skip
+    model = T.FalconForCausalLM(cfg)
+    found = _sites(model)
+    assert "config.hidden_dropout" in [s.name for s in found]
+    assert "transformer.h.0.hidden_dropout" in found.dead  # copied at init, never read
+    apply(model, {s.name: 0.07 for s in found})
+    assert model.config.hidden_dropout == 0.07
+    seen = []
+    real = torch.nn.functional.dropout
+
+    def spy(x, p=0.5, training=True, inplace=False):
+        seen.append(p)
+        return real(x, p, training, inplace)
+
+    torch.nn.functional.dropout = spy
+    try:
+        model.train()
+        model(input_ids=torch.randint(3, 60, (1, 6)))
+    finally:
+        torch.nn.functional.dropout = real
+    assert seen and set(seen) == {0.07}  # every call runs at the installed rate
+
+
+@pytest.mark.parametrize("model", ["opt", "bloom"])
+def test_more_dead_holders(model):
+    torch.manual_seed(0)
+    if model == "opt":
+        cfg = T.OPTConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+            num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=16,
+        )  # fmt: skip
+        found, dead = _sites(T.OPTForCausalLM(cfg)), "model.decoder.dropout"
+    else:
+        cfg = T.BloomConfig(vocab_size=64, hidden_size=16, n_layer=2, n_head=2, hidden_dropout=0.1)
+        found, dead = _sites(T.BloomForCausalLM(cfg)), "transformer.h.0.hidden_dropout"
+    assert dead in found.dead and dead not in [s.name for s in found]
+
+
+def test_coverage_lists_every_parameter_guarded_or_with_a_reason():
+    from adapters.torch import coverage
+
+    model = _build("bert")
+    c = coverage(model)
+    names = {n for n, _ in model.named_parameters()}
+    assert set(c["guarded"]) | set(c["unguarded"]) == names
+    assert not set(c["guarded"]) & set(c["unguarded"])
+    layer = "bert.encoder.layer.0"
+    for p in (f"{layer}.attention.self.query.weight", f"{layer}.output.dense.weight"):
+        assert p in c["guarded"]
+    assert "no dropout acts on its output" in c["unguarded"]["classifier.weight"]
+    assert _sites(model).unguarded == c["unguarded"]
