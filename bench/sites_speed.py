@@ -2,7 +2,8 @@
 
 Builds ``BertForSequenceClassification`` with BERT-large's shape (24 layers, hidden 1024, 16 heads,
 FFN 4096, random weights, no download) and times ``sites(model)`` (one traced forward on the
-guessed input plus the dataflow rule), best of ``--repeat`` runs after one warm-up.
+guessed input plus the dataflow rule), best of ``--repeat`` runs after one warm-up, next to a plain
+no-grad forward of the model on an input of the same size (the floor the trace cannot beat).
 
     OMP_NUM_THREADS=2 PYTHONPATH=. python bench/sites_speed.py --repeat 3
 """
@@ -34,11 +35,16 @@ def main() -> None:
     )
     model = transformers.BertForSequenceClassification(config)
     gdt.sites(model)  # warm-up (imports, first-call caches)
-    times = []
-    for _ in range(args.repeat):
+    times, plain = [], []
+    ids = torch.randint(3, 30, (2, 8))
+    for _ in range(args.repeat):  # interleaved with a plain forward on the same-sized input
         t0 = time.perf_counter()
         found = gdt.sites(model)
         times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids)
+        plain.append(time.perf_counter() - t0)
     print(
         json.dumps(
             {
@@ -48,6 +54,8 @@ def main() -> None:
                 "omp": os.environ.get("OMP_NUM_THREADS"),
                 "seconds_best": round(min(times), 3),
                 "seconds_all": [round(t, 3) for t in times],
+                "plain_forward_best": round(min(plain), 3),
+                "load_avg_1min": round(os.getloadavg()[0], 2),
             }
         )
     )
