@@ -277,8 +277,8 @@ def chain(names: Iterable[tuple[str, Sequence[str], bool]]) -> list[Op]:
 
 def residual_joins(ops: Sequence[Op]) -> list[tuple[int, str, str]]:
     """Residual adds: ``(op index, stream tensor, branch tensor)`` for every addition that joins
-    a tensor ``s`` read by other ops too (the stream; possibly through param-free views, like an
-    identity shortcut module) with a tensor computed from ``s`` (the branch), in execution order. Gating (``gate * up``), attention (``q @ k``) and activations
+    a tensor ``s`` read by other ops too (the stream) with a tensor computed from ``s`` (the
+    branch), in execution order. Gating (``gate * up``), attention (``q @ k``) and activations
     written as ``x * f(x)`` are not residual: they are not additions.
 
     Example — ``y = x + f(x)``:
@@ -293,23 +293,11 @@ def residual_joins(ops: Sequence[Op]) -> list[tuple[int, str, str]]:
         if len(op.inputs) != 2 or op.site or not op.add:
             continue
         for s, b in (op.inputs, op.inputs[::-1]):
-            if b not in g.producer:
+            others = [r for r in g.consumers.get(s, []) if r != i]
+            if not others or b not in g.producer:
                 continue
-            # the stream may reach the add through views (an identity shortcut, a cast)
-            chain, t, skip = [s], s, i
-            while t in g.producer and _is_view(g.ops[g.producer[t]]):
-                skip = g.producer[t]
-                t = g.ops[skip].inputs[0]
-                chain.append(t)
-            stream = None
-            for k, t in enumerate(chain):
-                last = i if k == 0 else g.producer[chain[k - 1]]
-                others = [r for r in g.consumers.get(t, []) if r != last]
-                if any(_leads_to(g, r, g.producer[b], memo) for r in others):
-                    stream = t  # where the stream forks into the branch and the skip
-                    break
-            if stream is not None:
-                out.append((i, stream, b))
+            if any(_leads_to(g, r, g.producer[b], memo) for r in others):
+                out.append((i, s, b))
                 break
     return out
 

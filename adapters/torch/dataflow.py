@@ -188,10 +188,14 @@ class _Recorder(TorchFunctionMode):
         self.leaf_depth -= 1
         if self.leaf_depth:
             return
+        site_of = self.module_site(path, mod)
+        ins = [a for a in tree_flatten((args, kwargs))[0] if torch.is_tensor(a)]
+        if len(ins) == 1 and out is ins[0] and site_of is None:
+            return  # an identity (a ResNet shortcut): no computation, the tensor passes through
         data, direct = self.split((args, kwargs))  # parameters passed in are read here too
         params = [self.pname[id(p)] for p in mod.parameters() if id(p) in self.pname]
         params += [p for p in direct if p not in params]
-        site = self.module_site(path, mod)
+        site = site_of
         outs = self.outs(out)
         if site is not None:
             self.seen_sites.add(site)

@@ -68,17 +68,3 @@ def test_a_holder_dropping_probabilities_and_hidden_states_is_not_attention() ->
         Op("drop", ("h",), ("hd",), site=True),
     ]
     assert attention_sites(ops) == set()
-
-
-def test_a_residual_through_an_identity_shortcut_is_found_at_its_fork() -> None:
-    from gd_core.dataflow import insertion_points, residual_joins
-
-    # ResNet: the skip path is an Identity module (a param-free one-input op) before the add
-    ops = [
-        Op("embed", ("img",), ("x",), ("embed.weight",)),
-        Op("shortcut", ("x",), ("s",)),
-        Op("conv", ("x",), ("c",), ("conv.weight",)),
-        Op("add", ("c", "s"), ("y",), add=True),
-    ]
-    assert residual_joins(ops) == [(3, "x", "c")]
-    assert insertion_points(ops) == ["x", "c"]
