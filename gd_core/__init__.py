@@ -32,7 +32,7 @@ from .mappings import MAPPINGS, map_scores, rescale_to_mean, shuffled, unit_prob
 from .masks import binomial_halfwidth, mean_halfwidth, reference_dropout, reference_mask
 from .profile import SensitivityProfile
 from .schedules import SCHEDULES, Schedule
-from .sites import AGGREGATIONS, Site, aggregate, unit_scores
+from .sites import AGGREGATIONS, Site, SiteList, aggregate, unit_scores
 
 __all__ = [
     "AGGREGATIONS",
@@ -53,6 +53,7 @@ __all__ = [
     "Schedule",
     "SensitivityProfile",
     "Site",
+    "SiteList",
     "__version__",
     "aggregate",
     "binomial_halfwidth",

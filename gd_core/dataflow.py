@@ -57,6 +57,8 @@ class Op:
         norm: True for a normalisation (LayerNorm, RMSNorm): rule 3 attributes it.
         add: True for an addition (only an addition can be a residual join, so that ``x * f(x)``
             in a decomposed activation is not taken for one).
+        softmax: True for a softmax (or an attention kernel's scores, which it normalises): a
+            site dropping its output is attention-probability dropout (:func:`attention_sites`).
     """
 
     name: str
@@ -66,6 +68,7 @@ class Op:
     site: bool = False
     norm: bool = False
     add: bool = False
+    softmax: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
@@ -217,9 +220,11 @@ class _Walker:
 
 
 def guarded(ops: Sequence[Op]) -> dict[str, list[str]]:
-    """Apply the rule: ``{site name: [guarded parameter names]}`` for every site op, in order.
+    """Apply the rule: ``{site name: [guarded parameter names]}`` for every site, in order.
 
-    ``ops`` must be in execution order (a topological order of the graph).
+    ``ops`` must be in execution order (a topological order of the graph). A site may be called
+    more than once (several site ops with one name: a dropout module used twice, a layer shared
+    across depths): it guards the union of what each call guards.
 
     Example — ``Linear -> Dropout -> Linear -> Dropout``:
         >>> ops = [
@@ -232,12 +237,13 @@ def guarded(ops: Sequence[Op]) -> dict[str, list[str]]:
         {'1': ['0.weight', '0.bias'], '3': ['2.weight']}
     """
     g = _Graph(list(ops))
-    names = [op.name for op in g.ops if op.site]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise bad_argument("ops", "unique site names", dup[:3], "name each site by its own path")
     w = _Walker(g)
-    return {op.name: w.site_params(i) for i, op in enumerate(g.ops) if op.site}
+    out: dict[str, list[str]] = {}
+    for i, op in enumerate(g.ops):
+        if op.site:  # a site is a rate holder: every call of it adds what that call guards
+            group = out.setdefault(op.name, [])
+            group.extend(p for p in w.site_params(i) if p not in group)
+    return out
 
 
 def shared_groups(groups: dict[str, list[str]]) -> list[tuple[str, ...]]:
@@ -329,8 +335,38 @@ def with_sites(ops: Sequence[Op], at: dict[str, str]) -> list[Op]:
     out: list[Op] = []
     for op in ops:
         ins = tuple(renamed.get(t, t) for t in op.inputs)
-        out.append(Op(op.name, ins, op.outputs, op.params, op.site, op.norm, op.add))
+        out.append(Op(op.name, ins, op.outputs, op.params, op.site, op.norm, op.add, op.softmax))
         for t in op.outputs:
             if t in at:
                 out.append(Op(at[t], (t,), (renamed[t],), site=True))
     return out
+
+
+def attention_sites(ops: Sequence[Op]) -> set[str]:
+    """Sites that drop attention probabilities: every call of them drops a softmax output
+    (possibly cast, reshaped or transposed), decided from the dataflow, never from names. Such a
+    site drops one entry per (query, key) pair, so it has no hidden units.
+
+    Example:
+        >>> ops = [
+        ...     Op("s", ["q"], ["a"], softmax=True), Op("drop", ["a"], ["b"], site=True),
+        ...     Op("f", ["b"], ["c"], ["f.weight"]), Op("out", ["c"], ["d"], site=True),
+        ... ]
+        >>> sorted(attention_sites(ops))
+        ['drop']
+    """
+    g = _Graph(list(ops))
+    verdict: dict[str, bool] = {}
+    for op in g.ops:
+        if not op.site:
+            continue
+        t = op.inputs[0] if op.inputs else None
+        probs = False
+        while t is not None and t in g.producer:
+            src = g.ops[g.producer[t]]
+            if src.softmax:
+                probs = True
+                break
+            t = src.inputs[0] if _is_view(src) else None
+        verdict[op.name] = verdict.get(op.name, True) and probs
+    return {name for name, probs in verdict.items() if probs}

@@ -112,6 +112,51 @@ class Site:
         )
 
 
+class SiteList(list[Site]):
+    """What an adapter's ``sites(model)`` returns: the live sites (a plain list of :class:`Site`),
+    plus the facts about the rest of the model.
+
+    Attributes:
+        dead: ``{holder name: reason}`` for rate holders (a dropout module, a rate attribute) that
+            one training-mode forward never uses: they are not sites, are never profiled and
+            ``apply`` leaves them as they are (its report's notes name them).
+        unguarded: ``{parameter name: reason}`` for parameters no site guards (empty when the
+            adapter did not work it out).
+        notes: what the adapter could not do or did differently (a structural guess, stochastic
+            depth not handled...).
+
+    Example:
+        >>> found = SiteList([Site("drop", ("w",))], dead={"unused": "never called"})
+        >>> [s.name for s in found], found["drop"].params, found.dead
+        (['drop'], ('w',), {'unused': 'never called'})
+    """
+
+    def __init__(
+        self,
+        sites: Iterable[Site] = (),
+        *,
+        dead: Mapping[str, str] | None = None,
+        unguarded: Mapping[str, str] | None = None,
+        notes: Iterable[str] = (),
+    ) -> None:
+        super().__init__(sites)
+        self.dead: dict[str, str] = dict(dead or {})
+        self.unguarded: dict[str, str] = dict(unguarded or {})
+        self.notes: list[str] = list(notes)
+
+    def __getitem__(self, key: Any) -> Any:
+        """A site by position, slice, or name (``found["classifier.dropout"]``)."""
+        if not isinstance(key, str):
+            return super().__getitem__(key)
+        for site in self:
+            if site.name == key:
+                return site
+        why = f": it is dead ({self.dead[key]})" if key in self.dead else ""
+        raise KeyError(
+            f"site {key!r} is not a live site{why} (sites: {[s.name for s in self][:4]}...)"
+        )
+
+
 def check_sites(sites: Sequence[Site]) -> list[Site]:
     """Validate a site list: at least one, unique names."""
     sites = list(sites)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from gd_core.fisher import FisherResult
 from gd_core.report import ApplyReport
 
-from .discovery import fingerprint, sites
+from .discovery import coverage, fingerprint, sites
 from .fisher import estimate_fisher, profile
 from .install import _watch_from_pretrained, apply, recorded_plan
 from .layer import GuidedDropout
@@ -56,6 +56,7 @@ __all__ = [
     "MaskedLMLoss",
     "Scheduler",
     "apply",
+    "coverage",
     "estimate_fisher",
     "fingerprint",
     "load_peft",

@@ -6,14 +6,13 @@ Sites are ``nn.Dropout``-family modules, float attributes named like ``*dropout*
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gd_core import Fingerprint, Site
-from gd_core.dataflow import guarded, insertion_points, with_sites
+from gd_core import Fingerprint, Site, SiteList
+from gd_core.dataflow import attention_sites, guarded, insertion_points, with_sites
 from gd_core.errors import bad_argument, no_sites
 from gd_core.sites import site_mapping
 from gd_core.validate import check_known
@@ -30,28 +29,6 @@ _DROPOUT_TYPES: tuple[type, ...] = (
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )
-_QKV_CHILDREN = frozenset(
-    {
-        "query",
-        "key",
-        "value",
-        "q",
-        "k",
-        "v",
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "c_attn",
-        "qkv",
-        "query_key_value",
-        "wqkv",
-        "in_proj",
-    }
-)
-_HIDDEN_WORDS = frozenset(
-    {"resid", "residual", "out", "output", "proj", "hidden", "ffn", "mlp", "embd", "emb", "embed"}
-)
-_ATTENTION_WORDS = frozenset({"attn", "attention", "att", "probs"})
 
 
 @dataclass
@@ -62,7 +39,7 @@ class SiteHandle:
     owner: Any  # the dropout module; the module holding the attribute; the hook target
     parent: Any  # the module holding the dropout module (None for attributes / hooks)
     attr: str  # child name in parent / attribute name / HOOK_CHILD
-    role: str  # "hidden" or "attention"
+    role: str  # "hidden", "attention" (drops attention probabilities) or "unknown" (no trace)
     installed: bool = True  # False for hook sites not installed yet
 
 
@@ -135,6 +112,9 @@ class _Index:
 
     def __init__(self, root: Any) -> None:
         self.root = root
+        self.dead: dict[str, str] = {}  # holders one forward never uses: {name: reason}
+        self.notes: list[str] = []
+        self.unguarded: dict[str, str] = {}  # parameters no site guards: {name: reason}
         self.modules: dict[str, Any] = dict(root.named_modules())
         self.pname: dict[int, str] = {id(p): n for n, p in root.named_parameters()}
         self.owner: dict[str, tuple[Any, str]] = {}
@@ -166,33 +146,9 @@ def _unit_axes(index: _Index, params: Sequence[str], units: int | None) -> dict[
     return axes
 
 
-def _words(name: str) -> set[str]:
-    return {w for w in re.split(r"[^a-z]+", name.lower()) if w}
-
-
-def _qkv_children(holder: Any) -> list[Any]:
-    return [c for n, c in holder.named_children() if n.lower() in _QKV_CHILDREN]
-
-
-def _role(leaf: str, holder: Any) -> str:
-    """'attention' for attention-probability dropout, 'hidden' for dropout on hidden states."""
-    words = _words(leaf)
-    if words & _HIDDEN_WORDS:
-        return "hidden"
-    if words & _ATTENTION_WORDS:
-        return "attention"
-    if _qkv_children(holder) or hasattr(holder, "in_proj_weight"):
-        return "attention"
-    return "hidden"
-
-
-def _default_guard(parent: Any, leaf: str, role: str) -> tuple[list[Any], list[Any]]:
-    """(guarded leaf modules, those registered before the dropout) under ``parent``.
-
-    In a module with query/key/value projections, attention-probability dropout guards those
-    projections and hidden-state dropout guards the other leaf children.
-    """
-    qkv = {id(c) for c in _qkv_children(parent)}
+def _default_guard(parent: Any, leaf: str) -> tuple[list[Any], list[Any]]:
+    """(guarded leaf modules, those registered before the dropout) under ``parent``: the
+    structural guess used when no forward could be traced."""
     before: list[Any] = []
     every: list[Any] = []
     seen_self = False
@@ -201,8 +157,6 @@ def _default_guard(parent: Any, leaf: str, role: str) -> tuple[list[Any], list[A
             seen_self = True
             continue
         if _is_dropout(child) or not _is_leaf(child) or not _has_params(child):
-            continue
-        if qkv and (id(child) in qkv) != (role == "attention"):
             continue
         every.append(child)
         if not seen_self:
@@ -226,16 +180,16 @@ def _module_site(index: _Index, path: str, mod: Any) -> SiteHandle:
         units = _hidden_units([parent])
         site = Site(path, params, units, _unit_axes(index, params, units), "hook")
         return SiteHandle(site, mod, parent, leaf, "hidden")
-    role = _role(leaf, parent)
-    every, before = _default_guard(parent, leaf, role)
+    every, before = _default_guard(parent, leaf)
     guard = before or every
     if guard:
         params = index.params_of(guard)
     else:  # no leaf sibling with parameters: guard the parent's whole subtree
         params = index.params_of([parent], recurse=True)
-    units = _hidden_units(before) if role == "hidden" else None
+    # without a trace a called module is taken for hidden dropout (the trace decides otherwise)
+    units = _hidden_units(before)
     site = Site(path, params, units, _unit_axes(index, params, units), "module")
-    return SiteHandle(site, mod, parent, leaf, role)
+    return SiteHandle(site, mod, parent, leaf, "hidden")
 
 
 def _is_rate_attr(name: str, value: Any) -> bool:
@@ -254,15 +208,33 @@ def _attribute_sites(index: _Index, path: str, mod: Any) -> list[SiteHandle]:
     for attr, value in vars(mod).items():
         if attr.startswith("_") or not _is_rate_attr(attr, value):
             continue
-        role = _role(attr, mod)
-        leaves = _default_guard(mod, "", role)[0]
+        leaves = _default_guard(mod, "")[0]
         params = index.params_of(leaves) if leaves else index.params_of([mod], recurse=True)
         if hasattr(mod, "in_proj_weight"):  # nn.MultiheadAttention keeps in_proj on itself
             params = index.params_of([mod], recurse=True)
-        units = _hidden_units(leaves) if role == "hidden" else None
         name = _join(path, attr)
-        site = Site(name, params, units, _unit_axes(index, params, units), "attribute")
-        out.append(SiteHandle(site, mod, None, attr, role))
+        site = Site(name, params, None, {}, "attribute")
+        out.append(SiteHandle(site, mod, None, attr, "unknown"))
+    return out
+
+
+def _config_holders(index: _Index) -> list[SiteHandle]:
+    """Rate fields of the ``config`` objects modules read at forward time (Falcon, Persimmon,
+    ProphetNet): candidates only, a site once the trace sees a call at that rate. A config shared
+    by several modules is one holder, named after the first module holding it."""
+    out: list[SiteHandle] = []
+    seen: set[int] = set()
+    for path, mod in index.modules.items():
+        config = vars(mod).get("config")
+        if config is None or isinstance(config, nn.Module) or id(config) in seen:
+            continue
+        seen.add(id(config))
+        for field, value in list(vars(config).items()):
+            if field.startswith("_") or not _is_rate_attr(field, value):
+                continue
+            name = _join(path, "config", field)
+            site = Site(name, index.params_of([mod], recurse=True), None, {}, "attribute")
+            out.append(SiteHandle(site, config, None, field, "unknown"))
     return out
 
 
@@ -305,66 +277,88 @@ def _hook_targets(index: _Index, add_sites: Any, flow: _Flow | None = None) -> l
 
 @dataclass
 class _Flow:
-    """One traced forward: ops, and for tensors a module returned, its path (both ways)."""
+    """One traced forward: ops, the holders it reached, and for tensors a module returned, its
+    path (both ways)."""
 
     ops: list[Any]
+    seen: set[str]
     module_out: dict[str, str]
     path_out: dict[str, str]
 
 
-def _trace(root: Any, index: _Index, found: Sequence[SiteHandle]) -> _Flow | None:
-    """The model's dataflow from one forward on a small guessed input (``None`` when no input
-    can be guessed or the forward fails: the structural rule is used then)."""
+def _on_device(example: Any, root: Any) -> Any:
+    device = next((p.device for p in root.parameters()), None)
+    if device is None or device.type == "cpu":
+        return example
+    if torch.is_tensor(example):
+        return example.to(device)
+    if isinstance(example, Mapping):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in example.items()}
+    return tuple(v.to(device) if torch.is_tensor(v) else v for v in example)
+
+
+def _trace(
+    root: Any, found: Sequence[SiteHandle], example: Any = None, *, given: bool = False
+) -> _Flow | None:
+    """The model's dataflow from one forward on ``example`` (guessed when not given; ``None``
+    when no input can be guessed or the forward fails: the structural rule is used then, with a
+    warning)."""
     from .dataflow import example_input, trace
 
-    names = {f.site.name: f for f in found}
-    attention = {}
-    for n, f in names.items():
-        if f.role == "attention":
-            attention.setdefault(_split(n)[0], []).append(n)
-    example = example_input(root)
+    holders = [
+        (f.owner, f.attr if f.site.kind == "attribute" else "p", f.site.name)
+        for f in found
+        if f.installed and not isinstance(f.owner, GuidedDropout)
+    ]
+    modules = {
+        id(f.owner): f.site.name for f in found if f.installed and f.site.kind != "attribute"
+    }
     if example is None:
-        return None
-    device = next((p.device for p in root.parameters()), None)
-    if device is not None and device.type != "cpu":
-        example = (
-            {k: v.to(device) for k, v in example.items()}
-            if isinstance(example, Mapping)
-            else tuple(v.to(device) for v in example)
-        )
-    try:
-        ops, _, module_out, path_out = trace(
-            root,
-            example,
-            is_site=lambda p, m: _is_dropout(m) and p in names,
-            functional_site=lambda mp: (
-                attention[mp][0] if len(attention.get(mp, ())) == 1 else None
-            ),
-            is_norm=_is_norm,
-        )
-    except Exception as exc:  # noqa: BLE001 - a model the guessed input does not fit
+        example = example_input(root)
+    if example is None:
         warnings.warn(
-            f"adapters.torch: one forward of {type(root).__name__} on a guessed input failed "
-            f"({type(exc).__name__}: {str(exc)[:200]}), so what each dropout site guards is "
-            "the structural guess (the parameters of the modules before it); pass "
-            "mapping={site: [parameter names]} to sites()/profile() to set it",
+            f"adapters.torch: no input could be guessed for {type(root).__name__}, so what each "
+            "dropout site guards is the structural guess (the parameters of the modules before "
+            "it); pass example_input=<one small batch> to sites()/profile()/apply()",
             RuntimeWarning,
             stacklevel=4,
         )
         return None
-    return _Flow(ops, module_out, path_out)
+    try:
+        ops, seen, module_out, path_out = trace(
+            root,
+            _on_device(example, root),
+            holders=holders,
+            module_site=lambda p, m: modules.get(id(m)),
+            is_norm=_is_norm,
+        )
+    except Exception as exc:  # noqa: BLE001 - a model the input does not fit
+        what = "the given example_input" if given else "a guessed input"
+        warnings.warn(
+            f"adapters.torch: one forward of {type(root).__name__} on {what} failed "
+            f"({type(exc).__name__}: {str(exc)[:200]}), so what each dropout site guards is "
+            "the structural guess (the parameters of the modules before it); pass "
+            "example_input=<one small batch the model's forward takes> or "
+            "mapping={site: [parameter names]} to sites()/profile()/apply()",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+    return _Flow(ops, seen, module_out, path_out)
 
 
 def _regroup(index: _Index, found: list[SiteHandle], flow: _Flow) -> list[SiteHandle]:
-    """Guarded parameters by the one rule of :mod:`gd_core.dataflow`; sites the forward did not
-    reach keep the structural rule's."""
+    """Guarded parameters by the one rule of :mod:`gd_core.dataflow`, and each site's role from
+    what it drops (a softmax output: attention probabilities, no hidden units)."""
     at = {}
     for f in found:
         if not f.installed:
             target = _split(f.site.name)[0]
             if target in flow.path_out:
                 at[flow.path_out[target]] = f.site.name
-    groups = guarded(with_sites(flow.ops, at))
+    ops = with_sites(flow.ops, at)
+    groups = guarded(ops)
+    attention = attention_sites(ops)
     order = {n: i for i, n in enumerate(index.pname.values())}
     out = []
     for f in found:
@@ -373,11 +367,13 @@ def _regroup(index: _Index, found: list[SiteHandle], flow: _Flow) -> list[SiteHa
             out.append(f)
             continue
         params = sorted(params, key=lambda n: order.get(n, len(order)))  # model order
-        units = f.site.units
-        if f.role == "hidden" and params:
-            units = _hidden_units([index.owner[n][0] for n in groups[f.site.name][:1]]) or units
+        role = "attention" if f.site.name in attention else "hidden"
+        units = None
+        if role == "hidden" and params:
+            first = groups[f.site.name][:1]
+            units = _hidden_units([index.owner[n][0] for n in first]) or f.site.units
         site = Site(f.site.name, params, units, _unit_axes(index, params, units), f.site.kind)
-        out.append(replace(f, site=site))
+        out.append(replace(f, site=site, role=role))
     return out
 
 
@@ -415,6 +411,27 @@ def _adapter_dropout(name: str) -> bool:
     return ".lora_dropout." in f".{name}."
 
 
+def _candidates(root: Any) -> tuple[_Index, list[SiteHandle]]:
+    """Every candidate rate holder (dropout modules, rate attributes) with its structural guess;
+    stochastic depth (modules with a ``drop_prob`` rate) is noted as not handled."""
+    index = _Index(root)
+    found: list[SiteHandle] = []
+    depth = []
+    for path, mod in index.modules.items():
+        if path and _is_dropout(mod):
+            found.append(_module_site(index, path, mod))
+        found.extend(_attribute_sites(index, path, mod))
+        rate = vars(mod).get("drop_prob")
+        if isinstance(rate, float) and rate > 0 and not _is_dropout(mod):
+            depth.append(path)
+    if depth:
+        index.notes.append(
+            f"stochastic depth is not a site kind and is left as it is: {len(depth)} module(s) "
+            f"with drop_prob > 0 ({depth[:3]}...)"
+        )
+    return index, found
+
+
 def _discover(
     model: Any,
     mapping: Any = None,
@@ -422,17 +439,43 @@ def _discover(
     *,
     required: bool = True,
     trace: bool = True,
+    example_input: Any = None,
 ) -> tuple[_Index, list[SiteHandle]]:
-    """The sites and their handles; ``trace=False`` skips the traced forward (what each site
-    guards is then the structural guess: enough for callers that only need the handles)."""
+    """The live sites and their handles (``index.dead``: holders the forward never uses;
+    ``index.notes``: what was guessed or is not handled); ``trace=False`` skips the traced forward
+    (what each site guards is then the structural guess, and no holder is found dead: enough for
+    callers that only need the handles)."""
     root = _unwrap(model)
-    index = _Index(root)
-    found: list[SiteHandle] = []
-    for path, mod in index.modules.items():
-        if path and _is_dropout(mod):
-            found.append(_module_site(index, path, mod))
-        found.extend(_attribute_sites(index, path, mod))
-    flow = _trace(root, index, found) if trace else None
+    index, found = _candidates(root)
+    flow = None
+    if trace:
+        config = _config_holders(index)
+        flow = _trace(root, found + config, example_input, given=example_input is not None)
+        if flow is not None and {id(m) for m in root.modules()} != {
+            id(m) for m in index.modules.values()
+        }:  # the forward built or replaced modules (BigBird on short inputs): list them again
+            built = sorted(set(dict(root.named_modules())) - set(index.modules))
+            index, found = _candidates(root)
+            config = _config_holders(index)
+            flow = _trace(root, found + config, example_input, given=example_input is not None)
+            index.notes.append(
+                f"the traced forward built or replaced modules ({built[:4]}...): the sites are "
+                "those of the model after it"
+            )
+        if flow is not None:
+            index.dead = {
+                f.site.name: "never used by a training-mode forward (not called, its rate never "
+                "read by a dropout call)"
+                for f in found
+                if f.installed and f.site.name not in flow.seen
+            }
+            found = [f for f in found if f.site.name not in index.dead]
+            found += [f for f in config if f.site.name in flow.seen]
+        else:
+            index.notes.append(
+                "no traced forward: what each site guards is the structural guess and "
+                "no holder could be checked for use"
+            )
     if add_sites is None:  # zero-valued rate attributes (attention_dropout = 0.0) do not count,
         # nor adapter dropouts (PEFT's lora_dropout: on a side branch, not the residual stream)
         add_sites = not any(
@@ -444,6 +487,7 @@ def _discover(
     if flow is not None:
         found = _regroup(index, found, flow)
     found = _apply_mapping(index, found, mapping)
+    index.unguarded = _unguarded(index, found, flow)
     if required and not found:
         raise no_sites(
             "use a model with nn.Dropout modules or dropout-rate attributes, or pass "
@@ -453,19 +497,75 @@ def _discover(
     return index, found
 
 
-def sites(model: Any, mapping: Any = None, *, add_sites: Any = None) -> list[Site]:
-    """Every dropout site of ``model`` with the parameters it guards.
+def _unguarded(index: _Index, found: Sequence[SiteHandle], flow: _Flow | None) -> dict[str, str]:
+    """Every parameter no site guards, with the reason."""
+    guarded_now = {p for f in found for p in f.site.params}
+    used = {p for op in flow.ops for p in op.params} if flow is not None else set()
+    out = {}
+    for name in index.pname.values():
+        if name in guarded_now:
+            continue
+        if flow is None:
+            out[name] = "unknown: no traced forward (what the sites guard is a structural guess)"
+        elif name not in used:
+            out[name] = "not read by the traced training-mode forward"
+        else:
+            out[name] = (
+                "no dropout acts on its output: the tensors it computes reach no site before "
+                "a residual branch point, another site or the model's output"
+            )
+    return out
 
-    Sites are ``nn.Dropout``-family modules (also ones that are only read through ``.p``), float
-    attributes named like ``*dropout*`` / ``*_pdrop`` holding a rate in [0, 1), and, with
-    ``add_sites``, places after modules where guided dropout can be added (kind ``"hook"``).
-    What a site guards is :mod:`gd_core.dataflow`'s rule applied to one traced forward (on a
-    guessed input; without one, the parameters of its parent's leaf children registered before
-    it); ``mapping`` ({site: [parameter names]} or a function site -> names or None) overrides
-    that. ``add_sites=None`` adds hook sites only when the model has no dropout (zero-valued rate
-    attributes and PEFT's ``lora_dropout`` do not count): on the embedding output and every residual branch (after every
-    LayerNorm in a model without residual stream); ``True`` always does; a list names the modules
-    to add dropout after.
+
+def coverage(
+    model: Any, mapping: Any = None, *, add_sites: Any = None, example_input: Any = None
+) -> dict[str, dict[str, Any]]:
+    """Which parameters the sites guard and which none does, with the reason.
+
+    Returns ``{"guarded": {parameter: [site names]}, "unguarded": {parameter: reason}}``, every
+    parameter of the model in one of the two (tied parameters under their first name). Same
+    arguments as :func:`sites`.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(
+        ...     torch.nn.Linear(3, 5), torch.nn.Dropout(0.1), torch.nn.Linear(5, 2)
+        ... )
+        >>> c = coverage(net)
+        >>> c["guarded"], sorted(c["unguarded"])
+        ({'0.weight': ['1'], '0.bias': ['1']}, ['2.bias', '2.weight'])
+    """
+    index, found = _discover(model, mapping, add_sites, example_input=example_input)
+    by: dict[str, list[str]] = {}
+    for f in found:
+        for p in f.site.params:
+            by.setdefault(p, []).append(f.site.name)
+    return {"guarded": by, "unguarded": dict(index.unguarded)}
+
+
+def sites(
+    model: Any, mapping: Any = None, *, add_sites: Any = None, example_input: Any = None
+) -> SiteList:
+    """Every live dropout site of ``model`` with the parameters it guards.
+
+    A site is a rate holder: an ``nn.Dropout``-family module (called, or only read through
+    ``.p`` by an attention kernel), a float attribute named like ``*dropout*`` / ``*_pdrop``
+    holding a rate in [0, 1) that a functional dropout reads (``F.dropout(h, p=self.dropout)``),
+    a rate field of a ``config`` the modules read at forward time, and, with ``add_sites``, places
+    after modules where guided dropout can be added (kind ``"hook"``). One traced training-mode
+    forward (on ``example_input``, else an input guessed from the model: ``main_input_name``,
+    image size, audio, decoder inputs) links every dropout call to its holder; every call adds to
+    what the site guards (:mod:`gd_core.dataflow`'s rule, the union over calls), and a site that
+    drops a softmax output is attention-probability dropout (``units`` is ``None``). Holders the
+    forward never uses are not sites: they are listed in the result's ``dead`` with the reason;
+    parameters no site guards are in its ``unguarded``, with the reason (see :func:`coverage`).
+    Without a traced forward (a warning says why) a site guards the parameters of its parent's
+    leaf children registered before it. ``mapping`` ({site: [parameter names]} or a function
+    site -> names or None) overrides what a site guards. ``add_sites=None`` adds hook sites only
+    when the model has no live dropout (zero-valued rate attributes and PEFT's ``lora_dropout``
+    do not count): on the embedding output and every residual branch (after every LayerNorm in a
+    model without residual stream); ``True`` always does; a list names the modules to add
+    dropout after.
 
     Example:
         >>> import torch
@@ -474,7 +574,10 @@ def sites(model: Any, mapping: Any = None, *, add_sites: Any = None) -> list[Sit
         >>> s.name, s.params, s.units, s.unit_axes, s.kind
         ('1', ('0.weight', '0.bias'), 5, {'0.weight': 0, '0.bias': 0}, 'module')
     """
-    return [f.site for f in _discover(model, mapping, add_sites)[1]]
+    index, found = _discover(model, mapping, add_sites, example_input=example_input)
+    return SiteList(
+        [f.site for f in found], dead=index.dead, unguarded=index.unguarded, notes=index.notes
+    )
 
 
 def fingerprint(model: Any, *, params: Iterable[str] | None = None) -> Fingerprint:
@@ -497,9 +600,11 @@ def fingerprint(model: Any, *, params: Iterable[str] | None = None) -> Fingerpri
     return Fingerprint.from_shapes((n, tuple(named[n].shape)) for n in wanted)
 
 
-def _resolve_sites(model: Any, sites_arg: Any, add_sites: Any) -> tuple[_Index, list[SiteHandle]]:
+def _resolve_sites(
+    model: Any, sites_arg: Any, add_sites: Any, example_input: Any = None
+) -> tuple[_Index, list[SiteHandle]]:
     if sites_arg is None or isinstance(sites_arg, Mapping) or callable(sites_arg):
-        return _discover(model, sites_arg, add_sites)
+        return _discover(model, sites_arg, add_sites, example_input=example_input)
     given = list(sites_arg)
     if not all(isinstance(s, Site) for s in given):
         raise bad_argument(
@@ -508,16 +613,25 @@ def _resolve_sites(model: Any, sites_arg: Any, add_sites: Any) -> tuple[_Index, 
             type(sites_arg).__name__,
             "pass sites=adapters.torch.sites(model) or a dict",
         )
-    index, found = _discover(model, None, True if add_sites is None else add_sites, required=False)
+    index, found = _discover(
+        model,
+        None,
+        True if add_sites is None else add_sites,
+        required=False,
+        example_input=example_input,
+    )
     by_name = {f.site.name: f for f in found}
     out = []
     for s in given:
         if s.name not in by_name:
+            dead = index.dead.get(s.name)
             raise bad_argument(
                 "sites",
-                "sites of this model",
+                "live sites of this model",
                 s.name,
-                f"use names from adapters.torch.sites(model), e.g. {list(by_name)[:3]}",
+                f"it is {dead}; drop it"
+                if dead
+                else f"use names from adapters.torch.sites(model), e.g. {list(by_name)[:3]}",
             )
         out.append(replace(by_name[s.name], site=s))
     return index, out

@@ -360,6 +360,7 @@ def profile(
     seed: int = 0,
     method: str = "norms",
     tensors: Iterable[str] | None = None,
+    example_input: Any = None,
     **options: Unpack[ProfileOptions],
 ) -> SensitivityProfile:
     """Estimate the Fisher diagonal of the guarded parameters and build a sensitivity profile.
@@ -370,7 +371,8 @@ def profile(
     ``metadata`` (merged into the profile's), ``tensors`` (more parameter names whose Fisher the
     profile keeps, e.g. :func:`adapters.torch.lora_tensors` for LoRA fine-tuning). The width of
     each dropped tensor is measured during estimation, so per-unit scores are right even where
-    the structure is ambiguous.
+    the structure is ambiguous. ``example_input`` is the batch the site discovery traces (see
+    :func:`adapters.torch.sites`); rate holders that forward never uses are not profiled.
     ``method="norms"`` (default) estimates only what the profile keeps (per-tensor and
     per-unit sums, :func:`estimate_fisher` with ``output="norms"``); ``method="diagonal"``
     estimates the full diagonal first (same scores to float rounding, slower).
@@ -388,7 +390,7 @@ def profile(
     opts = ProfileSettings.of(options, "profile")
     root = _unwrap(model)
     check_choice(method, "method", ("norms", "diagonal"))
-    index, found = _resolve_sites(root, sites, add_sites)
+    index, found = _resolve_sites(root, sites, add_sites, example_input)
     _, loss_name = _resolve_loss(loss, seed)
     guarded = [n for n in index.owner if any(n in f.site.params for f in found)]
     if tensors is not None:

@@ -51,6 +51,7 @@ def apply(
     generator: Any = None,
     tokenizer: Any = None,
     auto_profile: Any = True,
+    example_input: Any = None,
     **options: Unpack[ApplyOptions],
 ) -> ApplyReport:
     """Set every dropout site's probability from a profile, in place; returns the report.
@@ -66,7 +67,10 @@ def apply(
     dropout, read through ``.p``, stays site-level). ``sites`` restricts or overrides the sites
     (see :func:`adapters.torch.sites`); ``schedule`` attaches a :class:`Scheduler` as
     ``report.scheduler``; ``add_sites`` adds guided dropout after modules; ``generator`` seeds
-    the :class:`GuidedDropout` modules installed. ``report.model`` is ``model`` itself.
+    the :class:`GuidedDropout` modules installed; ``example_input`` is the batch the site
+    discovery traces (see :func:`adapters.torch.sites`). Rate holders the training forward never
+    uses (dead) are left as they are and named in ``report.notes``. ``report.model`` is ``model``
+    itself.
 
     A model with a ``config`` (Hugging Face) records what ``apply`` installed in
     ``config.guided_dropout`` (plain JSON: every site's p or per-unit rates), so
@@ -100,7 +104,7 @@ def apply(
         return _restore(
             root, recorded, schedule=opts.schedule, add_sites=add_sites, generator=generator
         )
-    index, found = _resolve_sites(root, sites, add_sites)
+    index, found = _resolve_sites(root, sites, add_sites, example_input)
     lora_sites = _lora.lora_sites(root)
     lora_names = {s.name for s in lora_sites}
     found = [f for f in found if f.site.name not in lora_names]
@@ -167,11 +171,10 @@ def apply(
             mod.p = p
             how = "hook" if f.site.kind == "hook" else "p"
             if opts.granularity == "unit":
-                why = (
-                    "attention probabilities, read through .p"
-                    if f.role == "attention"
-                    else f"{type(mod).__name__} kept"
-                )
+                why = {
+                    "attention": "attention probabilities, read through .p: one rate",
+                    "unknown": "what it drops is unknown without a traced forward: one rate",
+                }.get(f.role, f"{type(mod).__name__} kept")
                 how = f"p ({why})"
         rows.append(
             ReportRow(f.site.name, current[f.site.name], p, entry.source, how=how, kind=f.site.kind)
@@ -193,8 +196,16 @@ def apply(
     else:
         lora_plan = {}
     rows.extend(_lora.install(lora_sites, lora_plan))
-    report = ApplyReport(rows, "torch", opts.granularity, auto_notes + list(plan.notes), model=root)
-    _record(root, lambda: _resolve_sites(root, sites, add_sites)[1], opts.granularity)
+    notes = auto_notes + list(plan.notes) + list(index.notes)
+    if index.dead:
+        notes.append(
+            f"{len(index.dead)} dead rate holder(s) left as they are, not installed (one "
+            f"training-mode forward never uses them): {sorted(index.dead)}"
+        )
+    report = ApplyReport(rows, "torch", opts.granularity, notes, model=root)
+    _record(
+        root, lambda: _resolve_sites(root, sites, add_sites, example_input)[1], opts.granularity
+    )
     if opts.schedule is not None:
         report.scheduler = Scheduler(report, opts.schedule)
     return report

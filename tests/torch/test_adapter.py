@@ -251,7 +251,13 @@ def test_t5_sites_counts_and_measured_units(t5):
     # T5Attention keeps its rate in a float attribute `dropout`: 1 encoder + 2 decoder attentions
     assert kinds.count("attribute") == 3
     att = by_name(sites)["encoder.block.0.layer.0.SelfAttention.dropout"]
-    assert list(att.params) == [f"encoder.block.0.layer.0.SelfAttention.{q}.weight" for q in "qkv"]
+    # traced (the guessed input now has decoder inputs): the scores are q @ k + the relative
+    # position bias, on the block's pre-norm output, so all of those are what it drops
+    blk = "encoder.block.0.layer.0"
+    assert list(att.params) == [f"{blk}.SelfAttention.{q}.weight" for q in "qkv"] + [
+        f"{blk}.SelfAttention.relative_attention_bias.weight",
+        f"{blk}.layer_norm.weight",
+    ]
     # shared embedding: tied parameters keep their first name
     assert "shared.weight" in by_name(sites)["encoder.dropout"].params
     g = torch.Generator().manual_seed(0)

@@ -1,0 +1,319 @@
+"""Site discovery beyond BERT's shape (issue 23), on tiny random transformers configs built
+offline: a dropout module called more than once, functional dropout whose rate is an attribute,
+dead holders, models the old guessed input did not fit, attention found by dataflow not names."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from adapters.torch import apply, sites
+
+T = pytest.importorskip("transformers")
+TINY = dict(
+    vocab_size=64,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=64,
+)
+BART = dict(
+    vocab_size=64,
+    d_model=16,
+    encoder_layers=1,
+    decoder_layers=1,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    encoder_ffn_dim=32,
+    decoder_ffn_dim=32,
+    max_position_embeddings=64,
+    activation_dropout=0.1,
+    attention_dropout=0.1,
+)
+
+
+def _build(name: str):
+    torch.manual_seed(0)
+    if name == "roberta":
+        return T.RobertaForSequenceClassification(T.RobertaConfig(**TINY))
+    if name == "electra":
+        return T.ElectraForSequenceClassification(T.ElectraConfig(embedding_size=16, **TINY))
+    if name == "mpnet":
+        return T.MPNetForSequenceClassification(T.MPNetConfig(**TINY))
+    if name == "albert":
+        return T.AlbertForSequenceClassification(
+            T.AlbertConfig(embedding_size=8, hidden_dropout_prob=0.1, **TINY)
+        )
+    if name == "phi":
+        return T.PhiForCausalLM(T.PhiConfig(resid_pdrop=0.1, embd_pdrop=0.1, **TINY))
+    if name == "bart":
+        return T.BartForConditionalGeneration(T.BartConfig(**BART))
+    if name == "bart_cls":
+        return T.BartForSequenceClassification(T.BartConfig(**BART))
+    if name == "xlmr":
+        return T.XLMRobertaForSequenceClassification(T.XLMRobertaConfig(**TINY))
+    if name == "bert":
+        return T.BertForSequenceClassification(T.BertConfig(**TINY))
+    if name == "distilbert":
+        return T.DistilBertForSequenceClassification(
+            T.DistilBertConfig(
+                vocab_size=64, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
+                max_position_embeddings=64,
+            )
+        )  # fmt: skip
+    raise KeyError(name)
+
+
+def _sites(model, **kw):
+    """sites() with warnings turned into errors: no structural fallback may happen silently, and
+    none is expected for these models."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        return sites(model, **kw)
+
+
+@pytest.mark.parametrize("name", ["roberta", "electra", "mpnet", "albert", "phi"])
+def test_a_dropout_module_called_twice_is_one_site_guarding_the_union(name):
+    model = _build(name)
+    found = _sites(model)
+    names = [s.name for s in found]
+    assert len(names) == len(set(names))
+    twice = {
+        "roberta": "classifier.dropout",
+        "electra": "classifier.dropout",
+        "mpnet": "classifier.dropout",
+        "albert": "albert.encoder.albert_layer_groups.0.albert_layers.0.attention.output_dropout",
+        "phi": "model.layers.0.resid_dropout",
+    }[name]
+    site = found[twice]
+    if name in ("roberta", "electra", "mpnet"):  # before and after the head's dense layer
+        assert "classifier.dense.weight" in site.params
+        assert "classifier.out_proj.weight" not in site.params
+    if name == "phi":  # after the attention and after the MLP
+        assert "model.layers.0.self_attn.dense.weight" in site.params
+        assert "model.layers.0.mlp.fc2.weight" in site.params
+    report = apply(model, {s.name: 0.01 * (i + 1) for i, s in enumerate(found)})
+    assert report.probabilities()[twice] > 0
+
+
+def test_roberta_profile_runs():
+    from adapters.torch import profile
+
+    model = _build("roberta")
+    ids = torch.randint(3, 60, (4, 8))
+    batches = [{"input_ids": ids, "labels": torch.tensor([0, 1, 0, 1])}]
+
+    def loss(m, b):
+        return torch.nn.functional.cross_entropy(
+            m(input_ids=b["input_ids"]).logits, b["labels"], reduction="none"
+        )
+
+    prof = profile(model, batches, loss=loss, progress=False)
+    assert "classifier.dropout" in prof.site_names
+
+
+def test_bart_functional_dropout_is_linked_to_its_attribute():
+    model = _build("bart")
+    found = _sites(model)
+    layer = "model.decoder.layers.0"
+    drop, act = found[f"{layer}.dropout"], found[f"{layer}.activation_dropout"]
+    assert set(act.params) == {f"{layer}.fc1.weight", f"{layer}.fc1.bias"}
+    assert f"{layer}.fc2.weight" in drop.params
+    assert f"{layer}.self_attn.out_proj.weight" in drop.params
+    assert not set(drop.params) & set(act.params)
+    cross = found[f"{layer}.encoder_attn.dropout"]
+    assert cross.units is None  # attention probabilities
+    assert not any(p.startswith("model.encoder.") for p in cross.params)
+    assert {p.rsplit(".", 2)[-2] for p in cross.params} == {"q_proj", "k_proj", "v_proj"}
+
+
+def test_dead_holders_are_reported_never_profiled_nor_installed():
+    model = _build("albert")
+    dead = "albert.encoder.albert_layer_groups.0.albert_layers.0.dropout"
+    found = _sites(model)
+    assert dead not in [s.name for s in found]
+    assert dead in found.dead and "never used" in found.dead[dead]
+    report = apply(model, {s.name: 0.05 for s in found})
+    assert dead not in report.sites
+    assert any(dead in n and "dead" in n for n in report.notes)
+    module = model.get_submodule(dead)
+    assert module.p == 0.1  # left as it was
+
+
+def test_xlm_roberta_traces_and_equals_bert():
+    xlmr, bert = _sites(_build("xlmr")), _sites(_build("bert"))
+
+    def body(found, prefix):  # the encoder's sites (the heads differ: BERT has a pooler)
+        return {
+            s.name[len(prefix) :]: {p.replace(prefix, "", 1) for p in s.params}
+            for s in found
+            if s.name.startswith(prefix)
+        }
+
+    assert body(xlmr, "roberta.") == body(bert, "bert.")
+    layer = "roberta.encoder.layer.0"
+    emb = xlmr["roberta.embeddings.dropout"].params
+    assert "roberta.embeddings.position_embeddings.weight" in emb
+    assert f"{layer}.intermediate.dense.weight" in xlmr[f"{layer}.output.dropout"].params
+
+
+@pytest.mark.parametrize("name", ["bart_cls"])
+def test_models_the_old_guess_did_not_fit_trace_without_fallback(name):
+    found = _sites(_build(name))
+    assert found and not found.notes
+
+
+def test_example_input_is_used_and_a_failing_one_warns():
+    model = _build("bert")
+    ids = torch.randint(3, 60, (1, 5))
+    assert [s.name for s in sites(model, example_input={"input_ids": ids})] == [
+        s.name for s in _sites(model)
+    ]
+    with pytest.warns(RuntimeWarning, match="example_input"):
+        found = sites(model, example_input={"nonsense": ids})
+    assert found.notes
+
+
+def test_distilbert_attention_dropout_is_decided_by_dataflow():
+    model = _build("distilbert")
+    found = _sites(model)
+    att = found["distilbert.transformer.layer.0.attention.dropout"]
+    assert att.units is None
+    assert {p.rsplit(".", 2)[-2] for p in att.params} == {"q_lin", "k_lin", "v_lin"}
+    report = apply(model, {s.name: 0.05 for s in found}, granularity="unit")
+    row = report["distilbert.transformer.layer.0.attention.dropout"]
+    assert "attention probabilities" in row.how
+
+
+def test_no_name_lists_decide_a_site_kind():
+    import adapters.torch.discovery as d
+
+    for old in ("_QKV_CHILDREN", "_HIDDEN_WORDS", "_ATTENTION_WORDS"):
+        assert not hasattr(d, old)
+
+
+def _vision(name: str):
+    torch.manual_seed(0)
+    if name == "resnet":
+        cfg = T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], image_size=32)
+        return T.ResNetForImageClassification(cfg)
+    if name == "regnet":
+        cfg = T.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2], groups_width=8)
+        return T.RegNetForImageClassification(cfg)
+    if name == "swin":
+        cfg = T.SwinConfig(
+            image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[2, 2],
+            window_size=2, drop_path_rate=0.1,
+        )  # fmt: skip
+        return T.SwinForImageClassification(cfg)
+    if name == "wav2vec2":
+        cfg = T.Wav2Vec2Config(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            conv_dim=(8, 8), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=4,
+            num_conv_pos_embedding_groups=2, classifier_proj_size=8,
+        )  # fmt: skip
+        return T.Wav2Vec2ForSequenceClassification(cfg)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", ["swin", "wav2vec2"])
+def test_image_and_audio_models_trace_from_their_main_input(name):
+    found = _sites(_vision(name))
+    assert not [n for n in found.notes if "structural" in n or "no traced forward" in n]
+    assert any(s.units is None for s in found)  # attention probabilities found by dataflow
+
+
+def test_stochastic_depth_is_reported_as_not_handled():
+    found = _sites(_vision("swin"))
+    assert any("stochastic depth" in n and "drop_path" in n for n in found.notes)
+
+
+@pytest.mark.parametrize("name", ["resnet", "regnet"])
+def test_image_models_without_dropout_get_residual_sites(name):
+    model = _vision(name)
+    found = _sites(model)
+    assert found and all(s.kind == "hook" for s in found)
+    report = apply(model, {s.name: 0.05 for s in found})
+    assert all(r.new_p == 0.05 for r in report)
+
+
+def test_parameters_read_directly_are_seen():
+    torch.manual_seed(0)
+    cfg = T.DebertaV2Config(
+        relative_attention=True, position_buckets=8, norm_rel_ebd="layer_norm", **TINY
+    )
+    found = _sites(T.DebertaV2ForSequenceClassification(cfg))
+    guarded = {p for s in found for p in s.params}
+    assert "deberta.encoder.rel_embeddings.weight" in guarded
+
+
+def test_bigbird_building_modules_in_the_forward_does_not_leak_rates():
+    torch.manual_seed(0)
+    cfg = T.BigBirdConfig(attention_type="block_sparse", block_size=2, num_random_blocks=2, **TINY)
+    model = T.BigBirdForSequenceClassification(cfg)
+    found = _sites(model)
+    assert any("built or replaced modules" in n for n in found.notes)
+    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {0.1}  # no sentinel rate left behind
+    assert found["bert.encoder.layer.0.attention.self.dropout"].units is None
+
+
+def test_a_rate_read_from_config_at_forward_time_is_installable():
+    torch.manual_seed(0)
+    cfg = T.FalconConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        hidden_dropout=0.1, attention_dropout=0.1,
+    )  # fmt: skip
+    model = T.FalconForCausalLM(cfg)
+    found = _sites(model)
+    assert "config.hidden_dropout" in [s.name for s in found]
+    assert "transformer.h.0.hidden_dropout" in found.dead  # copied at init, never read
+    apply(model, {s.name: 0.07 for s in found})
+    assert model.config.hidden_dropout == 0.07
+    seen = []
+    real = torch.nn.functional.dropout
+
+    def spy(x, p=0.5, training=True, inplace=False):
+        seen.append(p)
+        return real(x, p, training, inplace)
+
+    torch.nn.functional.dropout = spy
+    try:
+        model.train()
+        model(input_ids=torch.randint(3, 60, (1, 6)))
+    finally:
+        torch.nn.functional.dropout = real
+    assert seen and set(seen) == {0.07}  # every call runs at the installed rate
+
+
+@pytest.mark.parametrize("model", ["opt", "bloom"])
+def test_more_dead_holders(model):
+    torch.manual_seed(0)
+    if model == "opt":
+        cfg = T.OPTConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+            num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=16,
+        )  # fmt: skip
+        found, dead = _sites(T.OPTForCausalLM(cfg)), "model.decoder.dropout"
+    else:
+        cfg = T.BloomConfig(vocab_size=64, hidden_size=16, n_layer=2, n_head=2, hidden_dropout=0.1)
+        found, dead = _sites(T.BloomForCausalLM(cfg)), "transformer.h.0.hidden_dropout"
+    assert dead in found.dead and dead not in [s.name for s in found]
+
+
+def test_coverage_lists_every_parameter_guarded_or_with_a_reason():
+    from adapters.torch import coverage
+
+    model = _build("bert")
+    c = coverage(model)
+    names = {n for n, _ in model.named_parameters()}
+    assert set(c["guarded"]) | set(c["unguarded"]) == names
+    assert not set(c["guarded"]) & set(c["unguarded"])
+    layer = "bert.encoder.layer.0"
+    for p in (f"{layer}.attention.self.query.weight", f"{layer}.output.dense.weight"):
+        assert p in c["guarded"]
+    assert "no dropout acts on its output" in c["unguarded"]["classifier.weight"]
+    assert _sites(model).unguarded == c["unguarded"]
