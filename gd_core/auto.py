@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from . import cache as _cache
-from .align import find_cached
+from .align import align, find_cached
 from .corpus import Corpus, load_corpus, select
-from .errors import ArgumentError, ProfileNotFoundError
+from .errors import ArgumentError, ProfileMismatchError, ProfileNotFoundError
 from .fingerprint import Fingerprint
 from .profile import SensitivityProfile
+from .weights import WeightsId
 
 #: the default sample count: about 27 s for MiniLM-L6 (22M parameters) on two CPU cores
 DEFAULT_SAMPLES = 192
@@ -175,16 +176,63 @@ def computed_note(c: Computed, settings: AutoSettings, seconds: float, cached: P
     )
 
 
+def _scan_cached(
+    names: Sequence[str], fingerprint: Fingerprint, weights: WeightsId
+) -> tuple[SensitivityProfile | None, SensitivityProfile | None]:
+    """(a cached profile compatible with the model and computed on these weights, or one the
+    user cached deliberately that records no weights; a compatible one from other weights)."""
+    exact = _cache.lookup(fingerprint, weights.digest)
+    if exact is not None and WeightsId.of_metadata(exact.metadata) == weights:
+        return exact, None
+    folder = _cache.cache_dir()
+    unverified: SensitivityProfile | None = None
+    other: SensitivityProfile | None = None
+    for path in sorted(folder.glob("*.profile.npz")) if folder.is_dir() else []:
+        try:
+            prof = align(SensitivityProfile.load(path), names, fingerprint, strict=True)
+        except Exception:  # noqa: BLE001 - an incompatible or unreadable cache entry is skipped
+            continue
+        recorded = WeightsId.of_metadata(prof.metadata)
+        if recorded is not None and recorded.digest == weights.digest:
+            return prof, None
+        if recorded is None and not prof.metadata.get("auto_profile"):
+            unverified = unverified or prof  # stored by profile(..., cache=True): the user's
+        else:
+            other = other or prof  # another checkpoint's (or an older version's automatic one)
+    return unverified, other
+
+
+def _why_not(other: SensitivityProfile, weights: WeightsId) -> str:
+    recorded = WeightsId.of_metadata(other.metadata)
+    was = (
+        recorded.describe()
+        if recorded is not None
+        else "a checkpoint it does not record (an automatic profile of an older version)"
+    )
+    return (
+        f"the cached profile of this architecture came from {was}, not from this model's "
+        f"{weights.describe()}"
+    )
+
+
 def lookup(
     compute: Callable[[AutoSettings], Computed] | None,
     settings: Any,
     notes: list[str],
+    weights: Callable[[], WeightsId | None] | None = None,
 ) -> Callable[[Sequence[str], Fingerprint], SensitivityProfile | None]:
     """The profile lookup of an adapter's ``apply(model)`` (``make_plan(..., lookup=)``): a cached
     compatible profile, else one computed now with ``compute`` (and cached), else None (no
     objective known for this model, e.g. an ONNX graph, or ``settings.enabled`` False: the caller
     raises ProfileNotFoundError naming ``gd profile``). ``settings`` is what ``apply`` was given
     as ``auto_profile`` (see :func:`as_settings`). What happened is appended to ``notes``.
+
+    ``weights()`` (the adapter's): the model's :class:`~gd_core.weights.WeightsId`. With it, a
+    cached profile is used only if it was computed on these weights (a profile computed here
+    records them and is cached under them); one from another checkpoint of the same architecture
+    is not used: a profile is computed now, with a note saying why (or, when none can be
+    computed, :class:`ProfileMismatchError` says why). A profile the user cached with
+    ``profile(..., cache=True)`` records no weights: it is used, with a note that says so.
 
     Example:
         >>> import numpy as np, tempfile, os
@@ -209,16 +257,38 @@ def lookup(
     settings = as_settings(settings)
 
     def find(names: Sequence[str], fingerprint: Fingerprint) -> SensitivityProfile | None:
-        cached = find_cached(names, fingerprint)
+        mine = weights() if weights is not None else None
+        other = None
+        if mine is None:
+            cached = find_cached(names, fingerprint)
+        else:
+            cached, other = _scan_cached(names, fingerprint, mine)
         if cached is not None:
             how = cached.metadata.get("auto_profile")
-            notes.append(
+            note = (
                 f"profile from the cache (computed by apply() earlier: {how})"
                 if how
                 else "profile from the cache (computed earlier)"
             )
+            recorded = WeightsId.of_metadata(cached.metadata)
+            if mine is not None and recorded is not None:
+                note = note[:-1] + f" on {recorded.describe()})"
+            elif mine is not None:
+                note += (
+                    f"; it records no weights digest (cached by profile(..., cache=True) from "
+                    f"{cached.metadata.get('model') or 'an unnamed model'}), so it cannot be "
+                    f"checked against this model's {mine.describe()}; pass profile= to be sure"
+                )
+            notes.append(note)
             return cached
         if compute is None or not settings.enabled:
+            if other is not None and mine is not None:
+                raise ProfileMismatchError(
+                    f"profile: expected a cached profile computed on this model's weights, "
+                    f"received none: {_why_not(other, mine)}; fix: pass profile= (computed on "
+                    "this checkpoint with `gd profile` or adapters.<framework>.profile)"
+                    + ("" if settings.enabled else ", or allow auto_profile")
+                )
             return None
         start = time.perf_counter()
         c = compute(settings)
@@ -229,8 +299,12 @@ def lookup(
             f"{c.objective} on {c.target}, {meta.get('samples', settings.samples)} paragraphs of "
             f"{source}"
         )
+        if mine is not None:
+            meta.update(mine.metadata())
         c = replace(c, profile=replace(c.profile, metadata=meta))
         path = _cache.store(c.profile) if settings.cache else None
+        if other is not None and mine is not None:
+            notes.append(f"not using the cached profile: {_why_not(other, mine)}")
         notes.append(computed_note(c, settings, seconds, path))
         return c.profile
 

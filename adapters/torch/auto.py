@@ -26,8 +26,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gd_core import weights as gd_weights
 from gd_core.auto import AutoSettings, Computed, objective_for
 from gd_core.errors import ArgumentError
+from gd_core.weights import WeightsId
 
 from .._lazy import require
 
@@ -178,3 +180,29 @@ def computer(model: Any, tokenizer: Any, gdt: Any, *, loss: Any = None) -> Any:
         return Computed(prof, objective, where, _model_name(target))
 
     return compute
+
+
+def weights_id(model: Any) -> WeightsId:
+    """The digest of the model's weights (:mod:`gd_core.weights`) and the checkpoint it came
+    from; a PEFT model's LoRA weights are left out and ``.base_layer`` dropped, so it matches
+    its base model's.
+
+    Example:
+        >>> import torch
+        >>> torch.manual_seed(0) is not None
+        True
+        >>> a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+        >>> weights_id(a) == weights_id(a), weights_id(a) == weights_id(b)
+        (True, False)
+    """
+    items = []
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        flat = p.detach().reshape(-1)[:: gd_weights.stride(p.numel())]
+        if flat.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+            flat = flat.float()
+        items.append(
+            (name.replace(".base_layer.", "."), tuple(p.shape), str(p.dtype), flat.cpu().numpy())
+        )
+    return WeightsId(gd_weights.digest(items), _model_name(_peft_base(model)))

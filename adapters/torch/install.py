@@ -113,7 +113,10 @@ def apply(
     auto_notes: list[str] = []
     fp = _lora.fingerprint(root) if lora_sites else fingerprint(root)
     find = auto_lookup(
-        _auto.computer(root, tokenizer, sys.modules["adapters.torch"]), auto_profile, auto_notes
+        _auto.computer(root, tokenizer, sys.modules["adapters.torch"]),
+        auto_profile,
+        auto_notes,
+        weights=lambda: _auto.weights_id(root),
     )
     plan = make_plan(
         profile,
