@@ -21,7 +21,9 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +32,9 @@ from typing import Any
 import numpy as np
 
 from gd_core import Fingerprint, SensitivityProfile
+from gd_core._io import atomic_write_bytes
 from gd_core.align import find_renaming
-from gd_core.errors import ArgumentError, ProfileMismatchError
+from gd_core.errors import ArgumentError, ProfileError, ProfileMismatchError, _show
 from gd_core.mappings import map_scores
 from gd_core.profile import _mapping_dict
 from gd_core.report import ReportRow
@@ -176,22 +179,113 @@ def install(
     return rows
 
 
+SIDECAR_FORMAT = "guided-dropout-lora"
+SIDECAR_VERSION = 1
+
+
 def save(model: Any, folder: str | os.PathLike[str], **kwargs: Any) -> Path:
-    """``model.save_pretrained(folder)`` plus the LoRA dropout probabilities (``guided_dropout.json``).
+    """``model.save_pretrained(folder)`` plus the LoRA dropout probabilities (``guided_dropout.json``,
+    written atomically).
 
     Example:
         >>> save(peft_model, "my-adapter")  # doctest: +SKIP
         PosixPath('my-adapter/guided_dropout.json')
     """
     model.save_pretrained(str(folder), **kwargs)
-    path = Path(folder) / SIDECAR
     probs = {s.name: s.p for s in lora_sites(model)}
-    path.write_text(json.dumps({"format": "guided-dropout-lora", "p": probs}, indent=1))
-    return path
+    data = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "p": probs}
+    return atomic_write_bytes(Path(folder) / SIDECAR, json.dumps(data, indent=1).encode())
+
+
+def _sidecar_error(path: Path, field: str, expected: str, received: Any, fix: str) -> ProfileError:
+    return ProfileError(
+        f"{path}: field {field!r}: expected {expected}, received {_show(received)}; fix: {fix}"
+    )
+
+
+def read_sidecar(path: Path) -> dict[str, float]:
+    """The ``{site: p}`` a sidecar holds, checked (format, version, every p in [0, 1))."""
+    resave = "save the adapter again with adapters.torch.save_peft(model, folder)"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProfileError(
+            f"{path}: expected the JSON adapters.torch.save_peft writes, received a file that "
+            f"does not read ({type(exc).__name__}: {exc}); fix: {resave}"
+        ) from exc
+    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
+        got = data.get("format") if isinstance(data, dict) else data
+        raise _sidecar_error(path, "format", repr(SIDECAR_FORMAT), got, resave)
+    version = data.get("version", SIDECAR_VERSION)  # files from before versions were written
+    if version != SIDECAR_VERSION or isinstance(version, bool):
+        raise _sidecar_error(
+            path, "version", f"{SIDECAR_VERSION} (the version this library reads)", version,
+            "upgrade guided-dropout to read it, or " + resave,
+        )  # fmt: skip
+    probs = data.get("p")
+    if not isinstance(probs, dict):
+        raise _sidecar_error(path, "p", "an object {LoRA dropout name: p}", probs, resave)
+    out = {}
+    for name, p in probs.items():
+        number = isinstance(p, (int, float)) and not isinstance(p, bool)
+        if not number or not math.isfinite(p) or not 0.0 <= p < 1.0:
+            raise _sidecar_error(path, f"p[{name!r}]", "a probability in [0, 1)", p, resave)
+        out[str(name)] = float(p)
+    return out
+
+
+def _module(name: str) -> tuple[str, str]:
+    """``(<module>, <adapter>)`` of a LoRA dropout name ``<module>.lora_dropout.<adapter>``."""
+    head, _, adapter = name.rpartition(".lora_dropout.")
+    return head, adapter
+
+
+def match(sites: Sequence[LoraSite], probs: Mapping[str, float], path: Path) -> dict[str, float]:
+    """``{model site: p}`` for the sidecar ``probs``: by name; when the sidecar holds one adapter
+    and the model another (one each), by module, with a warning. Entries no site of the model
+    matches are refused (a sidecar of another model); sites the sidecar lacks are warned about."""
+    names = {s.name for s in sites}
+    saved_adapters = sorted({_module(n)[1] for n in probs})
+    model_adapters = sorted({s.adapter for s in sites})
+    chosen = {n: p for n, p in probs.items() if n in names}
+    if not chosen and len(saved_adapters) == 1 and len(model_adapters) == 1 and probs:
+        by_module = {_module(n)[0]: p for n, p in probs.items()}
+        chosen = {
+            s.name: by_module[_module(s.name)[0]] for s in sites if _module(s.name)[0] in by_module
+        }
+        if chosen:
+            warnings.warn(
+                f"{path}: saved for the LoRA adapter {saved_adapters[0]!r}, restored onto the "
+                f"model's adapter {model_adapters[0]!r} module by module",
+                UserWarning,
+                stacklevel=3,
+            )
+    if len(chosen) != len(probs):
+        theirs = {_module(n)[0] for n in chosen}
+        unknown = [n for n in probs if n not in chosen and _module(n)[0] not in theirs]
+        unknown = unknown or [n for n in probs if n not in chosen]
+        raise ProfileMismatchError(
+            f"{path}: expected LoRA dropouts of this model (adapters {model_adapters}), received "
+            f"{len(unknown)} entries it does not have, e.g. {unknown[:3]}; fix: load the adapter "
+            "saved for this base model (same layers and adapter names), or apply a profile "
+            "again with adapters.torch.apply(model, profile)"
+        )
+    lacking = [s.name for s in sites if s.name not in chosen]
+    if lacking:
+        warnings.warn(
+            f"{path}: holds no p for {len(lacking)} LoRA dropouts of this model (e.g. "
+            f"{lacking[:3]}); they keep their current p",
+            UserWarning,
+            stacklevel=3,
+        )
+    return chosen
 
 
 def load(model: Any, folder: str | os.PathLike[str]) -> dict[str, float]:
-    """Put the probabilities :func:`save` wrote back on a PEFT model loaded from ``folder``.
+    """Put the probabilities :func:`save` wrote back on a PEFT model loaded from ``folder``;
+    returns what was restored, by the model's site names. The file is checked first
+    (:func:`read_sidecar`, :func:`match`): bad values and entries for modules the model does not
+    have are refused, naming the file and entry.
 
     Example:
         >>> model = peft.PeftModel.from_pretrained(base, "my-adapter")  # doctest: +SKIP
@@ -205,7 +299,7 @@ def load(model: Any, folder: str | os.PathLike[str]) -> dict[str, float]:
             f"{SIDECAR}), received {str(folder)!r} without one; fix: save it with "
             "adapters.torch.save_peft(model, folder)"
         )
-    probs = {str(k): float(v) for k, v in json.loads(path.read_text())["p"].items()}
     sites = lora_sites(model)
-    install(sites, {s.name: (probs.get(s.name, s.p), "given") for s in sites})
-    return probs
+    chosen = match(sites, read_sidecar(path), path)
+    install([s for s in sites if s.name in chosen], {n: (p, "given") for n, p in chosen.items()})
+    return chosen
