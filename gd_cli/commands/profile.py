@@ -25,6 +25,7 @@ from ..args import (
     text_args,
 )
 from ..distributed import Dist, finish_distributed, init_distributed, say
+from ..lock import OutputLock
 from ..text import prepare_text_for, profile_metadata
 
 EPILOG = """examples:
@@ -95,9 +96,15 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--out: expected a file path, received the folder {str(out)!r}")
     ckpt = Path(f"{out}.partial.npz")
     d = init_distributed(args.device)
+    lock = OutputLock(out)
     try:
+        if d.main:  # before the checkpoint is touched: one run per --out
+            lock.acquire()
+            if lock.note:
+                say(d, f"gd profile: note: {lock.note}")
         return _profile(args, d, out, ckpt)
     finally:
+        lock.release()
         finish_distributed(d)
 
 
