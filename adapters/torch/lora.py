@@ -20,9 +20,12 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import importlib.abc
 import json
 import math
 import os
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -301,5 +304,95 @@ def load(model: Any, folder: str | os.PathLike[str]) -> dict[str, float]:
         )
     sites = lora_sites(model)
     chosen = match(sites, read_sidecar(path), path)
+    _disarm(model)
     install([s for s in sites if s.name in chosen], {n: (p, "given") for n, p in chosen.items()})
     return chosen
+
+
+# -- a PEFT adapter loaded without load_peft warns ----------------------------------------------
+_UNLOADED = "_gd_lora_unloaded"
+
+
+def _disarm(model: Any) -> None:
+    handle = model.__dict__.pop(_UNLOADED, None)
+    if handle is not None:
+        handle.remove()
+
+
+def _arm(model: Any, folder: Any) -> None:
+    """After ``PeftModel.from_pretrained`` of a folder holding a sidecar: warn once, at the first
+    training-mode forward, unless :func:`load` has put the probabilities back."""
+    try:
+        path = Path(str(folder)) / SIDECAR
+        present = path.is_file()
+    except (OSError, TypeError, ValueError):
+        return
+    if not present or not isinstance(model, nn.Module) or _UNLOADED in model.__dict__:
+        return
+
+    def warn_once(module: Any, args: Any) -> None:
+        if not module.training:
+            return
+        _disarm(module)
+        warnings.warn(
+            f"{type(module).__name__}: the adapter folder holds {path} (guided LoRA dropout "
+            "probabilities) that was not loaded, so PEFT's lora_dropout runs; fix: call "
+            f"adapters.torch.load_peft(model, {str(folder)!r}) after loading",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    model.__dict__[_UNLOADED] = model.register_forward_pre_hook(warn_once)
+
+
+def _patch_peft(module: Any) -> None:
+    base = getattr(module, "PeftModel", None)
+    current = getattr(base, "__dict__", {}).get("from_pretrained")
+    func = getattr(current, "__func__", None)
+    if func is None or getattr(func, "_gd_watch", False):
+        return
+
+    @functools.wraps(func)
+    def from_pretrained(cls: Any, model: Any, model_id: Any, *args: Any, **kwargs: Any) -> Any:
+        out = func(cls, model, model_id, *args, **kwargs)
+        _arm(out, model_id)
+        return out
+
+    from_pretrained._gd_watch = True  # type: ignore[attr-defined]
+    base.from_pretrained = classmethod(from_pretrained)
+
+
+class _WatchPeft(importlib.abc.MetaPathFinder):
+    """Patches ``PeftModel.from_pretrained`` right after ``peft.peft_model`` is executed."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != "peft.peft_model":
+            return None
+        spec = None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+        run = getattr(getattr(spec, "loader", None), "exec_module", None)
+        if spec is None or run is None:
+            return spec
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            _patch_peft(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def watch_peft() -> None:
+    """Make ``PeftModel.from_pretrained`` arm :func:`_arm`: now if PEFT is imported, else as soon
+    as it is (importing this adapter never imports PEFT)."""
+    module = sys.modules.get("peft.peft_model")
+    if module is not None:
+        _patch_peft(module)
+    elif not any(isinstance(f, _WatchPeft) for f in sys.meta_path):
+        sys.meta_path.insert(0, _WatchPeft())

@@ -17,14 +17,18 @@ from gd_core import ProfileError, ProfileMismatchError  # noqa: E402
 TARGETS = ["q_proj", "v_proj"]
 
 
-def lora_llama(layers=2, adapter="default"):
+def plain_llama(layers=1):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
     )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def lora_llama(layers=2, adapter="default"):
     lora = peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.05, target_modules=TARGETS)
-    return peft.get_peft_model(transformers.LlamaForCausalLM(cfg), lora, adapter_name=adapter)
+    return peft.get_peft_model(plain_llama(layers), lora, adapter_name=adapter)
 
 
 def saved(tmp_path, layers=1, adapter="default"):
@@ -80,3 +84,25 @@ def test_an_unknown_version_is_refused(tmp_path):
     (folder / "guided_dropout.json").write_text(json.dumps(data))
     with pytest.raises(ProfileError, match=r"'version': expected 1 .*received 99"):
         gdt.load_peft(lora_llama(1), folder)
+
+
+def test_loading_an_adapter_with_a_sidecar_without_load_peft_warns(tmp_path):
+    import warnings
+
+    folder, _ = saved(tmp_path)
+    ids = torch.randint(0, 64, (1, 6))
+    loaded = peft.PeftModel.from_pretrained(plain_llama(), folder)
+    loaded.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded(input_ids=ids)
+        loaded(input_ids=ids)
+    ours = [w for w in caught if "guided_dropout.json" in str(w.message)]
+    assert len(ours) == 1 and "load_peft" in str(ours[0].message)
+    again = peft.PeftModel.from_pretrained(plain_llama(), folder)
+    gdt.load_peft(again, folder)  # restored: no warning
+    again.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again(input_ids=ids)
+    assert not [w for w in caught if "guided_dropout.json" in str(w.message)]
