@@ -176,29 +176,39 @@ def computed_note(c: Computed, settings: AutoSettings, seconds: float, cached: P
     )
 
 
+#: ``weights(labels)``: the model's :class:`WeightsId` over the tensors a profile names
+WeightsFn = Callable[[Sequence[str]], WeightsId]
+
+
+def _labels(profile: SensitivityProfile) -> list[str]:
+    """The parameters a profile was computed on (its fingerprint's names): the digest covers
+    these, so weights the profile does not depend on (a task head drawn at every load) do not."""
+    return [n for n, _ in profile.fingerprint.params] if profile.fingerprint is not None else []
+
+
 def _scan_cached(
-    names: Sequence[str], fingerprint: Fingerprint, weights: WeightsId
-) -> tuple[SensitivityProfile | None, SensitivityProfile | None]:
-    """(a cached profile compatible with the model and computed on these weights, or one the
-    user cached deliberately that records no weights; a compatible one from other weights)."""
-    exact = _cache.lookup(fingerprint, weights.digest)
-    if exact is not None and WeightsId.of_metadata(exact.metadata) == weights:
-        return exact, None
+    names: Sequence[str], fingerprint: Fingerprint, weights: WeightsFn
+) -> tuple[SensitivityProfile | None, tuple[SensitivityProfile, WeightsId] | None]:
+    """(a cached profile compatible with the model and computed on its weights, or one the user
+    cached deliberately that records no weights; a compatible one from other weights, with the
+    model's weights id over that profile's tensors)."""
     folder = _cache.cache_dir()
     unverified: SensitivityProfile | None = None
-    other: SensitivityProfile | None = None
+    other: tuple[SensitivityProfile, WeightsId] | None = None
     for path in sorted(folder.glob("*.profile.npz")) if folder.is_dir() else []:
         try:
-            prof = align(SensitivityProfile.load(path), names, fingerprint, strict=True)
+            raw = SensitivityProfile.load(path)
+            prof = align(raw, names, fingerprint, strict=True)
         except Exception:  # noqa: BLE001 - an incompatible or unreadable cache entry is skipped
             continue
-        recorded = WeightsId.of_metadata(prof.metadata)
-        if recorded is not None and recorded.digest == weights.digest:
-            return prof, None
-        if recorded is None and not prof.metadata.get("auto_profile"):
+        recorded = WeightsId.of_metadata(raw.metadata)
+        if recorded is None and not raw.metadata.get("auto_profile"):
             unverified = unverified or prof  # stored by profile(..., cache=True): the user's
-        else:
-            other = other or prof  # another checkpoint's (or an older version's automatic one)
+            continue
+        mine = weights(_labels(raw))
+        if recorded is not None and recorded.digest == mine.digest:
+            return prof, None
+        other = other or (prof, mine)  # another checkpoint's (or an older automatic one)
     return unverified, other
 
 
@@ -219,7 +229,7 @@ def lookup(
     compute: Callable[[AutoSettings], Computed] | None,
     settings: Any,
     notes: list[str],
-    weights: Callable[[], WeightsId | None] | None = None,
+    weights: WeightsFn | None = None,
 ) -> Callable[[Sequence[str], Fingerprint], SensitivityProfile | None]:
     """The profile lookup of an adapter's ``apply(model)`` (``make_plan(..., lookup=)``): a cached
     compatible profile, else one computed now with ``compute`` (and cached), else None (no
@@ -227,8 +237,9 @@ def lookup(
     raises ProfileNotFoundError naming ``gd profile``). ``settings`` is what ``apply`` was given
     as ``auto_profile`` (see :func:`as_settings`). What happened is appended to ``notes``.
 
-    ``weights()`` (the adapter's): the model's :class:`~gd_core.weights.WeightsId`. With it, a
-    cached profile is used only if it was computed on these weights (a profile computed here
+    ``weights(labels)`` (the adapter's): the model's :class:`~gd_core.weights.WeightsId` over the
+    tensors a profile names (its fingerprint). With it, a cached profile is used only if it was
+    computed on these weights (a profile computed here
     records them and is cached under them); one from another checkpoint of the same architecture
     is not used: a profile is computed now, with a note saying why (or, when none can be
     computed, :class:`ProfileMismatchError` says why). A profile the user cached with
@@ -257,12 +268,11 @@ def lookup(
     settings = as_settings(settings)
 
     def find(names: Sequence[str], fingerprint: Fingerprint) -> SensitivityProfile | None:
-        mine = weights() if weights is not None else None
         other = None
-        if mine is None:
+        if weights is None:
             cached = find_cached(names, fingerprint)
         else:
-            cached, other = _scan_cached(names, fingerprint, mine)
+            cached, other = _scan_cached(names, fingerprint, weights)
         if cached is not None:
             how = cached.metadata.get("auto_profile")
             note = (
@@ -271,21 +281,21 @@ def lookup(
                 else "profile from the cache (computed earlier)"
             )
             recorded = WeightsId.of_metadata(cached.metadata)
-            if mine is not None and recorded is not None:
+            if weights is not None and recorded is not None:
                 note = note[:-1] + f" on {recorded.describe()})"
-            elif mine is not None:
+            elif weights is not None:
                 note += (
                     f"; it records no weights digest (cached by profile(..., cache=True) from "
                     f"{cached.metadata.get('model') or 'an unnamed model'}), so it cannot be "
-                    f"checked against this model's {mine.describe()}; pass profile= to be sure"
+                    "checked against this model's weights; pass profile= to be sure"
                 )
             notes.append(note)
             return cached
         if compute is None or not settings.enabled:
-            if other is not None and mine is not None:
+            if other is not None:
                 raise ProfileMismatchError(
                     f"profile: expected a cached profile computed on this model's weights, "
-                    f"received none: {_why_not(other, mine)}; fix: pass profile= (computed on "
+                    f"received none: {_why_not(*other)}; fix: pass profile= (computed on "
                     "this checkpoint with `gd profile` or adapters.<framework>.profile)"
                     + ("" if settings.enabled else ", or allow auto_profile")
                 )
@@ -299,12 +309,12 @@ def lookup(
             f"{c.objective} on {c.target}, {meta.get('samples', settings.samples)} paragraphs of "
             f"{source}"
         )
-        if mine is not None:
-            meta.update(mine.metadata())
+        if weights is not None:
+            meta.update(weights(_labels(c.profile)).metadata())
         c = replace(c, profile=replace(c.profile, metadata=meta))
         path = _cache.store(c.profile) if settings.cache else None
-        if other is not None and mine is not None:
-            notes.append(f"not using the cached profile: {_why_not(other, mine)}")
+        if other is not None:
+            notes.append(f"not using the cached profile: {_why_not(*other)}")
         notes.append(computed_note(c, settings, seconds, path))
         return c.profile
 

@@ -55,6 +55,22 @@ def digest(tensors: Iterable[tuple[str, Sequence[int], str, Any]]) -> str:
     return h.hexdigest()
 
 
+def resolve(labels: Sequence[str], model_names: Sequence[str]) -> dict[str, str | None]:
+    """Each label (a parameter name as a profile calls it) -> the model's parameter of that name
+    under the prefix renaming that places the most labels (None where none is placed): an
+    encoder's profile names its tensors without the task model's prefix.
+
+    Example:
+        >>> resolve(["enc.w", "gone"], ["bert.enc.w", "head.w"])
+        {'enc.w': 'bert.enc.w', 'gone': None}
+    """
+    from .align import find_renaming
+
+    rename = find_renaming(list(labels), list(model_names))
+    known = set(model_names)
+    return {str(n): (rename(n) if rename(n) in known else None) for n in labels}
+
+
 @dataclass(frozen=True)
 class WeightsId:
     """A model's weights digest and the checkpoint it was loaded from (a path or hub name)."""

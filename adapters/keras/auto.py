@@ -112,8 +112,10 @@ def computer(model: Any, tokenizer: Any, gdk: Any) -> Any:
     return compute
 
 
-def weights_id(model: Any) -> WeightsId:
-    """The digest of the model's weights (:mod:`gd_core.weights`), named by ``model.name``.
+def weights_id(model: Any, labels: Any = None) -> WeightsId:
+    """The digest of the model's weights (:mod:`gd_core.weights`), named by ``model.name``;
+    ``labels``: the canonical weight names a profile holds (None: every weight), see
+    :func:`adapters.torch.auto.weights_id`.
 
     Example:
         >>> import keras
@@ -121,11 +123,22 @@ def weights_id(model: Any) -> WeightsId:
         >>> weights_id(a) == weights_id(a)
         True
     """
+    from .discovery import ModelIndex
+
+    variables = ModelIndex.build(model).variables
+    chosen = (
+        {n: n for n in variables}
+        if labels is None
+        else gd_weights.resolve([str(n) for n in labels], list(variables))
+    )
     items = []
-    for i, w in enumerate(model.weights):
+    for label, name in chosen.items():
+        if name is None:
+            items.append((label, (), "absent", np.zeros(0)))
+            continue
+        w = variables[name]
         values = np.asarray(w.numpy()).reshape(-1)
-        name = getattr(w, "path", None) or f"{i}:{w.name}"
         items.append(
-            (name, tuple(w.shape), str(w.dtype), values[:: gd_weights.stride(values.size)])
+            (label, tuple(w.shape), str(w.dtype), values[:: gd_weights.stride(values.size)])
         )
     return WeightsId(gd_weights.digest(items), getattr(model, "name", None))

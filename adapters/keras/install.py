@@ -188,7 +188,7 @@ def apply(
         _auto.computer(model, tokenizer, sys.modules["adapters.keras"]),
         auto_profile,
         auto_notes,
-        weights=lambda: _auto.weights_id(model),
+        weights=lambda labels: _auto.weights_id(model, labels),
     )
     plan = make_plan(
         profile,

@@ -118,7 +118,7 @@ def apply(
         _auto.computer(root, tokenizer, sys.modules["adapters.torch"]),
         auto_profile,
         auto_notes,
-        weights=lambda: _auto.weights_id(root),
+        weights=lambda labels: _auto.weights_id(root, labels),
     )
     plan = make_plan(
         profile,

@@ -57,7 +57,14 @@ def test_another_checkpoint_of_the_architecture_recomputes(tokenizer, tmp_path, 
     # each checkpoint finds its own entry, which names the checkpoint and its digest
     again = gdt.apply(checkpoint(tokenizer, folder, 1), auto_profile=FAST)
     assert again.notes[0].startswith("profile from the cache"), again.notes
-    assert weights_id(second_model).digest[:12] in again.notes[0]
+    assert f"on checkpoint {folder} (weights " in again.notes[0]
+    from gd_core import SensitivityProfile
+
+    entries = [SensitivityProfile.load(p) for p in cache.glob("*.profile.npz")]
+    labels = [n for n, _ in entries[0].fingerprint.params]  # the tensors the profile covers
+    digests = {e.metadata["weights_digest"] for e in entries}
+    assert weights_id(second_model, labels).digest in digests
+    assert weights_id(second_model, labels).digest[:12] in again.notes[0]
     assert again.probabilities() == second.probabilities()
     back = gdt.apply(checkpoint(tokenizer, folder, 0), auto_profile=FAST)
     assert back.probabilities() == first.probabilities()
@@ -89,3 +96,16 @@ def test_the_digest_reads_values_names_and_dtypes():
         a.weight[0, 0] += 1.0  # the sample starts at the first value
     assert weights_id(a) != same
     assert weights_id(a.double()).digest != weights_id(a.float()).digest
+
+
+def test_a_task_model_loaded_twice_finds_its_encoders_profile(tokenizer, tmp_path):
+    """The fresh head is drawn anew at every load: it is not part of the key."""
+    folder = tmp_path / "enc"
+    checkpoint(
+        tokenizer, folder, 0
+    )  # a pretrained checkpoint (MLM head: dropped by the task model)
+    load = transformers.BertForSequenceClassification.from_pretrained
+    first = gdt.apply(load(folder), auto_profile=FAST)
+    assert first.notes[0].startswith("profile computed by apply()")
+    second = gdt.apply(load(folder), auto_profile=FAST)  # another random head
+    assert second.notes[0].startswith("profile from the cache"), second.notes
