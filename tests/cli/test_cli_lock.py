@@ -65,3 +65,25 @@ def test_a_lock_from_another_host_is_refused_with_the_way_out(
     _lock(out, os.getpid(), host="elsewhere.invalid")
     rc, _, err = gd(*_args(tiny_model, corpus_file, out))
     assert rc == 2 and "host elsewhere.invalid" in err and "delete" in err
+
+
+@pytest.mark.slow
+def test_torchrun_refused_on_every_rank_without_hanging(tiny_model, corpus_file, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    out = tmp_path / "p.npz"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        _lock(out, other.pid)
+        res = subprocess.run(
+            [str(torchrun), "--nproc-per-node", "2", "-m", "gd_cli",
+             *_args(tiny_model, corpus_file, out), "--device", "cpu"],
+            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=240,
+        )  # fmt: skip
+    finally:
+        other.kill()
+        other.wait()
+    assert res.returncode != 0
+    assert res.stderr.count(f"process {other.pid}, still running") == 2, res.stderr[-2000:]
