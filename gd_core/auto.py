@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from . import cache as _cache
-from .align import find_cached
+from .align import align, find_cached
 from .corpus import Corpus, load_corpus, select
-from .errors import ArgumentError, ProfileNotFoundError
+from .errors import ArgumentError, ProfileMismatchError, ProfileNotFoundError
 from .fingerprint import Fingerprint
 from .profile import SensitivityProfile
+from .weights import WeightsId
 
 #: the default sample count: about 27 s for MiniLM-L6 (22M parameters) on two CPU cores
 DEFAULT_SAMPLES = 192
@@ -175,16 +176,74 @@ def computed_note(c: Computed, settings: AutoSettings, seconds: float, cached: P
     )
 
 
+#: ``weights(labels)``: the model's :class:`WeightsId` over the tensors a profile names
+WeightsFn = Callable[[Sequence[str]], WeightsId]
+
+
+def _labels(profile: SensitivityProfile) -> list[str]:
+    """The parameters a profile was computed on (its fingerprint's names): the digest covers
+    these, so weights the profile does not depend on (a task head drawn at every load) do not."""
+    return [n for n, _ in profile.fingerprint.params] if profile.fingerprint is not None else []
+
+
+def _scan_cached(
+    names: Sequence[str], fingerprint: Fingerprint, weights: WeightsFn
+) -> tuple[SensitivityProfile | None, tuple[SensitivityProfile, WeightsId] | None]:
+    """(a cached profile compatible with the model and computed on its weights, or one the user
+    cached deliberately that records no weights; a compatible one from other weights, with the
+    model's weights id over that profile's tensors)."""
+    folder = _cache.cache_dir()
+    unverified: SensitivityProfile | None = None
+    other: tuple[SensitivityProfile, WeightsId] | None = None
+    for path in sorted(folder.glob("*.profile.npz")) if folder.is_dir() else []:
+        try:
+            raw = SensitivityProfile.load(path)
+            prof = align(raw, names, fingerprint, strict=True)
+        except Exception:  # noqa: BLE001 - an incompatible or unreadable cache entry is skipped
+            continue
+        recorded = WeightsId.of_metadata(raw.metadata)
+        if recorded is None and not raw.metadata.get("auto_profile"):
+            unverified = unverified or prof  # stored by profile(..., cache=True): the user's
+            continue
+        mine = weights(_labels(raw))
+        if recorded is not None and recorded.digest == mine.digest:
+            return prof, None
+        other = other or (prof, mine)  # another checkpoint's (or an older automatic one)
+    return unverified, other
+
+
+def _why_not(other: SensitivityProfile, weights: WeightsId) -> str:
+    recorded = WeightsId.of_metadata(other.metadata)
+    was = (
+        recorded.describe()
+        if recorded is not None
+        else "a checkpoint it does not record (an automatic profile of an older version)"
+    )
+    return (
+        f"the cached profile of this architecture came from {was}, not from this model's "
+        f"{weights.describe()}"
+    )
+
+
 def lookup(
     compute: Callable[[AutoSettings], Computed] | None,
     settings: Any,
     notes: list[str],
+    weights: WeightsFn | None = None,
 ) -> Callable[[Sequence[str], Fingerprint], SensitivityProfile | None]:
     """The profile lookup of an adapter's ``apply(model)`` (``make_plan(..., lookup=)``): a cached
     compatible profile, else one computed now with ``compute`` (and cached), else None (no
     objective known for this model, e.g. an ONNX graph, or ``settings.enabled`` False: the caller
     raises ProfileNotFoundError naming ``gd profile``). ``settings`` is what ``apply`` was given
     as ``auto_profile`` (see :func:`as_settings`). What happened is appended to ``notes``.
+
+    ``weights(labels)`` (the adapter's): the model's :class:`~gd_core.weights.WeightsId` over the
+    tensors a profile names (its fingerprint). With it, a cached profile is used only if it was
+    computed on these weights (a profile computed here
+    records them and is cached under them); one from another checkpoint of the same architecture
+    is not used: a profile is computed now, with a note saying why (or, when none can be
+    computed, :class:`ProfileMismatchError` says why). A profile the user cached with
+    ``profile(..., cache=True)`` records no weights: it is used, with a note that says so.
 
     Example:
         >>> import numpy as np, tempfile, os
@@ -209,16 +268,37 @@ def lookup(
     settings = as_settings(settings)
 
     def find(names: Sequence[str], fingerprint: Fingerprint) -> SensitivityProfile | None:
-        cached = find_cached(names, fingerprint)
+        other = None
+        if weights is None:
+            cached = find_cached(names, fingerprint)
+        else:
+            cached, other = _scan_cached(names, fingerprint, weights)
         if cached is not None:
             how = cached.metadata.get("auto_profile")
-            notes.append(
+            note = (
                 f"profile from the cache (computed by apply() earlier: {how})"
                 if how
                 else "profile from the cache (computed earlier)"
             )
+            recorded = WeightsId.of_metadata(cached.metadata)
+            if weights is not None and recorded is not None:
+                note = note[:-1] + f" on {recorded.describe()})"
+            elif weights is not None:
+                note += (
+                    f"; it records no weights digest (cached by profile(..., cache=True) from "
+                    f"{cached.metadata.get('model') or 'an unnamed model'}), so it cannot be "
+                    "checked against this model's weights; pass profile= to be sure"
+                )
+            notes.append(note)
             return cached
         if compute is None or not settings.enabled:
+            if other is not None:
+                raise ProfileMismatchError(
+                    f"profile: expected a cached profile computed on this model's weights, "
+                    f"received none: {_why_not(*other)}; fix: pass profile= (computed on "
+                    "this checkpoint with `gd profile` or adapters.<framework>.profile)"
+                    + ("" if settings.enabled else ", or allow auto_profile")
+                )
             return None
         start = time.perf_counter()
         c = compute(settings)
@@ -229,8 +309,12 @@ def lookup(
             f"{c.objective} on {c.target}, {meta.get('samples', settings.samples)} paragraphs of "
             f"{source}"
         )
+        if weights is not None:
+            meta.update(weights(_labels(c.profile)).metadata())
         c = replace(c, profile=replace(c.profile, metadata=meta))
         path = _cache.store(c.profile) if settings.cache else None
+        if other is not None:
+            notes.append(f"not using the cached profile: {_why_not(*other)}")
         notes.append(computed_note(c, settings, seconds, path))
         return c.profile
 

@@ -1,15 +1,19 @@
-"""A per-user cache of profiles, keyed by model fingerprint.
+"""A per-user cache of profiles, keyed by model fingerprint and, where the profile records one,
+the digest of the weights it was computed on (:mod:`gd_core.weights`), so two checkpoints of
+one architecture have two entries.
 
 ``$GD_CACHE_DIR`` overrides the default folder ``~/.cache/guided-dropout``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 from .fingerprint import Fingerprint
 from .profile import SensitivityProfile
+from .weights import WeightsId
 
 
 def cache_dir() -> Path:
@@ -21,22 +25,28 @@ def cache_dir() -> Path:
     return Path(base) / "guided-dropout"
 
 
-def cache_path(fingerprint: Fingerprint) -> Path:
-    """Where the profile of a model with this fingerprint is cached."""
-    return cache_dir() / f"{fingerprint.digest[:24]}.profile.npz"
+def cache_path(fingerprint: Fingerprint, weights_digest: str | None = None) -> Path:
+    """Where the profile of a model with this fingerprint (and these weights) is cached."""
+    key = fingerprint.digest
+    if weights_digest:
+        key = hashlib.sha256(f"{key}:{weights_digest}".encode()).hexdigest()
+    return cache_dir() / f"{key[:24]}.profile.npz"
 
 
 def store(profile: SensitivityProfile) -> Path:
-    """Cache a profile under its fingerprint (atomically)."""
+    """Cache a profile under its fingerprint and recorded weights digest (atomically)."""
     if profile.fingerprint is None:
         raise ValueError(
             "profile: expected a profile with a model fingerprint, received one without; "
             "fix: compute it with an adapter's profile() so the model is fingerprinted"
         )
-    return profile.save(cache_path(profile.fingerprint))
+    weights = WeightsId.of_metadata(profile.metadata)
+    return profile.save(cache_path(profile.fingerprint, weights.digest if weights else None))
 
 
-def lookup(fingerprint: Fingerprint) -> SensitivityProfile | None:
-    """The cached profile for this fingerprint, or None."""
-    path = cache_path(fingerprint)
+def lookup(
+    fingerprint: Fingerprint, weights_digest: str | None = None
+) -> SensitivityProfile | None:
+    """The cached profile for this fingerprint (and weights digest), or None."""
+    path = cache_path(fingerprint, weights_digest)
     return SensitivityProfile.load(path) if path.exists() else None

@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from gd_core import weights as gd_weights
 from gd_core.auto import AutoSettings, Computed
 from gd_core.errors import ArgumentError
+from gd_core.weights import WeightsId
 
 TEMPERATURE = 0.05
 DROP = 0.1
@@ -108,3 +110,35 @@ def computer(model: Any, tokenizer: Any, gdk: Any) -> Any:
         return Computed(prof, "contrastive", f"Keras model {model.name!r}", None)
 
     return compute
+
+
+def weights_id(model: Any, labels: Any = None) -> WeightsId:
+    """The digest of the model's weights (:mod:`gd_core.weights`), named by ``model.name``;
+    ``labels``: the canonical weight names a profile holds (None: every weight), see
+    :func:`adapters.torch.auto.weights_id`.
+
+    Example:
+        >>> import keras
+        >>> a = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> weights_id(a) == weights_id(a)
+        True
+    """
+    from .discovery import ModelIndex
+
+    variables = ModelIndex.build(model).variables
+    chosen = (
+        {n: n for n in variables}
+        if labels is None
+        else gd_weights.resolve([str(n) for n in labels], list(variables))
+    )
+    items = []
+    for label, name in chosen.items():
+        if name is None:
+            items.append((label, (), "absent", np.zeros(0)))
+            continue
+        w = variables[name]
+        values = np.asarray(w.numpy()).reshape(-1)
+        items.append(
+            (label, tuple(w.shape), str(w.dtype), values[:: gd_weights.stride(values.size)])
+        )
+    return WeightsId(gd_weights.digest(items), getattr(model, "name", None))

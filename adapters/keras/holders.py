@@ -25,12 +25,14 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gd_core.errors import ArgumentError
+from gd_core.errors import ArgumentError, ProfileError
 
 from .discovery import ModelIndex, _is_graph_model, is_site
 from .layer import keras
 
 CONFIG_KEY = "guided_dropout"
+#: the version of the ``guided_dropout`` entry of a ``Guided<Name>`` config
+SAVED_VERSION = 1
 _PACKAGE, _NAME = "guided_dropout", "GuidedSites"
 #: packages whose modules Keras itself imports when loading (``_retrieve_class_or_fn``)
 _KERAS_PACKAGES = frozenset({"keras", "keras_hub", "keras_cv", "keras_nlp"})
@@ -62,7 +64,7 @@ class GuidedSites:
         config: dict[str, Any] = super().get_config()  # type: ignore[misc]
         held = _held_sites(self)
         config[CONFIG_KEY] = {
-            "version": 1,
+            "version": SAVED_VERSION,
             "base": _class_info(self._gd_base or type(self)),
             "sites": [keras.saving.serialize_keras_object(layer) for layer in held],
         }
@@ -80,6 +82,7 @@ class GuidedSites:
             )
         if cls is GuidedSites:  # the registered name of every Guided<Name>: find its base class
             return guided_class(_resolve(saved.get("base"))).from_config(config)
+        _check_saved(saved, str(config.get("name") or cls.__name__))
         del config[CONFIG_KEY]
         layer = super().from_config(config)  # type: ignore[misc]
         object.__setattr__(layer, "_gd_pending", list(saved["sites"]))
@@ -190,10 +193,37 @@ def _resolve(info: Any) -> Any:
     return found
 
 
+def _check_saved(saved: Mapping[str, Any], name: str) -> None:
+    """Refuse a ``guided_dropout`` config of a version this code does not know, or one whose
+    ``sites`` holds a layer that is not a dropout layer (e.g. ``GaussianNoise`` edited in)."""
+    version = saved.get("version")
+    if version != SAVED_VERSION or isinstance(version, bool):
+        raise ProfileError(
+            f"layer {name!r}: field '{CONFIG_KEY}.version': expected {SAVED_VERSION} (the version "
+            f"this guided-dropout reads), received {version!r}; fix: upgrade guided-dropout to "
+            "load this file, or load the model without it and call adapters.keras.apply again"
+        )
+    for i, entry in enumerate(saved["sites"]):
+        layer = None
+        if isinstance(entry, dict):
+            try:
+                layer = keras.saving.deserialize_keras_object(entry)
+            except Exception:  # noqa: BLE001 - reported below, naming the entry
+                layer = None
+        if not is_site(layer):
+            what = entry.get("class_name") if isinstance(entry, dict) else entry
+            raise ProfileError(
+                f"layer {name!r}: field '{CONFIG_KEY}.sites[{i}]': expected a saved dropout "
+                f"layer (Dropout, GuidedDropout, SpatialDropout...), received {what!r}; fix: "
+                "put back the dropout layer the file was saved with, or load the model without "
+                "it and call adapters.keras.apply again"
+            )
+
+
 def _install_pending(layer: Any) -> None:
     """Put the dropout layers saved in the config back in place of those the layer just made."""
     saved = layer._gd_pending
-    if not saved:
+    if saved is None:
         return
     object.__setattr__(layer, "_gd_pending", None)
     idx = ModelIndex.build(layer)

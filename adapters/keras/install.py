@@ -185,7 +185,10 @@ def apply(
     current = {site.name: layer_rate(layer) for site, layer in pairs}
     auto_notes: list[str] = []
     find = auto_lookup(
-        _auto.computer(model, tokenizer, sys.modules["adapters.keras"]), auto_profile, auto_notes
+        _auto.computer(model, tokenizer, sys.modules["adapters.keras"]),
+        auto_profile,
+        auto_notes,
+        weights=lambda labels: _auto.weights_id(model, labels),
     )
     plan = make_plan(
         profile,

@@ -38,10 +38,12 @@ from .layer import GuidedDropout
 from .lora import load as load_peft
 from .lora import lora_tensors
 from .lora import save as save_peft
+from .lora import watch_peft as _watch_peft
 from .losses import CausalLMLoss, ContrastiveLoss, MaskedLMLoss
 from .schedule import Scheduler
 
 _watch_from_pretrained()  # warn when a model recording a plan is loaded and not re-applied
+_watch_peft()  # warn when a PEFT adapter with a sidecar is loaded without load_peft
 
 if TYPE_CHECKING:
     from .trainer import GuidedDropoutCallback

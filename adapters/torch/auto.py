@@ -26,8 +26,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from gd_core import weights as gd_weights
 from gd_core.auto import AutoSettings, Computed, objective_for
 from gd_core.errors import ArgumentError
+from gd_core.weights import WeightsId
 
 from .._lazy import require
 
@@ -178,3 +182,44 @@ def computer(model: Any, tokenizer: Any, gdt: Any, *, loss: Any = None) -> Any:
         return Computed(prof, objective, where, _model_name(target))
 
     return compute
+
+
+def weights_id(model: Any, labels: Any = None) -> WeightsId:
+    """The digest of the model's weights (:mod:`gd_core.weights`) and the checkpoint it came
+    from. ``labels``: the parameters a profile names (its fingerprint, e.g. a bare encoder's
+    names on a task model: matched by :func:`gd_core.weights.resolve`), hashed under those names,
+    so weights the profile does not depend on (a task head drawn anew at every load) play no
+    part; None: every parameter. A PEFT model's LoRA weights are left out and ``.base_layer``
+    dropped, so it matches its base model's.
+
+    Example:
+        >>> import torch
+        >>> torch.manual_seed(0) is not None
+        True
+        >>> a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+        >>> weights_id(a) == weights_id(a), weights_id(a) == weights_id(b)
+        (True, False)
+        >>> weights_id(a, ["weight"]) == weights_id(torch.nn.Sequential(a), ["weight"])
+        True
+    """
+    params = {
+        name.replace(".base_layer.", "."): p
+        for name, p in model.named_parameters()
+        if ".lora_" not in name
+    }
+    chosen = (
+        {n: n for n in params}
+        if labels is None
+        else gd_weights.resolve([str(n) for n in labels], list(params))
+    )
+    items = []
+    for label, name in chosen.items():
+        if name is None:
+            items.append((label, (), "absent", np.zeros(0)))
+            continue
+        p = params[name]
+        flat = p.detach().reshape(-1)[:: gd_weights.stride(p.numel())]
+        if flat.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+            flat = flat.float()
+        items.append((label, tuple(p.shape), str(p.dtype), flat.cpu().numpy()))
+    return WeightsId(gd_weights.digest(items), _model_name(_peft_base(model)))

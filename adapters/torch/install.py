@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.abc
+import os
 import sys
 import warnings
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from gd_core.auto import lookup as auto_lookup
 from gd_core.errors import bad_argument
 from gd_core.face import ApplyOptions, ApplySettings
 from gd_core.plan import make_plan
+from gd_core.recorded import check_recorded, check_unit_count, compare_sites
 from gd_core.report import ApplyReport, ReportRow
 from gd_core.validate import check_probability
 
@@ -117,7 +119,10 @@ def apply(
     auto_notes: list[str] = []
     fp = _lora.fingerprint(root) if lora_sites else fingerprint(root)
     find = auto_lookup(
-        _auto.computer(root, tokenizer, sys.modules["adapters.torch"]), auto_profile, auto_notes
+        _auto.computer(root, tokenizer, sys.modules["adapters.torch"]),
+        auto_profile,
+        auto_notes,
+        weights=lambda labels: _auto.weights_id(root, labels),
     )
     plan = make_plan(
         profile,
@@ -249,10 +254,20 @@ def recorded_plan(model: Any) -> dict[str, Any] | None:
         >>> recorded_plan(net) is None  # no config to record it in
         True
     """
-    rec = getattr(getattr(_unwrap(model), "config", None), CONFIG_KEY, None)
-    if not isinstance(rec, dict) or not isinstance(rec.get("sites"), dict):
+    root = _unwrap(model)
+    rec = getattr(getattr(root, "config", None), CONFIG_KEY, None)
+    if rec is None:
         return None
-    return rec
+    return check_recorded(rec, _config_where(root))
+
+
+def _config_where(root: Any) -> str:
+    """Where a recorded plan came from, for messages: the checkpoint's ``config.json`` when the
+    model was loaded from a folder, else the model's ``config``."""
+    folder = getattr(root.config, "_name_or_path", None) or ""
+    if folder and os.path.isfile(os.path.join(str(folder), "config.json")):
+        return os.path.join(str(folder), "config.json")
+    return f"{type(root).__name__}.config"
 
 
 def _only_defaults(opts: ApplySettings) -> None:
@@ -272,13 +287,26 @@ def _only_defaults(opts: ApplySettings) -> None:
 def _restore(
     root: Any, rec: dict[str, Any], *, schedule: Any, add_sites: Any, generator: Any
 ) -> ApplyReport:
-    """Install a recorded plan exactly (site probabilities and per-unit rates)."""
+    """Install a recorded plan (checked by :func:`recorded_plan`) exactly: site probabilities
+    and per-unit rates; recorded sites the model lacks, and its sites the plan lacks, are
+    noted."""
     values = dict(rec["sites"])
     unit = rec.get("granularity") == "unit" or any(isinstance(v, list) for v in values.values())
     granularity = "unit" if unit else "site"
-    probs = {
-        k: (sum(v) / len(v) if isinstance(v, list) and v else float(v)) for k, v in values.items()
-    }
+    _disarm(root)  # finding the sites runs a forward: not the user's, so no warning
+    try:
+        _, before = _resolve_sites(root, None, add_sites)
+        where = _config_where(root)
+        for f in before:
+            v = values.get(f.site.name)
+            if isinstance(v, list) and f.role == "hidden":
+                check_unit_count(where, f.site.name, v, f.site.units)
+    except Exception:
+        _arm(root)  # not restored: standard dropout still runs, so the warning stays
+        raise
+    notes = compare_sites(values, [f.site.name for f in before])
+    values = {k: v for k, v in values.items() if any(f.site.name == k for f in before)}
+    probs = {k: (sum(v) / len(v) if isinstance(v, list) else float(v)) for k, v in values.items()}
     report = apply(
         root,
         probs,
@@ -295,6 +323,7 @@ def _restore(
             f.owner.set_rates(v)
     setattr(root.config, CONFIG_KEY, rec)
     report.notes.append(f"restored the plan recorded in the model's config ({CONFIG_KEY})")
+    report.notes.extend(f"{where}: {n}" for n in notes)
     if schedule is not None:
         report.scheduler = Scheduler(report, schedule)
     return report
@@ -309,7 +338,8 @@ def _disarm(root: Any) -> None:
 def _arm(model: Any) -> None:
     """After ``from_pretrained`` of a model whose config records a plan: warn once, at the first
     training-mode forward, that standard dropout runs until ``apply(model)`` restores it."""
-    if recorded_plan(model) is None or _UNAPPLIED in model.__dict__:
+    config = getattr(model, "config", None)  # a plan that does not check still warns here
+    if getattr(config, CONFIG_KEY, None) is None or _UNAPPLIED in model.__dict__:
         return
 
     def warn_once(module: Any, args: Any) -> None:

@@ -20,8 +20,13 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import importlib.abc
 import json
+import math
 import os
+import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +35,9 @@ from typing import Any
 import numpy as np
 
 from gd_core import Fingerprint, SensitivityProfile
+from gd_core._io import atomic_write_bytes
 from gd_core.align import find_renaming
-from gd_core.errors import ArgumentError, ProfileMismatchError
+from gd_core.errors import ArgumentError, ProfileError, ProfileMismatchError, _show
 from gd_core.mappings import map_scores
 from gd_core.profile import _mapping_dict
 from gd_core.report import ReportRow
@@ -176,22 +182,113 @@ def install(
     return rows
 
 
+SIDECAR_FORMAT = "guided-dropout-lora"
+SIDECAR_VERSION = 1
+
+
 def save(model: Any, folder: str | os.PathLike[str], **kwargs: Any) -> Path:
-    """``model.save_pretrained(folder)`` plus the LoRA dropout probabilities (``guided_dropout.json``).
+    """``model.save_pretrained(folder)`` plus the LoRA dropout probabilities (``guided_dropout.json``,
+    written atomically).
 
     Example:
         >>> save(peft_model, "my-adapter")  # doctest: +SKIP
         PosixPath('my-adapter/guided_dropout.json')
     """
     model.save_pretrained(str(folder), **kwargs)
-    path = Path(folder) / SIDECAR
     probs = {s.name: s.p for s in lora_sites(model)}
-    path.write_text(json.dumps({"format": "guided-dropout-lora", "p": probs}, indent=1))
-    return path
+    data = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "p": probs}
+    return atomic_write_bytes(Path(folder) / SIDECAR, json.dumps(data, indent=1).encode())
+
+
+def _sidecar_error(path: Path, field: str, expected: str, received: Any, fix: str) -> ProfileError:
+    return ProfileError(
+        f"{path}: field {field!r}: expected {expected}, received {_show(received)}; fix: {fix}"
+    )
+
+
+def read_sidecar(path: Path) -> dict[str, float]:
+    """The ``{site: p}`` a sidecar holds, checked (format, version, every p in [0, 1))."""
+    resave = "save the adapter again with adapters.torch.save_peft(model, folder)"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProfileError(
+            f"{path}: expected the JSON adapters.torch.save_peft writes, received a file that "
+            f"does not read ({type(exc).__name__}: {exc}); fix: {resave}"
+        ) from exc
+    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
+        got = data.get("format") if isinstance(data, dict) else data
+        raise _sidecar_error(path, "format", repr(SIDECAR_FORMAT), got, resave)
+    version = data.get("version", SIDECAR_VERSION)  # files from before versions were written
+    if version != SIDECAR_VERSION or isinstance(version, bool):
+        raise _sidecar_error(
+            path, "version", f"{SIDECAR_VERSION} (the version this library reads)", version,
+            "upgrade guided-dropout to read it, or " + resave,
+        )  # fmt: skip
+    probs = data.get("p")
+    if not isinstance(probs, dict):
+        raise _sidecar_error(path, "p", "an object {LoRA dropout name: p}", probs, resave)
+    out = {}
+    for name, p in probs.items():
+        number = isinstance(p, (int, float)) and not isinstance(p, bool)
+        if not number or not math.isfinite(p) or not 0.0 <= p < 1.0:
+            raise _sidecar_error(path, f"p[{name!r}]", "a probability in [0, 1)", p, resave)
+        out[str(name)] = float(p)
+    return out
+
+
+def _module(name: str) -> tuple[str, str]:
+    """``(<module>, <adapter>)`` of a LoRA dropout name ``<module>.lora_dropout.<adapter>``."""
+    head, _, adapter = name.rpartition(".lora_dropout.")
+    return head, adapter
+
+
+def match(sites: Sequence[LoraSite], probs: Mapping[str, float], path: Path) -> dict[str, float]:
+    """``{model site: p}`` for the sidecar ``probs``: by name; when the sidecar holds one adapter
+    and the model another (one each), by module, with a warning. Entries no site of the model
+    matches are refused (a sidecar of another model); sites the sidecar lacks are warned about."""
+    names = {s.name for s in sites}
+    saved_adapters = sorted({_module(n)[1] for n in probs})
+    model_adapters = sorted({s.adapter for s in sites})
+    chosen = {n: p for n, p in probs.items() if n in names}
+    if not chosen and len(saved_adapters) == 1 and len(model_adapters) == 1 and probs:
+        by_module = {_module(n)[0]: p for n, p in probs.items()}
+        chosen = {
+            s.name: by_module[_module(s.name)[0]] for s in sites if _module(s.name)[0] in by_module
+        }
+        if chosen:
+            warnings.warn(
+                f"{path}: saved for the LoRA adapter {saved_adapters[0]!r}, restored onto the "
+                f"model's adapter {model_adapters[0]!r} module by module",
+                UserWarning,
+                stacklevel=3,
+            )
+    if len(chosen) != len(probs):
+        theirs = {_module(n)[0] for n in chosen}
+        unknown = [n for n in probs if n not in chosen and _module(n)[0] not in theirs]
+        unknown = unknown or [n for n in probs if n not in chosen]
+        raise ProfileMismatchError(
+            f"{path}: expected LoRA dropouts of this model (adapters {model_adapters}), received "
+            f"{len(unknown)} entries it does not have, e.g. {unknown[:3]}; fix: load the adapter "
+            "saved for this base model (same layers and adapter names), or apply a profile "
+            "again with adapters.torch.apply(model, profile)"
+        )
+    lacking = [s.name for s in sites if s.name not in chosen]
+    if lacking:
+        warnings.warn(
+            f"{path}: holds no p for {len(lacking)} LoRA dropouts of this model (e.g. "
+            f"{lacking[:3]}); they keep their current p",
+            UserWarning,
+            stacklevel=3,
+        )
+    return chosen
 
 
 def load(model: Any, folder: str | os.PathLike[str]) -> dict[str, float]:
-    """Put the probabilities :func:`save` wrote back on a PEFT model loaded from ``folder``.
+    """Put the probabilities :func:`save` wrote back on a PEFT model loaded from ``folder``;
+    returns what was restored, by the model's site names. The file is checked first
+    (:func:`read_sidecar`, :func:`match`): bad values and entries for modules the model does not
+    have are refused, naming the file and entry.
 
     Example:
         >>> model = peft.PeftModel.from_pretrained(base, "my-adapter")  # doctest: +SKIP
@@ -205,7 +302,97 @@ def load(model: Any, folder: str | os.PathLike[str]) -> dict[str, float]:
             f"{SIDECAR}), received {str(folder)!r} without one; fix: save it with "
             "adapters.torch.save_peft(model, folder)"
         )
-    probs = {str(k): float(v) for k, v in json.loads(path.read_text())["p"].items()}
     sites = lora_sites(model)
-    install(sites, {s.name: (probs.get(s.name, s.p), "given") for s in sites})
-    return probs
+    chosen = match(sites, read_sidecar(path), path)
+    _disarm(model)
+    install([s for s in sites if s.name in chosen], {n: (p, "given") for n, p in chosen.items()})
+    return chosen
+
+
+# -- a PEFT adapter loaded without load_peft warns ----------------------------------------------
+_UNLOADED = "_gd_lora_unloaded"
+
+
+def _disarm(model: Any) -> None:
+    handle = model.__dict__.pop(_UNLOADED, None)
+    if handle is not None:
+        handle.remove()
+
+
+def _arm(model: Any, folder: Any) -> None:
+    """After ``PeftModel.from_pretrained`` of a folder holding a sidecar: warn once, at the first
+    training-mode forward, unless :func:`load` has put the probabilities back."""
+    try:
+        path = Path(str(folder)) / SIDECAR
+        present = path.is_file()
+    except (OSError, TypeError, ValueError):
+        return
+    if not present or not isinstance(model, nn.Module) or _UNLOADED in model.__dict__:
+        return
+
+    def warn_once(module: Any, args: Any) -> None:
+        if not module.training:
+            return
+        _disarm(module)
+        warnings.warn(
+            f"{type(module).__name__}: the adapter folder holds {path} (guided LoRA dropout "
+            "probabilities) that was not loaded, so PEFT's lora_dropout runs; fix: call "
+            f"adapters.torch.load_peft(model, {str(folder)!r}) after loading",
+            UserWarning,
+            stacklevel=2,
+        )
+
+    model.__dict__[_UNLOADED] = model.register_forward_pre_hook(warn_once)
+
+
+def _patch_peft(module: Any) -> None:
+    base = getattr(module, "PeftModel", None)
+    current = getattr(base, "__dict__", {}).get("from_pretrained")
+    func = getattr(current, "__func__", None)
+    if func is None or getattr(func, "_gd_watch", False):
+        return
+
+    @functools.wraps(func)
+    def from_pretrained(cls: Any, model: Any, model_id: Any, *args: Any, **kwargs: Any) -> Any:
+        out = func(cls, model, model_id, *args, **kwargs)
+        _arm(out, model_id)
+        return out
+
+    from_pretrained._gd_watch = True  # type: ignore[attr-defined]
+    base.from_pretrained = classmethod(from_pretrained)
+
+
+class _WatchPeft(importlib.abc.MetaPathFinder):
+    """Patches ``PeftModel.from_pretrained`` right after ``peft.peft_model`` is executed."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != "peft.peft_model":
+            return None
+        spec = None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+        run = getattr(getattr(spec, "loader", None), "exec_module", None)
+        if spec is None or run is None:
+            return spec
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            _patch_peft(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def watch_peft() -> None:
+    """Make ``PeftModel.from_pretrained`` arm :func:`_arm`: now if PEFT is imported, else as soon
+    as it is (importing this adapter never imports PEFT)."""
+    module = sys.modules.get("peft.peft_model")
+    if module is not None:
+        _patch_peft(module)
+    elif not any(isinstance(f, _WatchPeft) for f in sys.meta_path):
+        sys.meta_path.insert(0, _WatchPeft())

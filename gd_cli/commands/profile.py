@@ -25,6 +25,7 @@ from ..args import (
     text_args,
 )
 from ..distributed import Dist, finish_distributed, init_distributed, say
+from ..lock import OutputLock
 from ..text import prepare_text_for, profile_metadata
 
 EPILOG = """examples:
@@ -95,10 +96,34 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--out: expected a file path, received the folder {str(out)!r}")
     ckpt = Path(f"{out}.partial.npz")
     d = init_distributed(args.device)
+    lock = OutputLock(out)
     try:
+        _lock_output(lock, d)  # before the checkpoint is touched: one run per --out
         return _profile(args, d, out, ckpt)
     finally:
+        lock.release()
         finish_distributed(d)
+
+
+def _lock_output(lock: OutputLock, d: Dist) -> None:
+    """Rank 0 takes the lock; under ``torchrun`` every rank learns whether it got it, so a
+    refused run stops on every rank (none waits for the others)."""
+    refused = None
+    if d.main:
+        try:
+            lock.acquire()
+        except CLIError as exc:
+            refused = str(exc)
+    if d.world > 1:
+        import torch
+
+        box = [refused]
+        torch.distributed.broadcast_object_list(box, src=0)
+        refused = box[0]
+    if refused is not None:
+        raise CLIError(refused)
+    if lock.note:
+        say(d, f"gd profile: note: {lock.note}")
 
 
 def _profile(args: argparse.Namespace, d: Dist, out: Path, ckpt: Path) -> int:

@@ -49,3 +49,16 @@ def test_keras_apply_without_tokenizer_names_the_way_out(tmp_path, monkeypatch):
     monkeypatch.setenv("GD_CACHE_DIR", str(tmp_path))
     with pytest.raises(gd_core.ProfileNotFoundError, match="tokenizer="):
         gdk.apply(encoder())
+
+
+def test_keras_another_checkpoint_of_the_architecture_recomputes(tmp_path, monkeypatch):
+    """Issue 28: the cache is keyed by the weights too; another set of weights recomputes."""
+    monkeypatch.setenv("GD_CACHE_DIR", str(tmp_path))
+    gdk.apply(encoder(), tokenizer=words, auto_profile=FAST)
+    other = encoder()
+    other.set_weights([w + 0.5 for w in other.get_weights()])  # same names and shapes
+    report = gdk.apply(other, tokenizer=words, auto_profile=FAST)
+    assert "not using the cached profile" in report.notes[0], report.notes
+    assert "checkpoint tiny_encoder (weights" in report.notes[0]
+    assert report.notes[1].startswith("profile computed by apply()")
+    assert len(list(tmp_path.glob("*.profile.npz"))) == 2
