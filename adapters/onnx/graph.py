@@ -61,6 +61,8 @@ MAX_OPSET = 21
 MIN_DROPOUT_OPSET = 12
 TRAINING_MODE_NAME = "gd.training_mode"
 INERT_RATIO_NAME = "gd.inert_ratio"
+#: doc_string prefix of the Dropout nodes :mod:`adapters.onnx.insert` adds (``<mark>: <site>``)
+INSERT_MARK = "guided-dropout inserted site"
 #: doc_string prefixes marking the nodes ``apply(granularity="unit")`` adds
 UNIT_MARK = "guided-dropout unit dropout"
 MODE_MARK = "guided-dropout training-mode signal"
@@ -203,7 +205,8 @@ class Param:
     note: str = ""
 
 
-_AUTO_NAME = re.compile(r"^onnx::[A-Za-z]+_\d+$")
+# exporter auto-names of folded weights: TorchScript's ``onnx::MatMul_N``, dynamo's ``val_N``
+_AUTO_NAME = re.compile(r"^(onnx::[A-Za-z]+_\d+|val_\d+)$")
 
 
 def _scope(node: Any) -> str | None:
@@ -317,6 +320,8 @@ def site_name(node: Any, k: int) -> str:
     ``self.dropout`` module's rate) is named ``x.self.dropout``, which is how the module holding
     that rate is named in PyTorch.
     """
+    if node.doc_string.startswith(INSERT_MARK + ": "):
+        return node.doc_string[len(INSERT_MARK) + 2 :]  # a site apply inserted, named there
     if not node.name:
         return f"dropout_{k}"
     parts = [p for p in node.name.strip("/").split("/") if p]

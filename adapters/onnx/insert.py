@@ -24,10 +24,9 @@ import numpy as np
 from gd_core.errors import bad_argument, no_sites
 
 from . import graph as _g
-from .graph import TRAINING_MODE_NAME, GraphIndex, onnx
+from .graph import INSERT_MARK, TRAINING_MODE_NAME, GraphIndex, onnx
 
 HOOK_CHILD = "gd_dropout"  # adapters.torch.layer.HOOK_CHILD (tests assert they agree)
-INSERT_MARK = "guided-dropout inserted site"
 _PASS_OPS = frozenset({"Cast", "Identity"})
 
 
@@ -96,6 +95,8 @@ def points(model: Any) -> tuple[list[Point], list[str]]:
             continue
         name = ".".join((*scope, HOOK_CHILD))
         out.append(Point(tensor, name, index.producer[tensor], scope))
+    out.extend(_attention_points(index, seen))
+    out.sort(key=lambda p: p.after)
     names = [p.name for p in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -106,6 +107,41 @@ def points(model: Any) -> tuple[list[Point], list[str]]:
             "give each call its own module, or export in training mode with nn.Dropout modules",
         )
     return out, skipped
+
+
+def _feeds_matmul(index: GraphIndex, tensor: str, depth: int = 4) -> bool:
+    """Whether ``tensor`` is read (through Cast/Identity/Where/Reshape) as a MatMul's first
+    input: attention probabilities weighting the values."""
+    stack, seen = [(tensor, 0)], set()
+    while stack:
+        current, d = stack.pop()
+        if current in seen or d > depth:
+            continue
+        seen.add(current)
+        for i, j in index.consumers.get(current, []):
+            node = index.nodes[i]
+            if node.op_type == "MatMul" and j == 0:
+                return True
+            if node.op_type in ("Cast", "Identity", "Where", "Reshape"):
+                stack.extend((o, d + 1) for o in node.output if o)
+    return False
+
+
+def _attention_points(index: GraphIndex, seen: set[str]) -> list[Point]:
+    """Attention-probability sites: the output of every Softmax inside a module whose result
+    weights values in a MatMul, where torch applies the attention's dropout. Named
+    ``<module>.dropout`` after the module that computes it (as a training-mode export names its
+    functional Dropout node there, :func:`adapters.onnx.graph.site_name`)."""
+    out = []
+    for i, node in enumerate(index.nodes):
+        if node.op_type != "Softmax" or not node.output or node.output[0] in seen:
+            continue
+        scope = _parts(node)
+        if not scope or not _feeds_matmul(index, node.output[0]):
+            continue
+        seen.add(node.output[0])
+        out.append(Point(node.output[0], ".".join((*scope, "dropout")), i, scope))
+    return out
 
 
 def insert_in_place(model: Any, where: list[Point]) -> list[str]:
@@ -132,7 +168,7 @@ def insert_in_place(model: Any, where: list[Point]) -> list[str]:
             "Dropout",
             [p.tensor, ratio, mode],
             [dropped, mask],
-            name=_g.unique_name("/" + "/".join((*p.scope, HOOK_CHILD, "Dropout")), taken),
+            name=_g.unique_name("/" + "/".join((*p.name.split("."), "Dropout")), taken),
             doc_string=f"{INSERT_MARK}: {p.name}",
         )
         after.setdefault(p.after, []).append(node)
