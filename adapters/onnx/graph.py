@@ -209,6 +209,12 @@ class Param:
 _AUTO_NAME = re.compile(r"^(onnx::[A-Za-z]+_\d+|val_\d+)$")
 
 
+# torch's dynamo exporter names parameters by their module path (``bert.pooler.dense.weight``)
+# and constants it folds by their FX node (``where``, ``embedding_1``, ``val_12``)
+_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+_FX_NAME = re.compile(r"^[a-z_]+(_\d+)?$")
+
+
 def _scope(node: Any) -> str | None:
     """The module path of a ``torch.onnx`` node (``/a/b/MatMul`` -> ``a.b``), None if unscoped."""
     if not node.name or "/" not in node.name.strip("/"):
@@ -235,6 +241,7 @@ def param_table(model: Any) -> dict[str, Param]:
     index = GraphIndex(model.graph)
     taken = set(index.inits)
     out: dict[str, Param] = {}
+    dynamo = any(p.key == _NAME_SCOPES for n in model.graph.node[:8] for p in n.metadata_props)
     for name, init in index.inits.items():
         if init.data_type not in FLOAT_TYPES or len(init.dims) == 0 or name in index.inputs:
             continue
@@ -247,6 +254,10 @@ def param_table(model: Any) -> dict[str, Param]:
         param = Param(name, name, shape)
         if _AUTO_NAME.match(name):
             param = _canonical_auto(index, param, uses, taken)
+        elif dynamo and _FX_NAME.match(name):
+            continue  # a constant the dynamo exporter folded (an attention mask, a position slice)
+        if dynamo and param.name == name and _FX_NAME.match(name):
+            continue  # an unmapped ``val_N``: a folded constant, not a parameter
         out[name] = param
     return out
 

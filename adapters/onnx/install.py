@@ -160,10 +160,10 @@ def apply(
     infos, table = _discover(out, "model", mapping=None if given_sites else sites)
     if given_sites:
         infos = _only(infos, sites)
-    corr = None
+    corr, id_notes = None, []
     if not given_sites and not isinstance(profile, Mapping) and profile is not None:
         prof = _load_profile(profile, "pass profile=adapters.onnx.profile(...) or a saved path")
-        corr, profile = _identify(out, infos, table, prof)
+        corr, profile, id_notes = _identify(out, infos, table, prof)
     names = [i.site.name for i in infos]
     current = {i.site.name: (i.ratio if i.ratio is not None else 0.0) for i in infos}
     plan = make_plan(
@@ -189,7 +189,7 @@ def apply(
     if corr is not None:
         # the plan's generic word on absent sites is replaced by each one's true reason
         notes = [n for n in notes if "have no dropout site in this model" not in n]
-        notes.extend(corr.notes())
+        notes.extend(id_notes + corr.notes())
         report.matched = {p.model_site: p.profile_site for p in corr.pairs}
         report.absent_reasons = {a.profile_site: a.describe() for a in corr.absent}
     flipped = [p for p in table.values() if p.transposed]
@@ -332,7 +332,7 @@ def apply(
 
 def _identify(
     model: Any, infos: list[Any], table: Mapping[str, Any], prof: SensitivityProfile
-) -> tuple[Correspondence, SensitivityProfile]:
+) -> tuple[Correspondence, SensitivityProfile, list[str]]:
     """Place each profile site on the graph site guarding the same canonical parameters
     (:func:`gd_core.identity.correspond`): the profile renamed into the graph's site names, and
     the correspondence. A site :mod:`adapters.onnx.insert` added takes the name of the profile
@@ -341,7 +341,7 @@ def _identify(
     by_name = {i.site.name: i for i in infos}
     taken_sites = set(by_name)
     ren = corr.renaming
-    pairs = []
+    pairs, renamed = [], []
     for pair in corr.pairs:
         info = by_name[pair.model_site]
         wanted_name = ren(pair.profile_site)
@@ -359,11 +359,18 @@ def _identify(
                 n.name = _g.unique_name("/" + "/".join((*wanted_name.split("."), "Dropout")), names)
             info.site = replace(info.site, name=wanted_name)
             info.node_names = [n.name for n in nodes]
+            renamed.append(f"{pair.model_site} -> {wanted_name}")
             pair = replace(pair, model_site=wanted_name)
         pairs.append(pair)
     corr.pairs = pairs
     names_map = corr.names()
-    return corr, prof.translate(lambda n: names_map.get(n, ren(n)))
+    notes = []
+    if renamed:
+        notes.append(
+            f"{len(renamed)} inserted site(s) named after the profile site guarding the same "
+            f"parameters: {'; '.join(renamed[:4])}" + (" ..." if len(renamed) > 4 else "")
+        )
+    return corr, prof.translate(lambda n: names_map.get(n, ren(n))), notes
 
 
 def _only(infos: list[Any], sites: Sequence[Any]) -> list[Any]:
