@@ -57,8 +57,8 @@ class Pair:
 class Absent:
     """A profile site with no model site: ``reason`` is one of :data:`REASONS`.
 
-    - ``merged``: the model site guarding most of its parameters is the partner of another
-      profile site (``into`` names it), so both share one rate here;
+    - ``merged``: the model site guarding most of its parameters (``into``) is the partner of
+      another profile site (``shared_with``), so both share one rate here;
     - ``folded``: its parameters are in the model but no site guards them (the exporter left no
       dropout there);
     - ``not exported``: none of its parameters is in the model.
@@ -67,10 +67,14 @@ class Absent:
     profile_site: str
     reason: str
     into: str = ""
+    shared_with: str = ""
 
     def describe(self) -> str:
         if self.reason == "merged":
-            return f"{self.profile_site}: merged into {self.into} (which guards its parameters too)"
+            also = f" together with those of {self.shared_with}" if self.shared_with else ""
+            return (
+                f"{self.profile_site}: merged into {self.into} (which guards its parameters{also})"
+            )
         if self.reason == "folded":
             return f"{self.profile_site}: folded (its parameters are here, no dropout guards them)"
         return f"{self.profile_site}: not exported (none of its parameters is in this model)"
@@ -197,8 +201,8 @@ def correspond(
             taken.add(m)
             out.pairs.append(Pair(p, m, how, tuple(sorted(ps - ms)), tuple(sorted(ms - ps))))
         elif cands:
-            into = [q for q in best_prof.get(cands[0], []) if q != p]
-            out.absent.append(Absent(p, "merged", into[0] if into else cands[0]))
+            others = [q for q in best_prof.get(cands[0], []) if q != p]
+            out.absent.append(Absent(p, "merged", cands[0], others[0] if others else ""))
         elif ps & known:
             out.absent.append(Absent(p, "folded"))
         else:

@@ -18,8 +18,8 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import adapters.onnx as gdo  # noqa: E402
-import gd_core  # noqa: E402
 import adapters.torch as gdt  # noqa: E402
+import gd_core  # noqa: E402
 from adapters.onnx.insert import HOOK_CHILD  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "conformance"))
