@@ -67,7 +67,7 @@ def _discover(
     infos, params = _g.discover(model, exclusive)
     from .insert import insert_sites, wanted
 
-    if not infos and wanted(model):
+    if wanted(model):  # no Dropout node, or only p = 0 ones: sites as torch adds them
         target = _copy(model)
         if insert_sites(target)[0]:
             infos, params = _g.discover(target, exclusive)

@@ -409,12 +409,13 @@ def discover(model: Any, exclusive: bool = True) -> tuple[list[SiteHandle], dict
     shapes = _inferred_last_dims(model)
     infos: dict[str, SiteHandle] = {}
     guarded: dict[str, list[str]] = {}
-    k = 0
-    for i, node in enumerate(index.nodes):
-        if node.op_type != "Dropout" or node.domain not in DEFAULT_DOMAINS or gd_role(node):
-            continue
-        name = site_name(node, k)
-        k += 1
+    drops = [
+        (i, node)
+        for i, node in enumerate(index.nodes)
+        if node.op_type == "Dropout" and node.domain in DEFAULT_DOMAINS and not gd_role(node)
+    ]
+    named = [site_name(node, k) for k, (_, node) in enumerate(drops)]
+    for (i, node), name in zip(drops, _called_again(named), strict=True):
         ratio, active = dropout_state(index, node)
         info = infos.get(name)
         if info is None:
@@ -445,6 +446,18 @@ def discover(model: Any, exclusive: bool = True) -> tuple[list[SiteHandle], dict
         info.site = Site(name, canon, info.site.units, kind="node")
         out.append(info)
     return out, params
+
+
+def _called_again(names: list[str]) -> list[str]:
+    """Names with the exporter's suffix for a module's second call folded back: the TorchScript
+    exporter scopes the second call of ``classifier.dropout`` as ``classifier/dropout_1``; both
+    calls are one module, so one site (as in torch), guarding what either call guards."""
+    known = set(names)
+    out = []
+    for name in names:
+        m = re.fullmatch(r"(.+)_(\d+)", name)
+        out.append(m.group(1) if m and m.group(1) in known else name)
+    return out
 
 
 def _dataflow_groups(

@@ -28,6 +28,7 @@ from .graph import INSERT_MARK, TRAINING_MODE_NAME, GraphIndex, onnx
 
 HOOK_CHILD = "gd_dropout"  # adapters.torch.layer.HOOK_CHILD (tests assert they agree)
 _PASS_OPS = frozenset({"Cast", "Identity"})
+_META = frozenset({"Shape", "Size"})  # read a tensor's shape, not its values
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,9 @@ def _upstream(index: GraphIndex, tensor: str) -> str:
         if node.op_type not in _PASS_OPS or len(node.input) != 1:
             break
         src = node.input[0]
-        if src not in index.producer or len(index.consumers.get(src, [])) != 1:
-            break
+        data = [i for i, _ in index.consumers.get(src, []) if index.nodes[i].op_type not in _META]
+        if src not in index.producer or len(data) != 1:
+            break  # (Shape/Size readers of a training-mode export's dynamic axes do not count)
         tensor = src
     return tensor
 
@@ -86,7 +88,7 @@ def points(model: Any) -> tuple[list[Point], list[str]]:
     seen: set[str] = set()
     for raw in insertion_points(ops):
         tensor = _upstream(index, raw)
-        if tensor not in index.producer or tensor in seen:
+        if tensor not in index.producer or tensor in seen or _dropped(index, tensor):
             continue
         seen.add(tensor)
         scope = _returning(index, tensor)
@@ -107,6 +109,12 @@ def points(model: Any) -> tuple[list[Point], list[str]]:
             "give each call its own module, or export in training mode with nn.Dropout modules",
         )
     return out, skipped
+
+
+def _dropped(index: GraphIndex, tensor: str) -> bool:
+    """Whether ``tensor`` is a Dropout node's output (a site is there already)."""
+    i = index.producer.get(tensor)
+    return i is not None and index.nodes[i].op_type == "Dropout"
 
 
 def _feeds_matmul(index: GraphIndex, tensor: str, depth: int = 4) -> bool:
@@ -139,6 +147,10 @@ def _attention_points(index: GraphIndex, seen: set[str]) -> list[Point]:
         scope = _parts(node)
         if not scope or not _feeds_matmul(index, node.output[0]):
             continue
+        if any(
+            index.nodes[i].op_type == "Dropout" for i, _ in index.consumers.get(node.output[0], [])
+        ):
+            continue  # a Dropout node is there already (a zero attention rate, exported)
         seen.add(node.output[0])
         out.append(Point(node.output[0], ".".join((*scope, "dropout")), i, scope))
     return out
@@ -183,9 +195,18 @@ def insert_in_place(model: Any, where: list[Point]) -> list[str]:
 
 
 def wanted(model: Any) -> bool:
-    """Whether sites are to be inserted: the graph has no Dropout node and no per-unit dropout
-    (a graph ``apply`` rewrote at unit granularity has its sites already)."""
-    return not any(n.op_type == "Dropout" or _g.gd_role(n) for n in model.graph.node)
+    """Whether sites are to be inserted: the graph has no dropout, as the torch adapter decides
+    for a model (``add_sites=None``): no Dropout node with a nonzero (or non-constant) ratio
+    (a training-mode export of a model whose only dropout is a zero attention rate, e.g. Qwen2,
+    has p = 0 Dropout nodes there), and no per-unit dropout (a graph ``apply`` rewrote at unit
+    granularity has its sites already)."""
+    if any(_g.gd_role(n) for n in model.graph.node):
+        return False
+    drops = [n for n in model.graph.node if n.op_type == "Dropout"]
+    if not drops:
+        return True
+    index = GraphIndex(model.graph)
+    return all(_g.dropout_state(index, n)[0] == 0.0 for n in drops)
 
 
 def is_inserted(node: Any) -> bool:
