@@ -201,9 +201,15 @@ def test_onnx_eval_export_gets_sites() -> None:
     proto = _onnx(model, (torch.randint(0, 50, (2, 5)),), ["ids"], eval_mode=True)
     assert [n for n in proto.graph.node if n.op_type == "Dropout"] == []
     names = [s.name for s in gdo.sites(proto)]
-    # the eval graph has lost the nn.Dropout modules: sites go on the embedding output and the
-    # residual branches, named after the modules returning them (tests/onnx/test_onnx_insert.py)
-    assert names == ["embed.gd_dropout", f"{L0}.self_attn.gd_dropout", f"{L0}.linear2.gd_dropout"]
+    # the eval graph has lost the nn.Dropout modules: sites go on the embedding output, the
+    # attention probabilities (issue 24) and the residual branches, named after the modules
+    # returning them (tests/onnx/test_onnx_insert.py)
+    assert names == [
+        "embed.gd_dropout",
+        f"{L0}.self_attn.dropout",
+        f"{L0}.self_attn.gd_dropout",
+        f"{L0}.linear2.gd_dropout",
+    ]
 
 
 def test_keras_mha_model_loads_in_fresh_process_after_apply(tmp_path) -> None:  # type: ignore[no-untyped-def]
