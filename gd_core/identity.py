@@ -31,8 +31,8 @@ class Pair:
     """One profile site and the model site guarding the same parameters.
 
     ``how`` is ``"same parameters"`` (equal guarded sets), ``"overlap"`` (the sets share most of
-    their parameters; ``missing``/``extra`` say what differs) or ``"name"`` (a site that guards
-    no parameter, matched by name).
+    their parameters; ``missing``/``extra`` say what differs) or ``"name"`` (no partner by
+    parameters, but a site of the same name that no other profile site claims).
     """
 
     profile_site: str
@@ -103,7 +103,11 @@ class Correspondence:
                 + "; ".join(p.describe() for p in renamed[:8])
                 + (f" and {len(renamed) - 8} more" if len(renamed) > 8 else "")
             )
-        partial = [p for p in self.pairs if p.how == "overlap" and p.profile_site == p.model_site]
+        partial = [
+            p
+            for p in self.pairs
+            if p.how != "same parameters" and (p.missing or p.extra) and p not in renamed
+        ]
         if partial:
             out.append("guarded sets differ: " + "; ".join(p.describe() for p in partial[:4]))
         for reason in REASONS:
@@ -132,8 +136,9 @@ def correspond(
 
     A profile site and a model site are partners when each is the other's site of largest
     overlap (ties broken by the smaller symmetric difference); equal sets are ``same
-    parameters``, others ``overlap``. Sites that guard nothing on either side pair by (renamed)
-    name. A profile site without a partner is :class:`Absent` with its reason; ``model_params``
+    parameters``, others ``overlap``. A profile site left without a partner pairs with a model
+    site of the same (renamed) name that no other profile site claims (``name``). Any other
+    profile site is :class:`Absent` with its reason; ``model_params``
     (all canonical parameter names of the model) tells ``folded`` from ``not exported``.
 
     Raises :class:`ProfileMismatchError` when the guarded sets conflict: a profile site whose
@@ -173,20 +178,10 @@ def correspond(
     known = (
         set(model_params) if model_params is not None else {p for v in model.values() for p in v}
     )
-    taken: set[str] = set()
-    name_only = [s.name for s in model_sites if not model[s.name]]
+    mutual_of: dict[str, str] = {}
     for s in profile_sites:
-        p, ps = s.name, prof[s.name]
-        if not ps:
-            target = ren(p) if ren(p) in name_only else (p if p in name_only else None)
-            if target is not None and target not in taken:
-                taken.add(target)
-                out.pairs.append(Pair(p, target, "name"))
-            else:
-                out.absent.append(Absent(p, "not exported"))
-            continue
-        cands = best_model.get(p, [])
-        mutual = [m for m in cands if best_prof.get(m) == [p]]
+        p = s.name
+        mutual = [m for m in best_model.get(p, []) if best_prof.get(m) == [p]]
         if len(mutual) > 1:
             raise ProfileMismatchError(
                 f"profile: expected each profile site to guard the parameters of one model site, "
@@ -195,12 +190,25 @@ def correspond(
                 "each model site guards"
             )
         if mutual:
-            m = mutual[0]
-            ms = model[m]
+            mutual_of[p] = mutual[0]
+    taken = set(mutual_of.values())
+    for s in profile_sites:
+        p, ps = s.name, prof[s.name]
+        partner = mutual_of.get(p)
+        if partner is not None:
+            ms = model[partner]
             how = "same parameters" if ms == ps else "overlap"
-            taken.add(m)
-            out.pairs.append(Pair(p, m, how, tuple(sorted(ps - ms)), tuple(sorted(ms - ps))))
-        elif cands:
+            out.pairs.append(Pair(p, partner, how, tuple(sorted(ps - ms)), tuple(sorted(ms - ps))))
+            continue
+        # the same (renamed) name and no other partner: the same module, read differently
+        same = next((n for n in (ren(p), p) if n in model and n not in taken), None)
+        if same is not None:
+            taken.add(same)
+            ms = model[same]
+            out.pairs.append(Pair(p, same, "name", tuple(sorted(ps - ms)), tuple(sorted(ms - ps))))
+            continue
+        cands = best_model.get(p, [])
+        if cands:
             others = [q for q in best_prof.get(cands[0], []) if q != p]
             out.absent.append(Absent(p, "merged", cands[0], others[0] if others else ""))
         elif ps & known:

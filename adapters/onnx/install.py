@@ -47,8 +47,8 @@ class OnnxApplyReport(ApplyReport):
         activated: sites whose nodes were inert (no ``training_mode``) and now train.
         matched: ``{graph site: profile site}``: each profile site placed on the site guarding
             the same canonical parameters (:func:`gd_core.identity.correspond`).
-        absent_reasons: ``{profile site: why}`` for the profile sites with no site here
-            (``merged``, ``folded``, ``not exported``).
+        absent_reasons: ``{site of absent: why}`` for the profile sites with no site here
+            (``merged``, ``folded``, ``not exported``), keyed as in ``absent``.
         inserted: sites whose Dropout nodes :mod:`adapters.onnx.insert` added (a graph without
             Dropout nodes: on the embedding output and every residual branch).
         changes: what :func:`prepare_for_training` changed.
@@ -191,7 +191,7 @@ def apply(
         notes = [n for n in notes if "have no dropout site in this model" not in n]
         notes.extend(id_notes + corr.notes())
         report.matched = {p.model_site: p.profile_site for p in corr.pairs}
-        report.absent_reasons = {a.profile_site: a.describe() for a in corr.absent}
+        report.absent_reasons = {corr.renaming(a.profile_site): a.describe() for a in corr.absent}
     flipped = [p for p in table.values() if p.transposed]
     if flipped:
         notes.append(

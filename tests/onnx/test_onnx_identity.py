@@ -62,6 +62,25 @@ def test_absent_sites_say_why() -> None:
     assert any("merged into ffn.gd_dropout" in n for n in c.notes())
 
 
+def test_same_name_pairs_when_parameters_find_no_partner() -> None:
+    """Two readings of one module (torch's dataflow and the graph's) may differ so much that the
+    guarded sets pick another partner; a free site of the same name is then that site, and the
+    difference is a note, not an absent site that still gets a p by name."""
+    prof = [Site("blk.attn_drop", ("q", "k")), Site("blk.dropout", ("q",))]
+    model = [Site("blk.attn.dropout", ("q", "k", "o")), Site("blk.dropout", ("m",))]
+    c = correspond(prof, model)
+    assert c.names() == {"blk.attn_drop": "blk.attn.dropout", "blk.dropout": "blk.dropout"}
+    assert c.absent == []
+    assert any("guarded sets differ" in n for n in c.notes())
+
+
+def test_a_prefix_renaming_never_gives_two_profile_sites_one_name() -> None:
+    from gd_core.align import Renaming, find_renaming
+
+    # stripping "attn." would place 3 of 3, but `attn.dropout` and `dropout` would collide
+    assert find_renaming(["dropout", "head", "attn.dropout"], ["dropout", "head"]) == Renaming()
+
+
 # ---- real exports of one MLM profile -------------------------------------------------------
 
 torch = pytest.importorskip("torch", reason="torch exports the test models")
