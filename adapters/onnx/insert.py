@@ -205,6 +205,8 @@ def wanted(model: Any) -> bool:
     drops = [n for n in model.graph.node if n.op_type == "Dropout"]
     if not drops:
         return True
+    if any(is_inserted(n) for n in drops):
+        return False  # sites were inserted already (ratio 0 until apply sets them)
     index = GraphIndex(model.graph)
     return all(_g.dropout_state(index, n)[0] == 0.0 for n in drops)
 

@@ -112,3 +112,49 @@ def test_p0_attention_nodes_do_not_suppress_residual_sites() -> None:
     assert report.absent == []
     got = {report.matched.get(s, s): p for s, p in report.probabilities().items()}
     assert got == pytest.approx(torch_p)
+
+
+class _Pixels(torch.nn.Module):
+    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.inner(pixel_values=x).logits
+
+
+def test_swin_attention_rate_and_differing_reads_carry_torchs_p() -> None:
+    """Swin: the attention rate is ``attention.attention_dropout`` in torch and the node sits in
+    ``attention``'s scope. torch's groups here are its structural guess (its forward on a guessed
+    input fails for pixel inputs), so a block dropout's parameters overlap the attention site
+    more than its own: it is still its same-named site (not absent), with the differences in a
+    note, and every site carries torch's p."""
+    from gd_cli.models import export_training_onnx
+
+    torch.manual_seed(0)
+    cfg = transformers.SwinConfig(
+        image_size=32,
+        patch_size=4,
+        embed_dim=8,
+        depths=[1, 1],
+        num_heads=[2, 2],
+        window_size=4,
+        attention_probs_dropout_prob=0.1,
+        hidden_dropout_prob=0.1,
+        drop_path_rate=0.0,
+        num_labels=3,
+    )
+    model = _Pixels(_trained(transformers.SwinForImageClassification(cfg)))
+    buf = io.BytesIO()
+    export_training_onnx(model, (torch.randn(2, 3, 32, 32),), buf, input_names=["x"])
+    proto = onnx.load_from_string(buf.getvalue())
+    prof = _profile(model)
+    torch_p = gdt.apply(model, prof).probabilities()
+    report = gdo.apply(proto, prof)
+    assert report.absent == []
+    assert sorted(report.matched.get(s, s) for s in report.probabilities()) == sorted(torch_p)
+    got = {report.matched.get(s, s): p for s, p in report.probabilities().items()}
+    assert got == pytest.approx(torch_p)
+    for stage in (0, 1):
+        site = f"inner.swin.encoder.layers.{stage}.blocks.0.attention.dropout"
+        assert report.matched[site] == site.replace(".dropout", ".attention_dropout")
