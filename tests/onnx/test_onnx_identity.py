@@ -81,6 +81,24 @@ def test_a_prefix_renaming_never_gives_two_profile_sites_one_name() -> None:
     assert find_renaming(["dropout", "head", "attn.dropout"], ["dropout", "head"]) == Renaming()
 
 
+def test_dynamo_metadata_scopes_name_the_nodes() -> None:
+    """torch's default exporter names nodes ``node_softmax`` and records the module path in
+    ``pkg.torch.onnx.name_scopes``; the adapter reads it as the TorchScript exporter's scope."""
+    from onnx import TensorProto, helper
+
+    from adapters.onnx.scopes import with_scopes
+
+    node = helper.make_node("Softmax", ["x"], ["y"], name="node_softmax")
+    entry = node.metadata_props.add()
+    entry.key = "pkg.torch.onnx.name_scopes"
+    entry.value = "['', 'bert', 'bert.encoder', 'bert.encoder.layer.0', 'softmax']"
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in "xy"]
+    m = helper.make_model(helper.make_graph([node], "g", vi[:1], vi[1:]))
+    out, renamed = with_scopes(m)
+    assert renamed == 1 and out.graph.node[0].name == "/bert/encoder/layer.0/Softmax"
+    assert m.graph.node[0].name == "node_softmax"  # the input is not changed
+
+
 # ---- real exports of one MLM profile -------------------------------------------------------
 
 torch = pytest.importorskip("torch", reason="torch exports the test models")
