@@ -58,7 +58,10 @@ def find_renaming(profile_sites: Sequence[str], model_sites: Sequence[str]) -> R
     """
     model = set(model_sites)
     best, best_hits = Renaming(), -1
+    distinct = len(set(profile_sites))
     for cand in _candidates(profile_sites, model_sites):
+        if len({cand(s) for s in profile_sites}) < distinct:
+            continue  # it would give two profile sites one name (`attn.dropout` and `dropout`)
         hits = sum(cand(s) in model for s in profile_sites)
         if hits > best_hits:
             best, best_hits = cand, hits

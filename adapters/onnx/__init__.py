@@ -4,11 +4,14 @@ A thin translator over :mod:`gd_core`, in modules that show its parts:
 
 - :mod:`~adapters.onnx.graph` — reading graphs (indexes, canonical parameter names in torch
   layout, Dropout sites); :mod:`~adapters.onnx.rewrite` — editing them (per-unit dropout,
-  repairs, seeds);
+  repairs, seeds); :mod:`~adapters.onnx.scopes` — module scopes of torch's default (dynamo)
+  exporter, read from node metadata; :mod:`~adapters.onnx.insert` — sites for graphs without
+  dropout;
 - :mod:`~adapters.onnx.discovery` — :func:`sites` (each ``Dropout`` node, named like the PyTorch
   module it came from, so a profile computed in torch applies to the export), :func:`fingerprint`,
   :func:`parameters`, :func:`site_nodes`, :func:`prepare_for_training`;
-- :mod:`~adapters.onnx.install` — :func:`apply` (each site its own ratio ``<site>.ratio``, an
+- :mod:`~adapters.onnx.install` — :func:`apply` (a profile's sites placed on the graph sites
+  guarding the same parameters, :mod:`gd_core.identity`; each site its own ratio ``<site>.ratio``, an
   initializer or with ``ratios_as_inputs=True`` a graph input; per-unit rates with
   ``granularity="unit"``; the plan is :mod:`gd_core.plan`'s) and :func:`ratio_feeds`;
 - :mod:`~adapters.onnx.train` — :func:`make_artifacts` for ``onnxruntime.training.api``;

@@ -21,11 +21,18 @@ from gd_core.sites import Site, site_mapping
 from . import graph as _g
 from . import rewrite as _r
 from .graph import Param, SiteHandle, onnx
+from .scopes import with_scopes
 
 ModelLike = Any  # onnx.ModelProto, or a path to a .onnx file
 
 
 def _load(model: ModelLike, arg: str = "model_proto") -> Any:
+    """The ModelProto (loaded from a path); a graph of torch's default (dynamo) exporter comes
+    back as a copy with scoped node names read from its metadata (:mod:`adapters.onnx.scopes`)."""
+    return with_scopes(_load_proto(model, arg))[0]
+
+
+def _load_proto(model: ModelLike, arg: str) -> Any:
     if isinstance(model, onnx.ModelProto):
         return model
     if isinstance(model, (str, os.PathLike)):
@@ -66,7 +73,7 @@ def _discover(
     infos, params = _g.discover(model, exclusive)
     from .insert import insert_sites, wanted
 
-    if not infos and wanted(model):
+    if wanted(model):  # no Dropout node, or only p = 0 ones: sites as torch adds them
         target = _copy(model)
         if insert_sites(target)[0]:
             infos, params = _g.discover(target, exclusive)

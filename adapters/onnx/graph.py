@@ -61,6 +61,8 @@ MAX_OPSET = 21
 MIN_DROPOUT_OPSET = 12
 TRAINING_MODE_NAME = "gd.training_mode"
 INERT_RATIO_NAME = "gd.inert_ratio"
+#: doc_string prefix of the Dropout nodes :mod:`adapters.onnx.insert` adds (``<mark>: <site>``)
+INSERT_MARK = "guided-dropout inserted site"
 #: doc_string prefixes marking the nodes ``apply(granularity="unit")`` adds
 UNIT_MARK = "guided-dropout unit dropout"
 MODE_MARK = "guided-dropout training-mode signal"
@@ -203,7 +205,14 @@ class Param:
     note: str = ""
 
 
-_AUTO_NAME = re.compile(r"^onnx::[A-Za-z]+_\d+$")
+# exporter auto-names of folded weights: TorchScript's ``onnx::MatMul_N``, dynamo's ``val_N``
+_AUTO_NAME = re.compile(r"^(onnx::[A-Za-z]+_\d+|val_\d+)$")
+
+
+# torch's dynamo exporter names parameters by their module path (``bert.pooler.dense.weight``)
+# and constants it folds by their FX node (``where``, ``embedding_1``, ``val_12``)
+_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+_FX_NAME = re.compile(r"^[a-z_]+(_\d+)?$")
 
 
 def _scope(node: Any) -> str | None:
@@ -232,6 +241,7 @@ def param_table(model: Any) -> dict[str, Param]:
     index = GraphIndex(model.graph)
     taken = set(index.inits)
     out: dict[str, Param] = {}
+    dynamo = any(p.key == _NAME_SCOPES for n in model.graph.node[:8] for p in n.metadata_props)
     for name, init in index.inits.items():
         if init.data_type not in FLOAT_TYPES or len(init.dims) == 0 or name in index.inputs:
             continue
@@ -244,6 +254,10 @@ def param_table(model: Any) -> dict[str, Param]:
         param = Param(name, name, shape)
         if _AUTO_NAME.match(name):
             param = _canonical_auto(index, param, uses, taken)
+        elif dynamo and _FX_NAME.match(name):
+            continue  # a constant the dynamo exporter folded (an attention mask, a position slice)
+        if dynamo and param.name == name and _FX_NAME.match(name):
+            continue  # an unmapped ``val_N``: a folded constant, not a parameter
         out[name] = param
     return out
 
@@ -317,6 +331,8 @@ def site_name(node: Any, k: int) -> str:
     ``self.dropout`` module's rate) is named ``x.self.dropout``, which is how the module holding
     that rate is named in PyTorch.
     """
+    if node.doc_string.startswith(INSERT_MARK + ": "):
+        return node.doc_string[len(INSERT_MARK) + 2 :]  # a site apply inserted, named there
     if not node.name:
         return f"dropout_{k}"
     parts = [p for p in node.name.strip("/").split("/") if p]
@@ -393,12 +409,13 @@ def discover(model: Any, exclusive: bool = True) -> tuple[list[SiteHandle], dict
     shapes = _inferred_last_dims(model)
     infos: dict[str, SiteHandle] = {}
     guarded: dict[str, list[str]] = {}
-    k = 0
-    for i, node in enumerate(index.nodes):
-        if node.op_type != "Dropout" or node.domain not in DEFAULT_DOMAINS or gd_role(node):
-            continue
-        name = site_name(node, k)
-        k += 1
+    drops = [
+        (i, node)
+        for i, node in enumerate(index.nodes)
+        if node.op_type == "Dropout" and node.domain in DEFAULT_DOMAINS and not gd_role(node)
+    ]
+    named = [site_name(node, k) for k, (_, node) in enumerate(drops)]
+    for (i, node), name in zip(drops, _called_again(named), strict=True):
         ratio, active = dropout_state(index, node)
         info = infos.get(name)
         if info is None:
@@ -429,6 +446,18 @@ def discover(model: Any, exclusive: bool = True) -> tuple[list[SiteHandle], dict
         info.site = Site(name, canon, info.site.units, kind="node")
         out.append(info)
     return out, params
+
+
+def _called_again(names: list[str]) -> list[str]:
+    """Names with the exporter's suffix for a module's second call folded back: the TorchScript
+    exporter scopes the second call of ``classifier.dropout`` as ``classifier/dropout_1``; both
+    calls are one module, so one site (as in torch), guarding what either call guards."""
+    known = set(names)
+    out = []
+    for name in names:
+        m = re.fullmatch(r"(.+)_(\d+)", name)
+        out.append(m.group(1) if m and m.group(1) in known else name)
+    return out
 
 
 def _dataflow_groups(

@@ -24,11 +24,11 @@ import numpy as np
 from gd_core.errors import bad_argument, no_sites
 
 from . import graph as _g
-from .graph import TRAINING_MODE_NAME, GraphIndex, onnx
+from .graph import INSERT_MARK, TRAINING_MODE_NAME, GraphIndex, onnx
 
 HOOK_CHILD = "gd_dropout"  # adapters.torch.layer.HOOK_CHILD (tests assert they agree)
-INSERT_MARK = "guided-dropout inserted site"
 _PASS_OPS = frozenset({"Cast", "Identity"})
+_META = frozenset({"Shape", "Size"})  # read a tensor's shape, not its values
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,9 @@ def _upstream(index: GraphIndex, tensor: str) -> str:
         if node.op_type not in _PASS_OPS or len(node.input) != 1:
             break
         src = node.input[0]
-        if src not in index.producer or len(index.consumers.get(src, [])) != 1:
-            break
+        data = [i for i, _ in index.consumers.get(src, []) if index.nodes[i].op_type not in _META]
+        if src not in index.producer or len(data) != 1:
+            break  # (Shape/Size readers of a training-mode export's dynamic axes do not count)
         tensor = src
     return tensor
 
@@ -87,7 +88,7 @@ def points(model: Any) -> tuple[list[Point], list[str]]:
     seen: set[str] = set()
     for raw in insertion_points(ops):
         tensor = _upstream(index, raw)
-        if tensor not in index.producer or tensor in seen:
+        if tensor not in index.producer or tensor in seen or _dropped(index, tensor):
             continue
         seen.add(tensor)
         scope = _returning(index, tensor)
@@ -96,6 +97,8 @@ def points(model: Any) -> tuple[list[Point], list[str]]:
             continue
         name = ".".join((*scope, HOOK_CHILD))
         out.append(Point(tensor, name, index.producer[tensor], scope))
+    out.extend(_attention_points(index, seen))
+    out.sort(key=lambda p: p.after)
     names = [p.name for p in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -106,6 +109,51 @@ def points(model: Any) -> tuple[list[Point], list[str]]:
             "give each call its own module, or export in training mode with nn.Dropout modules",
         )
     return out, skipped
+
+
+def _dropped(index: GraphIndex, tensor: str) -> bool:
+    """Whether ``tensor`` is a Dropout node's output (a site is there already)."""
+    i = index.producer.get(tensor)
+    return i is not None and index.nodes[i].op_type == "Dropout"
+
+
+def _feeds_matmul(index: GraphIndex, tensor: str, depth: int = 4) -> bool:
+    """Whether ``tensor`` is read (through Cast/Identity/Where/Reshape) as a MatMul's first
+    input: attention probabilities weighting the values."""
+    stack, seen = [(tensor, 0)], set()
+    while stack:
+        current, d = stack.pop()
+        if current in seen or d > depth:
+            continue
+        seen.add(current)
+        for i, j in index.consumers.get(current, []):
+            node = index.nodes[i]
+            if node.op_type == "MatMul" and j == 0:
+                return True
+            if node.op_type in ("Cast", "Identity", "Where", "Reshape"):
+                stack.extend((o, d + 1) for o in node.output if o)
+    return False
+
+
+def _attention_points(index: GraphIndex, seen: set[str]) -> list[Point]:
+    """Attention-probability sites: the output of every Softmax inside a module whose result
+    weights values in a MatMul, where torch applies the attention's dropout. Named
+    ``<module>.dropout`` after the module that computes it (as a training-mode export names its
+    functional Dropout node there, :func:`adapters.onnx.graph.site_name`)."""
+    out = []
+    for i, node in enumerate(index.nodes):
+        if node.op_type != "Softmax" or not node.output or node.output[0] in seen:
+            continue
+        scope = _parts(node)
+        if not scope or not _feeds_matmul(index, node.output[0]):
+            continue
+        if any(
+            index.nodes[i].op_type == "Dropout" for i, _ in index.consumers.get(node.output[0], [])
+        ):
+            continue  # a Dropout node is there already (a zero attention rate, exported)
+        seen.add(node.output[0])
+        out.append(Point(node.output[0], ".".join((*scope, "dropout")), i, scope))
+    return out
 
 
 def insert_in_place(model: Any, where: list[Point]) -> list[str]:
@@ -132,7 +180,7 @@ def insert_in_place(model: Any, where: list[Point]) -> list[str]:
             "Dropout",
             [p.tensor, ratio, mode],
             [dropped, mask],
-            name=_g.unique_name("/" + "/".join((*p.scope, HOOK_CHILD, "Dropout")), taken),
+            name=_g.unique_name("/" + "/".join((*p.name.split("."), "Dropout")), taken),
             doc_string=f"{INSERT_MARK}: {p.name}",
         )
         after.setdefault(p.after, []).append(node)
@@ -147,9 +195,20 @@ def insert_in_place(model: Any, where: list[Point]) -> list[str]:
 
 
 def wanted(model: Any) -> bool:
-    """Whether sites are to be inserted: the graph has no Dropout node and no per-unit dropout
-    (a graph ``apply`` rewrote at unit granularity has its sites already)."""
-    return not any(n.op_type == "Dropout" or _g.gd_role(n) for n in model.graph.node)
+    """Whether sites are to be inserted: the graph has no dropout, as the torch adapter decides
+    for a model (``add_sites=None``): no Dropout node with a nonzero (or non-constant) ratio
+    (a training-mode export of a model whose only dropout is a zero attention rate, e.g. Qwen2,
+    has p = 0 Dropout nodes there), and no per-unit dropout (a graph ``apply`` rewrote at unit
+    granularity has its sites already)."""
+    if any(_g.gd_role(n) for n in model.graph.node):
+        return False
+    drops = [n for n in model.graph.node if n.op_type == "Dropout"]
+    if not drops:
+        return True
+    if any(is_inserted(n) for n in drops):
+        return False  # sites were inserted already (ratio 0 until apply sets them)
+    index = GraphIndex(model.graph)
+    return all(_g.dropout_state(index, n)[0] == 0.0 for n in drops)
 
 
 def is_inserted(node: Any) -> bool:

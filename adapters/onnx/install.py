@@ -12,7 +12,10 @@ import numpy as np
 
 from gd_core.errors import bad_argument
 from gd_core.face import ApplyOptions, ApplySettings
+from gd_core.identity import Correspondence, correspond
+from gd_core.plan import _load as _load_profile
 from gd_core.plan import make_plan
+from gd_core.profile import SensitivityProfile
 from gd_core.report import ApplyReport, ReportRow
 from gd_core.schedules import Schedule
 from gd_core.validate import check_probability, check_rates
@@ -42,6 +45,10 @@ class OnnxApplyReport(ApplyReport):
         absent: profile sites (after renaming) with no Dropout node in the graph, e.g.
             attention-probability dropout an exporter folded away.
         activated: sites whose nodes were inert (no ``training_mode``) and now train.
+        matched: ``{graph site: profile site}``: each profile site placed on the site guarding
+            the same canonical parameters (:func:`gd_core.identity.correspond`).
+        absent_reasons: ``{site of absent: why}`` for the profile sites with no site here
+            (``merged``, ``folded``, ``not exported``), keyed as in ``absent``.
         inserted: sites whose Dropout nodes :mod:`adapters.onnx.insert` added (a graph without
             Dropout nodes: on the embedding output and every residual branch).
         changes: what :func:`prepare_for_training` changed.
@@ -61,6 +68,8 @@ class OnnxApplyReport(ApplyReport):
     activated: list[str] = field(default_factory=list)
     inserted: list[str] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
+    matched: dict[str, str] = field(default_factory=dict)
+    absent_reasons: dict[str, str] = field(default_factory=dict)
 
 
 def apply(
@@ -151,6 +160,10 @@ def apply(
     infos, table = _discover(out, "model", mapping=None if given_sites else sites)
     if given_sites:
         infos = _only(infos, sites)
+    corr, id_notes = None, []
+    if not given_sites and not isinstance(profile, Mapping) and profile is not None:
+        prof = _load_profile(profile, "pass profile=adapters.onnx.profile(...) or a saved path")
+        corr, profile, id_notes = _identify(out, infos, table, prof)
     names = [i.site.name for i in infos]
     current = {i.site.name: (i.ratio if i.ratio is not None else 0.0) for i in infos}
     plan = make_plan(
@@ -172,6 +185,13 @@ def apply(
     unit_p = {e.site: e.rates for e in plan if e.rates is not None}
     absent = list(plan.absent)
     notes: list[str] = list(plan.notes) + inserted_notes
+    report = OnnxApplyReport(framework="onnx", granularity=opts.granularity, scheduler=sched)
+    if corr is not None:
+        # the plan's generic word on absent sites is replaced by each one's true reason
+        notes = [n for n in notes if "have no dropout site in this model" not in n]
+        notes.extend(id_notes + corr.notes())
+        report.matched = {p.model_site: p.profile_site for p in corr.pairs}
+        report.absent_reasons = {corr.renaming(a.profile_site): a.describe() for a in corr.absent}
     flipped = [p for p in table.values() if p.transposed]
     if flipped:
         notes.append(
@@ -187,7 +207,6 @@ def apply(
     new_inits: list[Any] = []
     new_inputs: list[Any] = []
     rows: list[ReportRow] = []
-    report = OnnxApplyReport(framework="onnx", granularity=opts.granularity, scheduler=sched)
     tm_name: str | None = None
     types = _g.inferred_types(out) if opts.granularity == "unit" else {}
     unit = _UnitRewrite(index, taken)
@@ -272,6 +291,8 @@ def apply(
         report.ratio_names[site] = rname
         if site in report.inserted:
             note = INSERTED
+        if report.matched.get(site, site) != site:
+            note = "; ".join(n for n in (note, f"profile site {report.matched[site]}") if n)
         note = "; ".join(n for n in (level_note, note) if n)
         rows.append(ReportRow(site, old, _f32(p), source, note=note))
 
@@ -307,6 +328,49 @@ def apply(
     report.notes = notes + _summarise_changes(report.changes)
     report.model = out
     return report
+
+
+def _identify(
+    model: Any, infos: list[Any], table: Mapping[str, Any], prof: SensitivityProfile
+) -> tuple[Correspondence, SensitivityProfile, list[str]]:
+    """Place each profile site on the graph site guarding the same canonical parameters
+    (:func:`gd_core.identity.correspond`): the profile renamed into the graph's site names, and
+    the correspondence. A site :mod:`adapters.onnx.insert` added takes the name of the profile
+    site it matches (node and site), so the rewritten graph is named like the source model."""
+    corr = correspond(prof.sites, [i.site for i in infos], [p.name for p in table.values()])
+    by_name = {i.site.name: i for i in infos}
+    taken_sites = set(by_name)
+    ren = corr.renaming
+    pairs, renamed = [], []
+    for pair in corr.pairs:
+        info = by_name[pair.model_site]
+        wanted_name = ren(pair.profile_site)
+        nodes = [model.graph.node[i] for i in info.nodes]
+        if (
+            wanted_name != pair.model_site
+            and wanted_name not in taken_sites
+            and all(is_inserted(n) for n in nodes)
+        ):
+            taken_sites.discard(pair.model_site)
+            taken_sites.add(wanted_name)
+            names = GraphIndex(model.graph).names()
+            for n in nodes:
+                n.doc_string = f"{_g.INSERT_MARK}: {wanted_name}"
+                n.name = _g.unique_name("/" + "/".join((*wanted_name.split("."), "Dropout")), names)
+            info.site = replace(info.site, name=wanted_name)
+            info.node_names = [n.name for n in nodes]
+            renamed.append(f"{pair.model_site} -> {wanted_name}")
+            pair = replace(pair, model_site=wanted_name)
+        pairs.append(pair)
+    corr.pairs = pairs
+    names_map = corr.names()
+    notes = []
+    if renamed:
+        notes.append(
+            f"{len(renamed)} inserted site(s) named after the profile site guarding the same "
+            f"parameters: {'; '.join(renamed[:4])}" + (" ..." if len(renamed) > 4 else "")
+        )
+    return corr, prof.translate(lambda n: names_map.get(n, ren(n))), notes
 
 
 def _only(infos: list[Any], sites: Sequence[Any]) -> list[Any]:

@@ -197,7 +197,9 @@ def test_profile_is_renamed_applied_and_absent_sites_are_reported():
     expected = {k.removeprefix("model."): v for k, v in prof.probabilities().items()}
     assert report.probabilities() == {s: expected[s] for s in ("dropout", "head_drop")}
     assert report.absent == ["attn.dropout"]
-    assert any("no Dropout node" in n for n in report.notes)
+    # issue 24: the true reason (its parameter is not in the graph), not "folded away"
+    assert "not exported" in report.absent_reasons["attn.dropout"]
+    assert any("(not exported)" in n for n in report.notes)
     assert _ratio_of(out, "/head_drop/Dropout")[1] == pytest.approx(expected["head_drop"])
 
 

@@ -19,6 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 
 import adapters.onnx as gdo  # noqa: E402
 import adapters.torch as gdt  # noqa: E402
+import gd_core  # noqa: E402
 from adapters.onnx.insert import HOOK_CHILD  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "conformance"))
@@ -80,33 +81,35 @@ def test_llama_eval_export_gets_the_torch_hook_sites() -> None:
     t = _groups(gdt.sites(model))
     o = _groups(gdo.sites(proto))
     hooks = {n for n in t if n.endswith(f".{HOOK_CHILD}")}
-    assert len(hooks) == 5 and set(o) == hooks  # same names: embedding + 2 x (attention, MLP)
+    # issue 24: the attention probabilities get a site too (after the Softmax, where torch's
+    # self_attn.attention_dropout acts), named as a training-mode export names it
+    attn = {n.replace(HOOK_CHILD, "dropout") for n in hooks if ".self_attn." in n}
+    assert len(hooks) == 5 and len(attn) == 2 and set(o) == hooks | attn
     for name in hooks:
-        if ".self_attn." in name:
-            # the eval graph has no attention-probability site (the rate attribute is 0 and
-            # exported as nothing): its parameters go to the attention branch, by the same rule
-            attn = t[name.replace(HOOK_CHILD, "attention_dropout")]
-            assert o[name] == t[name] | attn, name
-        else:
-            assert o[name] == t[name], name
+        assert o[name] == t[name], name  # the same groups as torch, site by site
+    for name in attn:
+        assert o[name] == t[name.replace(".dropout", ".attention_dropout")], name
 
-    # a torch profile applies by name; the sites the graph cannot hold are listed as absent
+    # a torch profile is placed by what each site guards; inserted sites take torch's names
     def loss(m, ids):  # type: ignore[no-untyped-def]
         return m(ids).float().pow(2).mean(dim=(1, 2))
 
     prof = gdt.profile(model, [torch.randint(0, 64, (2, 8))], loss=loss, progress=False)
     report = gdo.apply(proto, prof)
-    assert set(report.inserted) == hooks
-    assert sorted(report.absent) == sorted(set(t) - hooks)
+    renamed = {n.replace(".dropout", ".attention_dropout") for n in attn}
+    assert set(report.inserted) == hooks | renamed
+    assert sorted(report.absent) == sorted(set(t) - hooks - renamed)
+    assert all(n in report.absent_reasons for n in report.absent)
     # a {site: p} naming sites the graph does not have is refused, as in every adapter
     with pytest.raises(ArgumentError, match="dropout sites of this model"):
         gdo.apply(proto, {n: 0.2 for n in t})
 
 
 def test_encoder_eval_export_sites_pool_the_lost_dropout_modules() -> None:
-    """nn.TransformerEncoderLayer has nn.Dropout modules, which an eval export drops: the graph
-    cannot carry their names, so its inserted sites are named after the modules that return the
-    residual branches, and guard what the lost sites of that branch guard in torch."""
+    """nn.TransformerEncoderLayer has nn.Dropout modules, which an eval export drops: its
+    inserted sites (the attention probabilities and the residual branches) guard what torch's
+    sites there guard; the feed-forward's inner dropout (not on a residual branch) is merged
+    into the branch's site, and a torch profile says so."""
     model = _encoder()
     proto = _eval_export(model, (torch.randint(0, 50, (2, 5)),), ["ids"])
     t = _groups(gdt.sites(model))
@@ -114,15 +117,21 @@ def test_encoder_eval_export_sites_pool_the_lost_dropout_modules() -> None:
     layer = "encoder.layers.0"
     assert list(o) == [
         f"embed.{HOOK_CHILD}",
+        f"{layer}.self_attn.dropout",
         f"{layer}.self_attn.{HOOK_CHILD}",
         f"{layer}.linear2.{HOOK_CHILD}",
     ]
     assert o[f"embed.{HOOK_CHILD}"] == {"embed.weight"}
-    assert (
-        o[f"{layer}.self_attn.{HOOK_CHILD}"]
-        == t[f"{layer}.self_attn.dropout"] | t[f"{layer}.dropout1"]
-    )
+    assert o[f"{layer}.self_attn.dropout"] == t[f"{layer}.self_attn.dropout"]
+    assert o[f"{layer}.self_attn.{HOOK_CHILD}"] == t[f"{layer}.dropout1"]
     assert o[f"{layer}.linear2.{HOOK_CHILD}"] == t[f"{layer}.dropout"] | t[f"{layer}.dropout2"]
+    rng = np.random.default_rng(0)
+    fisher = {n: rng.random(tuple(p.shape)) for n, p in model.named_parameters()}
+    prof = gd_core.SensitivityProfile.from_fisher(fisher, gdt.sites(model))
+    report = gdo.apply(proto, prof, strict=False)
+    assert report.matched[f"{layer}.dropout1"] == f"{layer}.dropout1"  # inserted, torch's name
+    merged = [s for s, why in report.absent_reasons.items() if "merged into" in why]
+    assert merged == [f"{layer}.dropout"], report.absent_reasons
     # a torch profile of this model names sites the eval graph does not have: refused, not silent
     with pytest.raises(Exception, match="(?i)site"):
         gdo.apply(proto, {n: 0.2 for n in t})
@@ -293,12 +302,13 @@ def test_bert_eval_export_inserted_sites_train_and_eval_equals_original(
     )
     names = [s.name for s in gdo.sites(proto)]
     layer = "bert.encoder.layer.0"
-    assert names[:3] == [
+    assert names[:4] == [
         f"bert.embeddings.{HOOK_CHILD}",
+        f"{layer}.attention.self.dropout",
         f"{layer}.attention.output.dense.{HOOK_CHILD}",
         f"{layer}.output.dense.{HOOK_CHILD}",
     ]
-    assert len(names) == 5  # embedding output + 2 layers x (attention, feed-forward) branches
+    assert len(names) == 7  # embedding output + 2 layers x (attention probs + 2 branches)
     report = gdo.apply(proto, {n: 0.1 for n in names})
     assert report.inserted == names
     losses = train_losses(gdo.make_artifacts(report.model, tmp_path / "art"), batch)
