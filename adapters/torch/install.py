@@ -197,6 +197,7 @@ def apply(
     _record(root, lambda: _resolve_sites(root, sites, add_sites)[1], opts.granularity)
     if opts.schedule is not None:
         report.scheduler = Scheduler(report, opts.schedule)
+        report.notes.extend(report.scheduler.notes)
     return report
 
 
@@ -286,6 +287,7 @@ def _restore(
     report.notes.append(f"restored the plan recorded in the model's config ({CONFIG_KEY})")
     if schedule is not None:
         report.scheduler = Scheduler(report, schedule)
+        report.notes.extend(report.scheduler.notes)
     return report
 
 
