@@ -167,6 +167,7 @@ def trace(
     is_site: Callable[[str, Any], bool],
     functional_site: Callable[[str], str | None],
     is_norm: Callable[[Any], bool],
+    entry: nn.Module | None = None,
 ) -> tuple[list[Op], set[str], dict[str, str], dict[str, str]]:
     """Ops of one forward of ``root`` on ``example`` (a dict of keyword inputs, a tuple of
     positional inputs or one tensor), the site names the forward reached, and for tensors that a
@@ -174,8 +175,11 @@ def trace(
 
     ``is_site(path, module)``: whether a leaf module call is a dropout site;
     ``functional_site(module path)``: the site a functional dropout or an attention with dropout
-    inside that module stands for (``None``: not a site).
+    inside that module stands for (``None``: not a site); ``entry``: the module of ``root`` whose
+    forward is called (a wrapper's transformers model, see :func:`wrapped_model`), paths stay
+    ``root``'s.
     """
+    call = root if entry is None else entry
     pname = {id(p): n for n, p in root.named_parameters()}
     rec = _Recorder(pname, functional_site, is_site, is_norm)
     handles = []
@@ -196,11 +200,11 @@ def trace(
     try:
         with torch.random.fork_rng(devices=cuda), torch.no_grad(), rec:
             if isinstance(example, Mapping):
-                root(**example)
+                call(**example)
             elif isinstance(example, Sequence) and not torch.is_tensor(example):
-                root(*example)
+                call(*example)
             else:
-                root(example)
+                call(example)
     finally:
         for h in handles:
             h.remove()
@@ -227,3 +231,30 @@ def example_input(root: nn.Module) -> Any:
         x = torch.randn(2, first.in_features, generator=gen)
         return (x.to(first.weight.dtype if first.weight.is_floating_point() else x.dtype),)
     return None
+
+
+def is_transformers_model(mod: Any) -> bool:
+    """Whether ``mod`` is a transformers ``PreTrainedModel`` (without importing transformers)."""
+    return any(c.__name__ == "PreTrainedModel" for c in type(mod).__mro__)
+
+
+def wrapped_models(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost transformers models inside ``root`` (a wrapper: a SentenceTransformer, a
+    LightningModule, any module holding one), as ``(path, module)``; ``[]`` when ``root`` is a
+    transformers model itself or holds none.
+
+    Example:
+        >>> wrapped_models(nn.Sequential(nn.Linear(2, 2)))
+        []
+    """
+    if is_transformers_model(root):
+        return []
+    out: list[tuple[str, nn.Module]] = []
+    for path, mod in root.named_modules():
+        if (
+            path
+            and is_transformers_model(mod)
+            and not any(path.startswith(p + ".") for p, _ in out)
+        ):
+            out.append((path, mod))
+    return out

@@ -315,14 +315,16 @@ class _Flow:
 def _trace(root: Any, index: _Index, found: Sequence[SiteHandle]) -> _Flow | None:
     """The model's dataflow from one forward on a small guessed input (``None`` when no input
     can be guessed or the forward fails: the structural rule is used then)."""
-    from .dataflow import example_input, trace
+    from .dataflow import example_input, trace, wrapped_models
 
+    inner = wrapped_models(root)  # a wrapper: the forward of the transformers model inside
+    entry = inner[0][1] if len(inner) == 1 else None
     names = {f.site.name: f for f in found}
     attention = {}
     for n, f in names.items():
         if f.role == "attention":
             attention.setdefault(_split(n)[0], []).append(n)
-    example = example_input(root)
+    example = example_input(root if entry is None else entry)
     if example is None:
         return None
     device = next((p.device for p in root.parameters()), None)
@@ -341,6 +343,7 @@ def _trace(root: Any, index: _Index, found: Sequence[SiteHandle]) -> _Flow | Non
                 attention[mp][0] if len(attention.get(mp, ())) == 1 else None
             ),
             is_norm=_is_norm,
+            entry=entry,
         )
     except Exception as exc:  # noqa: BLE001 - a model the guessed input does not fit
         warnings.warn(
