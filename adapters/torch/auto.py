@@ -183,6 +183,8 @@ def computer(model: Any, tokenizer: Any, gdt: Any, *, loss: Any = None) -> Any:
             batches,
             loss=chosen,
             progress=settings.progress,
+            # the bar's total (and so its ETA): every sample of the batches, none truncated
+            max_samples=sum(int(b["input_ids"].shape[0]) for b in batches),
             seed=settings.seed,
             metadata={
                 **corpus.metadata(),

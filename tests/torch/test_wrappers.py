@@ -80,3 +80,19 @@ def test_two_transformers_models_inside_are_named(tokenizer):
     b = transformers.BertModel(config(tokenizer))
     with pytest.raises(ArgumentError, match=r"model\.net \(BertModel\), model\.other"):
         gdt.apply(Lit(a, b), tokenizer=tokenizer, auto_profile=FAST)
+
+
+def test_automatic_profile_progress_bar_has_a_total(tokenizer, monkeypatch):
+    from gd_core import fisher_loop
+
+    seen = []
+    real = fisher_loop.progress_bar
+
+    def spy(total, enabled):
+        seen.append((total, enabled))
+        return real(total, False)
+
+    monkeypatch.setattr(fisher_loop, "progress_bar", spy)
+    clf = transformers.BertForSequenceClassification(config(tokenizer))
+    gdt.apply(clf, tokenizer=tokenizer, auto_profile={**FAST, "progress": True})
+    assert seen == [(FAST["samples"], True)]  # a total, so tqdm shows the ETA
