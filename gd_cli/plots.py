@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from adapters import require
-from gd_core.errors import bad_argument
 from gd_core import SensitivityProfile
+from gd_core.errors import bad_argument
 
 
 def save_png(fig: Any, path: str | os.PathLike[str], argument: str = "--plot") -> Path:
