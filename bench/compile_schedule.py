@@ -89,15 +89,18 @@ def main() -> int:
     ap.add_argument("--granularity", default="site", choices=("site", "unit"))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny model, 4 steps, eager backend")
+    ap.add_argument("--label", default="", help="recorded in each line (e.g. 'before: 096da2b')")
+    ap.add_argument("--arms", default="standard,guided")
     ap.add_argument("--out", default=str(C.RESULTS_DIR / "compile_schedule.jsonl"))
     args = ap.parse_args()
     if args.smoke:
         args.model, args.steps, args.backend, args.seq_len = "smoke", 4, "eager", 16
     C.set_threads(args.threads)
     res = C.Results(args.out)
-    for arm in ("standard", "guided"):
+    for arm in args.arms.split(","):
         key = {"arm": arm, "model": args.model, "backend": args.backend, "steps": args.steps,
-               "granularity": args.granularity, "batch": args.batch, "seq_len": args.seq_len}  # fmt: skip
+               "granularity": args.granularity, "batch": args.batch, "seq_len": args.seq_len,
+               "label": args.label}  # fmt: skip
         if res.done(key):
             continue
         row = res.append(key, {**run_arm(arm, args), "machine": C.machine_info()})
