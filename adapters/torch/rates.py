@@ -62,10 +62,8 @@ def _device_of(mod: Any) -> Any:
 def reads_kernel(attention: Any) -> bool:
     """Whether a module hands its attention to transformers' kernel table (the kernels
     :func:`use_guided_attention` can replace)."""
-    forward = inspect.unwrap(type(attention).forward)
-    return (
-        "ALL_ATTENTION_FUNCTIONS" in getattr(forward, "__code__", compile("", "", "exec")).co_names
-    )
+    code = getattr(inspect.unwrap(type(attention).forward), "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
 
 
 def mark_attention_child(attention: Any, attr: str) -> None:
@@ -135,17 +133,18 @@ def _register(impl: str) -> str:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    original = ALL_ATTENTION_FUNCTIONS[impl] if impl != "eager" else None
-    if original is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward as original
+    original = None if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]  # eager: _eager
 
     def kernel(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
                dropout: float = 0.0, scaling: Any = None, **kwargs: Any) -> Any:  # fmt: skip
-        rate = attention_rate(module)
-        if rate is None or not module.training:
+        rate = attention_rate(module) if module.training else None
+        if impl == "eager":  # eager stays eager (attention weights returned, any rate)
+            p = float(dropout) if module.training else 0.0
+            return _eager(module, query, key, value, attention_mask, rate, scaling, kwargs, p)
+        if rate is None:
             return original(module, query, key, value, attention_mask, dropout=dropout,
                             scaling=scaling, **kwargs)  # fmt: skip
-        return _eager(module, query, key, value, attention_mask, rate, scaling, kwargs)
+        return _eager(module, query, key, value, attention_mask, rate, scaling, kwargs, 0.0)
 
     AttentionInterface.register(name, kernel)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
@@ -162,8 +161,9 @@ def attention_rate(module: Any) -> Any:
 
 
 def _eager(module: Any, query: Any, key: Any, value: Any, mask: Any, rate: Any, scaling: Any,
-           kwargs: dict[str, Any]) -> Any:  # fmt: skip
-    """Attention with dropout at a tensor rate (the eager computation transformers uses)."""
+           kwargs: dict[str, Any], dropout: float) -> Any:  # fmt: skip
+    """Attention with dropout at a tensor rate (the eager computation transformers uses); with
+    no tensor rate, at the float ``dropout`` (0: none)."""
     for unsupported in ("softcap", "s_aux", "sinks"):
         if kwargs.get(unsupported) is not None:
             raise ArgumentError(
@@ -198,8 +198,12 @@ def _eager(module: Any, query: Any, key: Any, value: Any, mask: Any, rate: Any, 
             )
             scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    rate = rate.to(device=weights.device, dtype=torch.float32)
-    kept = torch.rand(weights.shape, device=weights.device) >= rate
-    weights = (weights * kept / (1.0 - rate)).to(query.dtype)
+    if rate is not None:
+        rate = rate.to(device=weights.device, dtype=torch.float32)
+        kept = torch.rand(weights.shape, device=weights.device) >= rate
+        weights = weights * kept / (1.0 - rate)
+    elif dropout > 0.0:
+        weights = nn.functional.dropout(weights, p=dropout, training=True)
+    weights = weights.to(query.dtype)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return out, weights

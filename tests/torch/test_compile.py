@@ -55,6 +55,13 @@ def test_compiled_bert_under_a_schedule_never_recompiles(no_recompile, granulari
         assert float(hidden.rates.mean()) == pytest.approx(0.3 * m, abs=1e-6)
         report.scheduler.step()
     assert model.config._attn_implementation == "gd_" + attn
+    # eval: no dropout, the same outputs as the model with its own attention implementation
+    model.eval()
+    plain = tiny_bert(attn).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)  # unit: + rates buffers
+    torch.testing.assert_close(
+        model(input_ids=x).last_hidden_state, plain(input_ids=x).last_hidden_state
+    )
 
 
 def test_compiled_dropout_module_rate_seen_each_step(no_recompile):
