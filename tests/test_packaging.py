@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    pytest.importorskip("setuptools")
+    pytest.importorskip("setuptools", minversion="77")  # SPDX license strings (dev extra)
+    pytest.importorskip("wheel")
     src = tmp_path_factory.mktemp("src") / "guided-dropout"
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
