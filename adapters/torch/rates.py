@@ -99,29 +99,41 @@ def tensorize_attribute(owner: Any, attr: str) -> None:
 
 
 def use_guided_attention(model: Any) -> str | None:
-    """Switch a transformers model's attention to the tensor-rate kernel; returns a note when it
-    cannot (an implementation other than sdpa/eager), else None."""
-    config = getattr(model, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
-    if not isinstance(impl, str) or impl.startswith(PREFIX):
-        return None
-    if impl not in _SUPPORTED:
+    """Switch the attention of a transformers model (or of each one a wrapper holds) to the
+    tensor-rate kernel; returns a note when it cannot (an implementation other than sdpa/eager,
+    or no transformers model), else None."""
+    from .dataflow import wrapped_models
+
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    targets = [model] if isinstance(impl, str) else [m for _, m in wrapped_models(model)]
+    if not targets:
         return (
-            f"attention dropout: the {impl!r} attention implementation reads its rate as a Python "
-            "float, so a compiled model recompiles when the schedule changes it; use "
-            "attn_implementation='sdpa' or 'eager' to keep it in a tensor"
+            f"attention dropout: {type(model).__name__} holds no transformers model whose "
+            "attention kernel could read a tensor rate; a compiled model recompiles when the "
+            "schedule changes it"
         )
-    name = _register(impl)
-    setter = getattr(model, "set_attn_implementation", None)
-    try:
-        if setter is None:
-            raise AttributeError
-        setter(name)
-    except (AttributeError, ValueError, KeyError):
-        for mod in model.modules():
-            cfg = getattr(mod, "config", None)
-            if getattr(cfg, "_attn_implementation", None) == impl:
-                cfg._attn_implementation = name
+    for target in targets:
+        impl = getattr(getattr(target, "config", None), "_attn_implementation", None)
+        if not isinstance(impl, str) or impl.startswith(PREFIX):
+            continue
+        if impl not in _SUPPORTED:
+            return (
+                f"attention dropout: the {impl!r} attention implementation reads its rate as a "
+                "Python float, so a compiled model recompiles when the schedule changes it; use "
+                "attn_implementation='sdpa' or 'eager' to keep it in a tensor"
+            )
+    for target in targets:
+        impl = target.config._attn_implementation
+        if impl.startswith(PREFIX):
+            continue
+        name = _register(impl)
+        try:
+            target.set_attn_implementation(name)
+        except (AttributeError, ValueError, KeyError):
+            for mod in target.modules():
+                cfg = getattr(mod, "config", None)
+                if getattr(cfg, "_attn_implementation", None) == impl:
+                    cfg._attn_implementation = name
     return None
 
 

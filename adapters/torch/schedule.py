@@ -62,13 +62,12 @@ class Scheduler:
         model reads new rates without recompiling; what cannot be, is in ``self.notes`` (and in
         the report's notes when ``apply(..., schedule=)`` builds the scheduler)."""
         out = []
-        attention = False
+        attention: list[tuple[str, Any, str]] = []  # (kind, module, attribute or child name)
         for f in found:
             mod = f.owner
             if f.site.kind == "attribute":
                 if f.role == "attention" and rates.reads_kernel(mod):
-                    rates.tensorize_attribute(mod, f.attr)
-                    attention = True
+                    attention.append(("attribute", mod, f.attr))
                 else:
                     self.notes.append(
                         f"{f.site.name}: a float attribute read by the model's own code; a "
@@ -79,8 +78,7 @@ class Scheduler:
                     mod = rates.tensorize_module(f.parent, f.attr, mod)
                     f = replace(f, owner=mod)
                     if f.role == "attention" and rates.reads_kernel(f.parent):
-                        rates.mark_attention_child(f.parent, f.attr)
-                        attention = True
+                        attention.append(("child", f.parent, f.attr))
             else:
                 self.notes.append(
                     f"{f.site.name}: {type(mod).__name__} reads .p as a float; a compiled model "
@@ -89,8 +87,14 @@ class Scheduler:
             out.append(f)
         if attention:
             note = rates.use_guided_attention(model)
-            if note is not None:
+            if note is not None:  # the kernels read floats: leave the rates where they read them
                 self.notes.append(note)
+                return out
+            for kind, holder, name in attention:
+                if kind == "attribute":
+                    rates.tensorize_attribute(holder, name)
+                else:
+                    rates.mark_attention_child(holder, name)
         return out
 
     @property

@@ -116,3 +116,26 @@ def test_compiled_llama_attribute_rate_never_recompiles(no_recompile):
         report.scheduler.step()
     assert site in [s.name for s in gdt.sites(model)]
     assert model.config._attn_implementation == "gd_sdpa"
+
+
+def test_compiled_wrapper_of_a_transformers_model_never_recompiles(no_recompile):
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_bert("sdpa")
+
+        def forward(self, ids):
+            return self.net(input_ids=ids).last_hidden_state
+
+    model = Wrapper().train()
+    plan = {s.name: 0.4 for s in gdt.sites(model)}
+    report = gdt.apply(model, plan, schedule=SCHEDULE)
+    assert model.net.config._attn_implementation == "gd_sdpa"
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randint(5, 50, (4, 24))
+    for step in range(STEPS):
+        torch.manual_seed(step)
+        got = compiled(x)
+        torch.manual_seed(step)
+        torch.testing.assert_close(got, model(x))
+        report.scheduler.step()
