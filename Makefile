@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, pinned, so no CUDA build is pulled in by a looser requirement
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet tensorflow-cpu==2.21.0 onnx==1.17.0 onnxruntime-training-cpu==1.19.2
-	$(PY) -m pip install --quiet -e '.[all,dev]'
+	$(PY) -m pip install --quiet -e '.[all,keras-cpu,dev]'
 	# keras-hub needs tensorflow-text, which pulls full tensorflow beside tensorflow-cpu: install it
 	# without dependencies, plus the runtime needs a random-initialised backbone has (docs/keras.md)
 	$(PY) -m pip install --quiet --no-deps keras-hub==0.32.0 kagglehub==1.0.2 kagglesdk==0.1.28

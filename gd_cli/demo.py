@@ -54,7 +54,7 @@ def _stage(i: int, title: str) -> None:
 
 
 def _skip(why: str, extra: str) -> None:
-    print(f"  skip: {why} (pip install 'guided-dropout[{extra}]')", flush=True)
+    print(f"  skip: {why} (pip install './guided-dropout[{extra}]')", flush=True)
 
 
 # --------------------------------------------------------------------------------------------

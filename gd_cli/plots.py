@@ -1,5 +1,6 @@
-"""Plots of a sensitivity profile (matplotlib, imported lazily), and the atomic PNG save every
-plot of the application goes through."""
+"""Plots of a sensitivity profile (matplotlib, imported lazily), and the atomic save every plot of
+the application goes through (the format is the file's suffix: ``.png``, ``.jpg``, ``.svg``,
+``.pdf``...; an unknown suffix is refused naming the supported ones)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import numpy as np
 
 from adapters import require
 from gd_core import SensitivityProfile
+from gd_core.errors import bad_argument
 
 
-def save_png(fig: Any, path: str | os.PathLike[str]) -> Path:
-    """Write a matplotlib figure as a PNG atomically (a temporary file, then a rename), creating
-    the folder, and close the figure. Returns the path.
+def save_png(fig: Any, path: str | os.PathLike[str], argument: str = "--plot") -> Path:
+    """Write a matplotlib figure atomically (a temporary file, then a rename) in the format its
+    suffix names (PNG for ``.png``, JPEG for ``.jpg``...), creating the folder, and close the
+    figure. Returns the path; a suffix matplotlib cannot write is refused (``argument`` names
+    the option the path came from).
 
     Example:
         >>> import tempfile, os
@@ -28,10 +32,22 @@ def save_png(fig: Any, path: str | os.PathLike[str]) -> Path:
     """
     plt = require("matplotlib.pyplot", "writing a plot")
     out = Path(path)
+    fmt = out.suffix.lower().lstrip(".")
+    supported = fig.canvas.get_supported_filetypes()
+    if fmt not in supported:
+        plt.close(fig)
+        raise bad_argument(
+            argument,
+            "a file name ending in one of " + ", ".join(f".{k}" for k in sorted(supported)),
+            str(path),
+            f"name the file e.g. {out.stem or 'profile'}.png (or .jpg, .svg, .pdf)",
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=110, format=fmt)
+    finally:
+        plt.close(fig)
     os.replace(tmp, out)
     return out
 

@@ -85,6 +85,24 @@ class ApplyReport(BySite[ReportRow]):
     def _by_site(self) -> list[ReportRow]:
         return self.rows
 
+    def __getattr__(self, name: str) -> Any:
+        """A report used as the model (``model = apply(model)``; ``.to``, ``.train()``, ...)
+        fails naming ``report.model``."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"'ApplyReport' object has no attribute {name!r}: apply() returns a report, not the "
+            f"model; fix: use report.model (the model to train), or keep your own variable: "
+            f"`report = apply(model, ...)` and go on with `model`"
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            "'ApplyReport' object is not callable: apply() returns a report, not the model; fix: "
+            "call report.model(...) (the model to train), or keep `report = apply(model, ...)` "
+            "apart from `model`"
+        )
+
     @property
     def sites(self) -> list[str]:
         return [r.site for r in self.rows]

@@ -3,7 +3,9 @@
 Conventions for writers:
 
 * the blocks of one file run in order in one namespace, in a fresh temporary working folder
-  (files a block writes are gone afterwards);
+  (files a block writes are gone afterwards); a page that says its blocks are
+  **self-contained** (the word, anywhere in its text) gets what it promises: each block runs
+  alone, in a fresh namespace, so a block that leans on an earlier one's names fails;
 * a block whose first line starts with ``# doc-test: skip`` is not run (use it for code that
   needs a GPU, ``torchrun``, the network, or a user's own files; a reason may follow);
 * a file any of whose blocks starts with ``# doc-test: slow``, or that loads the bundled
@@ -41,6 +43,11 @@ def python_blocks(path: Path) -> list[tuple[int, str]]:
     return out
 
 
+def self_contained(path: Path) -> bool:
+    """Whether the page promises that each of its blocks runs alone."""
+    return "self-contained" in path.read_text(encoding="utf-8")
+
+
 def _is_slow(blocks: list[tuple[int, str]]) -> bool:
     for _, code in blocks:
         if code.lstrip("\n").startswith("# doc-test: slow"):
@@ -71,6 +78,15 @@ def test_fence_parser_finds_blocks_and_honours_skip(tmp_path: Path) -> None:
     assert python_blocks(doc) == [(3, "a = 1\n"), (13, "b = a + 1\n")]
 
 
+def test_self_contained_pages_run_each_block_alone(tmp_path: Path) -> None:
+    doc = tmp_path / "x.md"
+    doc.write_text("Every block is self-contained.\n```python\na = 1\n```\n```python\nb = a\n```\n")
+    with pytest.raises(pytest.fail.Exception, match=r"x\.md:6(.|\n)*NameError"):
+        run_blocks(doc, tmp_path)
+    doc.write_text("Blocks share names.\n```python\na = 1\n```\n```python\nb = a\n```\n")
+    run_blocks(doc, tmp_path)
+
+
 @pytest.mark.parametrize("path", _params())
 def test_doc_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -78,9 +94,17 @@ def test_doc_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("GD_CACHE_DIR", str(tmp_path / "gd-cache"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    run_blocks(path, REPO)
+
+
+def run_blocks(path: Path, root: Path) -> None:
+    """Run the page's blocks: in one namespace, or each alone on a self-contained page."""
+    alone = self_contained(path)
     namespace: dict[str, object] = {"__name__": f"doc_{path.stem}"}
     for line, code in python_blocks(path):
-        name = f"{path.relative_to(REPO)}:{line}"
+        name = f"{path.relative_to(root)}:{line}"
+        if alone:
+            namespace = {"__name__": f"doc_{path.stem}_{line}"}
         try:
             exec(compile(code, name, "exec"), namespace)  # noqa: S102 - that is the test
         except Exception:  # noqa: BLE001 - report which block failed, with its traceback

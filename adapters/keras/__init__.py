@@ -44,6 +44,7 @@ from __future__ import annotations
 from gd_core.fisher import FisherResult
 from gd_core.report import ApplyReport
 
+from .. import _own  # noqa: F401 - raises if `adapters` is AdapterHub's (README)
 from .discovery import LoadedKeys, fingerprint, load_state_dict, sites
 from .fisher import estimate_fisher, profile
 from .install import apply

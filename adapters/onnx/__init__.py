@@ -40,6 +40,7 @@ from __future__ import annotations
 from gd_core.fisher import FisherResult
 from gd_core.report import ApplyReport
 
+from .. import _own  # noqa: F401 - raises if `adapters` is AdapterHub's (README)
 from .discovery import (
     check_ort_compatible,
     fingerprint,

@@ -6,12 +6,14 @@ torch when torch is installed).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +36,58 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 DROPOUT_OPS = frozenset({"Dropout", "BiasDropout", "BitmaskDropout", "BitmaskBiasDropout"})
 
 
+#: ONNX Runtime's log severity while this adapter drives it: 2 (warnings and errors); its info
+#: lines (``[I:onnxruntime...]``, one per graph transformer) only when asked for with
+#: ``$GD_ORT_LOG_SEVERITY`` (0 verbose, 1 info, 2 warning, 3 error, 4 fatal)
+ORT_LOG_ENV = "GD_ORT_LOG_SEVERITY"
+
+
+def ort_log_severity() -> int:
+    """The severity set on ONNX Runtime's default logger (``$GD_ORT_LOG_SEVERITY``, else 2)."""
+    raw = os.environ.get(ORT_LOG_ENV, "").strip()
+    if not raw:
+        return 2
+    if raw not in {"0", "1", "2", "3", "4"}:
+        raise bad_argument(
+            f"${ORT_LOG_ENV}", "0, 1, 2, 3 or 4 (verbose, info, warning, error, fatal)", raw,
+            f"unset {ORT_LOG_ENV} for warnings only, or set it to 1 for ONNX Runtime's info lines",
+        )  # fmt: skip
+    return int(raw)
+
+
 def _ort_training() -> tuple[Any, Any]:
     artifacts = require("onnxruntime.training.artifacts", "adapters.onnx training")
     api = require("onnxruntime.training.api", "adapters.onnx training")
+    require("onnxruntime").set_default_logger_severity(ort_log_severity())
     return artifacts, api
+
+
+@contextlib.contextmanager
+def _ort_log_level() -> Iterator[None]:
+    """While ``generate_artifacts`` runs: its sessions log at :func:`ort_log_severity` (ORT 1.19
+    builds them from a fresh ``SessionOptions`` whose info lines, one per graph transformer, go to
+    stderr otherwise)."""
+    try:
+        utils = importlib.import_module("onnxruntime.training.onnxblock._training_graph_utils")
+    except ImportError:  # another ORT layout: nothing to set
+        yield
+        return
+    original = getattr(utils, "SessionOptions", None)
+    if original is None:
+        yield
+        return
+    level = ort_log_severity()
+
+    def options() -> Any:
+        made = original()
+        made.log_severity_level = level
+        return made
+
+    utils.SessionOptions = options
+    try:
+        yield
+    finally:
+        utils.SessionOptions = original
 
 
 class _InFolder:
@@ -219,15 +269,16 @@ def generate(
     foreign = _foreign_files(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.gd-build-", dir=target.parent))
     try:
-        artifacts.generate_artifacts(
-            model,
-            requires_grad=requires_grad,
-            frozen_params=frozen,
-            loss=loss_block(loss),
-            optimizer=optimizer_block(optimizer),
-            artifact_directory=str(tmp),
-            **kwargs,
-        )
+        with _ort_log_level():
+            artifacts.generate_artifacts(
+                model,
+                requires_grad=requires_grad,
+                frozen_params=frozen,
+                loss=loss_block(loss),
+                optimizer=optimizer_block(optimizer),
+                artifact_directory=str(tmp),
+                **kwargs,
+            )
         meta.directory = target
         meta.files = {
             item.name: _file_record(item) for item in sorted(tmp.iterdir()) if item.is_file()

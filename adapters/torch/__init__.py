@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from gd_core.fisher import FisherResult
 from gd_core.report import ApplyReport
 
+from .. import _own  # noqa: F401 - raises if `adapters` is AdapterHub's (README)
 from .discovery import coverage, fingerprint, sites
 from .fisher import estimate_fisher, profile
 from .install import _watch_from_pretrained, apply, recorded_plan

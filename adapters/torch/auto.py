@@ -127,14 +127,31 @@ def computer(model: Any, tokenizer: Any, gdt: Any, *, loss: Any = None) -> Any:
     adapter module (:mod:`adapters.torch`), passed in so this module does not import it.
     A PEFT model gets None too: its weights are wrapped (``base_layer``), so profile the base
     model before adding LoRA (``profile(base, batches, tensors=lora_tensors(base))``)."""
-    if getattr(_peft_base(model), "config", None) is None and loss is None:
-        return None
+    from .dataflow import wrapped_models
+
     if _peft_base(model) is not model:
         return None
+    inner = wrapped_models(model)
+    if not inner and getattr(model, "config", None) is None and loss is None:
+        return None
+    if tokenizer is None and inner:  # a SentenceTransformer carries its tokenizer
+        tokenizer = getattr(model, "tokenizer", None)
 
     def compute(settings: AutoSettings) -> Computed:
-        target, objective, path = pretrained_part(model)
-        tok = find_tokenizer(target if _model_name(target) else model, tokenizer)
+        outer = ""
+        profiled = model
+        if len(inner) > 1:
+            paths = ", ".join(f"model.{p} ({type(m).__name__})" for p, m in inner)
+            raise ArgumentError(
+                f"model: expected one transformers model inside this {type(model).__name__} to "
+                f"profile, received {len(inner)}: {paths}; fix: pass the one to profile, e.g. "
+                f"apply(model.{inner[0][0]}), or compute a profile with adapters.torch.profile"
+            )
+        if inner:
+            outer, profiled = inner[0]
+        target, objective, path = pretrained_part(profiled)
+        path = ".".join(p for p in (outer, path) if p)
+        tok = find_tokenizer(target if _model_name(target) else profiled, tokenizer)
         texts, corpus = settings.texts()
         limit = getattr(getattr(target, "config", None), "max_position_embeddings", None)
         seq_len = min(settings.seq_len, limit) if isinstance(limit, int) else settings.seq_len
@@ -170,6 +187,8 @@ def computer(model: Any, tokenizer: Any, gdt: Any, *, loss: Any = None) -> Any:
             batches,
             loss=chosen,
             progress=settings.progress,
+            # the bar's total (and so its ETA): every sample of the batches, none truncated
+            max_samples=sum(int(b["input_ids"].shape[0]) for b in batches),
             seed=settings.seed,
             metadata={
                 **corpus.metadata(),

@@ -234,6 +234,7 @@ def trace(
     holders: Sequence[tuple[Any, str, str]] = (),
     module_site: Callable[[str, Any], str | None],
     is_norm: Callable[[Any], bool],
+    entry: nn.Module | None = None,
 ) -> tuple[list[Op], set[str], dict[str, str], dict[str, str]]:
     """Ops of one forward of ``root`` on ``example`` (a dict of keyword inputs, a tuple of
     positional inputs or one tensor), the holder names the forward reached, and for tensors that a
@@ -244,7 +245,10 @@ def trace(
     every dropout call (``F.dropout`` and variants, ``torch.dropout``, an attention kernel's
     ``dropout_p``) names the holder its rate was read from; all rates are restored afterwards.
     ``module_site(path, module)``: the holder a leaf module call is (a dropout module), or None.
+    ``entry``: the module of ``root`` whose forward is called (a wrapper's transformers model,
+    see :func:`wrapped_models`); paths stay ``root``'s.
     """
+    call = root if entry is None else entry
     pname = {id(p): n for n, p in root.named_parameters()}
     rates = sentinel_rates(holders)
     rec = _Recorder(pname, rates, module_site, is_norm)
@@ -269,11 +273,11 @@ def trace(
             setattr(obj, attr, rate)
         with torch.random.fork_rng(devices=cuda), torch.no_grad(), rec:
             if isinstance(example, Mapping):
-                root(**example)
+                call(**example)
             elif isinstance(example, Sequence) and not torch.is_tensor(example):
-                root(*example)
+                call(*example)
             else:
-                root(example)
+                call(example)
     finally:
         for obj, attr, value in old_rates:
             setattr(obj, attr, value)
@@ -368,3 +372,30 @@ def example_input(root: nn.Module) -> Any:
         x = torch.randn(2, first.in_features, generator=gen)
         return (x.to(first.weight.dtype if first.weight.is_floating_point() else x.dtype),)
     return None
+
+
+def is_transformers_model(mod: Any) -> bool:
+    """Whether ``mod`` is a transformers ``PreTrainedModel`` (without importing transformers)."""
+    return any(c.__name__ == "PreTrainedModel" for c in type(mod).__mro__)
+
+
+def wrapped_models(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost transformers models inside ``root`` (a wrapper: a SentenceTransformer, a
+    LightningModule, any module holding one), as ``(path, module)``; ``[]`` when ``root`` is a
+    transformers model itself or holds none.
+
+    Example:
+        >>> wrapped_models(nn.Sequential(nn.Linear(2, 2)))
+        []
+    """
+    if is_transformers_model(root):
+        return []
+    out: list[tuple[str, nn.Module]] = []
+    for path, mod in root.named_modules():
+        if (
+            path
+            and is_transformers_model(mod)
+            and not any(path.startswith(p + ".") for p, _ in out)
+        ):
+            out.append((path, mod))
+    return out

@@ -303,8 +303,10 @@ def _trace(
     """The model's dataflow from one forward on ``example`` (guessed when not given; ``None``
     when no input can be guessed or the forward fails: the structural rule is used then, with a
     warning)."""
-    from .dataflow import example_input, trace
+    from .dataflow import example_input, trace, wrapped_models
 
+    inner = wrapped_models(root)  # a wrapper: the forward of the transformers model inside
+    entry = inner[0][1] if len(inner) == 1 else None
     holders = [
         (f.owner, f.attr if f.site.kind == "attribute" else "p", f.site.name)
         for f in found
@@ -314,7 +316,7 @@ def _trace(
         id(f.owner): f.site.name for f in found if f.installed and f.site.kind != "attribute"
     }
     if example is None:
-        example = example_input(root)
+        example = example_input(root if entry is None else entry)
     if example is None:
         warnings.warn(
             f"adapters.torch: no input could be guessed for {type(root).__name__}, so what each "
@@ -331,6 +333,7 @@ def _trace(
             holders=holders,
             module_site=lambda p, m: modules.get(id(m)),
             is_norm=_is_norm,
+            entry=entry,
         )
     except Exception as exc:  # noqa: BLE001 - a model the input does not fit
         what = "the given example_input" if given else "a guessed input"

@@ -99,6 +99,7 @@ def apply(
     """
     opts = ApplySettings.of(options, "apply")
     root = _unwrap(model)
+    _disarm(root)  # this call installs (or restores) a plan: no "not installed" warning
     _watch_from_pretrained()
     recorded = recorded_plan(root) if profile is None and sites is None else None
     if recorded is not None:
@@ -213,6 +214,7 @@ def apply(
     )
     if opts.schedule is not None:
         report.scheduler = Scheduler(report, opts.schedule)
+        report.notes.extend(report.scheduler.notes)
     return report
 
 
@@ -326,6 +328,7 @@ def _restore(
     report.notes.extend(f"{where}: {n}" for n in notes)
     if schedule is not None:
         report.scheduler = Scheduler(report, schedule)
+        report.notes.extend(report.scheduler.notes)
     return report
 
 
@@ -355,6 +358,25 @@ def _arm(model: Any) -> None:
         )
 
     model.__dict__[_UNAPPLIED] = model.register_forward_pre_hook(warn_once)
+
+
+def _restore_loaded(model: Any) -> None:
+    """After ``from_pretrained``: a config that records a plan gets it installed now (the
+    report is ``model.guided_dropout_report``); if that fails, the model warns (with the reason)
+    at its first training-mode forward, as :func:`_arm` says."""
+    if not isinstance(model, nn.Module) or recorded_plan(model) is None:
+        return
+    try:
+        model.__dict__["guided_dropout_report"] = apply(model)
+    except Exception as exc:  # noqa: BLE001 - reported, and the model still loads
+        warnings.warn(
+            f"{type(model).__name__}: its config records a guided-dropout plan ({CONFIG_KEY}) "
+            f"that could not be restored at load ({type(exc).__name__}: {exc}); standard dropout "
+            "runs; fix: call adapters.torch.apply(model) with the profile",
+            UserWarning,
+            stacklevel=3,
+        )
+        _arm(model)
 
 
 def _watch_from_pretrained() -> None:
@@ -403,7 +425,7 @@ def _patch_from_pretrained(base: Any) -> None:
     @functools.wraps(func)
     def from_pretrained(cls: Any, *args: Any, **kwargs: Any) -> Any:
         model = func(cls, *args, **kwargs)
-        _arm(model)
+        _restore_loaded(model)
         return model
 
     from_pretrained._gd_watch = True  # type: ignore[attr-defined]

@@ -43,7 +43,7 @@ class GuidedDropout(nn.Module):
     is not a number, with ``nn.Dropout``'s wording and this library's fix); ``p`` may also be a
     sequence of per-unit probabilities (``rates``). The one difference: ``p=1`` (every unit
     dropped, outputs scaled by ``1/0``) is refused. ``rates`` is a registered buffer (saved in
-    the state dict); a single rate broadcasts over any width. Kept values are scaled by
+    the state dict unless ``persistent=False``); a single rate broadcasts over any width. Kept values are scaled by
     ``1 / (1 - rate)``; in eval mode the module is the identity. ``.p`` (the mean rate) keeps
     code that reads or sets ``module.p`` working; setting it makes the rates uniform.
 
@@ -64,17 +64,30 @@ class GuidedDropout(nn.Module):
     rates: Any
 
     def __init__(
-        self, p: Any = 0.5, inplace: bool = False, *, generator: Any = None, hook: bool = False
+        self,
+        p: Any = 0.5,
+        inplace: bool = False,
+        *,
+        generator: Any = None,
+        hook: bool = False,
+        persistent: bool = True,
     ) -> None:
         super().__init__()
-        self.register_buffer("rates", _rates(p, "rates" if not _is_scalar(p) else "p"))
+        rates = _rates(p, "rates" if not _is_scalar(p) else "p")
+        self.register_buffer("rates", rates, persistent=persistent)
+        # what ``.p`` reads while dynamo traces: fixed, so a compiled graph never guards on a
+        # value the schedule changes (kernels that read ``.p`` get the tensor rate elsewhere)
+        self._traced_p = float(rates.mean())
+        self.tensor_kernel = False  # True once the guided attention kernel reads ``rates``
         self.inplace = inplace
         self.generator = generator
         self.hook = hook
 
     @property
     def p(self) -> float:
-        """The mean drop probability over units."""
+        """The mean drop probability over units (a fixed float while dynamo traces)."""
+        if self.tensor_kernel and torch.compiler.is_compiling():
+            return self._traced_p
         return float(self.rates.float().mean())
 
     @p.setter

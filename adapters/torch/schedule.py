@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from gd_core import Schedule
 from gd_core.report import ApplyReport
 from gd_core.validate import check_int
 
+from . import rates
 from .discovery import SiteHandle, _discover, current_p
-from .layer import GuidedDropout
+from .layer import GuidedDropout, torch
 
 
 class Scheduler:
@@ -43,6 +45,8 @@ class Scheduler:
         if isinstance(target, ApplyReport):
             wanted = {r.site for r in target.rows}
             found = [f for f in found if f.site.name in wanted]
+        self.notes: list[str] = []
+        found = self._tensorize(model, found)
         self._entries: list[tuple[SiteHandle, Any]] = []
         for f in found:
             if isinstance(f.owner, GuidedDropout):
@@ -52,6 +56,46 @@ class Scheduler:
             self._entries.append((f, base))
         self.step_count = check_int(start, "start", 0, 0)
         self._set()
+
+    def _tensorize(self, model: Any, found: list[SiteHandle]) -> list[SiteHandle]:
+        """Hold every scheduled rate in a tensor (see :mod:`adapters.torch.rates`), so a compiled
+        model reads new rates without recompiling; what cannot be, is in ``self.notes`` (and in
+        the report's notes when ``apply(..., schedule=)`` builds the scheduler)."""
+        out = []
+        attention: list[tuple[str, Any, str]] = []  # (kind, module, attribute or child name)
+        for f in found:
+            mod = f.owner
+            if f.site.kind == "attribute":
+                if f.role == "attention" and rates.reads_kernel(mod):
+                    attention.append(("attribute", mod, f.attr))
+                else:
+                    self.notes.append(
+                        f"{f.site.name}: a float attribute read by the model's own code; a "
+                        "compiled model recompiles when the schedule changes it"
+                    )
+            elif type(mod) is torch.nn.Dropout or isinstance(mod, GuidedDropout):
+                if f.parent is not None and f.site.kind != "hook":
+                    mod = rates.tensorize_module(f.parent, f.attr, mod)
+                    f = replace(f, owner=mod)
+                    if f.role == "attention" and rates.reads_kernel(f.parent):
+                        attention.append(("child", f.parent, f.attr))
+            else:
+                self.notes.append(
+                    f"{f.site.name}: {type(mod).__name__} reads .p as a float; a compiled model "
+                    "recompiles when the schedule changes it"
+                )
+            out.append(f)
+        if attention:
+            note = rates.use_guided_attention(model)
+            if note is not None:  # the kernels read floats: leave the rates where they read them
+                self.notes.append(note)
+                return out
+            for kind, holder, name in attention:
+                if kind == "attribute":
+                    rates.tensorize_attribute(holder, name)
+                else:
+                    rates.mark_attention_child(holder, name)
+        return out
 
     @property
     def multiplier(self) -> float:

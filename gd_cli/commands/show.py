@@ -40,5 +40,9 @@ def add_parser(sub: SubParsers) -> None:
     )
     show.add_argument("profile", help="a profile file written by `gd profile`")
     mapping_args(show)
-    show.add_argument("--plot", metavar="FILE.png", help="also write a plot")
+    show.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also write a plot (format from the suffix: .png, .jpg, .svg, .pdf...)",
+    )
     show.set_defaults(func=run)

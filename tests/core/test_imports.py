@@ -36,7 +36,7 @@ def test_missing_framework_names_the_extra(module, blocked, extra):
     )
     out = run(code)
     assert out.returncode == 0, out.stderr
-    assert f"pip install 'guided-dropout[{extra}]'" in out.stdout, out.stdout
+    assert f"pip install './guided-dropout[{extra}]'" in out.stdout, out.stdout
 
 
 def test_torch_adapter_imports_no_other_framework():
@@ -83,7 +83,7 @@ def test_a_command_without_its_framework_names_the_extra(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "2", out.stdout
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert "pip install 'guided-dropout[torch]'" in out.stderr, out.stderr
+    assert "pip install './guided-dropout[torch]'" in out.stderr, out.stderr
 
 
 # --------------------------------------------------------------------------------------------

@@ -222,24 +222,45 @@ def test_save_pretrained_then_apply_restores_the_plan(tmp_path, bert_profile, gr
         torch.testing.assert_close(a[1], b[1])
 
 
-def test_loading_without_reapplying_warns_once(tmp_path, bert_profile):
+def test_from_pretrained_comes_back_guided_and_apply_is_silent(tmp_path, bert_profile):
+    """Issue 25: plain from_pretrained ran p = 0.1 until apply, and that apply warned."""
+    model = classifier()
+    gdt.apply(model, bert_profile, missing="upper")
+    ps = _ps(model)
+    model.save_pretrained(tmp_path / "m")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "m")
+        assert _ps(loaded) == pytest.approx(ps, abs=1e-7)  # guided as loaded
+        assert loaded.guided_dropout_report.notes
+        loaded.train()
+        ids = torch.randint(5, 100, (2, 8))
+        loaded(input_ids=ids)
+        gdt.apply(loaded)  # restoring again: no warning either
+        loaded(input_ids=ids)
+    assert not [w for w in caught if "guided" in str(w.message).lower()]
+    assert _ps(loaded) == pytest.approx(ps, abs=1e-7)
+
+
+def test_a_plan_that_cannot_be_restored_at_load_warns_with_the_fix(
+    tmp_path, bert_profile, monkeypatch
+):
+    from adapters.torch import install
+
     model = classifier()
     gdt.apply(model, bert_profile, missing="upper")
     model.save_pretrained(tmp_path / "m")
-    loaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "m")
+
+    def broken(*args, **kwargs):
+        raise ValueError("broken on purpose")
+
+    monkeypatch.setattr(install, "apply", broken)
+    with pytest.warns(UserWarning, match="could not be restored.*broken on purpose"):
+        loaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "m")
+    monkeypatch.undo()
     loaded.train()
-    ids = torch.randint(5, 100, (2, 8))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loaded(input_ids=ids)
-        loaded(input_ids=ids)
-    ours = [w for w in caught if "guided" in str(w.message).lower()]
-    assert len(ours) == 1 and "apply" in str(ours[0].message)
-    gdt.apply(loaded)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loaded(input_ids=ids)
-    assert not [w for w in caught if "guided" in str(w.message).lower()]
+    with pytest.warns(UserWarning, match="not installed.*apply"):
+        loaded(input_ids=torch.randint(5, 100, (2, 8)))
 
 
 def test_restoring_refuses_arguments_that_would_change_the_plan(tmp_path, bert_profile):
@@ -252,7 +273,7 @@ def test_restoring_refuses_arguments_that_would_change_the_plan(tmp_path, bert_p
 
 
 def test_the_warning_does_not_depend_on_the_import_order(tmp_path, bert_profile):
-    """`import adapters.torch` before transformers is imported: from_pretrained still warns."""
+    """`import adapters.torch` before transformers is imported: from_pretrained still restores."""
     model = classifier()
     gdt.apply(model, bert_profile, missing="upper")
     model.save_pretrained(tmp_path / "m")
@@ -262,11 +283,7 @@ import adapters.torch as gdt
 assert "transformers" not in sys.modules
 import torch, transformers
 m = transformers.AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "m")!r})
-m.train()
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    m(input_ids=torch.randint(5, 100, (2, 8)))
-print(sum("guided-dropout plan" in str(w.message) for w in caught))
+print(m.bert.encoder.layer[0].output.dropout.p)
 """
     root = str(HERE.parents[1])
     env = {**os.environ, "PYTHONPATH": root}
@@ -274,4 +291,5 @@ print(sum("guided-dropout plan" in str(w.message) for w in caught))
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "1"
+    want = _ps(model)["bert.encoder.layer.0.output.dropout"]
+    assert float(done.stdout.strip().splitlines()[-1]) == pytest.approx(want, abs=1e-7)
