@@ -207,13 +207,25 @@ def test_every_export_carries_torchs_p_site_by_site(
         assert soft and all(s.output[0] in readers for s in soft)
 
 
-def test_distilbert_groups_that_differ_from_torchs_are_reported() -> None:
-    """DistilBERT's attention output has no dropout of its own: the ONNX attention site guards
-    less than torch's, and the report says which parameters differ (it said nothing before)."""
+def test_distilbert_groups_equal_torchs() -> None:
+    """DistilBERT's ONNX groups used to differ from torch's with no message (torch took the
+    attention-probability dropout for a hidden one guarding out_lin too). With torch's sites
+    decided by dataflow, every torch site pairs with the ONNX site guarding the same parameters,
+    and no note says the guarded sets differ."""
     _, clf, prof = _pair("distilbert")
     report = gdo.apply(_export(clf, torch.randint(3, 60, (2, 6)), "training"), prof)
-    differ = [n for n in report.notes if n.startswith("guarded sets differ")]
-    assert differ and "attention.out_lin" in differ[0]
+    assert not [n for n in report.notes if n.startswith("guarded sets differ")]
+    attn = [s for s in prof.site_names if s.endswith("attention.dropout")]
+    assert attn and set(attn) <= set(report.matched.values()), report.matched
+
+
+def test_guarded_sets_that_differ_are_reported() -> None:
+    """A pair found by overlap, not by equal parameter sets, is reported with what differs."""
+    prof = [Site("l0.attention.dropout", ("l0.q.weight", "l0.k.weight", "l0.out_lin.weight"))]
+    model = [Site("l0.attention.dropout", ("l0.q.weight", "l0.k.weight"))]
+    notes = correspond(prof, model).notes()
+    differ = [n for n in notes if n.startswith("guarded sets differ")]
+    assert differ and "out_lin" in differ[0], notes
 
 
 def test_default_exporter_trains_end_to_end_with_ort(tmp_path) -> None:  # type: ignore[no-untyped-def]
