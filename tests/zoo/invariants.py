@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.zoo.registry import Built
+from tests.zoo.registry import Built, zoo_loss
 
 TOL = 1e-6  # p values are compared within this (float32 rates hold them to ~1e-9)
 
@@ -62,22 +62,6 @@ class Result:
 
     def failures(self) -> list[str]:
         return [f"{k}: {v.reason}" for k, v in self.verdicts.items() if v.status == "fail"]
-
-
-def zoo_loss(model: Any, batch: Any) -> Any:
-    """Per-sample loss of any zoo model: the negative log-probability of class / token 0,
-    averaged over positions (an empirical-Fisher objective that needs no labels)."""
-    import torch
-
-    out = model(**batch)
-    logits = getattr(out, "logits", None)
-    if logits is None:
-        logits = out[0] if isinstance(out, (tuple, list)) else out
-    logp = torch.log_softmax(logits.float(), dim=-1)[..., 0]
-    return -logp.reshape(logp.shape[0], -1).mean(dim=1)
-
-
-zoo_loss.name = "zoo"  # type: ignore[attr-defined]
 
 
 def _library_error(exc: BaseException) -> bool:
@@ -340,9 +324,11 @@ def _check_fallback(site_list: list[Any], spy: _GuardedSpy, texts: list[str]) ->
     warned = [t for t in texts if "structural" in t]
     if warned:
         return Verdict("pass", f"{len(structural)} site(s) structural, with a warning")
+    never = " (gd_core.dataflow.guarded never ran)" if spy.calls == 0 else ""
     return Verdict(
         "fail",
-        f"{len(structural)} site(s) keep the structural guess without a warning: {_few(structural)}",
+        f"{len(structural)} site(s) keep the structural guess without a warning{never}: "
+        f"{_few(structural)}",
     )
 
 

@@ -191,14 +191,14 @@ def _sub_configs(config: Any) -> list[Any]:
     return out
 
 
-def _shrink(config: Any, model_type: str) -> list[str]:
+def _shrink(config: Any, model_type: str, sizes: dict[str, Any]) -> list[str]:
     """Set the tiny sizes on ``config`` and its sub-configs; raise zero rates, switch LayerDrop
     off; return the rate fields changed (``name``: 0 -> 0.1, ``name=0``: LayerDrop off)."""
     raised = []
     for cfg in [config, *_sub_configs(config)]:
         have = vars(cfg)
         over = OVERRIDES.get(model_type, {})
-        for name, value in {**TINY, **over}.items():
+        for name, value in {**TINY, **sizes, **over}.items():
             if name in over or (name in have and not isinstance(have[name], (list, tuple, dict))):
                 try:
                     setattr(cfg, name, value)
@@ -212,6 +212,8 @@ def _shrink(config: Any, model_type: str) -> list[str]:
                 setattr(cfg, name, 0.0)
                 raised.append(f"{name}=0")
         vocab = getattr(cfg, "vocab_size", None)
+        if isinstance(vocab, int) and "pad_token_id" in have and have["pad_token_id"] is None:
+            cfg.pad_token_id = 0  # sequence classification of a batch needs a padding token
         for name in _TOKEN_IDS:
             tid = have.get(name)
             if isinstance(vocab, int) and isinstance(tid, int) and tid >= vocab:
@@ -236,7 +238,25 @@ def _category(exc: BaseException) -> str:
 
 
 def build(entry: Entry, seed: int = 0) -> Built | BuildFailure:
-    """The tiny model of ``entry`` in training mode, or why it cannot be built."""
+    """The tiny model of ``entry`` in training mode, or why it cannot be built. When the model's
+    own forward fails with the generic sizes, it is built once more with the widths aligned
+    (:data:`ALIGNED`: fused / grouped kernels want 16-byte strides) and that is recorded."""
+    first = _build(entry, seed, {})
+    if not isinstance(first, BuildFailure) or first.category != _OWN_FORWARD:
+        return first
+    second = _build(entry, seed, ALIGNED)
+    if isinstance(second, Built):
+        second.raised.append("intermediate sizes 32 (37 fails)")
+        return second
+    return first
+
+
+# the retry's sizes: every width a multiple of 8
+ALIGNED = {k: 32 for k, v in TINY.items() if v == 37} | {"moe_intermediate_size": 32}
+_OWN_FORWARD = "own forward fails on the tiny inputs"
+
+
+def _build(entry: Entry, seed: int, sizes: dict[str, Any]) -> Built | BuildFailure:
     import torch
     import transformers
     from transformers import CONFIG_MAPPING
@@ -244,17 +264,38 @@ def build(entry: Entry, seed: int = 0) -> Built | BuildFailure:
     try:
         cls = getattr(transformers, entry.cls_name)
         config = CONFIG_MAPPING[entry.model_type]()
-        raised = _shrink(config, entry.model_type)
+        raised = _shrink(config, entry.model_type, sizes)
         if hasattr(config, "use_cache"):
             config.use_cache = False  # training forwards; a cache object does not export
         torch.manual_seed(seed)
         model = cls(config)
         model.train()
         kind = getattr(model, "main_input_name", "input_ids")
-        make_inputs(model, kind, 2, seed)  # fails here when the input kind is not supported
+        batch = make_inputs(model, kind, 2, seed)  # fails when the input kind is not supported
     except Exception as exc:  # noqa: BLE001 - every failure is recorded with its reason
         return BuildFailure(entry, _category(exc), f"{type(exc).__name__}: {str(exc)[:300]}")
+    try:  # the model's own forward and loss, before the library touches it
+        with torch.no_grad(), torch.random.fork_rng():
+            zoo_loss(model, batch)
+    except Exception as exc:  # noqa: BLE001 - a tiny config or input the model does not take
+        return BuildFailure(entry, _OWN_FORWARD, f"{type(exc).__name__}: {str(exc)[:300]}")
     return Built(entry, model, kind, raised)
+
+
+def zoo_loss(model: Any, batch: Any) -> Any:
+    """Per-sample loss of any zoo model: the negative log-probability of class / token 0,
+    averaged over positions (an empirical-Fisher objective that needs no labels)."""
+    import torch
+
+    out = model(**batch)
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+    logp = torch.log_softmax(logits.float(), dim=-1)[..., 0]
+    return -logp.reshape(logp.shape[0], -1).mean(dim=1)
+
+
+zoo_loss.name = "zoo"  # type: ignore[attr-defined]
 
 
 def _config(model: Any) -> Any:

@@ -157,6 +157,11 @@ def render(rows: list[dict[str, Any]], command: str, seconds: float, jobs: int) 
         "",
         f"- Classes in the mappings: {len(rows)}; built: {len(built)}; not built: "
         f"{len(failed_build)}",
+        "- Not built, by reason: "
+        + ", ".join(
+            f"{k} {n}"
+            for k, n in Counter(r.get("why", "").split(":")[0] for r in failed_build).most_common()
+        ),
         f"- Pass every enforced invariant (a, b, d): {sum(passes(r) for r in built)} of "
         f"{len(built)} built",
         "",
