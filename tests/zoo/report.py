@@ -216,6 +216,14 @@ def render(rows: list[dict[str, Any]], command: str, seconds: float, jobs: int) 
     return "\n".join(lines) + "\n"
 
 
+def state_text(outcomes: dict[str, Any]) -> str:
+    """sweep.json's text: one class a line, sorted, so a regeneration's diff reads class by class."""
+    body = ",\n".join(
+        f" {json.dumps(c)}: {json.dumps(o, sort_keys=True)}" for c, o in sorted(outcomes.items())
+    )
+    return "{\n" + body + "\n}\n"
+
+
 def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")[:400]
 
@@ -262,9 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "OMP_NUM_THREADS=1 python -m tests.zoo.report" + (
         f" --jobs {args.jobs}" if args.jobs != 2 else ""
     )
-    _write(
-        STATE, json.dumps({r["class"]: outcome(r) for r in rows}, indent=1, sort_keys=True) + "\n"
-    )
+    _write(STATE, state_text({r["class"]: outcome(r) for r in rows}))
     _write(DOC, render(rows, command, seconds, args.jobs))
     print(f"wrote {DOC} and {STATE}: {len(rows)} classes in {seconds / 60:.1f} min")
     return 0
