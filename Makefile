@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench-quick clean
+.PHONY: demo test test-fast lint bench-quick clean zoo zoo-doc
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ lint: $(STAMP)
 test: lint
 	@# pytest exits 5 when it collects no tests: that is a failure here too
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests collected' >&2; exit 1; fi; exit $$rc
+
+# the full zoo sweep (docs/zoo.md): every transformers class whose tiny config builds offline,
+# in ZOO_JOBS processes; fails when an outcome differs from tests/zoo/sweep.json
+ZOO_JOBS ?= 4
+zoo: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m tests.zoo.report --check --jobs $(ZOO_JOBS)
+
+# regenerate docs/zoo.md and tests/zoo/sweep.json (after a fix flips an outcome)
+zoo-doc: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m tests.zoo.report --jobs $(ZOO_JOBS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
