@@ -21,6 +21,8 @@ from torch.utils._pytree import tree_flatten
 
 from gd_core.dataflow import Op
 
+from .rates import tracing
+
 _SDPA = getattr(torch.nn.functional, "scaled_dot_product_attention", None)
 _DROPOUTS = {
     f
@@ -115,7 +117,15 @@ class _Recorder(TorchFunctionMode):
         rate = _rate_arg(func, args, kwargs)
         if isinstance(rate, torch.Tensor) and rate.numel() == 1:
             rate = rate.item()
-        return self.rates.get(rate) if isinstance(rate, float) else None
+        if not isinstance(rate, float):
+            return None
+        found = self.rates.get(rate)
+        if found is None:  # a rate held in a float32 tensor (a scheduled attention rate)
+            k = round((rate - _SENTINEL_BASE) / _SENTINEL_STEP)
+            key = _SENTINEL_BASE + k * _SENTINEL_STEP
+            if abs(rate - key) < _SENTINEL_STEP / 4:
+                found = self.rates.get(key)
+        return found
 
     # -- functions ---------------------------------------------------------------------------
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -268,6 +278,7 @@ def trace(
     old_rates = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in holders]
     cuda = sorted({p.device.index or 0 for p in root.parameters() if p.device.type == "cuda"})
     root.train()
+    tracing[0] += 1
     try:
         for (obj, attr, _), rate in zip(holders, rates, strict=True):
             setattr(obj, attr, rate)
@@ -279,6 +290,7 @@ def trace(
             else:
                 call(example)
     finally:
+        tracing[0] -= 1
         for obj, attr, value in old_rates:
             setattr(obj, attr, value)
         _unleak(

@@ -364,9 +364,13 @@ def _restore_loaded(model: Any) -> None:
     """After ``from_pretrained``: a config that records a plan gets it installed now (the
     report is ``model.guided_dropout_report``); if that fails, the model warns (with the reason)
     at its first training-mode forward, as :func:`_arm` says."""
-    if not isinstance(model, nn.Module) or recorded_plan(model) is None:
+    if not isinstance(model, nn.Module):
         return
-    try:
+    if getattr(getattr(model, "config", None), CONFIG_KEY, None) is None:
+        return
+    try:  # a plan that does not check (recorded_plan raises) warns here, and apply() says why
+        if recorded_plan(model) is None:
+            return
         model.__dict__["guided_dropout_report"] = apply(model)
     except Exception as exc:  # noqa: BLE001 - reported, and the model still loads
         warnings.warn(

@@ -37,6 +37,9 @@ RATE_BUFFER = "gd_attention_rate"
 CHILD_KEY = "_gd_attention_child"
 _SUPPORTED = ("sdpa", "eager")
 _registered: set[str] = set()
+#: > 0 while :func:`adapters.torch.dataflow.trace` runs a forward: a tensor rate is then read as a
+#: float and applied with ``F.dropout``, so the trace links the call to the holder of its rate
+tracing = [0]
 
 
 def tensorize_module(parent: Any, attr: str, mod: Any) -> Any:
@@ -210,6 +213,8 @@ def _eager(module: Any, query: Any, key: Any, value: Any, mask: Any, rate: Any, 
             )
             scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if rate is not None and tracing[0]:  # seen by the dataflow trace as a dropout call
+        rate, dropout = None, float(rate)
     if rate is not None:
         rate = rate.to(device=weights.device, dtype=torch.float32)
         kept = torch.rand(weights.shape, device=weights.device) >= rate

@@ -42,6 +42,12 @@ class Scheduler:
             self.schedule = Schedule.from_config(schedule)
         model = target.model if isinstance(target, ApplyReport) else target
         _, found = _discover(model, None, False, trace=False)  # handles only: no forward
+        if any(
+            rates.reads_kernel(f.owner if f.site.kind == "attribute" else f.parent)
+            for f in found
+            if f.site.kind != "hook"
+        ):  # which holders an attention kernel reads is a dataflow fact: one traced forward
+            _, found = _discover(model, None, False, required=False)
         if isinstance(target, ApplyReport):
             wanted = {r.site for r in target.rows}
             found = [f for f in found if f.site.name in wanted]
