@@ -9,7 +9,7 @@ know (policy ``keep``, ``upper`` or ``error``).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -241,26 +241,3 @@ def resolve(
         else:
             out[s] = (float(current.get(s, 0.0)), "keep")
     return out
-
-
-def find_cached(
-    model_sites: Sequence[str],
-    model_fingerprint: Fingerprint,
-    loader: Callable[[Fingerprint], SensitivityProfile | None] | None = None,
-) -> SensitivityProfile | None:
-    """A cached profile compatible with the model (exact fingerprint first, then any that aligns)."""
-    from . import cache
-
-    exact = (loader or cache.lookup)(model_fingerprint)
-    if exact is not None:
-        return exact
-    folder = cache.cache_dir()
-    if not folder.is_dir():
-        return None
-    for path in sorted(folder.glob("*.profile.npz")):
-        try:
-            prof = SensitivityProfile.load(path)
-            return align(prof, model_sites, model_fingerprint, strict=True)
-        except Exception:  # noqa: BLE001 - an incompatible or unreadable cache entry is skipped
-            continue
-    return None

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from . import cache as _cache
-from .align import align, find_cached
+from .align import align
+from .cache import find_cached
 from .corpus import Corpus, load_corpus, select
 from .errors import ArgumentError, ProfileMismatchError, ProfileNotFoundError
 from .fingerprint import Fingerprint

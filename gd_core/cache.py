@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .align import align
 from .fingerprint import Fingerprint
 from .profile import SensitivityProfile
 from .weights import WeightsId
@@ -50,3 +52,24 @@ def lookup(
     """The cached profile for this fingerprint (and weights digest), or None."""
     path = cache_path(fingerprint, weights_digest)
     return SensitivityProfile.load(path) if path.exists() else None
+
+
+def find_cached(
+    model_sites: Sequence[str],
+    model_fingerprint: Fingerprint,
+    loader: Callable[[Fingerprint], SensitivityProfile | None] | None = None,
+) -> SensitivityProfile | None:
+    """A cached profile compatible with the model (exact fingerprint first, then any that aligns)."""
+    exact = (loader or lookup)(model_fingerprint)
+    if exact is not None:
+        return exact
+    folder = cache_dir()
+    if not folder.is_dir():
+        return None
+    for path in sorted(folder.glob("*.profile.npz")):
+        try:
+            prof = SensitivityProfile.load(path)
+            return align(prof, model_sites, model_fingerprint, strict=True)
+        except Exception:  # noqa: BLE001 - an incompatible or unreadable cache entry is skipped
+            continue
+    return None

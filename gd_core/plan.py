@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from . import cache as _cache
-from .align import align, check_same_model, find_cached, find_renaming, resolve
+from .align import align, check_same_model, find_renaming, resolve
+from .cache import find_cached
 from .errors import ProfileMismatchError, ProfileNotFoundError, bad_argument
 from .fingerprint import Fingerprint
 from .profile import SensitivityProfile, _mapping_dict
@@ -149,7 +150,7 @@ def make_plan(
         spread: how far unit rates spread around the site's p (``[0, 1]``).
         framework: the adapter's name, used in messages (``adapters.<framework>.sites``).
         not_found: ``(what, fix)`` worded into the error when no profile is cached.
-        lookup: the cache lookup (default :func:`gd_core.align.find_cached`).
+        lookup: the cache lookup (default :func:`gd_core.cache.find_cached`).
     """
     check_choice(granularity, "granularity", GRANULARITIES)
     check_choice(missing, "missing", MISSING_POLICIES)

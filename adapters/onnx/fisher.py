@@ -248,7 +248,7 @@ def _fisher_from_artifacts(
         raise bad_argument(
             "model",
             "a model, or artifacts whose ratio inputs are scalars",
-            f"artifacts in {str(art.directory)!r} with per-unit rate inputs {vectors[:3]}",
+            f"artifacts with per-unit rate inputs {vectors[:3]} (in {str(art.directory)!r})",
             "pass the ONNX model itself (a copy without dropout is trained)",
         )
     if not art.requires_grad:  # artifacts not made by make_artifacts: ask the checkpoint

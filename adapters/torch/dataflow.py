@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_flatten
 
 from gd_core.dataflow import Op
 
-from .rates import tracing
+from .layer import tracing
 
 _SDPA = getattr(torch.nn.functional, "scaled_dot_product_attention", None)
 _DROPOUTS = {

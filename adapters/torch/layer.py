@@ -16,6 +16,12 @@ HOOK_CHILD = "gd_dropout"
 _FIX = "pass a dropout probability in [0, 1), e.g. 0.1 (1 would drop every unit)"
 
 
+#: > 0 while :func:`adapters.torch.dataflow.trace` runs a forward: a rate held in a tensor (a
+#: scheduled attention rate) is then read as a float and applied with ``F.dropout``, so the trace
+#: links the call to the holder of its rate
+tracing = [0]
+
+
 def _torch_wording(name: str, expected: str, received: Any) -> str:
     """``nn.Dropout``'s own message, naming the argument this library checked."""
     return f"dropout probability has to be between 0 and 1, but got {received} ({name}: {expected})"

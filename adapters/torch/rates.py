@@ -29,7 +29,7 @@ from typing import Any
 
 from gd_core.errors import ArgumentError
 
-from .layer import GuidedDropout, torch
+from .layer import GuidedDropout, torch, tracing
 
 nn = torch.nn
 PREFIX = "gd_"
@@ -37,9 +37,6 @@ RATE_BUFFER = "gd_attention_rate"
 CHILD_KEY = "_gd_attention_child"
 _SUPPORTED = ("sdpa", "eager")
 _registered: set[str] = set()
-#: > 0 while :func:`adapters.torch.dataflow.trace` runs a forward: a tensor rate is then read as a
-#: float and applied with ``F.dropout``, so the trace links the call to the holder of its rate
-tracing = [0]
 
 
 def tensorize_module(parent: Any, attr: str, mod: Any) -> Any:

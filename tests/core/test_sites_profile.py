@@ -15,7 +15,8 @@ from gd_core import (
     unit_scores,
 )
 from gd_core import cache as gd_cache
-from gd_core.align import align, find_cached, find_renaming, resolve
+from gd_core.align import align, find_renaming, resolve
+from gd_core.cache import find_cached
 from gd_core.errors import ArgumentError
 from gd_core.names import from_onnx_node, from_path
 

@@ -24,25 +24,8 @@ from tests.zoo.sample import SAMPLE  # noqa: E402
 _DUP = "a dropout module called more than once crashes sites(): ArgumentError: ops: expected "
 # today's failures of the sample (issue 23), each with the invariant and reason it fails on
 KNOWN = {
-    "RobertaForSequenceClassification": _DUP + "unique site names ['classifier.dropout']",
-    "AlbertForSequenceClassification": _DUP + "unique site names (one shared layer, every depth)",
-    "ElectraForSequenceClassification": _DUP + "unique site names ['classifier.dropout']",
-    "MPNetForSequenceClassification": _DUP + "unique site names ['classifier.dropout']",
-    "PhiForCausalLM": _DUP + "unique site names ['model.layers.N.resid_dropout']",
     "DebertaV2ForSequenceClassification": "a: profile raises 'scores: expected finite scores' "
     "(a site guards no parameter the trace saw: rel_embeddings read directly)",
-    "DistilBertForSequenceClassification": "d: the attention.dropout sites keep the structural "
-    "guess without a warning (names, not dataflow, decide attention dropout)",
-    "BartForConditionalGeneration": "d: functional dropout with a rate attribute is invisible: "
-    "its sites keep the structural guess without a warning",
-    "FalconForCausalLM": "b: dropout reads self.config at forward time, every call stays at 0.1; "
-    "d: its sites keep the structural guess without a warning",
-    "OPTForCausalLM": "b: model.decoder.dropout is never called yet installed (dead site); "
-    "d: structural guess without a warning",
-    "BloomForCausalLM": "b: the block's hidden_dropout is never called yet installed (dead "
-    "site); d: structural guess without a warning",
-    "ResNetForImageClassification": "a: NoSitesError on a model without dropout, where residual "
-    "insertion would apply",
     "WhisperForAudioClassification": "a: profile crashes with KeyError "
     "'encoder.embed_positions.weight' (a frozen parameter the site guards)",
 }
