@@ -238,6 +238,9 @@ def apply(
             _replacement(layer, name, p, rates, sched)
         )
     notes: list[str] = []
+    dead = idx.dead_note()
+    if dead is not None:
+        notes.append(dead)
     if fixed:
         notes.append(
             f"the schedule does not reach {', '.join(fixed)}: a MultiHeadAttention keeps one "
