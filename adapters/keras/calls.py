@@ -10,6 +10,10 @@ others 4; integer inputs are ones, a valid token id and a full padding mask; flo
 small normal values), so subclassed models, whose inputs are unknown, are not checked (every
 site counts as called). The model's non-trainable state (normalisation statistics, seed
 generators) is restored after the forward.
+
+The same forward tells which sites drop attention probabilities: a site whose input is a
+distribution along its last axis (non-negative rows summing to one, a softmax output) acts on
+key positions, not features, whatever the layers are called.
 """
 
 from __future__ import annotations
@@ -43,13 +47,31 @@ def guessed_input(model: Any) -> Any | None:
         return None
 
 
-def called_layers(model: Any, layers: Sequence[Any]) -> set[int] | None:
+def _is_distribution(x: Any) -> bool:
+    """Whether ``x`` is a probability distribution along its last axis (a softmax output):
+    non-negative, each row summing to one."""
+    try:
+        arr = np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
+    except Exception:  # noqa: BLE001 - not a tensor
+        return False
+    if arr.ndim < 2 or arr.shape[-1] < 2 or arr.size == 0:
+        return False
+    return bool(np.all(arr >= 0) and np.allclose(arr.sum(axis=-1), 1.0, atol=1e-4))
+
+
+def called_layers(
+    model: Any, layers: Sequence[Any], distributions: set[int] | None = None
+) -> set[int] | None:
     """Ids of ``layers`` that one training forward of ``model`` on a guessed input calls
-    (``None``: no input could be guessed, or the forward failed on it)."""
+    (``None``: no input could be guessed, or the forward failed on it). Ids of those whose
+    input is a distribution along its last axis (attention probabilities: the dropout acts on
+    a softmax output, whose last axis is key positions, not features) are added to
+    ``distributions``."""
     x = guessed_input(model)
     if x is None or not layers:
         return None
     called: set[int] = set()
+    probs = set() if distributions is None else distributions
     patched = []
     state = [(v, keras.ops.convert_to_numpy(v.value)) for v in model.non_trainable_variables]
     for layer in layers:
@@ -58,6 +80,8 @@ def called_layers(model: Any, layers: Sequence[Any]) -> set[int] | None:
         original = layer.call
 
         def counting(*args: Any, _call: Any = original, _id: int = id(layer), **kw: Any) -> Any:
+            if _id not in called and args and _is_distribution(args[0]):
+                probs.add(_id)
             called.add(_id)
             return _call(*args, **kw)
 

@@ -66,6 +66,8 @@ class ModelIndex:
     holders: set[int] = field(default_factory=set)  # ids of sites and layers containing one
     #: site layers the forward never calls (dead sites), once :meth:`check_calls` has run
     dead: list[Any] | None = None
+    #: ids of site layers whose input is attention probabilities (a softmax output), likewise
+    attention: set[int] = field(default_factory=set)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -174,7 +176,7 @@ class ModelIndex:
         if self.dead is None:
             from .calls import called_layers
 
-            called = called_layers(self.model, self.site_layers)
+            called = called_layers(self.model, self.site_layers, self.attention)
             self.dead = (
                 [] if called is None else [x for x in self.site_layers if id(x) not in called]
             )

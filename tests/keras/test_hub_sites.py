@@ -146,3 +146,46 @@ def test_non_finite_scores_name_the_sites():
     sites = (gd_core.Site("a", ("w",)), gd_core.Site("b", ()), gd_core.Site("c", ("v",)))
     with pytest.raises(ArgumentError, match=r"sites \['b'\]; \['b'\] guard no parameters"):
         gd_core.SensitivityProfile(sites=sites, scores=np.array([1.0, np.nan, 3.0])).probabilities()
+
+
+@keras.saving.register_keras_serializable(package="test_hub_sites")
+class Mixer(keras.layers.Layer):
+    """A custom layer: a dropout on a softmax output under a neutral name, and one named like
+    attention that drops hidden features."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.scores = keras.layers.Dense(6, name="scores")
+        self.mix = keras.layers.Dropout(0.1, name="mix")
+        self.out = keras.layers.Dense(6, name="out")
+        self.attention_dropout = keras.layers.Dropout(0.1, name="attention_dropout")
+
+    def call(self, x, training=None):
+        probs = self.mix(keras.ops.softmax(self.scores(x), axis=-1), training=training)
+        return self.attention_dropout(self.out(probs), training=training)
+
+
+def test_attention_probabilities_are_found_by_dataflow_not_names():
+    inp = keras.Input((6,))
+    model = keras.Model(inp, keras.layers.Dense(2, name="head")(Mixer(name="mixer")(inp)))
+    names = [s.name for s in gdk.sites(model)]
+    assert names == ["mixer.mix", "mixer.attention_dropout"]
+    sites = gdk.sites(model)
+    prof = gd_core.SensitivityProfile(
+        sites=tuple(sites),
+        scores=np.array([1.0, 2.0]),
+        unit_scores={s.name: np.linspace(1.0, 2.0, 6) for s in sites},
+        fingerprint=gdk.fingerprint(model),
+    )
+    notes = {r.site: r.note for r in gdk.apply(model, prof, granularity="unit")}
+    assert "attention probabilities" in notes["mixer.mix"]
+    assert "attention probabilities" not in notes["mixer.attention_dropout"]
+
+
+def test_gemma_attention_probability_site_is_found_by_dataflow():
+    from adapters.keras.discovery import ModelIndex
+
+    idx = ModelIndex.build(gemma(0.1))
+    idx.live_layers()
+    probs = sorted(idx.site_name(x) for x in idx.site_layers if id(x) in idx.attention)
+    assert probs == ["decoder_block_0.attention.dropout", "decoder_block_1.attention.dropout"]
