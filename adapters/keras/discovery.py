@@ -343,12 +343,28 @@ def _is_under(idx: ModelIndex, layer: Any, ancestor: Any) -> bool:
     return False
 
 
+def _graph_level(idx: ModelIndex, layer: Any) -> Any | None:
+    """The ancestor of ``layer`` a functional graph calls (None: no graph above it)."""
+    cur = layer
+    while cur is not None:
+        parent = idx.parent.get(id(cur))
+        if parent is not None and _is_graph_model(parent):
+            return cur
+        cur = parent
+    return None
+
+
 def _walk_order(idx: ModelIndex, site: Any) -> list[Any]:
-    """Weight-carrying layers between the previous site and ``site`` in layer order."""
+    """Weight-carrying layers between the previous site and ``site`` in layer order, within the
+    layer a functional graph calls (a transformer block's first inner site does not reach back
+    into the layers before the block: the graph decides those)."""
     pos = next(i for i, layer in enumerate(idx.layers) if layer is site)
     out = []
     dead = {id(x) for x in idx.dead or ()}
+    top = _graph_level(idx, site)
     for layer in reversed(idx.layers[:pos]):
+        if top is not None and top is not site and not _is_under(idx, layer, top):
+            break
         if is_site(layer) and id(layer) not in dead:
             break
         if own_weights(layer) and not idx.contains_site(layer):

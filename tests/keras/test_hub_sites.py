@@ -189,3 +189,15 @@ def test_gemma_attention_probability_site_is_found_by_dataflow():
     idx.live_layers()
     probs = sorted(idx.site_name(x) for x in idx.site_layers if id(x) in idx.attention)
     assert probs == ["decoder_block_0.attention.dropout", "decoder_block_1.attention.dropout"]
+
+
+def test_a_blocks_inner_sites_do_not_reach_before_the_block():
+    """Inside a transformer block (no graph) the layer-order rule stays in the block: Gemma's
+    first attention dropout guards its block's norm and Q/K/V, not the token embedding or the
+    previous block's MLP (which no dropout of Gemma acts on)."""
+    with pytest.warns(UserWarning, match="dead sites"):
+        sites = {s.name: s.params for s in gdk.sites(gemma(0.1))}
+    for block in (0, 1):
+        params = sites[f"decoder_block_{block}.attention.dropout"]
+        assert all(p.startswith(f"decoder_block_{block}.") for p in params), params
+    assert twice_guarded(list(gdk.sites(gemma(0.1)))) == []
