@@ -60,13 +60,18 @@ def _is_distribution(x: Any) -> bool:
 
 
 def called_layers(
-    model: Any, layers: Sequence[Any], distributions: set[int] | None = None
+    model: Any,
+    layers: Sequence[Any],
+    distributions: set[int] | None = None,
+    order: tuple[Sequence[Any], list[Any]] | None = None,
 ) -> set[int] | None:
     """Ids of ``layers`` that one training forward of ``model`` on a guessed input calls
     (``None``: no input could be guessed, or the forward failed on it). Ids of those whose
     input is a distribution along its last axis (attention probabilities: the dropout acts on
     a softmax output, whose last axis is key positions, not features) are added to
-    ``distributions``."""
+    ``distributions``. With ``order=(watched, out)``, the layers of ``watched`` are appended
+    to ``out`` in the order the forward first calls them (call order, which inside a custom
+    layer can differ from the order its sublayers were made in)."""
     x = guessed_input(model)
     if x is None or not layers:
         return None
@@ -74,15 +79,23 @@ def called_layers(
     probs = set() if distributions is None else distributions
     patched = []
     state = [(v, keras.ops.convert_to_numpy(v.value)) for v in model.non_trainable_variables]
-    for layer in layers:
+    wanted = {id(x) for x in layers}
+    watched = list(order[0]) if order is not None else []
+    seen: set[int] = set()
+    for layer in [*layers, *watched]:
         if "call" in vars(layer):
             continue  # already wrapped (a layer listed twice)
         original = layer.call
 
-        def counting(*args: Any, _call: Any = original, _id: int = id(layer), **kw: Any) -> Any:
-            if _id not in called and args and _is_distribution(args[0]):
-                probs.add(_id)
-            called.add(_id)
+        def counting(*args: Any, _call: Any = original, _layer: Any = layer, **kw: Any) -> Any:
+            _id = id(_layer)
+            if order is not None and _id not in seen:
+                seen.add(_id)
+                order[1].append(_layer)
+            if _id in wanted:
+                if _id not in called and args and _is_distribution(args[0]):
+                    probs.add(_id)
+                called.add(_id)
             return _call(*args, **kw)
 
         object.__setattr__(layer, "call", counting)

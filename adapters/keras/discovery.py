@@ -68,6 +68,8 @@ class ModelIndex:
     dead: list[Any] | None = None
     #: ids of site layers whose input is attention probabilities (a softmax output), likewise
     attention: set[int] = field(default_factory=set)
+    #: layers in the order that forward first called them (empty: not known)
+    call_order: list[Any] = field(default_factory=list)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -176,7 +178,12 @@ class ModelIndex:
         if self.dead is None:
             from .calls import called_layers
 
-            called = called_layers(self.model, self.site_layers, self.attention)
+            watched = [x for x in self.layers[1:] if not is_site(x)]
+            called = called_layers(
+                self.model, self.site_layers, self.attention, (watched, self.call_order)
+            )
+            if called is None:
+                self.call_order.clear()
             self.dead = (
                 [] if called is None else [x for x in self.site_layers if id(x) not in called]
             )
@@ -324,10 +331,12 @@ def _walk_back(idx: ModelIndex, graph_model: Any, site: Any) -> list[Any] | None
 
 
 def _trailing(idx: ModelIndex, holder: Any) -> list[Any]:
-    """Weight-carrying layers inside ``holder`` after its last dropout site (layer order)."""
+    """Weight-carrying layers inside ``holder`` after its last dropout site (call order where
+    the forward was seen, else layer order)."""
     if is_site(holder):
         return []
-    inside = [layer for layer in idx.layers if _is_under(idx, layer, holder)]
+    order = idx.call_order or idx.layers
+    inside = [layer for layer in order if _is_under(idx, layer, holder)]
     last = max((i for i, layer in enumerate(inside) if is_site(layer)), default=-1)
     return [
         layer for layer in inside[last + 1 :] if own_weights(layer) and not idx.contains_site(layer)
@@ -358,11 +367,14 @@ def _walk_order(idx: ModelIndex, site: Any) -> list[Any]:
     """Weight-carrying layers between the previous site and ``site`` in layer order, within the
     layer a functional graph calls (a transformer block's first inner site does not reach back
     into the layers before the block: the graph decides those)."""
-    pos = next(i for i, layer in enumerate(idx.layers) if layer is site)
+    order = idx.layers
+    if idx.call_order and any(x is site for x in idx.call_order):
+        order = idx.call_order  # the forward's call order, where one was seen
+    pos = next(i for i, layer in enumerate(order) if layer is site)
     out = []
     dead = {id(x) for x in idx.dead or ()}
     top = _graph_level(idx, site)
-    for layer in reversed(idx.layers[:pos]):
+    for layer in reversed(order[:pos]):
         if top is not None and top is not site and not _is_under(idx, layer, top):
             break
         if is_site(layer) and id(layer) not in dead:
