@@ -13,6 +13,7 @@ the reason. ``tests/keras/test_hub_zoo.py`` runs a fixed sample, and every class
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 import time
 import warnings
@@ -250,6 +251,12 @@ def sweep_one(cls: type) -> Outcome:
     return out
 
 
+def _one_line(text: str) -> str:
+    """A reason fit for one table cell: terminal colour codes and line breaks removed."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    return " ".join(text.split()).replace("|", "/")
+
+
 def summary(rows: list[Outcome], command: str) -> str:
     built = [r for r in rows if r.built]
     checked = [r for r in built if r.sites]
@@ -277,7 +284,7 @@ def summary(rows: list[Outcome], command: str) -> str:
             outcome = "FAIL: " + "; ".join(r.problems)
         else:
             outcome = "pass" + (f" ({r.note})" if r.note else "")
-        lines.append(f"| {r.name} | {r.sites} | {outcome.replace('|', '/')} |")
+        lines.append(f"| {r.name} | {r.sites} | {_one_line(outcome)} |")
     return "\n".join(lines) + "\n"
 
 
