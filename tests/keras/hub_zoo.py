@@ -72,6 +72,8 @@ TINY: dict[str, Any] = {
 RATES = ("dropout", "dropout_rate", "attention_dropout", "attention_dropout_rate")
 #: how a problem that is a library error (clear, with a fix) is worded
 CLEAR = "clear error"
+#: the start of a note saying profile/apply were not checked (not a library problem)
+NOT_CHECKED = "profile/apply not checked: "
 #: the fixed sample of the normal test run
 SAMPLE = ("DistilBertBackbone", "GemmaBackbone", "GPT2Backbone")
 
@@ -203,7 +205,16 @@ def check(model: Any) -> tuple[int, list[str], str]:
         problems += twice_guarded(model, sites)
         x = guessed_input(model)
         if x is None:
-            return len(sites), problems, "no input could be guessed: profile/apply not checked"
+            return len(sites), problems, NOT_CHECKED + "no input could be guessed"
+        try:
+            model(x, training=False)
+        except Exception as exc:  # noqa: BLE001 - the guess (or the tiny arguments) do not fit
+            why = _one_line(f"{type(exc).__name__}: {exc}")[:160]
+            return (
+                len(sites),
+                problems,
+                f"{NOT_CHECKED}the model's own forward fails on the guessed input ({why})",
+            )
         try:
             prof = gdk.profile(model, [x], _loss, progress=False)
             if not np.all(np.isfinite(prof.scores)):

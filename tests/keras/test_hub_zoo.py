@@ -25,6 +25,8 @@ def test_keras_hub_backbone_invariants(cls):
     out = hub_zoo.sweep_one(cls)
     if not out.built:
         pytest.skip(out.note)
+    if out.note.startswith(hub_zoo.NOT_CHECKED) and not out.problems:
+        pytest.skip(out.note)
     if out.only_clear_errors and cls.__name__ not in hub_zoo.SAMPLE:
         pytest.xfail("; ".join(out.problems))  # listed in docs/zoo-keras.md with the reason
     assert out.problems == [], out.problems
