@@ -110,6 +110,29 @@ def layer_differences(
     return extra_model, extra_prof
 
 
+def prefix_mismatches(
+    profile_sites: Sequence[str], model_sites: Sequence[str]
+) -> list[tuple[str, str]]:
+    """(profile site, model site) pairs that name one site under two prefixes after the
+    renaming: neither side has the other's name, and one ends with ``"." +`` the other. A
+    renaming applies one prefix to the whole profile, so such a pair is a partial match.
+
+    Example:
+        >>> prefix_mismatches(["emb.drop", "l0.attn.drop"], ["emb.drop", "bb.l0.attn.drop"])
+        [('l0.attn.drop', 'bb.l0.attn.drop')]
+    """
+    prof, model = set(profile_sites), set(model_sites)
+    out = []
+    for s in profile_sites:
+        if s in model:
+            continue
+        for m in model_sites:
+            if m not in prof and (m.endswith("." + s) or s.endswith("." + m)):
+                out.append((s, m))
+                break
+    return out
+
+
 def check_same_model(
     profile: SensitivityProfile,
     model_sites: Sequence[str],
@@ -125,7 +148,9 @@ def check_same_model(
     3. it shares at least one parameter with the model (when both list parameters);
     4. it covers the same set of layers: no site of a repeated layer (a name that differs from
        a site of the other side only in a layer index) exists on one side only
-       (:func:`layer_differences`).
+       (:func:`layer_differences`);
+    5. its sites take one prefix: no profile site matches a model site only under another prefix
+       than the renaming's (:func:`prefix_mismatches`, a partial match).
 
     A profiled parameter the model lacks (a pooler an exporter dropped) is allowed and reported
     in the returned notes, as are profile sites the model lacks outside repeated layers.
@@ -136,6 +161,16 @@ def check_same_model(
             "profile: expected a profile whose sites match this model's dropout sites, received "
             f"sites like {profile.site_names[:2]} while the model has {list(model_sites)[:2]}; "
             "fix: compute a profile for this model (gd profile --model ...)"
+        )
+    partial = prefix_mismatches(profile.site_names, model_sites)
+    if partial:
+        shown = ", ".join(f"{s!r} vs model {m!r}" for s, m in partial[:4])
+        more = f" and {len(partial) - 4} more" if len(partial) > 4 else ""
+        raise ProfileMismatchError(
+            "profile: expected one name prefix for all of its sites, received sites that match "
+            f"this model's only under another prefix than the others ({shown}{more}); fix: "
+            "compute the profile on this model, or pass strict=False to apply the sites that "
+            "match by name (the others follow missing=...)"
         )
     extra_model, extra_prof = layer_differences(profile.site_names, model_sites)
     if extra_model or extra_prof:

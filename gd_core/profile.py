@@ -179,6 +179,18 @@ class SensitivityProfile:
         ``target_mean``)."""
         m = _mapping_dict(self.mapping if mapping is None else mapping, **overrides)
         bounds = {k: m[k] for k in MappingOverrides.__annotations__}
+        scores = np.asarray(self.scores, dtype=np.float64)
+        if m["name"] != "depth_linear" and scores.ndim == 1 and not np.all(np.isfinite(scores)):
+            bad = [self.sites[i] for i in np.flatnonzero(~np.isfinite(scores))]
+            empty = [s.name for s in bad if not s.params]
+            why = f"; {empty[:4]} guard no parameters" if empty else ""
+            raise bad_argument(
+                "scores",
+                "a finite score for every site",
+                f"NaN/Inf for sites {[s.name for s in bad][:5]}{why}",
+                "give those sites guarded parameters (a site mapping), leave out sites the "
+                "forward never calls, or estimate Fisher again",
+            )
         return map_scores(self.scores, m["name"], **bounds)
 
     def probabilities(

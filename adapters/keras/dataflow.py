@@ -52,10 +52,18 @@ def ops_of(
     graph_model: Any,
     weights: Callable[[Any], list[str]],
     site_of: Callable[[Any], str | None],
+    trailing: Callable[[Any], list[str] | None] = lambda layer: None,
 ) -> list[Op]:
     """Ops of a functional model's graph in execution order. ``weights(layer)``: canonical names
     of the trainable weights a layer (with its sublayers) holds; ``site_of(layer)``: the site a
-    layer is (``None``: not one)."""
+    layer is (``None``: not one); ``trailing(layer)``: for a layer holding dropout sites of its
+    own (keras_hub's ``TransformerEncoder``), the weights after its last inner site (``None``:
+    it holds none).
+
+    A layer holding sites is a boundary, like a site: its inner sites guard what comes before
+    them inside it (the layer-order rule), so what it reads is not joined with its weights (an
+    embedding dropout feeding a transformer layer guards the embeddings only), and only its
+    weights after its last inner site belong to a site downstream."""
     ops: list[Op] = []
     k = 0
     for depth in sorted(graph_model._nodes_by_depth, reverse=True):
@@ -72,6 +80,14 @@ def ops_of(
             k += 1
             if site is not None:
                 ops.append(Op(site, ins[:1], outs, site=True))
+                continue
+            tail = trailing(op)
+            if tail is not None:
+                name = f"{getattr(op, 'name', 'op')}#{k}"
+                mid = [f"{name}#inner"]
+                ops.append(Op(f"{name}#sites", ins, mid if tail else outs, site=True))
+                if tail:
+                    ops.append(Op(f"{name}#tail", mid, outs, tuple(tail)))
                 continue
             params = weights(op) if isinstance(op, keras.layers.Layer) else []
             norm = "Normalization" in type(op).__name__ and "Batch" not in type(op).__name__

@@ -10,6 +10,7 @@ between the previous site and this one in layer order stand in for it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -63,6 +64,12 @@ class ModelIndex:
     layouts: dict[str, tuple[int, ...]] = field(default_factory=dict)
     site_layers: list[Any] = field(default_factory=list)
     holders: set[int] = field(default_factory=set)  # ids of sites and layers containing one
+    #: site layers the forward never calls (dead sites), once :meth:`check_calls` has run
+    dead: list[Any] | None = None
+    #: ids of site layers whose input is attention probabilities (a softmax output), likewise
+    attention: set[int] = field(default_factory=set)
+    #: layers in the order that forward first called them (empty: not known)
+    call_order: list[Any] = field(default_factory=list)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -100,8 +107,7 @@ class ModelIndex:
         for layer in idx.layers[1:]:
             counts[layer.name] = counts.get(layer.name, 0) + 1
         for layer in idx.layers[1:]:
-            unique = counts[layer.name] == 1
-            parts = [layer.name] if unique else paths[id(layer)]
+            parts = _name_parts(paths[id(layer)], counts)
             idx.layer_names[id(layer)] = ".".join(from_keras_layer(p) for p in parts)
         idx.layer_names[id(model)] = ""
         for site in idx.site_layers:  # a dropout held by a layer (MultiHeadAttention): by path
@@ -165,6 +171,50 @@ class ModelIndex:
 
     def contains_site(self, layer: Any) -> bool:
         return id(layer) in self.holders or is_site(layer)
+
+    def check_calls(self) -> list[Any]:
+        """The dead sites: site layers one training forward never calls (see
+        :mod:`adapters.keras.calls`); empty where no input can be guessed."""
+        if self.dead is None:
+            from .calls import called_layers
+
+            watched = [x for x in self.layers[1:] if not is_site(x)]
+            called = called_layers(
+                self.model, self.site_layers, self.attention, (watched, self.call_order)
+            )
+            if called is None:
+                self.call_order.clear()
+            self.dead = (
+                [] if called is None else [x for x in self.site_layers if id(x) not in called]
+            )
+        return self.dead
+
+    def live_layers(self) -> list[Any]:
+        """The site layers the forward calls, in order."""
+        dead = {id(x) for x in self.check_calls()}
+        return [x for x in self.site_layers if id(x) not in dead]
+
+    def dead_note(self) -> str | None:
+        """The report note naming the dead sites (None: there are none)."""
+        dead = [self.site_name(x) for x in self.check_calls()]
+        if not dead:
+            return None
+        return (
+            f"{len(dead)} dropout layer(s) are never called in a training forward (dead sites, "
+            f"not profiled, left as they are): {dead[:6]}" + (" ..." if len(dead) > 6 else "")
+        )
+
+
+def _name_parts(path: tuple[str, ...], counts: Mapping[str, int]) -> tuple[str, ...]:
+    """A layer's name parts: its own name where no other layer has it, else its path from the
+    nearest ancestor whose name is unique. So a layer is named alike in a backbone and in the
+    task model wrapping it (``transformer_layer_0.self_attention_layer``, not with the
+    backbone's name in front in one of them only): the backbone's own name is left out, as it
+    is for the layers whose names are unique."""
+    for i in range(len(path) - 1, -1, -1):
+        if counts.get(path[i], 0) == 1:
+            return path[i:]
+    return path
 
 
 def _attribute_of(holder: Any, layer: Any) -> str | None:
@@ -281,10 +331,12 @@ def _walk_back(idx: ModelIndex, graph_model: Any, site: Any) -> list[Any] | None
 
 
 def _trailing(idx: ModelIndex, holder: Any) -> list[Any]:
-    """Weight-carrying layers inside ``holder`` after its last dropout site (layer order)."""
+    """Weight-carrying layers inside ``holder`` after its last dropout site (call order where
+    the forward was seen, else layer order)."""
     if is_site(holder):
         return []
-    inside = [layer for layer in idx.layers if _is_under(idx, layer, holder)]
+    order = idx.call_order or idx.layers
+    inside = [layer for layer in order if _is_under(idx, layer, holder)]
     last = max((i for i, layer in enumerate(inside) if is_site(layer)), default=-1)
     return [
         layer for layer in inside[last + 1 :] if own_weights(layer) and not idx.contains_site(layer)
@@ -300,12 +352,32 @@ def _is_under(idx: ModelIndex, layer: Any, ancestor: Any) -> bool:
     return False
 
 
+def _graph_level(idx: ModelIndex, layer: Any) -> Any | None:
+    """The ancestor of ``layer`` a functional graph calls (None: no graph above it)."""
+    cur = layer
+    while cur is not None:
+        parent = idx.parent.get(id(cur))
+        if parent is not None and _is_graph_model(parent):
+            return cur
+        cur = parent
+    return None
+
+
 def _walk_order(idx: ModelIndex, site: Any) -> list[Any]:
-    """Weight-carrying layers between the previous site and ``site`` in layer order."""
-    pos = next(i for i, layer in enumerate(idx.layers) if layer is site)
+    """Weight-carrying layers between the previous site and ``site`` in layer order, within the
+    layer a functional graph calls (a transformer block's first inner site does not reach back
+    into the layers before the block: the graph decides those)."""
+    order = idx.layers
+    if idx.call_order and any(x is site for x in idx.call_order):
+        order = idx.call_order  # the forward's call order, where one was seen
+    pos = next(i for i, layer in enumerate(order) if layer is site)
     out = []
-    for layer in reversed(idx.layers[:pos]):
-        if is_site(layer):
+    dead = {id(x) for x in idx.dead or ()}
+    top = _graph_level(idx, site)
+    for layer in reversed(order[:pos]):
+        if top is not None and top is not site and not _is_under(idx, layer, top):
+            break
+        if is_site(layer) and id(layer) not in dead:
             break
         if own_weights(layer) and not idx.contains_site(layer):
             out.append(layer)
@@ -360,11 +432,21 @@ def sites_of(idx: ModelIndex, mapping: Mapping[str, Sequence[str]] | None = None
             f"duplicate site names {dup[:3]}",
             "give every dropout layer (and GuidedDropout site) its own name",
         )
+    live = {id(x) for x in idx.live_layers()}
+    if not live:
+        raise no_sites(
+            "none of the model's dropout layers is called in a training forward (dead sites: "
+            f"{names[:4]}); add dropout where the forward uses it",
+            detail=f"{type(idx.model).__name__} {idx.model.name!r}",
+        )
     if mapping is not None:
-        mapping = _check_mapping(idx, names, mapping)
+        live_names = [n for x, n in zip(idx.site_layers, names, strict=True) if id(x) in live]
+        mapping = _check_mapping(idx, live_names, mapping)
     flow = _dataflow_groups(idx, names)
     out = []
     for layer, name in zip(idx.site_layers, names, strict=True):
+        if id(layer) not in live:
+            continue
         if mapping is not None and name in mapping:
             params = list(mapping[name])
         elif flow is not None and name in flow:
@@ -387,12 +469,27 @@ def _dataflow_groups(idx: ModelIndex, names: list[str]) -> dict[str, list[str]] 
         return None
     by_layer = dict(zip((id(x) for x in idx.site_layers), names, strict=True))
     order = {n: i for i, n in enumerate(idx.variables)}
+
+    def trailing(layer: Any) -> list[str] | None:
+        if is_site(layer) or not idx.contains_site(layer):
+            return None
+        out: list[str] = []
+        for inner in _trailing(idx, layer):
+            out += [n for n in idx.subtree_weights(inner) if n not in out]
+        return out
+
     try:
-        ops = ops_of(idx.model, idx.subtree_weights, lambda layer: by_layer.get(id(layer)))
+        ops = ops_of(
+            idx.model, idx.subtree_weights, lambda layer: by_layer.get(id(layer)), trailing
+        )
         groups = guarded(ops)
     except Exception:  # noqa: BLE001 - graphs the rule cannot read keep the layer-order rule
         return None
-    return {k: sorted(v, key=lambda n: order.get(n, len(order))) for k, v in groups.items()}
+    return {
+        k: sorted(v, key=lambda n: order.get(n, len(order)))
+        for k, v in groups.items()
+        if k in by_layer.values()  # not the boundaries standing for layers holding sites
+    }
 
 
 def _check_mapping(idx: ModelIndex, names: list[str], mapping: Any) -> dict[str, list[str]]:
@@ -418,7 +515,12 @@ def sites(model: Any, mapping: Mapping[str, Sequence[str]] | None = None) -> lis
         >>> s.name, s.params, s.units, s.unit_axes
         ('drop', ('fc.weight', 'fc.bias'), 4, {'fc.weight': 0, 'fc.bias': 0})
     """
-    return sites_of(ModelIndex.build(model), mapping)
+    idx = ModelIndex.build(model)
+    found = sites_of(idx, mapping)
+    note = idx.dead_note()
+    if note is not None:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    return found
 
 
 def _fingerprint(idx: ModelIndex) -> Fingerprint:
@@ -446,11 +548,11 @@ def resolve_sites(idx: ModelIndex, given: Any) -> list[tuple[Site, Any]]:
     """(Site, layer) pairs: discovered (optionally with a site mapping) or the given Sites."""
     if given is None or isinstance(given, Mapping):
         found = sites_of(idx, given)
-        return list(zip(found, idx.site_layers, strict=True))
+        return list(zip(found, idx.live_layers(), strict=True))
     if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
         given = [given]
     found = sites_of(idx)
-    layer_of = {s.name: layer for s, layer in zip(found, idx.site_layers, strict=True)}
+    layer_of = {s.name: layer for s, layer in zip(found, idx.live_layers(), strict=True)}
     out = []
     for site in given:
         check_type(

@@ -415,5 +415,7 @@ def profile(
         "loss": fisher.accumulator.metadata.get("loss"),
         **loop.engine_metadata(fisher),
     }
+    if idx.dead:
+        meta["dead_sites"] = [idx.site_name(x) for x in idx.dead]
     build = SensitivityProfile.from_fisher
     return opts.finish(build, fisher, model_sites, _fingerprint(idx), meta, with_units=with_units)

@@ -217,7 +217,10 @@ def apply(
         # a graph's MultiHeadAttention is rebuilt from its config (one fixed rate); one inside
         # a layer that makes it (keras_hub) keeps a GuidedDropout (adapters.keras.holders)
         in_config = in_mha and isinstance(idx.parent.get(id(mha)), keras.Model)
-        why = _unit_note(layer, in_mha) or (_ATTENTION if is_mha else None)
+        # attention probabilities, as the dataflow shows them: a MultiHeadAttention's own
+        # dropout, or any site whose input the forward saw to be a softmax output
+        on_probs = is_mha or id(layer) in idx.attention
+        why = _unit_note(layer, in_mha) or (_ATTENTION if on_probs else None)
         if rates is not None and why is not None:
             rates, note = None, why
         if in_config and sched is not None:
@@ -241,6 +244,9 @@ def apply(
             _replacement(layer, name, p, rates, sched)
         )
     notes: list[str] = []
+    dead = idx.dead_note()
+    if dead is not None:
+        notes.append(dead)
     if fixed:
         notes.append(
             f"the schedule does not reach {', '.join(fixed)}: a MultiHeadAttention keeps one "
