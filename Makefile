@@ -26,22 +26,27 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy gd_core
 
+# one pytest worker per core (at most 4; each single-threaded, tests/conftest.py)
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: lint
 	@# pytest exits 5 when it collects no tests: that is a failure here too
-	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests collected' >&2; exit 1; fi; exit $$rc
+	$(PY) -m pytest -q -n $(TEST_JOBS); rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests collected' >&2; exit 1; fi; exit $$rc
 
 # the full zoo sweep (docs/zoo.md): every transformers class whose tiny config builds offline,
 # in ZOO_JOBS processes; fails when an outcome differs from tests/zoo/sweep.json
 ZOO_JOBS ?= 4
 zoo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m tests.zoo.report --check --jobs $(ZOO_JOBS)
+	@# every keras_hub backbone the generic tiny arguments build (docs/zoo-keras.md)
+	GD_ZOO=all $(PY) -m pytest -q -n $(TEST_JOBS) tests/keras/test_hub_zoo.py
 
 # regenerate docs/zoo.md and tests/zoo/sweep.json (after a fix flips an outcome)
 zoo-doc: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m tests.zoo.report --jobs $(ZOO_JOBS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_JOBS) -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -184,6 +184,7 @@ class ModelIndex:
             )
             if called is None:
                 self.call_order.clear()
+                self.unchecked = bool(self.site_layers)  # said in dead_note, never silent
             self.dead = (
                 [] if called is None else [x for x in self.site_layers if id(x) not in called]
             )
@@ -193,6 +194,17 @@ class ModelIndex:
         """The site layers the forward calls, in order."""
         dead = {id(x) for x in self.check_calls()}
         return [x for x in self.site_layers if id(x) not in dead]
+
+    def unchecked_note(self) -> str | None:
+        """The report note saying dead sites could not be looked for (None: they were)."""
+        self.check_calls()
+        if not getattr(self, "unchecked", False):
+            return None
+        return (
+            "no training forward ran on an input guessed from the model's input specs, so "
+            "whether every dropout layer is called was not checked (a dropout layer the forward "
+            "never calls would be profiled and installed like the others)"
+        )
 
     def dead_note(self) -> str | None:
         """The report note naming the dead sites (None: there are none)."""

@@ -244,9 +244,9 @@ def apply(
             _replacement(layer, name, p, rates, sched)
         )
     notes: list[str] = []
-    dead = idx.dead_note()
-    if dead is not None:
-        notes.append(dead)
+    for note in (idx.dead_note(), idx.unchecked_note()):
+        if note is not None:
+            notes.append(note)
     if fixed:
         notes.append(
             f"the schedule does not reach {', '.join(fixed)}: a MultiHeadAttention keeps one "

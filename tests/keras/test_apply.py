@@ -333,7 +333,9 @@ def test_apply_subclassed_model_replaces_dropout_attributes_in_place(toy):
     before = numpy_weights(net)
     report = gdk.apply(net, fake_profile(net, [3.0, 2.0, 1.0]), granularity="unit")
     same = report.model
-    assert same is net and "in place" in report.notes[0]
+    assert same is net and any("in place" in n for n in report.notes), report.notes
+    # a subclassed model has no input specs to guess from: the dead-site check is said skipped
+    assert any("was not checked" in n for n in report.notes), report.notes
     assert all(r.units is None for r in report)  # subclassed: units unknown, one rate per site
     guided = [layer for layer in net._flatten_layers() if isinstance(layer, gdk.GuidedDropout)]
     assert sorted(g.site for g in guided) == ["b0.dropout", "b1.dropout", "head_dropout"]
