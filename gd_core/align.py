@@ -172,7 +172,11 @@ def check_same_model(
             "compute the profile on this model, or pass strict=False to apply the sites that "
             "match by name (the others follow missing=...)"
         )
-    extra_model, extra_prof = layer_differences(profile.site_names, model_sites)
+    # sites the profile knows but could not score (metadata "unscored_sites": frozen or no
+    # parameters) count as covered; they follow missing=..., and apply's report says so
+    unscored = [str(s) for s in dict(profile.metadata.get("unscored_sites") or {})]
+    extra_model, extra_prof = layer_differences([*profile.site_names, *unscored], model_sites)
+    extra_prof = [s for s in extra_prof if s not in unscored]
     if extra_model or extra_prof:
         said = []
         if extra_model:
@@ -186,6 +190,11 @@ def check_same_model(
             "missing=...)"
         )
     notes: list[str] = []
+    if unscored:
+        notes.append(
+            f"profile: {len(unscored)} site(s) were not scored when it was computed "
+            f"({dict(profile.metadata['unscored_sites'])}); they follow missing=..."
+        )
     if model_fingerprint is not None:
         mine = {n: tuple(s) for n, s in model_fingerprint.params}
         known: dict[str, str] = {}

@@ -8,7 +8,7 @@ output it guards and the number of units (features along the last axis) it drops
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
@@ -180,6 +180,49 @@ def _check_method(method: str) -> None:
         raise bad_argument(
             "aggregation", f"one of {AGGREGATIONS}", method, "use aggregation='tensor_mean'"
         )
+
+
+def scorable(
+    sites: Sequence[Site], frozen: Iterable[str] = ()
+) -> tuple[list[Site], dict[str, str]]:
+    """The sites a profile can score, and why the others cannot.
+
+    Frozen parameters (not trained, so no Fisher is estimated for them) are left out of the
+    sites guarding them; a site left guarding no parameter (or that never guarded any: it drops
+    a tensor no parameter computes since the previous site) gets no score and is returned with
+    its reason, for the profile's metadata and a warning. ``apply`` treats such a site like any
+    other the profile lacks (its ``missing`` policy).
+
+    Example:
+        >>> keep, why = scorable(
+        ...     [Site("a", ("w", "pos")), Site("b", ("pos",)), Site("c")], frozen=["pos"]
+        ... )
+        >>> [(s.name, s.params) for s in keep], why["b"]
+        ([('a', ('w',))], 'guards only frozen parameters (no Fisher): pos')
+        >>> why["c"]
+        'guards no parameters (nothing is computed from parameters between it and the previous site)'
+    """
+    off = set(frozen)
+    keep: list[Site] = []
+    why: dict[str, str] = {}
+    for site in sites:
+        if not site.params:
+            why[site.name] = (
+                "guards no parameters (nothing is computed from parameters between it and the "
+                "previous site)"
+            )
+            continue
+        params = tuple(p for p in site.params if p not in off)
+        if not params:
+            why[site.name] = "guards only frozen parameters (no Fisher): " + ", ".join(
+                site.params[:3]
+            )
+            continue
+        if len(params) < len(site.params):
+            axes = {p: a for p, a in site.unit_axes.items() if p in params}
+            site = replace(site, params=params, unit_axes=axes)
+        keep.append(site)
+    return keep, why
 
 
 def tensor_stats(fisher: Mapping[str, Any]) -> dict[str, tuple[float, int]]:

@@ -7,6 +7,7 @@ loop (``max_samples``, non-finite samples, progress, checkpoints) is :mod:`gd_co
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Unpack
@@ -15,9 +16,10 @@ import numpy as np
 
 from gd_core import SensitivityProfile
 from gd_core import fisher_loop as loop
-from gd_core.errors import bad_argument
+from gd_core.errors import bad_argument, no_sites
 from gd_core.face import FisherOptions, FisherSettings, ProfileOptions, ProfileSettings
 from gd_core.fisher_loop import BatchSums, FisherEngine
+from gd_core.sites import scorable
 from gd_core.validate import check_choice, check_int, check_known
 
 from . import losses, norms, persample
@@ -455,6 +457,22 @@ def profile(
     tf = sys.modules.get("transformers")
     if tf is not None:
         meta["transformers_version"] = getattr(tf, "__version__", "")
+    frozen = [n for n, p in root.named_parameters() if not p.requires_grad]
+    measured, unscored = scorable(measured, frozen)
+    if unscored:  # never silent: in the profile's metadata and a warning
+        meta["unscored_sites"] = unscored
+        warnings.warn(
+            f"adapters.torch.profile: {len(unscored)} site(s) get no score and are left out of "
+            f"the profile (apply treats them like any site the profile lacks): {unscored}",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not measured:
+        raise no_sites(
+            "the sites guard only frozen parameters or none: unfreeze the pretrained weights "
+            "(requires_grad=True) before profiling",
+            detail=type(root).__name__,
+        )
     build = norms.profile_from_norms if method == "norms" else SensitivityProfile.from_fisher
     fp = fingerprint(root, params=sorted({p for s in measured for p in s.params}))
     return opts.finish(build, result, measured, fp, meta)

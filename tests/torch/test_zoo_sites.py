@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+import adapters.torch as gdt
 from adapters.torch import apply, sites
 
 T = pytest.importorskip("transformers")
@@ -317,3 +318,31 @@ def test_coverage_lists_every_parameter_guarded_or_with_a_reason():
         assert p in c["guarded"]
     assert "no dropout acts on its output" in c["unguarded"]["classifier.weight"]
     assert _sites(model).unguarded == c["unguarded"]
+
+
+def test_frozen_and_parameterless_sites_are_left_out_of_the_profile_with_the_reason():
+    """Whisper's frozen position table and DeBERTa-v2's pooler dropout (it drops the encoder's
+    output, no parameter between it and the previous site) crashed profile (KeyError / NaN
+    scores). Frozen parameters are left out of a site; a site left with none gets no score, is
+    named in the metadata and a warning, and apply treats it as missing."""
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 4),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(4, 4),
+        torch.nn.Dropout(0.1),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(4, 1),
+    )
+    net[0].requires_grad_(False)
+    batches = [torch.randn(6, 4)]
+
+    def loss(model, batch):
+        return model(batch).squeeze(-1) ** 2
+
+    with pytest.warns(UserWarning, match="no score"):
+        prof = gdt.profile(net, batches, loss=loss, progress=False, example_input=batches[0])
+    why = prof.metadata["unscored_sites"]
+    assert "frozen" in why["1"] and "no parameters" in why["4"], why
+    assert prof.site_names == ["3"]
+    report = gdt.apply(net, prof, missing="upper")
+    assert {r.site: r.source for r in report}["1"] == "upper"

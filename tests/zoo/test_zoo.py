@@ -21,14 +21,8 @@ pytest.importorskip("transformers", reason="the zoo sweep builds transformers mo
 from tests.zoo import invariants, registry  # noqa: E402
 from tests.zoo.sample import SAMPLE  # noqa: E402
 
-_DUP = "a dropout module called more than once crashes sites(): ArgumentError: ops: expected "
 # today's failures of the sample (issue 23), each with the invariant and reason it fails on
-KNOWN = {
-    "DebertaV2ForSequenceClassification": "a: profile raises 'scores: expected finite scores' "
-    "(a site guards no parameter the trace saw: rel_embeddings read directly)",
-    "WhisperForAudioClassification": "a: profile crashes with KeyError "
-    "'encoder.embed_positions.weight' (a frozen parameter the site guards)",
-}
+KNOWN: dict[str, str] = {}  # none left in the sample (DeBERTa-v2 and Whisper: fixed)
 
 
 def _built(cls_name: str) -> registry.Built:
