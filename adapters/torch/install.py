@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.abc
 import os
 import sys
 import warnings
@@ -21,6 +20,7 @@ from gd_core.validate import check_probability
 
 from . import auto as _auto
 from . import lora as _lora
+from ._watch import when_imported
 from .discovery import SiteHandle, _resolve_sites, _unwrap, current_p, fingerprint
 from .layer import HOOK_CHILD, GuidedDropout, hook_forward, torch
 from .schedule import Scheduler
@@ -387,37 +387,10 @@ def _watch_from_pretrained() -> None:
     """Make ``PreTrainedModel.from_pretrained`` arm :func:`_arm`: now if transformers'
     ``modeling_utils`` is already imported, else as soon as it is (an import hook), so importing
     this adapter never imports transformers and the import order does not matter."""
-    utils = sys.modules.get("transformers.modeling_utils")
-    if utils is not None:
-        _patch_from_pretrained(getattr(utils, "PreTrainedModel", None))
-    elif not any(isinstance(f, _WatchImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _WatchImport())
-
-
-class _WatchImport(importlib.abc.MetaPathFinder):
-    """Patches ``from_pretrained`` right after ``transformers.modeling_utils`` is executed."""
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != "transformers.modeling_utils":
-            return None
-        spec = None
-        for finder in sys.meta_path:
-            if finder is not self and hasattr(finder, "find_spec"):
-                spec = finder.find_spec(fullname, path, target)
-                if spec is not None:
-                    break
-        run = getattr(getattr(spec, "loader", None), "exec_module", None)
-        if spec is None or run is None:
-            return spec
-
-        def exec_module(module: Any) -> None:
-            run(module)
-            if self in sys.meta_path:
-                sys.meta_path.remove(self)
-            _patch_from_pretrained(getattr(module, "PreTrainedModel", None))
-
-        spec.loader.exec_module = exec_module  # this module's own loader instance
-        return spec
+    when_imported(
+        "transformers.modeling_utils",
+        lambda utils: _patch_from_pretrained(getattr(utils, "PreTrainedModel", None)),
+    )
 
 
 def _patch_from_pretrained(base: Any) -> None:

@@ -21,11 +21,9 @@ Example:
 from __future__ import annotations
 
 import functools
-import importlib.abc
 import json
 import math
 import os
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from gd_core.profile import _mapping_dict
 from gd_core.report import ReportRow
 
 from .._lazy import require
+from ._watch import when_imported
 
 torch = require("torch")
 nn = torch.nn
@@ -362,37 +361,7 @@ def _patch_peft(module: Any) -> None:
     base.from_pretrained = classmethod(from_pretrained)
 
 
-class _WatchPeft(importlib.abc.MetaPathFinder):
-    """Patches ``PeftModel.from_pretrained`` right after ``peft.peft_model`` is executed."""
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != "peft.peft_model":
-            return None
-        spec = None
-        for finder in sys.meta_path:
-            if finder is not self and hasattr(finder, "find_spec"):
-                spec = finder.find_spec(fullname, path, target)
-                if spec is not None:
-                    break
-        run = getattr(getattr(spec, "loader", None), "exec_module", None)
-        if spec is None or run is None:
-            return spec
-
-        def exec_module(module: Any) -> None:
-            run(module)
-            if self in sys.meta_path:
-                sys.meta_path.remove(self)
-            _patch_peft(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
 def watch_peft() -> None:
     """Make ``PeftModel.from_pretrained`` arm :func:`_arm`: now if PEFT is imported, else as soon
     as it is (importing this adapter never imports PEFT)."""
-    module = sys.modules.get("peft.peft_model")
-    if module is not None:
-        _patch_peft(module)
-    elif not any(isinstance(f, _WatchPeft) for f in sys.meta_path):
-        sys.meta_path.insert(0, _WatchPeft())
+    when_imported("peft.peft_model", _patch_peft)
