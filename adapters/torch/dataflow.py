@@ -310,14 +310,17 @@ def trace(
 def _ids(config: Any, vocab: int, gen: Any) -> Any:
     """Token ids (2, 8) avoiding special tokens, each row ending in the eos token if there is one
     (classification heads that pool at ``<eos>``, e.g. BART's, need one per row)."""
-    special = {
-        getattr(config, k, None)
-        for k in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
-    }
+    special: set[int] = set()
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+        value = getattr(config, k, None)  # an id, None, or a list of ids (GLM: several eos)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        special.update(v for v in values if isinstance(v, int))
     pool = [i for i in range(min(vocab, 32)) if i not in special] or [0]
     pick = torch.randint(0, len(pool), (2, 8), generator=gen)
     ids = torch.tensor(pool)[pick]
     eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
     if isinstance(eos, int) and 0 <= eos < vocab:
         ids[:, -1] = eos
     return ids

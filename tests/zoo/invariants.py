@@ -366,9 +366,12 @@ def _check_onnx(model: Any, batch: Any, prof: Any) -> Verdict:
         warnings.simplefilter("ignore")
         torch_p = gdt.apply(copy.deepcopy(model), prof).probabilities()
     try:
-        onnx_p = gdo.apply(graph, prof).probabilities()
+        placed = gdo.apply(graph, prof)
     except Exception as exc:  # noqa: BLE001 - recorded, not enforced yet
         return Verdict("fail", f"adapters.onnx.apply refused torch's profile: {_short(exc)}")
+    # a site's identity is what it guards: each ONNX site under the torch site placed on it
+    matched = dict(getattr(placed, "matched", {}) or {})
+    onnx_p = {matched.get(s, s): p for s, p in placed.probabilities().items()}
     absent = [s for s in torch_p if s not in onnx_p]
     differ = {
         s: (p, onnx_p[s]) for s, p in torch_p.items() if s in onnx_p and abs(onnx_p[s] - p) > TOL
