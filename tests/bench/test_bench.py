@@ -64,7 +64,9 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_glue_smoke_grid_parallel_workers_append_and_resume(tmp_path):
+def test_glue_smoke_grid_parallel_workers_append_and_resume(
+    tmp_path, shared_data
+):  # the smoke runs read the corpus
     out = tmp_path / "glue.jsonl"
     args = ["bench/glue.py", "--smoke", "--tasks", "MRPC,STS-B", "--out", str(out)]
     done = _run(*args, "--jobs", "2", "--methods", "standard,guided")
@@ -94,7 +96,9 @@ def test_glue_smoke_grid_parallel_workers_append_and_resume(tmp_path):
     assert "| tie |" not in rep.stdout
 
 
-def test_gpu_grid_script_runs_every_phase_once_on_cpu(tmp_path):
+def test_gpu_grid_script_runs_every_phase_once_on_cpu(
+    tmp_path, shared_data
+):  # the smoke runs read the corpus
     """bench/gpu_grid.sh (the one-command GPU recipe) on the CPU with the smoke model: every
     phase runs, workers share the runs through claims (each run exactly once), and guided_unit
     installs per-unit rates with guided's site probabilities."""
@@ -145,7 +149,9 @@ def test_gpu_grid_script_runs_every_phase_once_on_cpu(tmp_path):
     assert all(r["machine"]["device"] == "cpu" for r in grid + quick)
 
 
-def test_glue_deadline_stops_new_runs_and_a_rerun_resumes(tmp_path):
+def test_glue_deadline_stops_new_runs_and_a_rerun_resumes(
+    tmp_path, shared_data
+):  # the smoke runs read the corpus
     out = tmp_path / "glue.jsonl"
     args = ["bench/glue.py", "--smoke", "--tasks", "STS-B", "--methods", "standard,guided"]
     args += ["--out", str(out)]
@@ -160,7 +166,7 @@ def test_glue_deadline_stops_new_runs_and_a_rerun_resumes(tmp_path):
     assert bad.returncode == 2 and "--deadline must be positive" in bad.stderr
 
 
-def test_fisher_smoke_keras_cells(tmp_path):
+def test_fisher_smoke_keras_cells(tmp_path, shared_data):  # the smoke runs read the corpus
     pytest.importorskip("tensorflow")
     out = tmp_path / "fisher.jsonl"
     args = ["bench/fisher.py", "--smoke", "--methods", "keras_gd,keras_train_step"]
@@ -171,7 +177,7 @@ def test_fisher_smoke_keras_cells(tmp_path):
     assert all(r["status"] == "ok" and r["seconds"] > 0 for r in recs), recs
 
 
-def test_fisher_smoke_ort_cells(tmp_path):
+def test_fisher_smoke_ort_cells(tmp_path, shared_data):  # the smoke runs read the corpus
     pytest.importorskip("onnxruntime.training")
     pytest.importorskip("transformers")
     out = tmp_path / "fisher.jsonl"
@@ -184,7 +190,9 @@ def test_fisher_smoke_ort_cells(tmp_path):
     assert recs["ort_gd"]["fallback"] == 0 and recs["ort_loop"]["n_params"] > 0
 
 
-def test_auto_profile_smoke_cell_records_and_resumes(tmp_path):
+def test_auto_profile_smoke_cell_records_and_resumes(
+    tmp_path, shared_data
+):  # the smoke runs read the corpus
     pytest.importorskip("transformers")
     out = tmp_path / "auto.jsonl"
     done = _run("bench/auto_profile.py", "--smoke", "--out", str(out))

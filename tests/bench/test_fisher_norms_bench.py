@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_fisher_bench_norms_methods_smoke(tmp_path):
+def test_fisher_bench_norms_methods_smoke(tmp_path, shared_data):  # the smoke runs read the corpus
     out = tmp_path / "fisher.jsonl"
     methods = "gd_norms,gd_norms_gram,gd_norms_blocks,floor,opacus_ghost"
     args = ["bench/fisher.py", "--smoke", "--methods", methods, "--out", str(out)]

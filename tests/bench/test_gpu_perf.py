@@ -16,7 +16,9 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_gpu_perf_smoke_records_every_section(tmp_path):
+def test_gpu_perf_smoke_records_every_section(
+    tmp_path, shared_data
+):  # the smoke runs read the corpus
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         ["bash", "bench/gpu_perf.sh", "--smoke", str(tmp_path)],
@@ -46,7 +48,7 @@ def test_gpu_perf_smoke_records_every_section(tmp_path):
     assert app["wall_s"] > 0 and app["sites"] > 0
 
 
-def test_fisher_smoke_public_cells(tmp_path):
+def test_fisher_smoke_public_cells(tmp_path, shared_data):  # the smoke runs read the corpus
     """bench/fisher.py's public-call cells (issue 27): the first call, then paired ratios."""
     pytest.importorskip("tensorflow")
     pytest.importorskip("onnxruntime.training")
