@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -28,5 +29,7 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 for axis, m in result.marginals[name].items():
                     arrays[name.replace(".", "_") + f"__axis{axis}"] = m
             np.savez(Path(out_dir) / "rank0.npz", **arrays)
+        torch.distributed.barrier()  # no rank tears gloo down while another still uses it
     finally:
         torch.distributed.destroy_process_group()
+    os._exit(0)  # reached only on success; see _torch_dist_worker (an exit-time abort)
