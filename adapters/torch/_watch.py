@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.abc
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -55,3 +56,25 @@ def when_imported(fullname: str, patch: Callable[[Any], None]) -> None:
         patch(module)
     elif not any(isinstance(f, WatchImport) and f.fullname == fullname for f in sys.meta_path):
         sys.meta_path.insert(0, WatchImport(fullname, patch))
+
+
+def warn_at_first_training_forward(model: Any, key: str, message: str) -> None:
+    """Warn ``message`` once, at ``model``'s first training-mode forward, unless
+    :func:`disarm` (same ``key``) runs first; arming twice keeps the first."""
+    if key in model.__dict__:
+        return
+
+    def warn_once(module: Any, args: Any) -> None:
+        if not module.training:
+            return
+        disarm(module, key)
+        warnings.warn(f"{type(module).__name__}: {message}", UserWarning, stacklevel=2)
+
+    model.__dict__[key] = model.register_forward_pre_hook(warn_once)
+
+
+def disarm(model: Any, key: str) -> None:
+    """Remove the warning :func:`warn_at_first_training_forward` armed under ``key``."""
+    handle = model.__dict__.pop(key, None)
+    if handle is not None:
+        handle.remove()

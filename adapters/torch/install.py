@@ -20,7 +20,7 @@ from gd_core.validate import check_probability
 
 from . import auto as _auto
 from . import lora as _lora
-from ._watch import when_imported
+from ._watch import disarm, warn_at_first_training_forward, when_imported
 from .discovery import SiteHandle, _resolve_sites, _unwrap, current_p, fingerprint
 from .layer import HOOK_CHILD, GuidedDropout, hook_forward, torch
 from .schedule import Scheduler
@@ -333,31 +333,21 @@ def _restore(
 
 
 def _disarm(root: Any) -> None:
-    handle = root.__dict__.pop(_UNAPPLIED, None)
-    if handle is not None:
-        handle.remove()
+    disarm(root, _UNAPPLIED)
 
 
 def _arm(model: Any) -> None:
     """After ``from_pretrained`` of a model whose config records a plan: warn once, at the first
     training-mode forward, that standard dropout runs until ``apply(model)`` restores it."""
     config = getattr(model, "config", None)  # a plan that does not check still warns here
-    if getattr(config, CONFIG_KEY, None) is None or _UNAPPLIED in model.__dict__:
+    if getattr(config, CONFIG_KEY, None) is None:
         return
-
-    def warn_once(module: Any, args: Any) -> None:
-        if not module.training:
-            return
-        _disarm(module)
-        warnings.warn(
-            f"{type(module).__name__}: its config records a guided-dropout plan "
-            f"({CONFIG_KEY}) that is not installed, so standard dropout runs; fix: call "
-            "adapters.torch.apply(model) after loading to restore it",
-            UserWarning,
-            stacklevel=2,
-        )
-
-    model.__dict__[_UNAPPLIED] = model.register_forward_pre_hook(warn_once)
+    warn_at_first_training_forward(
+        model,
+        _UNAPPLIED,
+        f"its config records a guided-dropout plan ({CONFIG_KEY}) that is not installed, so "
+        "standard dropout runs; fix: call adapters.torch.apply(model) after loading to restore it",
+    )
 
 
 def _restore_loaded(model: Any) -> None:

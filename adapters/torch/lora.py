@@ -41,7 +41,7 @@ from gd_core.profile import _mapping_dict
 from gd_core.report import ReportRow
 
 from .._lazy import require
-from ._watch import when_imported
+from ._watch import disarm, warn_at_first_training_forward, when_imported
 
 torch = require("torch")
 nn = torch.nn
@@ -313,9 +313,7 @@ _UNLOADED = "_gd_lora_unloaded"
 
 
 def _disarm(model: Any) -> None:
-    handle = model.__dict__.pop(_UNLOADED, None)
-    if handle is not None:
-        handle.remove()
+    disarm(model, _UNLOADED)
 
 
 def _arm(model: Any, folder: Any) -> None:
@@ -326,22 +324,16 @@ def _arm(model: Any, folder: Any) -> None:
         present = path.is_file()
     except (OSError, TypeError, ValueError):
         return
-    if not present or not isinstance(model, nn.Module) or _UNLOADED in model.__dict__:
+    if not present or not isinstance(model, nn.Module):
         return
 
-    def warn_once(module: Any, args: Any) -> None:
-        if not module.training:
-            return
-        _disarm(module)
-        warnings.warn(
-            f"{type(module).__name__}: the adapter folder holds {path} (guided LoRA dropout "
-            "probabilities) that was not loaded, so PEFT's lora_dropout runs; fix: call "
-            f"adapters.torch.load_peft(model, {str(folder)!r}) after loading",
-            UserWarning,
-            stacklevel=2,
-        )
-
-    model.__dict__[_UNLOADED] = model.register_forward_pre_hook(warn_once)
+    warn_at_first_training_forward(
+        model,
+        _UNLOADED,
+        f"the adapter folder holds {path} (guided LoRA dropout probabilities) that was not "
+        "loaded, so PEFT's lora_dropout runs; fix: call "
+        f"adapters.torch.load_peft(model, {str(folder)!r}) after loading",
+    )
 
 
 def _patch_peft(module: Any) -> None:
