@@ -14,13 +14,6 @@ from gd_core import ProfileMismatchError  # noqa: E402
 FAST = {"samples": 8, "seq_len": 16, "progress": False}
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from gd_cli.models import minilm_path
-
-    return transformers.AutoTokenizer.from_pretrained(minilm_path())
-
-
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GD_CACHE_DIR", str(tmp_path / "cache"))
