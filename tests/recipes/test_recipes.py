@@ -48,6 +48,23 @@ def test_every_block_of_the_page_is_run_here():
     assert "self-contained" in text  # each block runs alone here (a fresh namespace)
 
 
+def test_make_test_installs_the_recipes_extra():
+    """The libraries the recipes run with are pinned in the ``recipes`` extra, which ``dev``
+    (the Makefile's install) pulls in, so a clean clone's CI runs these tests."""
+    import tomllib
+
+    extras = tomllib.loads((DOC.parents[1] / "pyproject.toml").read_text(encoding="utf-8"))[
+        "project"
+    ]["optional-dependencies"]
+    pinned = {r.split("==")[0] for r in extras["recipes"] if "==" in r}
+    assert {"sentence-transformers", "datasets", "trl", "lightning"} <= pinned
+    (dev,) = [r for r in extras["dev"] if r.startswith("guided-dropout[")]
+    assert "recipes" in dev[len("guided-dropout[") : -1].split(",")
+    makefile = (DOC.parents[1] / "Makefile").read_text(encoding="utf-8")
+    installed = re.findall(r"pip install [^\n]*'\.\[([a-z,-]+)\]'", makefile)
+    assert any("dev" in group.split(",") for group in installed), installed
+
+
 def _is_rate(value: Any) -> bool:
     return isinstance(value, float) or (torch.is_tensor(value) and value.dim() == 0)
 
