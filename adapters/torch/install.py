@@ -209,9 +209,16 @@ def apply(
             f"training-mode forward never uses them): {sorted(index.dead)}"
         )
     report = ApplyReport(rows, "torch", opts.granularity, notes, model=root)
-    _record(
+    outside = _record(
         root, lambda: _resolve_sites(root, sites, add_sites, example_input)[1], opts.granularity
     )
+    if outside:
+        report.notes.append(
+            f"not recorded in the config ({CONFIG_KEY}), which is {outside[0]}'s: "
+            f"{outside[1:]} lie outside it, so a model loaded from its folder, or apply(model) "
+            "restoring the recorded plan, leaves them as they are; fix: apply the profile again "
+            "after loading"
+        )
     if opts.schedule is not None:
         report.scheduler = Scheduler(report, opts.schedule)
         report.notes.extend(report.scheduler.notes)
@@ -223,25 +230,48 @@ CONFIG_KEY = "guided_dropout"
 _UNAPPLIED = "_gd_unapplied_hook"
 
 
-def _record(root: Any, found: Any, granularity: str) -> None:
+def _config_prefix(root: Any) -> tuple[str, str]:
+    """Where ``root.config`` belongs: ``("", "")`` for the model's own config, else
+    ``("<path>.", "<Class> (model.<path>)")`` when ``root`` is a wrapper handing out the config
+    of the transformers model at ``<path>`` (a SentenceTransformer's ``.config``). A plan is
+    recorded in that model's names, so that model loads guided from its own folder."""
+    from .dataflow import wrapped_models
+
+    config = getattr(root, "config", None)
+    for path, inner in wrapped_models(root):
+        if getattr(inner, "config", None) is config:
+            return path + ".", f"{type(inner).__name__} (model.{path})"
+    return "", ""
+
+
+def _record(root: Any, found: Any, granularity: str) -> list[str]:
     """Write what is installed now into ``root.config.guided_dropout`` (plain JSON), so that
     ``save_pretrained`` keeps it and ``apply(model)`` after ``from_pretrained`` restores it.
     ``found()`` lists the sites as installed (called only for a model with a config: it traces
-    one forward)."""
+    one forward). For a wrapper handing out its transformers model's config, the names are that
+    model's; returns ``[that model, site outside it, ...]`` when some sites cannot be recorded
+    there (else ``[]``)."""
     _disarm(root)
     config = getattr(root, "config", None)
     if config is None or not hasattr(config, "to_dict"):
-        return
+        return []
+    prefix, owner = _config_prefix(root)
     installed: dict[str, Any] = {}
+    outside: list[str] = []
     for f in found():
+        if not f.site.name.startswith(prefix):
+            outside.append(f.site.name)
+            continue
+        name = f.site.name[len(prefix) :]
         mod = f.owner
         if isinstance(mod, GuidedDropout) and mod.rates.numel() > 1 and f.role == "hidden":
-            installed[f.site.name] = [float(v) for v in mod.rates.detach().cpu().tolist()]
+            installed[name] = [float(v) for v in mod.rates.detach().cpu().tolist()]
         else:
-            installed[f.site.name] = float(current_p(f))
+            installed[name] = float(current_p(f))
     if any(isinstance(v, list) for v in installed.values()):
         granularity = "unit"  # per-unit rates installed by an earlier apply are kept
     setattr(config, CONFIG_KEY, {"version": 1, "granularity": granularity, "sites": installed})
+    return [owner, *outside] if outside else []
 
 
 def recorded_plan(model: Any) -> dict[str, Any] | None:
@@ -260,7 +290,11 @@ def recorded_plan(model: Any) -> dict[str, Any] | None:
     rec = getattr(getattr(root, "config", None), CONFIG_KEY, None)
     if rec is None:
         return None
-    return check_recorded(rec, _config_where(root))
+    checked = check_recorded(rec, _config_where(root))
+    prefix, _ = _config_prefix(root)  # a wrapper's config: the plan is in its model's names
+    if prefix:
+        checked = {**checked, "sites": {prefix + k: v for k, v in checked["sites"].items()}}
+    return checked
 
 
 def _config_where(root: Any) -> str:
@@ -293,6 +327,7 @@ def _restore(
     and per-unit rates; recorded sites the model lacks, and its sites the plan lacks, are
     noted."""
     values = dict(rec["sites"])
+    raw = getattr(root.config, CONFIG_KEY)  # as recorded (a wrapper's: in its model's names)
     unit = rec.get("granularity") == "unit" or any(isinstance(v, list) for v in values.values())
     granularity = "unit" if unit else "site"
     _disarm(root)  # finding the sites runs a forward: not the user's, so no warning
@@ -323,7 +358,7 @@ def _restore(
         v = values.get(f.site.name)
         if isinstance(v, list) and isinstance(f.owner, GuidedDropout):
             f.owner.set_rates(v)
-    setattr(root.config, CONFIG_KEY, rec)
+    setattr(root.config, CONFIG_KEY, raw)
     report.notes.append(f"restored the plan recorded in the model's config ({CONFIG_KEY})")
     report.notes.extend(f"{where}: {n}" for n in notes)
     if schedule is not None:
