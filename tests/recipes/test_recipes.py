@@ -214,6 +214,11 @@ def test_sentence_transformers_trainer(monkeypatch, tmp_path):
 
     before, after = seen.loss_before_and_after(contrastive)
     assert after < before, (before, after)
+    # saved and loaded: guided as trained (the plan in the inner model's config.json)
+    inner = dict(scope["reloaded"][0].auto_model.named_modules())
+    for row in report:
+        got = inner[row.site.removeprefix("0.model.")].p
+        assert got == pytest.approx(row.new_p, abs=1e-6), row.site
 
 
 def test_trl_sft_trainer_with_lora(monkeypatch, tmp_path):
