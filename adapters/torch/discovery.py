@@ -284,6 +284,21 @@ class _Flow:
     seen: set[str]
     module_out: dict[str, str]
     path_out: dict[str, str]
+    entry: tuple[str, str] | None = None  # a wrapper traced through its model: (path, class)
+
+
+def _unused(name: str, entry: tuple[str, str] | None) -> str:
+    """Why a holder counts as dead: the traced forward never used it, or (a wrapper traced
+    through the transformers model inside) it lies outside what ran."""
+    if entry is not None and not name.startswith(entry[0] + "."):
+        return (
+            f"outside {entry[1]} (model.{entry[0]}), the only forward traced (on an input guessed "
+            "for it): not traced, left as it is; pass example_input=<one batch for the wrapper's "
+            "forward> to include it"
+        )
+    return (
+        "never used by a training-mode forward (not called, its rate never read by a dropout call)"
+    )
 
 
 def _on_device(example: Any, root: Any) -> Any:
@@ -305,8 +320,9 @@ def _trace(
     warning)."""
     from .dataflow import example_input, trace, wrapped_models
 
-    inner = wrapped_models(root)  # a wrapper: the forward of the transformers model inside
-    entry = inner[0][1] if len(inner) == 1 else None
+    inner = wrapped_models(root)  # a wrapper: the forward of the transformers model inside,
+    # unless the caller gave a batch (it is for the forward of the model it passed)
+    entry = inner[0][1] if len(inner) == 1 and not given else None
     holders = [
         (f.owner, f.attr if f.site.kind == "attribute" else "p", f.site.name)
         for f in found
@@ -347,7 +363,8 @@ def _trace(
             stacklevel=4,
         )
         return None
-    return _Flow(ops, seen, module_out, path_out)
+    where = (inner[0][0], type(entry).__name__) if entry is not None else None
+    return _Flow(ops, seen, module_out, path_out, where)
 
 
 def _regroup(index: _Index, found: list[SiteHandle], flow: _Flow) -> list[SiteHandle]:
@@ -467,8 +484,7 @@ def _discover(
             )
         if flow is not None:
             index.dead = {
-                f.site.name: "never used by a training-mode forward (not called, its rate never "
-                "read by a dropout call)"
+                f.site.name: _unused(f.site.name, flow.entry)
                 for f in found
                 if f.installed and f.site.name not in flow.seen
             }

@@ -125,3 +125,20 @@ def test_sites_outside_the_configs_model_are_named(tokenizer):
     (note,) = [n for n in report.notes if "not recorded" in n]
     assert "BertModel (model.net)" in note and "'drop'" in note
     assert "'other.encoder.layer.0.output.dropout'" in note
+
+
+def test_wrapper_own_dropout_is_traced_with_an_example_for_the_wrapper(tokenizer):
+    """A LightningModule-like wrapper with a head of its own (encoder, dropout, classifier): with
+    ``example_input`` (a batch for the wrapper's forward) its dropout is a live site; with a guessed input only the model inside runs, and the head's dropout is named as not
+    traced with that fix, not as never used (it was called dead, "never used by a training-mode
+    forward", even with example_input given)."""
+    torch.manual_seed(0)
+    holder = Holder(transformers.BertModel(config(tokenizer)))
+    live = gdt.sites(holder, example_input=example())
+    assert "drop" in [s.name for s in live] and "drop" not in live.dead
+    report = gdt.apply(holder, {"drop": 0.2}, missing="keep", example_input=example())
+    assert report["drop"].new_p == 0.2 and holder.drop.p == 0.2
+    guessed = gdt.sites(holder)  # the input is guessed for the BertModel inside
+    assert "net.encoder.layer.0.output.dropout" in [s.name for s in guessed]
+    why = guessed.dead["drop"]
+    assert "outside BertModel (model.net)" in why and "example_input" in why, why
