@@ -86,8 +86,9 @@ class Observer:
     training forwards: :meth:`pausing` wraps those calls."""
 
     def __init__(self) -> None:
-        self.seen: dict[tuple[int, str], list[float]] = defaultdict(list)
-        self.by_parent: dict[tuple[int, str], list[float]] = defaultdict(list)
+        # (module id, attribute) -> [(optimiser steps taken before that forward, rate read)]
+        self.seen: dict[tuple[int, str], list[tuple[int, float]]] = defaultdict(list)
+        self.by_parent: dict[tuple[int, str], list[tuple[int, float]]] = defaultdict(list)
         self.before: dict[Any, Any] = {}
         self.optimizer_steps = 0
         self.paused = 0
@@ -108,28 +109,37 @@ class Observer:
         import adapters.torch as gdt
 
         if isinstance(module, (torch.nn.Dropout, gdt.GuidedDropout)):
-            self.seen[(id(module), "p")].append(float(module.p))
+            self.seen[(id(module), "p")].append((self.optimizer_steps, float(module.p)))
         for child in module.children():  # an attention kernel is handed its dropout's .p
             if isinstance(child, (torch.nn.Dropout, gdt.GuidedDropout)):
-                self.by_parent[(id(child), "p")].append(float(child.p))
+                self.by_parent[(id(child), "p")].append((self.optimizer_steps, float(child.p)))
         for name, value in list(vars(module).items()):
             if "drop" in name and _is_rate(value):
-                self.seen[(id(module), name)].append(float(getattr(module, name)))
+                self.seen[(id(module), name)].append(
+                    (self.optimizer_steps, float(getattr(module, name)))
+                )
 
-    def _step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self.optimizer_steps:
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self.before:
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     self.before[p] = p.detach().clone()
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # counted after the step: Lightning's forward runs inside optimizer.step(closure)
         self.optimizer_steps += 1
 
     def __enter__(self) -> Observer:
         from torch.nn.modules.module import register_module_forward_pre_hook
-        from torch.optim.optimizer import register_optimizer_step_pre_hook
+        from torch.optim.optimizer import (
+            register_optimizer_step_post_hook,
+            register_optimizer_step_pre_hook,
+        )
 
         self._hooks = [
             register_module_forward_pre_hook(self._forward),
-            register_optimizer_step_pre_hook(self._step),
+            register_optimizer_step_pre_hook(self._before_step),
+            register_optimizer_step_post_hook(self._after_step),
         ]
         return self
 
@@ -137,7 +147,7 @@ class Observer:
         for h in self._hooks:
             h.remove()
 
-    def rates(self, model: Any, row: Any) -> list[float]:
+    def rates(self, model: Any, row: Any) -> list[tuple[int, float]]:
         """What the site of ``row`` read at each training forward (a dropout module an attention
         kernel reads instead of calling it: its ``.p`` at each forward of its parent)."""
         if row.kind == "attribute":
@@ -186,17 +196,20 @@ def run(section: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[
     return scope, seen
 
 
-def check_rates(seen: Observer, report: Any, multipliers: list[float] | None = None) -> None:
-    """Every site of the report read its rate (times ``multipliers[k]`` at the k-th training
-    forward, when given) at every training forward."""
+def check_rates(seen: Observer, report: Any, schedule: Any = None) -> None:
+    """Every site of the report read its rate (times ``schedule.multiplier(k)`` in the training
+    step after ``k`` optimiser steps, when a schedule is given) at every training forward."""
     model = report.model
     for row in report:
         got = seen.rates(model, row)
         assert got, f"{row.site}: no training forward read it"
-        want = (
-            [row.new_p] * len(got) if multipliers is None else [row.new_p * m for m in multipliers]
+        want = [
+            (k, row.new_p * (1.0 if schedule is None else schedule.multiplier(k))) for k, _ in got
+        ]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-6), (
+            row.site,
+            got,
         )
-        assert got == pytest.approx(want, abs=1e-6), row.site
 
 
 def test_sentence_transformers_trainer(monkeypatch, tmp_path):
@@ -245,8 +258,12 @@ def test_trl_sft_trainer_with_lora(monkeypatch, tmp_path):
     assert all(r.source == "profile" and r.old_p == 0.05 for r in lora)
     assert all(r.note.startswith("LoRA on model.layers.") for r in lora)
     assert len({round(r.new_p, 6) for r in lora}) > 2  # one probability per LoRA module
-    check_rates(seen, report)
+    sched = report.scheduler  # a warm-up over 2 steps, stepped by GuidedDropoutCallback
+    assert sched.schedule.multiplier(0) < sched.schedule.multiplier(1) < 1.0
+    check_rates(seen, report, sched.schedule)
+    assert {k for key in seen.seen for k, _ in seen.seen[key]} == {0, 1, 2, 3}
     assert trainer.state.global_step == 4 and seen.optimizer_steps == 4
+    assert sched.step_count == 4 and sched.multiplier == 1.0
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
 
     model = trainer.model
@@ -283,7 +300,9 @@ def test_lightning_with_a_schedule(monkeypatch, tmp_path):
     # the k-th batch trains with the warm-up's multiplier of step k (0, 0.25, ..., 1, 1)
     steps = [sched.schedule.multiplier(k) for k in range(6)]
     assert steps[0] < steps[2] < steps[4] == 1.0
-    check_rates(seen, report, steps)
+    check_rates(seen, report, sched.schedule)
+    seen_steps = {k for key in seen.seen for k, _ in seen.seen[key]}
+    assert seen_steps == set(range(6))  # one training forward per batch, each checked
     assert math.isfinite(float(trainer.callback_metrics["train_loss"]))
 
     batch = next(iter(torch.utils.data.DataLoader(scope["rows"], batch_size=len(scope["rows"]))))
