@@ -84,6 +84,8 @@ class Engine(NumpyEngine):
         self.taps: dict[str, str] = {}
         self.plan: _t.Plan | None = None
         self.checked = False
+        self._art, self._device = art, device
+        self._exact: tuple[Any, Any] | None = None  # (module, state) of the exact loop
         opened = None
         if per_sample and self.trained:
             try:
@@ -105,6 +107,11 @@ class Engine(NumpyEngine):
         self.aliases = _label_aliases(self.user)
         self.fast = [n for n in self.trained if self.plan is not None and n in self.plan.uses]
         self.shapes = {n: tuple(self.state.parameters[n].data.shape) for n in self.trained}
+        buffered = self.plan is not None and any(
+            u.sq == _t.IN_BUFFER for group in self.plan.uses.values() for u in group
+        )
+        if not buffered:  # the tapped module's gradients are the loss's: it runs the loop too
+            self._exact = (self.module, self.state)
 
     def _open_tapped(self, art: Artifacts, device: str) -> tuple[Any, Any]:
         _, api = _ort_training()
@@ -136,6 +143,15 @@ class Engine(NumpyEngine):
         idx = index if isinstance(index, slice) else np.asarray(list(index), dtype=np.int64)
         return {n: arrays[n][idx] for n in self.user}
 
+    def add(self, sums: Mapping[str, Any], n: int) -> None:
+        """Add in place: every array handed here is this engine's own, fresh one."""
+        for name, s in sums.items():
+            arr = np.asarray(s, dtype=np.float64)
+            if name in self.pending:
+                self.pending[name] += arr
+            else:
+                self.pending[name] = arr
+
     def report(self) -> dict[str, Any]:
         """``engine`` (``per_sample``, or ``loop`` when every parameter took the loop) and
         ``fallback`` ({canonical name: reason} for the parameters the loop computed)."""
@@ -166,19 +182,30 @@ class Engine(NumpyEngine):
         return self._batched(arrays, size)
 
     # -- the exact loop ----------------------------------------------------------------------------
+    def _exact_module(self) -> tuple[Any, Any]:
+        """``(module, state)`` whose gradients are the loss's: the tapped module, or (when some
+        gradient buffers hold in-graph squared sums, :data:`adapters.onnx.taps.IN_BUFFER`) the
+        untapped training graph, opened at the first loop step (the check, a fallback)."""
+        if self._exact is None:
+            module, _, state = self._art.open(self._device, optimizer=False)
+            module.train()
+            self._exact = (module, state)
+        return self._exact
+
     def _loop_raw(
         self, arrays: Mapping[str, np.ndarray], size: int, names: Sequence[str]
     ) -> tuple[dict[str, np.ndarray], int, str | None, list[int]]:
         """One train step per sample: ``(sums, samples counted, first bad name, kept rows)``."""
         sums = {n: np.zeros(self.shapes[n], dtype=np.float64) for n in names}
         bad, kept = None, []
+        module, state = self._exact_module()
         for i in range(size):
             feeds = {n: np.ascontiguousarray(arrays[n][i : i + 1]) for n in self.user}
             feeds.update(self.fixed)
-            self.module.lazy_reset_grad()
-            out = self.module(*module_inputs(self.names, feeds, "batches"))
+            module.lazy_reset_grad()
+            out = module(*module_inputs(self.names, feeds, "batches"))
             loss = np.asarray(out[0] if isinstance(out, (tuple, list)) else out)
-            grads = {n: self.state.parameters[n].grad for n in names}
+            grads = {n: state.parameters[n].grad for n in names}
             where = _first_nonfinite(loss, grads)
             if where is not None:
                 bad = where if bad is None else bad
@@ -284,7 +311,9 @@ class Engine(NumpyEngine):
         sums, failed = {}, {}
         for name in names:
             try:
-                sums[name] = self._param_sums(name, values, n) * (scale * scale)
+                got = self._param_sums(name, values, n)  # a fresh array: scaled in place
+                got *= scale * scale
+                sums[name] = got
             except _Unsupported as exc:
                 failed[name] = str(exc)
         return sums, failed
@@ -294,6 +323,11 @@ class Engine(NumpyEngine):
         uses, shape = self.plan.uses[name], self.shapes[name]
         if not uses:  # the loss does not reach it: no gradient, as the loop finds
             return np.zeros(shape, np.float64)
+        if len(uses) == 1 and uses[0].sq == _t.IN_BUFFER:  # in the gradient buffer
+            buf = self.state.parameters[name].grad
+            if buf is None or tuple(np.shape(buf)) != shape:
+                raise _Unsupported("its gradient buffer holds no in-graph sums of its shape")
+            return np.array(buf, dtype=np.float64)
         if len(uses) == 1 and uses[0].sq:  # squared and summed in the graph
             got = values.get(uses[0].sq)
             if got is None or got.shape != tuple(uses[0].shape):
