@@ -146,7 +146,10 @@ class Engine(NumpyEngine):
     def add(self, sums: Mapping[str, Any], n: int) -> None:
         """Add in place: every array handed here is this engine's own, fresh one."""
         for name, s in sums.items():
-            arr = np.asarray(s, dtype=np.float64)
+            if isinstance(s, _Rows) and name in self.pending:
+                self.pending[name][s.rows] += s.values  # rows are distinct
+                continue
+            arr = np.asarray(_dense(s), dtype=np.float64)
             if name in self.pending:
                 self.pending[name] += arr
             else:
@@ -171,7 +174,7 @@ class Engine(NumpyEngine):
                 self._piece({n: a[i : i + step] for n, a in arrays.items()}, min(step, size - i))
                 for i in range(0, size, step)
             ]
-            sums = {k: sum(p.sums[k] for p in parts) for k in parts[0].sums}
+            sums = {k: sum(_dense(p.sums[k]) for p in parts) for k in parts[0].sums}
             bad = next((p.bad for p in parts if p.bad is not None), None)
             return BatchSums(sums, sum(p.n for p in parts), exact=True, bad=bad)
         return self._piece(arrays, size)
@@ -225,7 +228,7 @@ class Engine(NumpyEngine):
         canonical = {}
         for n in self.trained:
             p = self.params[n]
-            canonical[p.name] = sums[n].T if p.transposed else sums[n]
+            canonical[p.name] = _dense(sums[n]).T if p.transposed else sums[n]
         named = None if bad is None else (loop.LOSS if bad == "" else self.params[bad].name)
         return BatchSums(canonical, count, exact=True, bad=named)
 
@@ -273,6 +276,7 @@ class Engine(NumpyEngine):
         for name, got in sums.items():
             want = ref[name]
             scale = float(np.max(np.abs(want))) if want.size else 0.0
+            got = _dense(got)
             if not np.allclose(got, want, rtol=_CHECK_RTOL, atol=1e-5 * scale + floor + 1e-30):
                 diff = float(np.max(np.abs(got - want))) / (scale or 1.0)
                 self._demote(
@@ -288,7 +292,7 @@ class Engine(NumpyEngine):
         sums, failed = self._fast_sums(values, size, self.fast)
         for name, why in failed.items():
             self._demote(name, why)
-        if not np.all(np.isfinite(loss)) or any(not np.all(np.isfinite(s)) for s in sums.values()):
+        if not np.all(np.isfinite(loss)) or any(not _finite(s) for s in sums.values()):
             return self._loop(arrays, size)  # exact: finds and skips the offending samples
         slow = [n for n in self.trained if n not in sums]
         if not slow:
@@ -296,10 +300,12 @@ class Engine(NumpyEngine):
         slow_sums, count, bad, kept = self._loop_raw(arrays, size, slow)
         if count < size:  # the loop skipped samples: leave them out of the batched sums too
             if not kept:
-                return self._result({**slow_sums, **{n: 0 * s for n, s in sums.items()}}, 0, bad)
+                return self._result(
+                    {**slow_sums, **{n: 0 * _dense(s) for n, s in sums.items()}}, 0, bad
+                )
             loss, values = self._run({n: arrays[n][kept] for n in self.user})
             sums, failed = self._fast_sums(values, count, list(sums))
-            if failed or any(not np.all(np.isfinite(s)) for s in sums.values()):
+            if failed or any(not _finite(s) for s in sums.values()):
                 return self._loop(arrays, size)
         return self._result({**sums, **slow_sums}, count, bad)
 
@@ -318,7 +324,7 @@ class Engine(NumpyEngine):
                 failed[name] = str(exc)
         return sums, failed
 
-    def _param_sums(self, name: str, values: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    def _param_sums(self, name: str, values: Mapping[str, np.ndarray], n: int) -> Any:
         assert self.plan is not None
         uses, shape = self.plan.uses[name], self.shapes[name]
         if not uses:  # the loss does not reach it: no gradient, as the loop finds
@@ -334,7 +340,7 @@ class Engine(NumpyEngine):
                 raise _Unsupported(f"its {uses[0].node}'s in-graph sums are missing or misshapen")
             return _back(uses[0], np.asarray(got, np.float64)[None], 1)[0].reshape(shape)
         if len(uses) == 1 and uses[0].kind == "gather" and not uses[0].chain:
-            return _gather_sparse(uses[0], values, n).reshape(shape)
+            return _gather_sparse(uses[0], values, n, shape)
         step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(shape))))
         total = np.zeros(shape, np.float64)
         for lo in range(0, n, step):
@@ -465,16 +471,43 @@ def _segment_sum(keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nda
     return k[starts], np.add.reduceat(rows[order], starts, axis=0)
 
 
-def _gather_sparse(u: _t.Use, values: Mapping[str, np.ndarray], n: int) -> np.ndarray:
-    """Squared per-sample gradient sums of a table used by one Gather, from the touched rows."""
+def _gather_sparse(
+    u: _t.Use, values: Mapping[str, np.ndarray], n: int, shape: tuple[int, ...]
+) -> _Rows:
+    """Squared per-sample gradient sums of a table used by one Gather, as its touched rows."""
     rows, d = _gather_rows(u, values, n, 0, n)
     vocab, width = u.shape[0], d.shape[-1]
+    if (vocab, width) != tuple(shape):
+        raise _Unsupported(f"its {u.node} reads rows of width {width} of a {list(shape)} table")
     keys = (np.arange(n, dtype=np.int64)[:, None] * vocab + rows).reshape(-1)
     sample_rows, acc = _segment_sum(keys, d.reshape(-1, width).astype(np.float64))
     touched, sq = _segment_sum(sample_rows % vocab, acc * acc)
-    total = np.zeros((vocab, width), np.float64)
-    total[touched] = sq
-    return total
+    return _Rows(tuple(shape), touched, sq)
+
+
+class _Rows:
+    """Sums of a table that are zero outside ``rows`` (distinct): a batch touches few rows of an
+    embedding table, so neither the scaling nor the accumulation reads the whole table."""
+
+    def __init__(self, shape: tuple[int, ...], rows: np.ndarray, values: np.ndarray) -> None:
+        self.shape, self.rows, self.values = shape, rows, values
+
+    def __imul__(self, k: float) -> _Rows:
+        self.values *= k
+        return self
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros(self.shape, np.float64)
+        out[self.rows] = self.values
+        return out
+
+
+def _dense(s: Any) -> Any:
+    return s.dense() if isinstance(s, _Rows) else s
+
+
+def _finite(s: Any) -> bool:
+    return bool(np.all(np.isfinite(s.values if isinstance(s, _Rows) else s)))
 
 
 def _back(u: _t.Use, g: np.ndarray, m: int) -> np.ndarray:
