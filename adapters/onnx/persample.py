@@ -430,11 +430,11 @@ def _use_grad(u: _t.Use, values: Mapping[str, np.ndarray], n: int, lo: int, hi: 
         a = u.axis % x.ndim
         if a < 1:
             raise _Unsupported(f"its {u.node} normalises over the batch axis")
-        xs = x.astype(np.float64)
-        red = tuple(range(a, x.ndim))
-        centred = xs - xs.mean(axis=red, keepdims=True)
-        var = np.mean(centred * centred, axis=red, keepdims=True)
-        prod = centred / np.sqrt(var + u.eps) * dy
+        red = tuple(range(a, x.ndim))  # float32 as ORT's own LayerNorm, in place
+        prod = x - x.mean(axis=red, keepdims=True)
+        var = np.mean(np.square(prod), axis=red, keepdims=True)
+        prod *= 1.0 / np.sqrt(var + np.float32(u.eps))
+        prod *= dy
         out = prod.sum(axis=tuple(range(1, a))) if a > 1 else prod
         return out.reshape((m, *u.shape))
     raise _Unsupported(f"no rule for {u.kind}")
