@@ -9,14 +9,18 @@ weight -> ``x_b * dY_b`` summed likewise, LayerNormalization -> ``xhat_b * dY_b`
 Gather -> ``dY_b`` rows added into the rows ``x_b`` picks (only the touched rows are held). The
 uses of a parameter (tied weights, Transpose/Reshape on the way, mapped back to the initializer's
 layout) are summed per sample before squaring. A batch-mean loss's output gradients are scaled
-by the batch size, so that each sample's gradient is that of its own loss.
+by the batch size, so that each sample's gradient is that of its own loss. A weight whose one
+use is a MatMul is squared and summed in the graph, into its gradient buffer in place of the
+batch gradient (:func:`adapters.onnx.taps.add_taps`); an embedding table's sums travel as its
+touched rows.
 
 The first batch of two or more samples is checked: its first :data:`CHECK_SAMPLES` samples are
 computed both ways, and a parameter whose sums differ from the exact loop's falls back. Fallback
 parameters (no rule, no gradient tensor, the check) take the exact loop: one train step on a
-batch of one per sample, the gradient read from ``state.parameters[name].grad``; a batch with a
-non-finite loss or sum is redone entirely by the loop, so ``on_nonfinite='skip'`` skips exactly
-the offending samples. Batches of one sample before the check take the loop.
+batch of one per sample, the gradient read from ``state.parameters[name].grad`` of a module whose
+gradients are the loss's (the untapped training graph, when some buffers hold in-graph sums); a
+batch with a non-finite loss or sum is redone entirely by the loop, so ``on_nonfinite='skip'``
+skips exactly the offending samples. Batches of one sample before the check take the loop.
 """
 
 from __future__ import annotations
