@@ -219,8 +219,7 @@ class Engine(NumpyEngine):
                 continue
             for n in names:
                 if grads[n] is not None:  # None: the loss does not reach this parameter
-                    g = np.asarray(grads[n], dtype=np.float64)
-                    sums[n] += g * g
+                    sums[n] += np.square(np.asarray(grads[n]), dtype=np.float64)  # one pass
             kept.append(i)
         return sums, len(kept), bad, kept
 
