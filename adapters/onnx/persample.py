@@ -9,14 +9,18 @@ weight -> ``x_b * dY_b`` summed likewise, LayerNormalization -> ``xhat_b * dY_b`
 Gather -> ``dY_b`` rows added into the rows ``x_b`` picks (only the touched rows are held). The
 uses of a parameter (tied weights, Transpose/Reshape on the way, mapped back to the initializer's
 layout) are summed per sample before squaring. A batch-mean loss's output gradients are scaled
-by the batch size, so that each sample's gradient is that of its own loss.
+by the batch size, so that each sample's gradient is that of its own loss. A weight whose one
+use is a MatMul is squared and summed in the graph, into its gradient buffer in place of the
+batch gradient (:func:`adapters.onnx.taps.add_taps`); an embedding table's sums travel as its
+touched rows.
 
 The first batch of two or more samples is checked: its first :data:`CHECK_SAMPLES` samples are
 computed both ways, and a parameter whose sums differ from the exact loop's falls back. Fallback
 parameters (no rule, no gradient tensor, the check) take the exact loop: one train step on a
-batch of one per sample, the gradient read from ``state.parameters[name].grad``; a batch with a
-non-finite loss or sum is redone entirely by the loop, so ``on_nonfinite='skip'`` skips exactly
-the offending samples. Batches of one sample before the check take the loop.
+batch of one per sample, the gradient read from ``state.parameters[name].grad`` of a module whose
+gradients are the loss's (the untapped training graph, when some buffers hold in-graph sums); a
+batch with a non-finite loss or sum is redone entirely by the loop, so ``on_nonfinite='skip'``
+skips exactly the offending samples. Batches of one sample before the check take the loop.
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ class Engine(NumpyEngine):
         self.taps: dict[str, str] = {}
         self.plan: _t.Plan | None = None
         self.checked = False
+        self._art, self._device = art, device
+        self._exact: tuple[Any, Any] | None = None  # (module, state) of the exact loop
         opened = None
         if per_sample and self.trained:
             try:
@@ -105,6 +111,11 @@ class Engine(NumpyEngine):
         self.aliases = _label_aliases(self.user)
         self.fast = [n for n in self.trained if self.plan is not None and n in self.plan.uses]
         self.shapes = {n: tuple(self.state.parameters[n].data.shape) for n in self.trained}
+        buffered = self.plan is not None and any(
+            u.sq == _t.IN_BUFFER for group in self.plan.uses.values() for u in group
+        )
+        if not buffered:  # the tapped module's gradients are the loss's: it runs the loop too
+            self._exact = (self.module, self.state)
 
     def _open_tapped(self, art: Artifacts, device: str) -> tuple[Any, Any]:
         _, api = _ort_training()
@@ -136,6 +147,18 @@ class Engine(NumpyEngine):
         idx = index if isinstance(index, slice) else np.asarray(list(index), dtype=np.int64)
         return {n: arrays[n][idx] for n in self.user}
 
+    def add(self, sums: Mapping[str, Any], n: int) -> None:
+        """Add in place: every array handed here is this engine's own, fresh one."""
+        for name, s in sums.items():
+            if isinstance(s, _Rows) and name in self.pending:
+                self.pending[name][s.rows] += s.values  # rows are distinct
+                continue
+            arr = np.asarray(_dense(s), dtype=np.float64)
+            if name in self.pending:
+                self.pending[name] += arr
+            else:
+                self.pending[name] = arr
+
     def report(self) -> dict[str, Any]:
         """``engine`` (``per_sample``, or ``loop`` when every parameter took the loop) and
         ``fallback`` ({canonical name: reason} for the parameters the loop computed)."""
@@ -155,7 +178,7 @@ class Engine(NumpyEngine):
                 self._piece({n: a[i : i + step] for n, a in arrays.items()}, min(step, size - i))
                 for i in range(0, size, step)
             ]
-            sums = {k: sum(p.sums[k] for p in parts) for k in parts[0].sums}
+            sums = {k: sum(_dense(p.sums[k]) for p in parts) for k in parts[0].sums}
             bad = next((p.bad for p in parts if p.bad is not None), None)
             return BatchSums(sums, sum(p.n for p in parts), exact=True, bad=bad)
         return self._piece(arrays, size)
@@ -166,27 +189,37 @@ class Engine(NumpyEngine):
         return self._batched(arrays, size)
 
     # -- the exact loop ----------------------------------------------------------------------------
+    def _exact_module(self) -> tuple[Any, Any]:
+        """``(module, state)`` whose gradients are the loss's: the tapped module, or (when some
+        gradient buffers hold in-graph squared sums, :data:`adapters.onnx.taps.IN_BUFFER`) the
+        untapped training graph, opened at the first loop step (the check, a fallback)."""
+        if self._exact is None:
+            module, _, state = self._art.open(self._device, optimizer=False)
+            module.train()
+            self._exact = (module, state)
+        return self._exact
+
     def _loop_raw(
         self, arrays: Mapping[str, np.ndarray], size: int, names: Sequence[str]
     ) -> tuple[dict[str, np.ndarray], int, str | None, list[int]]:
         """One train step per sample: ``(sums, samples counted, first bad name, kept rows)``."""
         sums = {n: np.zeros(self.shapes[n], dtype=np.float64) for n in names}
         bad, kept = None, []
+        module, state = self._exact_module()
         for i in range(size):
             feeds = {n: np.ascontiguousarray(arrays[n][i : i + 1]) for n in self.user}
             feeds.update(self.fixed)
-            self.module.lazy_reset_grad()
-            out = self.module(*module_inputs(self.names, feeds, "batches"))
+            module.lazy_reset_grad()
+            out = module(*module_inputs(self.names, feeds, "batches"))
             loss = np.asarray(out[0] if isinstance(out, (tuple, list)) else out)
-            grads = {n: self.state.parameters[n].grad for n in names}
+            grads = {n: state.parameters[n].grad for n in names}
             where = _first_nonfinite(loss, grads)
             if where is not None:
                 bad = where if bad is None else bad
                 continue
             for n in names:
                 if grads[n] is not None:  # None: the loss does not reach this parameter
-                    g = np.asarray(grads[n], dtype=np.float64)
-                    sums[n] += g * g
+                    sums[n] += np.square(np.asarray(grads[n]), dtype=np.float64)  # one pass
             kept.append(i)
         return sums, len(kept), bad, kept
 
@@ -198,7 +231,7 @@ class Engine(NumpyEngine):
         canonical = {}
         for n in self.trained:
             p = self.params[n]
-            canonical[p.name] = sums[n].T if p.transposed else sums[n]
+            canonical[p.name] = _dense(sums[n]).T if p.transposed else sums[n]
         named = None if bad is None else (loop.LOSS if bad == "" else self.params[bad].name)
         return BatchSums(canonical, count, exact=True, bad=named)
 
@@ -246,6 +279,7 @@ class Engine(NumpyEngine):
         for name, got in sums.items():
             want = ref[name]
             scale = float(np.max(np.abs(want))) if want.size else 0.0
+            got = _dense(got)
             if not np.allclose(got, want, rtol=_CHECK_RTOL, atol=1e-5 * scale + floor + 1e-30):
                 diff = float(np.max(np.abs(got - want))) / (scale or 1.0)
                 self._demote(
@@ -261,7 +295,7 @@ class Engine(NumpyEngine):
         sums, failed = self._fast_sums(values, size, self.fast)
         for name, why in failed.items():
             self._demote(name, why)
-        if not np.all(np.isfinite(loss)) or any(not np.all(np.isfinite(s)) for s in sums.values()):
+        if not np.all(np.isfinite(loss)) or any(not _finite(s) for s in sums.values()):
             return self._loop(arrays, size)  # exact: finds and skips the offending samples
         slow = [n for n in self.trained if n not in sums]
         if not slow:
@@ -269,10 +303,12 @@ class Engine(NumpyEngine):
         slow_sums, count, bad, kept = self._loop_raw(arrays, size, slow)
         if count < size:  # the loop skipped samples: leave them out of the batched sums too
             if not kept:
-                return self._result({**slow_sums, **{n: 0 * s for n, s in sums.items()}}, 0, bad)
+                return self._result(
+                    {**slow_sums, **{n: 0 * _dense(s) for n, s in sums.items()}}, 0, bad
+                )
             loss, values = self._run({n: arrays[n][kept] for n in self.user})
             sums, failed = self._fast_sums(values, count, list(sums))
-            if failed or any(not np.all(np.isfinite(s)) for s in sums.values()):
+            if failed or any(not _finite(s) for s in sums.values()):
                 return self._loop(arrays, size)
         return self._result({**sums, **slow_sums}, count, bad)
 
@@ -284,23 +320,30 @@ class Engine(NumpyEngine):
         sums, failed = {}, {}
         for name in names:
             try:
-                sums[name] = self._param_sums(name, values, n) * (scale * scale)
+                got = self._param_sums(name, values, n)  # a fresh array: scaled in place
+                got *= scale * scale
+                sums[name] = got
             except _Unsupported as exc:
                 failed[name] = str(exc)
         return sums, failed
 
-    def _param_sums(self, name: str, values: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    def _param_sums(self, name: str, values: Mapping[str, np.ndarray], n: int) -> Any:
         assert self.plan is not None
         uses, shape = self.plan.uses[name], self.shapes[name]
         if not uses:  # the loss does not reach it: no gradient, as the loop finds
             return np.zeros(shape, np.float64)
+        if len(uses) == 1 and uses[0].sq == _t.IN_BUFFER:  # in the gradient buffer
+            buf = self.state.parameters[name].grad
+            if buf is None or tuple(np.shape(buf)) != shape:
+                raise _Unsupported("its gradient buffer holds no in-graph sums of its shape")
+            return np.array(buf, dtype=np.float64)
         if len(uses) == 1 and uses[0].sq:  # squared and summed in the graph
             got = values.get(uses[0].sq)
             if got is None or got.shape != tuple(uses[0].shape):
                 raise _Unsupported(f"its {uses[0].node}'s in-graph sums are missing or misshapen")
             return _back(uses[0], np.asarray(got, np.float64)[None], 1)[0].reshape(shape)
         if len(uses) == 1 and uses[0].kind == "gather" and not uses[0].chain:
-            return _gather_sparse(uses[0], values, n).reshape(shape)
+            return _gather_sparse(uses[0], values, n, shape)
         step = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(shape))))
         total = np.zeros(shape, np.float64)
         for lo in range(0, n, step):
@@ -390,11 +433,11 @@ def _use_grad(u: _t.Use, values: Mapping[str, np.ndarray], n: int, lo: int, hi: 
         a = u.axis % x.ndim
         if a < 1:
             raise _Unsupported(f"its {u.node} normalises over the batch axis")
-        xs = x.astype(np.float64)
-        red = tuple(range(a, x.ndim))
-        centred = xs - xs.mean(axis=red, keepdims=True)
-        var = np.mean(centred * centred, axis=red, keepdims=True)
-        prod = centred / np.sqrt(var + u.eps) * dy
+        red = tuple(range(a, x.ndim))  # float32 as ORT's own LayerNorm, in place
+        prod = x - x.mean(axis=red, keepdims=True)
+        var = np.mean(np.square(prod), axis=red, keepdims=True)
+        prod *= 1.0 / np.sqrt(var + np.float32(u.eps))
+        prod *= dy
         out = prod.sum(axis=tuple(range(1, a))) if a > 1 else prod
         return out.reshape((m, *u.shape))
     raise _Unsupported(f"no rule for {u.kind}")
@@ -431,16 +474,43 @@ def _segment_sum(keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nda
     return k[starts], np.add.reduceat(rows[order], starts, axis=0)
 
 
-def _gather_sparse(u: _t.Use, values: Mapping[str, np.ndarray], n: int) -> np.ndarray:
-    """Squared per-sample gradient sums of a table used by one Gather, from the touched rows."""
+def _gather_sparse(
+    u: _t.Use, values: Mapping[str, np.ndarray], n: int, shape: tuple[int, ...]
+) -> _Rows:
+    """Squared per-sample gradient sums of a table used by one Gather, as its touched rows."""
     rows, d = _gather_rows(u, values, n, 0, n)
     vocab, width = u.shape[0], d.shape[-1]
+    if (vocab, width) != tuple(shape):
+        raise _Unsupported(f"its {u.node} reads rows of width {width} of a {list(shape)} table")
     keys = (np.arange(n, dtype=np.int64)[:, None] * vocab + rows).reshape(-1)
     sample_rows, acc = _segment_sum(keys, d.reshape(-1, width).astype(np.float64))
     touched, sq = _segment_sum(sample_rows % vocab, acc * acc)
-    total = np.zeros((vocab, width), np.float64)
-    total[touched] = sq
-    return total
+    return _Rows(tuple(shape), touched, sq)
+
+
+class _Rows:
+    """Sums of a table that are zero outside ``rows`` (distinct): a batch touches few rows of an
+    embedding table, so neither the scaling nor the accumulation reads the whole table."""
+
+    def __init__(self, shape: tuple[int, ...], rows: np.ndarray, values: np.ndarray) -> None:
+        self.shape, self.rows, self.values = shape, rows, values
+
+    def __imul__(self, k: float) -> _Rows:
+        self.values *= k
+        return self
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros(self.shape, np.float64)
+        out[self.rows] = self.values
+        return out
+
+
+def _dense(s: Any) -> Any:
+    return s.dense() if isinstance(s, _Rows) else s
+
+
+def _finite(s: Any) -> bool:
+    return bool(np.all(np.isfinite(s.values if isinstance(s, _Rows) else s)))
 
 
 def _back(u: _t.Use, g: np.ndarray, m: int) -> np.ndarray:

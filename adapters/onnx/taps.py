@@ -301,14 +301,28 @@ def plan(model: Any, trained: Iterable[str], shapes: Mapping[str, tuple[int, ...
     )
 
 
-def add_taps(model: Any, p: Plan) -> dict[str, str]:
+#: ``Use.sq`` of a weight whose squared per-sample sums replace its batch gradient in ORT's
+#: gradient buffer (read from ``state.parameters[name].grad``; see :func:`add_taps`)
+IN_BUFFER = "@gradient-buffer"
+_BUFFER_SUFFIX = "_grad.accumulation.buffer"
+_MAPPABLE = frozenset({"Transpose", "Reshape", "Unsqueeze", "Squeeze", "Identity"})
+
+
+def add_taps(model: Any, p: Plan, into_buffers: bool = True) -> dict[str, str]:
     """Make the planned tensors extra outputs of ``model`` (in place); returns ``{output name:
     tensor}`` (a gradient as ``<tensor>_grad``; in-graph squared sums as their own name).
 
     A single-use MatMul weight gets, in the graph: ``x`` and ``dY`` reshaped to ``[B, -1, in]``
-    and ``[B, -1, out]``, ``x^T @ dY`` per sample (float32, as ORT's own gradient), its square
-    summed over the batch (float32: a relative rounding of at most ``B * 2**-24``; float64 would
-    triple the memory traffic of the step): the output ``gd.tap.sq.<k>`` of shape ``[in, out]``.
+    and ``[B, -1, out]``, ``x^T @ dY`` per sample (float32, as ORT's own gradient), its squares
+    summed over the batch (``ReduceSumSquare``, float32: a relative rounding of at most
+    ``B * 2**-24``; float64 would triple the memory traffic of the step). With ``into_buffers``
+    (and a chain of Transpose/Reshape/Squeeze/Unsqueeze/Identity back to the initializer) these
+    sums, mapped back to the initializer's layout, are fed to the weight's gradient accumulator
+    in place of its batch gradient, whose nodes (``x^T @ dY`` over the whole batch) are removed:
+    the step computes the per-sample products *instead of* the batch product, and the sums are
+    read from ``state.parameters[name].grad`` (``Use.sq`` is :data:`IN_BUFFER`; such a module's
+    gradients are no longer the loss's, so the exact loop must run on an untapped module).
+    Otherwise the sums are the graph output ``gd.tap.sq.<k>`` of shape ``[in, out]``.
     """
     helper = onnx.helper
     taps: dict[str, str] = {}
@@ -331,6 +345,14 @@ def add_taps(model: Any, p: Plan) -> dict[str, str]:
         outputs.append(onnx.ValueInfoProto(name=name))
     opset = opset_of(model)
     in_graph = [u for group in p.uses.values() for u in group if u.sq]
+    accumulators = {
+        node.input[0][: -len(_BUFFER_SUFFIX)]: node
+        for node in model.graph.node
+        if node.op_type == "InPlaceAccumulatorV2"
+        and len(node.input) > 1
+        and node.input[0].endswith(_BUFFER_SUFFIX)
+    }
+    replaced: list[str] = []
 
     def node(op: str, inputs: list[str], **attrs: Any) -> str:
         out = fresh(f"{TAP_PREFIX}sq.{op}.{len(nodes)}")
@@ -346,15 +368,52 @@ def add_taps(model: Any, p: Plan) -> dict[str, str]:
         xs = node("Reshape", [u.x, const([0, -1, u.shape[0]])])
         ds = node("Reshape", [u.y + GRAD_SUFFIX, const([0, -1, u.shape[1]])])
         g = node("MatMul", [node("Transpose", [xs], perm=[0, 2, 1]), ds])
-        sq = node("Mul", [g, g])
-        if opset >= 13:
-            total = node("ReduceSum", [sq, const([0])], keepdims=0)
+        if opset >= 18:
+            total = node("ReduceSumSquare", [g, const([0])], keepdims=0)
         else:
-            total = node("ReduceSum", [sq], axes=[0], keepdims=0)
+            total = node("ReduceSumSquare", [g], axes=[0], keepdims=0)
+        acc = accumulators.get(u.param)
+        if into_buffers and acc is not None and all(op in _MAPPABLE for op, _, _ in u.chain):
+            for op, attr, before in reversed(u.chain):
+                if op == "Transpose":
+                    total = node("Transpose", [total], perm=[int(a) for a in np.argsort(attr)])
+                elif op != "Identity":
+                    total = node("Reshape", [total, const(list(before))])
+            replaced.append(acc.input[1])
+            acc.input[1] = total
+            u.sq = IN_BUFFER
+            continue
         name = fresh(f"{TAP_PREFIX}sq.{k}")
         nodes.append(helper.make_node("Identity", [total], [name], name=f"/gd_tap/sq{k}"))
         outputs.append(onnx.ValueInfoProto(name=name))
         u.sq = taps[name] = name
     model.graph.node.extend(nodes)
     model.graph.output.extend(outputs)
+    _drop_dead(model.graph, replaced)
     return taps
+
+
+def _drop_dead(graph: Any, names: Iterable[str]) -> None:
+    """Remove the nodes that computed ``names`` and, recursively, their inputs' producers, as far
+    as nothing else (a node, a graph output) reads them (the batch gradients replaced above)."""
+    index = GraphIndex(graph)
+    readers = {k: len(v) for k, v in index.consumers.items()}
+    dead: set[int] = set()
+    todo = list(names)
+    while todo:
+        tensor = todo.pop()
+        i = index.producer.get(tensor)
+        if i is None or i in dead or tensor in index.outputs:
+            continue
+        node = index.nodes[i]
+        if any(readers.get(o, 0) or o in index.outputs for o in node.output if o):
+            continue
+        dead.add(i)
+        for name in node.input:
+            if name:
+                readers[name] -= 1
+                todo.append(name)
+    if dead:
+        keep = [n for i, n in enumerate(index.nodes) if i not in dead]
+        del graph.node[:]
+        graph.node.extend(keep)

@@ -289,3 +289,63 @@ def test_a_loss_with_ignore_index_takes_the_loop_and_says_why():
     assert not p.uses and "ignore_index" in p.fallback["W"]
     # the same loss without ignore_index: the rules apply
     assert list(taps.plan(training_graph(), ["W"], {"W": (3, 4)}).uses) == ["W"]
+
+
+def test_matmul_weights_square_into_their_gradient_buffers(exported, batch, tmp_path):
+    """Issue 27: a single-use MatMul weight's squared per-sample sums are fed to its gradient
+    accumulator in place of the batch gradient, whose nodes are removed (the step computes the
+    per-sample products instead of, not besides, the batch product); the engine reads them from
+    ``state.parameters[name].grad`` and still equals the loop."""
+    from adapters.onnx import taps
+    from adapters.onnx.train import make_artifacts
+
+    _, path = exported(17)
+    art = make_artifacts(path, tmp_path / "art", "cross_entropy", optimizer=None)
+    model = onnx.load(str(art.training_model))
+    before = {o for node in model.graph.node for o in node.output}
+    shapes = {
+        i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim)
+        for i in model.graph.input
+        if i.name in art.requires_grad
+    }
+    plan = taps.plan(model, art.requires_grad, shapes)
+    taps.add_taps(model, plan)
+    buffered = [n for n, us in plan.uses.items() if len(us) == 1 and us[0].sq == taps.IN_BUFFER]
+    assert len(buffered) >= 6, buffered  # query/key/value/output/intermediate/... weights
+    acc = {
+        node.input[0]: node.input[1]
+        for node in model.graph.node
+        if node.op_type == "InPlaceAccumulatorV2"
+    }
+    outputs = {o for node in model.graph.node for o in node.output}
+    for name in buffered:
+        assert acc[name + "_grad.accumulation.buffer"].startswith(taps.TAP_PREFIX), name
+        assert name + "_grad" in before and name + "_grad" not in outputs, name
+    new, old = _both(path, [batch])
+    _assert_same(new, old)
+    assert new.accumulator.metadata["fisher_fallback"] == {}
+
+
+def test_a_gathered_table_sums_only_its_touched_rows():
+    """Issue 27: an embedding table's squared per-sample sums are handed over as its touched rows
+    (scaling and accumulating them reads no other row) and equal the dense per-sample sums."""
+    from adapters.onnx import taps
+
+    rng = np.random.default_rng(3)
+    n, k, vocab, width = 4, 6, 50, 3
+    idx = rng.integers(0, 5, (n, k)).astype(np.int64)  # repeats within and across samples
+    d = rng.normal(size=(n, k, width)).astype(np.float32)
+    u = taps.Use("E", "gather", "Gather node 'g'", "y", "ids", shape=(vocab, width))
+    got = _ps._gather_sparse(u, {"ids": idx, "y_grad": d}, n, (vocab, width))
+    assert isinstance(got, _ps._Rows) and len(got.rows) <= 5
+    want = np.zeros((vocab, width))
+    for b in range(n):
+        g = np.zeros((vocab, width))
+        np.add.at(g, idx[b], d[b].astype(np.float64))
+        want += g * g
+    np.testing.assert_allclose(got.dense(), want, rtol=1e-6)
+    engine = _ps.Engine.__new__(_ps.Engine)
+    engine.pending = {}
+    engine.add({"E": want.copy()}, n)
+    engine.add({"E": got}, n)
+    np.testing.assert_allclose(engine.pending["E"], 2 * want, rtol=1e-6)
