@@ -10,8 +10,9 @@ its own distinct p, the sweep's :func:`tests.zoo.invariants.distinct_rates`), ea
 
 is given ``adapters.onnx.apply(graph, torch_profile)`` and checked site by site: every torch site's
 p (what ``adapters.torch.apply`` installs with the same profile) is carried by the ONNX Dropout
-nodes guarding the same parameters (``report.matched``), no ONNX site is left over, and nothing
-but Dropout nodes (and the constants that fed their old ratios) changed in the graph.
+nodes guarding the same parameters (``report.matched``; a pair the library placed by largest overlap passes with a
+note, one placed by name alone on a site guarding other parameters fails), no ONNX site is left
+over, and nothing but Dropout nodes (and the constants that fed their old ratios) changed.
 
 A model the exporter cannot export is ``not exportable`` with the exporter's reason (a verdict
 ``skip``: not a failure of the library); the column's pass rate is over the exportable classes.
@@ -158,11 +159,20 @@ def compare(torch_p: dict[str, float], graph: Any, placed: Any) -> Any:
         s: (p, onnx_p[s]) for s, p in torch_p.items() if s in onnx_p and abs(onnx_p[s] - p) > TOL
     }
     extra = [s for s in onnx_p if s not in torch_p]
+    # a pair placed by name only must guard what the torch site guards; one placed by largest
+    # overlap is the site guarding the same parameters, up to what the exporter moved (a note)
+    loose = {
+        pair.profile_site: f"{len(pair.missing)} not guarded, {len(pair.extra)} more"
+        for pair in getattr(placed, "pairs", [])
+        if pair.how == "name" and (pair.missing or pair.extra)
+    }
+    overlap = [p.profile_site for p in getattr(placed, "pairs", []) if p.how == "overlap"]
     before, after = _others(graph), _others(placed.model)
     changed = {k: (before[k], after[k]) for k in before | after if before[k] != after[k]}
     agree = len(torch_p) - len(absent) - len(differ)
-    if not absent and not differ and not extra and not changed:
-        return Verdict("pass", f"{agree}/{len(torch_p)} sites agree")
+    if not absent and not differ and not extra and not changed and not loose:
+        more = f"; {len(overlap)} by overlap: {_few(overlap, 2)}" if overlap else ""
+        return Verdict("pass", f"{agree}/{len(torch_p)} sites agree{more}")
     parts = [f"{agree}/{len(torch_p)} torch sites agree"]
     if absent:
         why = placed.absent_reasons or {}
@@ -172,6 +182,8 @@ def compare(torch_p: dict[str, float], graph: Any, placed: Any) -> Any:
         parts.append(f"other p: {_few(differ)}")
     if extra:
         parts.append(f"ONNX-only sites: {_few(extra)}")
+    if loose:
+        parts.append(f"placed by name on a site guarding other parameters: {_few(loose)}")
     if changed:
         parts.append(f"other nodes changed (op: before, after): {_few(changed)}")
     return Verdict("fail", "; ".join(parts))
