@@ -232,7 +232,9 @@ def regroup(
     whose calls belong to several profile sites is split, one site per profile site (an exporter
     named the calls of two rate holders alike: BART's ``dropout`` and ``activation_dropout``, both
     functional in one layer's scope); model sites that each guard exactly what one profile site
-    guards are merged into one (a shared layer unrolled into several scopes: ALBERT). The new sites are named
+    guards are merged into one (a shared layer unrolled into several scopes: ALBERT), and so are
+    model sites guarding disjoint parts that make up exactly one profile site's set (the calls
+    of a rate holder called twice, BART's ``dropout``, placed apart in a dropout-free graph). The new sites are named
     like the profile sites (renamed into the model's parameter names). Calls that guard nothing,
     or whose set no profile site contains, keep their site. Nothing changes where the groupings
     agree.
@@ -269,9 +271,13 @@ def regroup(
                 out[c] = ren(owner[c])
     union = {site: frozenset(p for c in calls for p in parts[c]) for site, calls in by_site.items()}
     for prof_site, full in sets.items():
-        merged = [
-            site for site, owners in owned.items() if owners == {prof_site} and union[site] == full
-        ]
+        mine = [site for site, owners in owned.items() if owners == {prof_site}]
+        merged = [site for site in mine if union[site] == full]  # unrolled: each guards it all
+        if not merged and len(mine) > 1:  # called twice: disjoint parts that make it up
+            parts_of = [union[site] for site in mine]
+            whole = frozenset().union(*parts_of)
+            if whole == full and sum(map(len, parts_of)) == len(whole):
+                merged = mine
         if len(merged) > 1:  # merge: the profile site's one rate on every call
             name = ren(prof_site)
             if name in taken and name not in merged:

@@ -430,16 +430,30 @@ def _remove_nodes(model: Any, positions: list[int]) -> None:
 def _profile_points(
     model: Any, infos: list[Any], table: Mapping[str, Any], prof: SensitivityProfile
 ) -> list[Point]:
-    """Insertion points, named like the profile's sites, for the profile sites a dropout-free
-    graph has no site for although their parameters are here (``folded``): the tensor whose
-    dropping guards exactly their parameters (:func:`gd_core.identity.placements`)."""
+    """Insertion points, named like the profile's sites, for the profile sites no site of a
+    dropout-free graph guards exactly (a classifier head's dropout off the residual stream, an
+    FFN's inner dropout inside a residual branch): the tensor whose dropping guards exactly their
+    parameters (:func:`gd_core.identity.placements`, with the inserted sites in place)."""
+    from gd_core.align import find_renaming
+
     from .dataflow import ops_of
 
-    corr = correspond(prof.sites, [i.site for i in infos], [p.name for p in table.values()])
-    folded = {a.profile_site for a in corr.absent if a.reason == "folded"}
-    if not folded:
+    have = {frozenset(i.site.params) for i in infos}
+    model_params = [p.name for p in table.values()]
+    prof_params = [p for s in prof.sites for p in s.params]
+    ren = find_renaming(prof_params, model_params) if prof_params and model_params else None
+    if ren is None:
         return []
-    ren = corr.renaming
+    known = set(model_params)
+    want = {
+        ren(s.name): [ren(p) for p in s.params]
+        for s in prof.sites
+        if s.params
+        and frozenset(ren(p) for p in s.params) not in have
+        and {ren(p) for p in s.params} <= known
+    }
+    if not want:
+        return []
     nodes = {n for info in infos for n in info.nodes}
     try:
         ops, _ = ops_of(
@@ -447,9 +461,7 @@ def _profile_points(
             {k: v.name for k, v in table.items()},
             lambda i, n: f"#{i}" if i in nodes else None,
         )
-        where = placements(
-            ops, {ren(s.name): [ren(p) for p in s.params] for s in prof.sites if s.name in folded}
-        )
+        where = placements(ops, want)
     except Exception:  # noqa: BLE001 - a graph the rule cannot read: the sites stay absent
         return []
     index = GraphIndex(model.graph)
