@@ -245,3 +245,45 @@ def test_eval_export_gets_no_residual_site_torch_lacks() -> None:
     _assert_site_by_site(torch_p, onnx_p)
     assert not [s for s in report.probabilities() if s.endswith("gd_dropout")]
     assert any("not inserted" in n for n in report.notes)
+
+
+def test_a_piecewise_norm_is_told_by_what_it_computes_not_its_name() -> None:
+    """Issue 23 item 3 (no name lists): a LayerNorm exported piecewise (opset < 17) is one norm
+    op because its scope computes a mean and a square root, whatever the module is called (the
+    scope name used to decide: ``norm`` or ``ln`` in it)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from adapters.onnx.dataflow import ops_of
+
+    f32 = np.float32
+    inits = [
+        numpy_helper.from_array(np.ones((4, 4), f32), "f.weight"),
+        numpy_helper.from_array(np.full(4, 1.5, f32), "post.weight"),
+        numpy_helper.from_array(np.full(4, 0.5, f32), "post.bias"),
+        numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+        numpy_helper.from_array(np.array(2.0, f32), "two"),
+        numpy_helper.from_array(np.array(1e-5, f32), "eps"),
+    ]
+    s = "/blk/post/"
+    nodes = [
+        helper.make_node("MatMul", ["x", "f.weight"], ["b"], name="/blk/f/MatMul"),
+        helper.make_node("Add", ["x", "b"], ["h"], name="/blk/Add"),
+        helper.make_node("ReduceMean", ["h", "axes"], ["m"], name=s + "ReduceMean"),
+        helper.make_node("Sub", ["h", "m"], ["c"], name=s + "Sub"),
+        helper.make_node("Pow", ["c", "two"], ["sq"], name=s + "Pow"),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["v"], name=s + "ReduceMean_1"),
+        helper.make_node("Add", ["v", "eps"], ["ve"], name=s + "Add"),
+        helper.make_node("Sqrt", ["ve"], ["sd"], name=s + "Sqrt"),
+        helper.make_node("Div", ["c", "sd"], ["n"], name=s + "Div"),
+        helper.make_node("Mul", ["n", "post.weight"], ["g"], name=s + "Mul"),
+        helper.make_node("Add", ["g", "post.bias"], ["y"], name=s + "Add_1"),
+    ]
+    io_ = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 4]) for n in "xy"]
+    graph = helper.make_graph(nodes, "g", io_[:1], io_[1:], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    params = {n: n for n in ("f.weight", "post.weight", "post.bias")}
+    ops, _ = ops_of(model, params, lambda i, n: None)
+    norms = [op for op in ops if op.norm]
+    assert [sorted(op.params) for op in norms] == [["post.bias", "post.weight"]]
