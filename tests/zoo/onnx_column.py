@@ -40,7 +40,7 @@ COLUMNS = {
     "e-dynamo": "ONNX default (dynamo) export carries torch's p site by site (subset)",
 }
 #: seconds the three exports, applies and checks of one class may take together
-CAP = 90
+CAP = 60
 NOT_EXPORTABLE = "not exportable"
 TIME_CAP = "time cap"
 TOL = 1e-6
