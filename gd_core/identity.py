@@ -271,13 +271,13 @@ def regroup(
                 out[c] = ren(owner[c])
     union = {site: frozenset(p for c in calls for p in parts[c]) for site, calls in by_site.items()}
     for prof_site, full in sets.items():
-        mine = [site for site, owners in owned.items() if owners == {prof_site}]
-        merged = [site for site in mine if union[site] == full]  # unrolled: each guards it all
-        if not merged and len(mine) > 1:  # called twice: disjoint parts that make it up
-            parts_of = [union[site] for site in mine]
-            whole = frozenset().union(*parts_of)
+        held = [site for site, owners in owned.items() if owners == {prof_site}]
+        merged = [site for site in held if union[site] == full]  # unrolled: each guards it all
+        if not merged and len(held) > 1:  # called twice: disjoint parts that make it up
+            parts_of = [union[site] for site in held]
+            whole = frozenset[str]().union(*parts_of)
             if whole == full and sum(map(len, parts_of)) == len(whole):
-                merged = mine
+                merged = held
         if len(merged) > 1:  # merge: the profile site's one rate on every call
             name = ren(prof_site)
             if name in taken and name not in merged:
