@@ -289,7 +289,10 @@ def regroup(
 
 
 def placements(
-    ops: Sequence[Op], wanted: dict[str, Sequence[str]], depth: int = 4
+    ops: Sequence[Op],
+    wanted: dict[str, Sequence[str]],
+    depth: int = 4,
+    unclaimed: frozenset[str] = frozenset(),
 ) -> dict[str, str]:
     """Where a profile site that a dropout-free graph lacks acts: ``{site: tensor}`` for each
     site of ``wanted`` (``{site: canonical parameters it guards}``, renamed into the graph's
@@ -297,7 +300,9 @@ def placements(
     (:func:`gd_core.dataflow.guarded` with the site placed there). The candidates are the
     outputs of the ops owning its parameters and of up to ``depth`` ops after them that own no
     other parameter (an activation, a reshape); of the exact ones the last in execution order,
-    since a dropout acts on a module's output. A site with no exact place is left out.
+    since a dropout acts on a module's output. A place that guards besides only ``unclaimed``
+    parameters (no profile site guards them, e.g. a frozen position table the profile left out)
+    counts as exact. A site with no exact place is left out.
 
     Example:
         >>> ops = [Op("pool", ["h"], ["a"], ["pool.w"]), Op("tanh", ["a"], ["t"]),
@@ -332,7 +337,7 @@ def placements(
         exact = []
         for t in cands:
             got = guarded(with_sites(ops, {t: site})).get(site, [])
-            if frozenset(got) == want:
+            if want <= frozenset(got) and frozenset(got) - want <= unclaimed:
                 exact.append(t)
         if exact:
             out[site] = max(exact, key=lambda t: producer[t])

@@ -461,7 +461,8 @@ def _profile_points(
             {k: v.name for k, v in table.items()},
             lambda i, n: f"#{i}" if i in nodes else None,
         )
-        where = placements(ops, want)
+        claimed = {ren(p) for s in prof.sites for p in s.params}
+        where = placements(ops, want, unclaimed=frozenset(known - claimed))
     except Exception:  # noqa: BLE001 - a graph the rule cannot read: the sites stay absent
         return []
     index = GraphIndex(model.graph)
