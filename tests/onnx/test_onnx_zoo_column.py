@@ -287,3 +287,18 @@ def test_a_piecewise_norm_is_told_by_what_it_computes_not_its_name() -> None:
     ops, _ = ops_of(model, params, lambda i, n: None)
     norms = [op for op in ops if op.norm]
     assert [sorted(op.params) for op in norms] == [["post.bias", "post.weight"]]
+
+
+def test_placements_allow_parameters_no_profile_site_guards() -> None:
+    """Whisper's encoder.dropout guards the convolutions; the frozen position table added
+    before it is in no torch site (the profile leaves frozen parameters out), so a place that
+    also guards it is still the site's place (it was left folded)."""
+    ops = [
+        Op("conv", ("x",), ("c",), ("conv.w",)),
+        Op("pos", ("ids",), ("p",), ("pos.w",)),
+        Op("add", ("c", "p"), ("h",), add=True),
+        Op("layer", ("h",), ("y",), ("layer.w",)),
+    ]
+    assert placements(ops, {"enc.dropout": ["conv.w"]}) == {}
+    got = placements(ops, {"enc.dropout": ["conv.w"]}, unclaimed=frozenset({"pos.w"}))
+    assert got == {"enc.dropout": "h"}
