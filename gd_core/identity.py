@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .align import Renaming, find_renaming
+from .dataflow import Op, guarded, with_sites
 from .errors import ProfileMismatchError
 from .sites import Site
 
@@ -218,4 +219,129 @@ def correspond(
     return out
 
 
-__all__ = ["REASONS", "Absent", "Correspondence", "Pair", "correspond"]
+def regroup(
+    profile_sites: Sequence[Site],
+    parts: dict[str, Sequence[str]],
+    grouping: dict[str, str],
+) -> dict[str, str]:
+    """Group a model's dropout calls (``parts``: ``{call: canonical parameters it guards}``) into
+    sites as the profile does, where the model's own grouping (``grouping``: ``{call: site}``)
+    differs: a new ``{call: site}``.
+
+    A call belongs to the profile site whose (renamed) guarded set contains its own. A model site
+    whose calls belong to several profile sites is split, one site per profile site (an exporter
+    named the calls of two rate holders alike: BART's ``dropout`` and ``activation_dropout``, both
+    functional in one layer's scope); model sites that each guard exactly what one profile site
+    guards are merged into one (a shared layer unrolled into several scopes: ALBERT), and so are
+    model sites guarding disjoint parts that make up exactly one profile site's set (the calls
+    of a rate holder called twice, BART's ``dropout``, placed apart in a dropout-free graph). The new sites are named
+    like the profile sites (renamed into the model's parameter names). Calls that guard nothing,
+    or whose set no profile site contains, keep their site. Nothing changes where the groupings
+    agree.
+
+    Example:
+        >>> prof = [Site("l.dropout", ("l.a", "l.c")), Site("l.act_dropout", ("l.b",))]
+        >>> parts = {"n0": ("l.a",), "n1": ("l.b",), "n2": ("l.c",)}
+        >>> regroup(prof, parts, {"n0": "l.dropout", "n1": "l.dropout", "n2": "l.dropout"})
+        {'n0': 'l.dropout', 'n1': 'l.act_dropout', 'n2': 'l.dropout'}
+    """
+    model_params = [p for ps in parts.values() for p in ps]
+    prof_params = [p for s in profile_sites for p in s.params]
+    ren = find_renaming(prof_params, model_params) if prof_params and model_params else Renaming()
+    sets = {s.name: frozenset(ren(p) for p in s.params) for s in profile_sites}
+    owner: dict[str, str] = {}
+    for call, ps in parts.items():
+        mine = frozenset(ps)
+        holders = [name for name, full in sets.items() if mine and mine <= full]
+        if len(holders) == 1:
+            owner[call] = holders[0]
+    by_site: dict[str, list[str]] = {}
+    for call, site in grouping.items():
+        by_site.setdefault(site, []).append(call)
+    owned = {
+        site: {owner[c] for c in calls}
+        for site, calls in by_site.items()
+        if all(c in owner for c in calls)
+    }
+    out = dict(grouping)
+    taken = set(by_site)
+    for site, owners in owned.items():
+        if len(owners) > 1:  # split: one site per profile site
+            for c in by_site[site]:
+                out[c] = ren(owner[c])
+    union = {site: frozenset(p for c in calls for p in parts[c]) for site, calls in by_site.items()}
+    for prof_site, full in sets.items():
+        held = [site for site, owners in owned.items() if owners == {prof_site}]
+        merged = [site for site in held if union[site] == full]  # unrolled: each guards it all
+        if not merged and len(held) > 1:  # called twice: disjoint parts that make it up
+            parts_of = [union[site] for site in held]
+            whole = frozenset[str]().union(*parts_of)
+            if whole == full and sum(map(len, parts_of)) == len(whole):
+                merged = held
+        if len(merged) > 1:  # merge: the profile site's one rate on every call
+            name = ren(prof_site)
+            if name in taken and name not in merged:
+                name = merged[0]
+            for site in merged:
+                for c in by_site[site]:
+                    out[c] = name
+    return out
+
+
+def placements(
+    ops: Sequence[Op],
+    wanted: dict[str, Sequence[str]],
+    depth: int = 4,
+    unclaimed: frozenset[str] = frozenset(),
+) -> dict[str, str]:
+    """Where a profile site that a dropout-free graph lacks acts: ``{site: tensor}`` for each
+    site of ``wanted`` (``{site: canonical parameters it guards}``, renamed into the graph's
+    names) for which dropping one tensor of ``ops`` guards exactly those parameters
+    (:func:`gd_core.dataflow.guarded` with the site placed there). The candidates are the
+    outputs of the ops owning its parameters and of up to ``depth`` ops after them that own no
+    other parameter (an activation, a reshape); of the exact ones the last in execution order,
+    since a dropout acts on a module's output. A place that guards besides only ``unclaimed``
+    parameters (no profile site guards them, e.g. a frozen position table the profile left out)
+    counts as exact. A site with no exact place is left out.
+
+    Example:
+        >>> ops = [Op("pool", ["h"], ["a"], ["pool.w"]), Op("tanh", ["a"], ["t"]),
+        ...        Op("head", ["t"], ["y"], ["head.w"])]
+        >>> placements(ops, {"dropout": ["pool.w"]})
+        {'dropout': 't'}
+    """
+    producer = {t: i for i, op in enumerate(ops) for t in op.outputs}
+    readers: dict[str, list[int]] = {}
+    for i, op in enumerate(ops):
+        for t in op.inputs:
+            readers.setdefault(t, []).append(i)
+    out: dict[str, str] = {}
+    for site, params in wanted.items():
+        want = frozenset(params)
+        if not want:
+            continue
+        cands: dict[str, None] = {}
+        frontier = [(i, 0) for i, op in enumerate(ops) if want & set(op.params) and not op.site]
+        while frontier:
+            i, d = frontier.pop()
+            for t in ops[i].outputs:
+                if t in cands:
+                    continue
+                cands[t] = None
+                if d < depth:
+                    frontier.extend(
+                        (j, d + 1)
+                        for j in readers.get(t, [])
+                        if not ops[j].site and set(ops[j].params) <= want
+                    )
+        exact = []
+        for t in cands:
+            got = guarded(with_sites(ops, {t: site})).get(site, [])
+            if want <= frozenset(got) and frozenset(got) - want <= unclaimed:
+                exact.append(t)
+        if exact:
+            out[site] = max(exact, key=lambda t: producer[t])
+    return out
+
+
+__all__ = ["REASONS", "Absent", "Correspondence", "Pair", "correspond", "placements", "regroup"]

@@ -8,7 +8,6 @@ are treated as constants so that a reshape's target shape does not link back int
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,7 +18,10 @@ _SHAPE_OPS = frozenset({"Shape", "Size"})
 _NORM_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"})
 
 
-_NORM_SCOPE = re.compile(r"norm|(^|_)ln(_|\d|$)", re.IGNORECASE)
+#: what a normalisation exported piecewise computes: a mean over the features, and the
+#: square root (or reciprocal) of the variance or mean square it divides by
+_STATISTIC_OPS = frozenset({"ReduceMean"})
+_SCALE_OPS = frozenset({"Sqrt", "Reciprocal"})
 
 
 def _scope(node: Any) -> str:
@@ -27,8 +29,15 @@ def _scope(node: Any) -> str:
     return "/".join(parts[:-1])
 
 
-def _is_norm_scope(scope: str) -> bool:
-    return bool(scope) and _NORM_SCOPE.search(scope.rsplit("/", 1)[-1]) is not None
+def _norm_scopes(model: Any) -> set[str]:
+    """Scopes whose own nodes compute a normalisation: a mean reduction and a square root (or
+    reciprocal) of a statistic, as a LayerNorm or RMSNorm exported piecewise does (opset < 17:
+    ``ReduceMean``, ``Sub``, ``Pow``, ``ReduceMean``, ``Add``, ``Sqrt``, ``Div``...). Decided
+    from the ops the scope computes, not from what the module is called."""
+    ops: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        ops.setdefault(_scope(node), set()).add(node.op_type)
+    return {s for s, kinds in ops.items() if s and kinds & _STATISTIC_OPS and kinds & _SCALE_OPS}
 
 
 def ops_of(
@@ -62,6 +71,7 @@ def ops_of(
         )
         group = []
 
+    norm_scopes = _norm_scopes(model)
     read_in: dict[str, list[str]] = {}  # tensor -> scopes of the nodes reading it
     for node in model.graph.node:
         for t in node.input:
@@ -92,7 +102,7 @@ def ops_of(
             and (scope != group_scope or not group)
             and any(r != scope for o in node.output for r in read_in.get(o, ()))
         )
-        if site is None and not lead_cast and (_is_norm_scope(scope) or node.op_type in _NORM_OPS):
+        if site is None and not lead_cast and (scope in norm_scopes or node.op_type in _NORM_OPS):
             if scope != group_scope:
                 flush()
                 group_scope = scope or name

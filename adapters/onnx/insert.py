@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from gd_core.errors import bad_argument, no_sites
+from gd_core.errors import no_sites
 
 from . import graph as _g
 from .graph import INSERT_MARK, TRAINING_MODE_NAME, GraphIndex, onnx
@@ -99,16 +99,21 @@ def points(model: Any) -> tuple[list[Point], list[str]]:
         out.append(Point(tensor, name, index.producer[tensor], scope))
     out.extend(_attention_points(index, seen))
     out.sort(key=lambda p: p.after)
-    names = [p.name for p in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise bad_argument(
-            "model",
-            "residual branches of modules called once (one site name each)",
-            dup[:3],
-            "give each call its own module, or export in training mode with nn.Dropout modules",
-        )
-    return out, skipped
+    return _one_name_per_call(out), skipped
+
+
+def _one_name_per_call(where: list[Point]) -> list[Point]:
+    """A module whose residual branch is returned by several calls (a shared layer unrolled,
+    ALBERT) gets one site as in torch: its second and later calls are named ``<site>_1``, ...,
+    which discovery folds back into the first's site (the TorchScript exporter's own suffix for
+    a module called again, :func:`adapters.onnx.graph.site_name`)."""
+    seen: dict[str, int] = {}
+    out = []
+    for p in where:
+        k = seen.get(p.name, 0)
+        seen[p.name] = k + 1
+        out.append(p if k == 0 else Point(p.tensor, f"{p.name}_{k}", p.after, p.scope))
+    return out
 
 
 def _dropped(index: GraphIndex, tensor: str) -> bool:
@@ -117,9 +122,10 @@ def _dropped(index: GraphIndex, tensor: str) -> bool:
     return i is not None and index.nodes[i].op_type == "Dropout"
 
 
-def _feeds_matmul(index: GraphIndex, tensor: str, depth: int = 4) -> bool:
-    """Whether ``tensor`` is read (through Cast/Identity/Where/Reshape) as a MatMul's first
-    input: attention probabilities weighting the values."""
+def _weighting(index: GraphIndex, tensor: str, depth: int = 4) -> str | None:
+    """The tensor that weights values in a MatMul (its first input), reached from ``tensor``
+    through Cast/Identity/Where/Reshape (the math attention kernel's NaN guard
+    ``Where(IsNaN(p), 0, p)``); None if no MatMul reads it so: not attention probabilities."""
     stack, seen = [(tensor, 0)], set()
     while stack:
         current, d = stack.pop()
@@ -129,30 +135,34 @@ def _feeds_matmul(index: GraphIndex, tensor: str, depth: int = 4) -> bool:
         for i, j in index.consumers.get(current, []):
             node = index.nodes[i]
             if node.op_type == "MatMul" and j == 0:
-                return True
+                return current
             if node.op_type in ("Cast", "Identity", "Where", "Reshape"):
                 stack.extend((o, d + 1) for o in node.output if o)
-    return False
+    return None
 
 
 def _attention_points(index: GraphIndex, seen: set[str]) -> list[Point]:
-    """Attention-probability sites: the output of every Softmax inside a module whose result
-    weights values in a MatMul, where torch applies the attention's dropout. Named
+    """Attention-probability sites: every Softmax inside a module whose result weights values
+    in a MatMul, where torch applies the attention's dropout: on the tensor the MatMul reads
+    (after the exporter's NaN guard, if any, as in torch's math kernel). Named
     ``<module>.dropout`` after the module that computes it (as a training-mode export names its
     functional Dropout node there, :func:`adapters.onnx.graph.site_name`)."""
     out = []
-    for i, node in enumerate(index.nodes):
+    for node in index.nodes:
         if node.op_type != "Softmax" or not node.output or node.output[0] in seen:
             continue
         scope = _parts(node)
-        if not scope or not _feeds_matmul(index, node.output[0]):
+        weights = _weighting(index, node.output[0]) if scope else None
+        if weights is None or weights in seen:
             continue
         if any(
-            index.nodes[i].op_type == "Dropout" for i, _ in index.consumers.get(node.output[0], [])
+            index.nodes[k].op_type == "Dropout"
+            for t in (node.output[0], weights)
+            for k, _ in index.consumers.get(t, [])
         ):
             continue  # a Dropout node is there already (a zero attention rate, exported)
-        seen.add(node.output[0])
-        out.append(Point(node.output[0], ".".join((*scope, "dropout")), i, scope))
+        seen.add(weights)
+        out.append(Point(weights, ".".join((*scope, "dropout")), index.producer[weights], scope))
     return out
 
 

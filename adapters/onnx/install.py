@@ -12,12 +12,13 @@ import numpy as np
 
 from gd_core.errors import bad_argument
 from gd_core.face import ApplyOptions, ApplySettings
-from gd_core.identity import Correspondence, correspond
+from gd_core.identity import Correspondence, Pair, correspond, placements, regroup
 from gd_core.plan import _load as _load_profile
 from gd_core.plan import make_plan
 from gd_core.profile import SensitivityProfile
 from gd_core.report import ApplyReport, ReportRow
 from gd_core.schedules import Schedule
+from gd_core.sites import Site
 from gd_core.validate import check_probability, check_rates
 
 from . import graph as _g
@@ -25,7 +26,7 @@ from . import rewrite as _r
 from . import train as _t
 from .discovery import ModelLike, _copy, _discover, _load, fingerprint
 from .graph import TRAINING_MODE_NAME, GraphIndex, onnx
-from .insert import insert_sites, is_inserted, wanted
+from .insert import Point, insert_in_place, insert_sites, is_inserted, wanted
 from .rewrite import _f32, _owned_by, _refuse_unit_rewritten, _unit_width, _UnitRewrite
 
 INSERTED = "inserted (the graph had no Dropout node here)"
@@ -47,6 +48,9 @@ class OnnxApplyReport(ApplyReport):
         activated: sites whose nodes were inert (no ``training_mode``) and now train.
         matched: ``{graph site: profile site}``: each profile site placed on the site guarding
             the same canonical parameters (:func:`gd_core.identity.correspond`).
+        pairs: the correspondence itself (:class:`gd_core.identity.Pair`: profile site, graph
+            site, and whether they guard the same parameters or only overlap, with the
+            differences).
         absent_reasons: ``{site of absent: why}`` for the profile sites with no site here
             (``merged``, ``folded``, ``not exported``), keyed as in ``absent``.
         inserted: sites whose Dropout nodes :mod:`adapters.onnx.insert` added (a graph without
@@ -70,6 +74,7 @@ class OnnxApplyReport(ApplyReport):
     changes: list[str] = field(default_factory=list)
     matched: dict[str, str] = field(default_factory=dict)
     absent_reasons: dict[str, str] = field(default_factory=dict)
+    pairs: list[Pair] = field(default_factory=list)
 
 
 def apply(
@@ -155,7 +160,8 @@ def apply(
     out = _copy(proto)
     given_sites = isinstance(sites, Sequence) and not isinstance(sites, str)
     inserted_notes: list[str] = []
-    if wanted(out):
+    dropout_free = wanted(out)
+    if dropout_free:
         inserted_notes = insert_sites(out, warn=False)[1]  # sites for a dropout-free graph
     infos, table = _discover(out, "model", mapping=None if given_sites else sites)
     if given_sites:
@@ -163,7 +169,31 @@ def apply(
     corr, id_notes = None, []
     if not given_sites and not isinstance(profile, Mapping) and profile is not None:
         prof = _load_profile(profile, "pass profile=adapters.onnx.profile(...) or a saved path")
+        if dropout_free:
+            more = _profile_points(out, infos, table, prof)
+            if more:  # torch sites off the residual stream (a head's dropout): where they act
+                insert_in_place(out, more)
+                infos, table = _discover(out, "model", mapping=sites)
+                inserted_notes.append(
+                    f"{len(more)} profile site(s) off the residual stream inserted where dropping "
+                    "guards exactly their parameters: " + ", ".join(p.name for p in more[:4])
+                )
         corr, profile, id_notes = _identify(out, infos, table, prof)
+        unused = [i for i in infos if i.site.name not in corr.names().values()]
+        if (
+            dropout_free
+            and unused
+            and all(is_inserted(out.graph.node[n]) for i in unused for n in i.nodes)
+        ):
+            # a dropout-free graph gets the sites the profile has, as torch's model has them
+            _remove_nodes(out, [n for i in unused for n in i.nodes])
+            infos, table = _discover(out, "model", mapping=sites)
+            corr, profile, id_notes = _identify(out, infos, table, prof)
+            inserted_notes.append(
+                f"{len(unused)} residual site(s) not inserted: the profile has no site guarding "
+                "their parameters (the source model has no dropout there): "
+                + ", ".join(i.site.name for i in unused[:4])
+            )
     names = [i.site.name for i in infos]
     current = {i.site.name: (i.ratio if i.ratio is not None else 0.0) for i in infos}
     plan = make_plan(
@@ -191,6 +221,7 @@ def apply(
         notes = [n for n in notes if "have no dropout site in this model" not in n]
         notes.extend(id_notes + corr.notes())
         report.matched = {p.model_site: p.profile_site for p in corr.pairs}
+        report.pairs = list(corr.pairs)
         report.absent_reasons = {corr.renaming(a.profile_site): a.describe() for a in corr.absent}
     flipped = [p for p in table.values() if p.transposed]
     if flipped:
@@ -336,7 +367,10 @@ def _identify(
     """Place each profile site on the graph site guarding the same canonical parameters
     (:func:`gd_core.identity.correspond`): the profile renamed into the graph's site names, and
     the correspondence. A site :mod:`adapters.onnx.insert` added takes the name of the profile
-    site it matches (node and site), so the rewritten graph is named like the source model."""
+    site it matches (node and site), so the rewritten graph is named like the source model.
+    Dropout nodes are first grouped into sites as the profile groups the calls guarding the same
+    parameters (:func:`gd_core.identity.regroup`; ``infos`` is changed in place)."""
+    infos[:], regrouped = _regroup(model, infos, table, prof)
     corr = correspond(prof.sites, [i.site for i in infos], [p.name for p in table.values()])
     by_name = {i.site.name: i for i in infos}
     taken_sites = set(by_name)
@@ -364,13 +398,130 @@ def _identify(
         pairs.append(pair)
     corr.pairs = pairs
     names_map = corr.names()
-    notes = []
+    notes = regrouped
     if renamed:
         notes.append(
             f"{len(renamed)} inserted site(s) named after the profile site guarding the same "
             f"parameters: {'; '.join(renamed[:4])}" + (" ..." if len(renamed) > 4 else "")
         )
     return corr, prof.translate(lambda n: names_map.get(n, ren(n))), notes
+
+
+def _remove_nodes(model: Any, positions: list[int]) -> None:
+    """Remove inserted Dropout nodes (their readers read the node's input again) and the ratio
+    initializers only they read."""
+    graph = model.graph
+    gone = set(positions)
+    rewire = {graph.node[i].output[0]: graph.node[i].input[0] for i in gone}
+    ratios = {graph.node[i].input[1] for i in gone if len(graph.node[i].input) > 1}
+    keep = [n for i, n in enumerate(graph.node) if i not in gone]
+    for node in keep:
+        for j, t in enumerate(node.input):
+            if t in rewire:
+                node.input[j] = rewire[t]
+    del graph.node[:]
+    graph.node.extend(keep)
+    read = {t for n in keep for t in n.input}
+    inits = [t for t in graph.initializer if t.name not in ratios or t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def _profile_points(
+    model: Any, infos: list[Any], table: Mapping[str, Any], prof: SensitivityProfile
+) -> list[Point]:
+    """Insertion points, named like the profile's sites, for the profile sites no site of a
+    dropout-free graph guards exactly (a classifier head's dropout off the residual stream, an
+    FFN's inner dropout inside a residual branch): the tensor whose dropping guards exactly their
+    parameters (:func:`gd_core.identity.placements`, with the inserted sites in place)."""
+    from gd_core.align import find_renaming
+
+    from .dataflow import ops_of
+
+    have = {frozenset(i.site.params) for i in infos}
+    model_params = [p.name for p in table.values()]
+    prof_params = [p for s in prof.sites for p in s.params]
+    ren = find_renaming(prof_params, model_params) if prof_params and model_params else None
+    if ren is None:
+        return []
+    known = set(model_params)
+    want = {
+        ren(s.name): [ren(p) for p in s.params]
+        for s in prof.sites
+        if s.params
+        and frozenset(ren(p) for p in s.params) not in have
+        and {ren(p) for p in s.params} <= known
+    }
+    if not want:
+        return []
+    nodes = {n for info in infos for n in info.nodes}
+    try:
+        ops, _ = ops_of(
+            model,
+            {k: v.name for k, v in table.items()},
+            lambda i, n: f"#{i}" if i in nodes else None,
+        )
+        claimed = {ren(p) for s in prof.sites for p in s.params}
+        where = placements(ops, want, unclaimed=frozenset(known - claimed))
+    except Exception:  # noqa: BLE001 - a graph the rule cannot read: the sites stay absent
+        return []
+    index = GraphIndex(model.graph)
+    out = [
+        Point(t, site, index.producer[t], ()) for site, t in where.items() if t in index.producer
+    ]
+    return sorted(out, key=lambda p: p.after)
+
+
+def _regroup(
+    model: Any, infos: list[Any], table: Mapping[str, Any], prof: SensitivityProfile
+) -> tuple[list[Any], list[str]]:
+    """The site handles regrouped node by node as the profile groups what they guard (one
+    profile site's calls spread over several graph sites are merged; a graph site whose nodes
+    belong to several profile sites is split), and a note saying what changed."""
+    from .dataflow import groups, ops_of
+
+    by_node = {n: info for info in infos for n in info.nodes}
+    try:
+        ops, site_ops = ops_of(
+            model,
+            {k: v.name for k, v in table.items()},
+            lambda i, n: f"#{i}" if i in by_node else None,
+        )
+        parts = {k: tuple(v) for k, v in groups(ops, site_ops).items()}
+    except Exception:  # noqa: BLE001 - a graph the rule cannot read keeps its grouping
+        return infos, []
+    grouping = {f"#{n}": info.site.name for n, info in by_node.items()}
+    parts = {c: parts.get(c, ()) for c in grouping}
+    new = regroup(prof.sites, parts, grouping)
+    if new == grouping:
+        return infos, []
+    order = {v.name: i for i, v in enumerate(table.values())}
+    out: dict[str, Any] = {}
+    for info in infos:
+        for n, name in zip(info.nodes, info.node_names, strict=True):
+            site = new[f"#{n}"]
+            handle = out.get(site)
+            if handle is None:
+                handle = out[site] = _g.SiteHandle(
+                    Site(site, (), info.site.units, kind="node"), ratio=info.ratio, active=False
+                )
+            elif handle.ratio != info.ratio:
+                handle.ratio = None
+            handle.nodes.append(n)
+            handle.node_names.append(name)
+            handle.active = bool(handle.active) or bool(info.active)
+    for handle in out.values():
+        ps = {p for n in handle.nodes for p in parts[f"#{n}"]}
+        params = tuple(sorted(ps, key=lambda p: order.get(p, len(order))))
+        handle.site = replace(handle.site, params=params)
+    changed = sorted({f"{grouping[c]} -> {new[c]}" for c in new if new[c] != grouping[c]})
+    note = (
+        f"{len(changed)} graph site(s) regrouped node by node as the profile groups what they "
+        f"guard (calls of one rate holder named apart, or of two named alike): "
+        + "; ".join(changed[:4])
+        + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+    )
+    return list(out.values()), [note]
 
 
 def _only(infos: list[Any], sites: Sequence[Any]) -> list[Any]:

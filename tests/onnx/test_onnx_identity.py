@@ -177,7 +177,9 @@ def _ratios(report):  # type: ignore[no-untyped-def]
         ("bert", "dynamo", 7),
         ("roberta", "eval", 7),
         ("roberta", "training", 7),
-        ("distilbert", "eval", 7),
+        # torch's DistilBERT drops no attention output (out_lin): a dropout-free export given a
+        # torch profile gets the sites torch has, not a residual site torch lacks (was 7)
+        ("distilbert", "eval", 5),
         ("distilbert", "training", 5),
     ],
 )

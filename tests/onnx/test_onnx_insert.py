@@ -109,7 +109,8 @@ def test_encoder_eval_export_sites_pool_the_lost_dropout_modules() -> None:
     """nn.TransformerEncoderLayer has nn.Dropout modules, which an eval export drops: its
     inserted sites (the attention probabilities and the residual branches) guard what torch's
     sites there guard; the feed-forward's inner dropout (not on a residual branch) is merged
-    into the branch's site, and a torch profile says so."""
+    into the branch's site, until a torch profile says where it acts: then it is inserted there
+    (it used to stay merged, reported as such, and keep no p of its own)."""
     model = _encoder()
     proto = _eval_export(model, (torch.randint(0, 50, (2, 5)),), ["ids"])
     t = _groups(gdt.sites(model))
@@ -130,8 +131,9 @@ def test_encoder_eval_export_sites_pool_the_lost_dropout_modules() -> None:
     prof = gd_core.SensitivityProfile.from_fisher(fisher, gdt.sites(model))
     report = gdo.apply(proto, prof, strict=False)
     assert report.matched[f"{layer}.dropout1"] == f"{layer}.dropout1"  # inserted, torch's name
-    merged = [s for s, why in report.absent_reasons.items() if "merged into" in why]
-    assert merged == [f"{layer}.dropout"], report.absent_reasons
+    assert report.absent_reasons == {}
+    assert report.matched[f"{layer}.dropout"] == f"{layer}.dropout"  # the inner dropout, placed
+    assert f"{layer}.dropout" in report.inserted
     # a torch profile of this model names sites the eval graph does not have: refused, not silent
     with pytest.raises(Exception, match="(?i)site"):
         gdo.apply(proto, {n: 0.2 for n in t})

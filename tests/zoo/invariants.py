@@ -16,14 +16,14 @@ sites the rule placed and which kept the structural guess. Each invariant gets a
 - **c** every parameter of the repeated blocks is guarded by a site (the library has no API yet
   to list the unguarded ones with a reason, so this is ``info``: computed and reported only);
 - **d** no site falls back to the structural guess without a warning;
-- **e** (a subset) a training-mode TorchScript ONNX export, given ``adapters.onnx.apply(graph,
-  torch_profile)``, carries torch's p site by site (``info`` for now).
+- **e** the ONNX column (``e-train``, ``e-eval``, ``e-dynamo``): each export, given
+  ``adapters.onnx.apply(graph, torch_profile)``, carries torch's p site by site
+  (:mod:`tests.zoo.onnx_column`).
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import re
 import time
 import warnings
@@ -207,9 +207,11 @@ def _repeated_params(model: Any) -> list[str]:
     return list(out)
 
 
-def check(built: Built, *, onnx: bool = False) -> Result:
-    """Run every invariant on ``built`` (the model is changed: sites are installed on copies)."""
+def check(built: Built, *, onnx: bool = False, dynamo: bool = False) -> Result:
+    """Run every invariant on ``built`` (the model is changed: sites are installed on copies);
+    ``onnx``: the ONNX column too (``dynamo``: its default-exporter export as well)."""
     import adapters.torch as gdt
+    from tests.zoo import onnx_column
 
     start = time.perf_counter()
     res = Result(built.entry.cls_name, built.entry.task)
@@ -239,7 +241,8 @@ def check(built: Built, *, onnx: bool = False) -> Result:
             res.details["error_kind"] = kind
             for k in "bcd":
                 v[k] = Verdict("skip", "a failed")
-            v["e"] = Verdict("skip", "a failed" if onnx else "not in the ONNX subset")
+            for k in onnx_column.COLUMNS:
+                v[k] = Verdict("skip", "a failed" if onnx else "the ONNX column not asked for")
             res.seconds = time.perf_counter() - start
             return res
         v["a"] = Verdict("pass")
@@ -249,9 +252,11 @@ def check(built: Built, *, onnx: bool = False) -> Result:
     v["c"] = _check_guarded(model, site_list)
     v["d"] = _check_fallback(site_list, spy, texts)
     if onnx:
-        v["e"] = _check_onnx(pristine, batches[0], prof)
+        columns = onnx_column.check(pristine, batches[0], prof, rates, dynamo=dynamo)
+        res.details["onnx_seconds"] = columns.pop("_seconds", None)
+        v.update(columns)
     else:
-        v["e"] = Verdict("skip", "not in the ONNX subset")
+        v.update({k: Verdict("skip", "the ONNX column not asked for") for k in onnx_column.COLUMNS})
     res.seconds = time.perf_counter() - start
     return res
 
@@ -330,64 +335,6 @@ def _check_fallback(site_list: list[Any], spy: _GuardedSpy, texts: list[str]) ->
         f"{len(structural)} site(s) keep the structural guess without a warning{never}: "
         f"{_few(structural)}",
     )
-
-
-def _check_onnx(model: Any, batch: Any, prof: Any) -> Verdict:
-    """Export ``model`` in training mode, apply torch's profile to the graph and to ``model``, and
-    compare the p of every torch site."""
-    import torch
-
-    import adapters.torch as gdt
-
-    try:
-        import onnx
-
-        import adapters.onnx as gdo
-    except ImportError as exc:
-        return Verdict("skip", f"the ONNX column needs the onnx extra ({exc})")
-
-    buf = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                copy.deepcopy(model),
-                (),
-                buf,
-                kwargs=dict(batch),
-                training=torch.onnx.TrainingMode.TRAINING,
-                do_constant_folding=False,
-                dynamo=False,
-            )
-        graph = onnx.load_from_string(buf.getvalue())
-    except Exception as exc:  # noqa: BLE001 - a model the exporter cannot export
-        return Verdict("info", f"not exportable: {_short(exc)}")
-    with warnings.catch_warnings():  # what these warn is recorded by invariants a-d already
-        warnings.simplefilter("ignore")
-        torch_p = gdt.apply(copy.deepcopy(model), prof).probabilities()
-    try:
-        placed = gdo.apply(graph, prof)
-    except Exception as exc:  # noqa: BLE001 - recorded, not enforced yet
-        return Verdict("fail", f"adapters.onnx.apply refused torch's profile: {_short(exc)}")
-    # a site's identity is what it guards: each ONNX site under the torch site placed on it
-    matched = dict(getattr(placed, "matched", {}) or {})
-    onnx_p = {matched.get(s, s): p for s, p in placed.probabilities().items()}
-    absent = [s for s in torch_p if s not in onnx_p]
-    differ = {
-        s: (p, onnx_p[s]) for s, p in torch_p.items() if s in onnx_p and abs(onnx_p[s] - p) > TOL
-    }
-    extra = [s for s in onnx_p if s not in torch_p]
-    agree = len(torch_p) - len(absent) - len(differ)
-    if not absent and not differ and not extra:
-        return Verdict("pass", f"{agree}/{len(torch_p)} sites agree")
-    parts = [f"{agree}/{len(torch_p)} torch sites agree"]
-    if absent:
-        parts.append(f"absent in ONNX: {_few(absent)}")
-    if differ:
-        parts.append(f"other p: {_few(differ)}")
-    if extra:
-        parts.append(f"ONNX-only sites: {_few(extra)}")
-    return Verdict("fail", "; ".join(parts))
 
 
 def _few(items: Any, n: int = 3) -> str:

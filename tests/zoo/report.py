@@ -27,6 +27,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from tests.zoo import onnx_column
+
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "zoo.md"
 STATE = Path(__file__).resolve().parent / "sweep.json"
@@ -36,8 +38,8 @@ NAMES = {
     "b": "every call at an installed p, every site reaches a call",
     "c": "repeated-block parameters guarded (reported, not enforced)",
     "d": "no structural fallback without a warning",
-    "e": "ONNX training export carries torch's p site by site (subset, reported)",
 }
+NAMES.update(onnx_column.COLUMNS)  # e-train, e-eval, e-dynamo (reported, not enforced)
 
 
 class _Timeout(BaseException):
@@ -70,7 +72,7 @@ def run_one(cls_name: str, timeout: int = 120) -> dict[str, Any]:
             out["why"] = f"{built.category}: {built.message}"
         else:
             out["built"] = True
-            res = invariants.check(built, onnx=cls_name in ONNX_SUBSET)
+            res = invariants.check(built, onnx=True, dynamo=cls_name in ONNX_SUBSET)
             out["verdicts"] = {k: [v.status, v.reason] for k, v in res.verdicts.items()}
             out["sites"] = res.details.get("sites")
             out["raised"] = res.details.get("raised", [])
@@ -188,15 +190,21 @@ def render(rows: list[dict[str, Any]], command: str, seconds: float, jobs: int) 
                 lines.append(f"| {r['class']} | {r.get('task', '')} | {k} | {_cell(reason)} |")
     lines += [
         "",
+        *onnx_column.summary_lines(built),
+        "",
         "## Reported, not enforced (c, e)",
         "",
         "| class | invariant | result |",
         "|---|---|---|",
     ]
     for r in built:
-        for k in ("c", "e"):
+        for k in ("c", *onnx_column.COLUMNS):
             status, reason = r.get("verdicts", {}).get(k, ["skip", ""])
-            if status in ("info", "fail") or (k == "e" and status == "pass"):
+            if status in ("info", "fail") or (
+                k != "c"
+                and status == "skip"
+                and reason.startswith((onnx_column.NOT_EXPORTABLE, onnx_column.TIME_CAP))
+            ):
                 lines.append(f"| {r['class']} | {k} | {status}: {_cell(reason)} |")
     lines += ["", "## Not built", "", "| class | task | why |", "|---|---|---|"]
     for r in failed_build:
