@@ -12,6 +12,7 @@ from typing import Any, Unpack
 import numpy as np
 
 from gd_core.auto import lookup as auto_lookup
+from gd_core.errors import ArgumentError
 from gd_core.face import ApplyOptions, ApplySettings
 from gd_core.plan import make_plan
 from gd_core.profile import SensitivityProfile
@@ -30,6 +31,7 @@ from .discovery import (
 )
 from .holders import _cannot_rewrite, _rewrite_in_place, carry
 from .layer import GuidedDropout, GuidedDropoutScheduler, _all_layers, keras
+from .rebuild import align_names, rebuilt
 
 
 def _spatial_noise_shape(layer: Any) -> tuple[int | None, ...] | None:
@@ -291,7 +293,14 @@ def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable
     try:
         new_model = keras.models.clone_model(model, clone_function=clone, recursive=True)
     except Exception as exc:  # noqa: BLE001 - any failure to rebuild is reported with its cause
-        raise _cannot_rewrite(model, f"keras.models.clone_model failed ({exc!s:.300})") from exc
+        # a layer clone_model cannot make from its own config (keras_hub): the model is built
+        # again from its config and its dropout layers replaced in that copy
+        try:
+            return _compiled_like(model, rebuilt(model, idx, factories))
+        except ArgumentError as again:
+            raise _cannot_rewrite(
+                model, f"keras.models.clone_model failed ({exc!s:.300}); {again!s:.300}"
+            ) from exc
     for old, new in pairs:
         if getattr(old, "weights", None):
             try:
@@ -314,8 +323,14 @@ def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable
             }
             _rewrite_in_place(new, ModelIndex.build(new), inner)
             carry(new)  # its config alone would make plain dropout layers again when loaded
-    if _fingerprint(ModelIndex.build(new_model)) != _fingerprint(idx):
+    # layers made without a name are named from a process-wide counter: the clone's layers
+    # take the original's names, so its weights keep their canonical names
+    if _fingerprint(align_names(idx, new_model)) != _fingerprint(idx):
         raise _cannot_rewrite(model, "the rebuilt model's weights differ from the original's")
+    return _compiled_like(model, new_model)
+
+
+def _compiled_like(model: Any, new_model: Any) -> Any:
     if getattr(model, "compiled", False):
         try:
             config = model.get_compile_config()
