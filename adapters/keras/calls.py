@@ -64,6 +64,7 @@ def called_layers(
     layers: Sequence[Any],
     distributions: set[int] | None = None,
     order: tuple[Sequence[Any], list[Any]] | None = None,
+    every: list[Any] | None = None,
 ) -> set[int] | None:
     """Ids of ``layers`` that one training forward of ``model`` on a guessed input calls
     (``None``: no input could be guessed, or the forward failed on it). Ids of those whose
@@ -71,7 +72,10 @@ def called_layers(
     a softmax output, whose last axis is key positions, not features) are added to
     ``distributions``. With ``order=(watched, out)``, the layers of ``watched`` are appended
     to ``out`` in the order the forward first calls them (call order, which inside a custom
-    layer can differ from the order its sublayers were made in)."""
+    layer can differ from the order its sublayers were made in); with ``every``, each call of
+    those and of ``layers`` is appended to it, repeats included (a layer called more than once,
+    such as one dropout layer a block calls after attention and after its feed-forward, is in
+    it once per call)."""
     x = guessed_input(model)
     if x is None or not layers:
         return None
@@ -89,6 +93,8 @@ def called_layers(
 
         def counting(*args: Any, _call: Any = original, _layer: Any = layer, **kw: Any) -> Any:
             _id = id(_layer)
+            if every is not None:
+                every.append(_layer)
             if order is not None and _id not in seen:
                 seen.add(_id)
                 order[1].append(_layer)
@@ -103,6 +109,8 @@ def called_layers(
     try:
         model(x, training=True)
     except Exception:  # noqa: BLE001 - the guess does not fit this model: nothing is known
+        if every is not None:
+            every.clear()
         return None
     finally:
         for layer in patched:

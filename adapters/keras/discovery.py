@@ -70,6 +70,8 @@ class ModelIndex:
     attention: set[int] = field(default_factory=set)
     #: layers in the order that forward first called them (empty: not known)
     call_order: list[Any] = field(default_factory=list)
+    #: every layer call of that forward in order, repeats included (empty: not known)
+    calls: list[Any] = field(default_factory=list)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -180,7 +182,11 @@ class ModelIndex:
 
             watched = [x for x in self.layers[1:] if not is_site(x)]
             called = called_layers(
-                self.model, self.site_layers, self.attention, (watched, self.call_order)
+                self.model,
+                self.site_layers,
+                self.attention,
+                (watched, self.call_order),
+                self.calls,
             )
             if called is None:
                 self.call_order.clear()
@@ -347,12 +353,14 @@ def _trailing(idx: ModelIndex, holder: Any) -> list[Any]:
     the forward was seen, else layer order)."""
     if is_site(holder):
         return []
-    order = idx.call_order or idx.layers
+    order = idx.calls or idx.layers  # every call: a dropout layer called again late counts
     inside = [layer for layer in order if _is_under(idx, layer, holder)]
     last = max((i for i, layer in enumerate(inside) if is_site(layer)), default=-1)
-    return [
-        layer for layer in inside[last + 1 :] if own_weights(layer) and not idx.contains_site(layer)
-    ]
+    out: dict[int, Any] = {}
+    for layer in inside[last + 1 :]:
+        if own_weights(layer) and not idx.contains_site(layer):
+            out.setdefault(id(layer), layer)
+    return list(out.values())
 
 
 def _is_under(idx: ModelIndex, layer: Any, ancestor: Any) -> bool:
@@ -378,22 +386,24 @@ def _graph_level(idx: ModelIndex, layer: Any) -> Any | None:
 def _walk_order(idx: ModelIndex, site: Any) -> list[Any]:
     """Weight-carrying layers between the previous site and ``site`` in layer order, within the
     layer a functional graph calls (a transformer block's first inner site does not reach back
-    into the layers before the block: the graph decides those)."""
+    into the layers before the block: the graph decides those). Where the forward was seen,
+    its calls decide: a dropout layer called more than once (ESM's block calls one before
+    attention, after it and after the feed-forward) guards the union over its calls."""
     order = idx.layers
-    if idx.call_order and any(x is site for x in idx.call_order):
-        order = idx.call_order  # the forward's call order, where one was seen
-    pos = next(i for i, layer in enumerate(order) if layer is site)
-    out = []
+    if idx.calls and any(x is site for x in idx.calls):
+        order = idx.calls  # the forward's calls, where they were seen
     dead = {id(x) for x in idx.dead or ()}
     top = _graph_level(idx, site)
-    for layer in reversed(order[:pos]):
-        if top is not None and top is not site and not _is_under(idx, layer, top):
-            break
-        if is_site(layer) and id(layer) not in dead:
-            break
-        if own_weights(layer) and not idx.contains_site(layer):
-            out.append(layer)
-    return out[::-1]
+    out: dict[int, Any] = {}
+    for pos in [i for i, layer in enumerate(order) if layer is site]:
+        for layer in reversed(order[:pos]):
+            if top is not None and top is not site and not _is_under(idx, layer, top):
+                break
+            if is_site(layer) and id(layer) not in dead:
+                break
+            if own_weights(layer) and not idx.contains_site(layer):
+                out.setdefault(id(layer), layer)
+    return list(out.values())
 
 
 def default_params(idx: ModelIndex, site: Any) -> list[str]:

@@ -167,18 +167,23 @@ def _called_rates(model: Any) -> dict[str, float] | None:
 
 
 def twice_guarded(model: Any, sites: list[Any]) -> list[str]:
-    """Parameters two sites guard, except a weight of a layer the graph calls more than once
-    (a tied embedding read by the encoder and the decoder: each call's output is dropped by
-    its own site, so both guard it)."""
+    """Parameters two sites guard, except a weight of a layer the forward calls more than once
+    (a tied embedding read by the encoder and the decoder, DeBERTa's query projection applied
+    to the hidden states and to the relative position embeddings: each call's output is
+    dropped by its own site, so both guard it)."""
     from adapters.keras.discovery import ModelIndex
 
     idx = ModelIndex.build(model)
+    idx.check_calls()
+    counts: dict[int, int] = {}
+    for layer in idx.calls:
+        counts[id(layer)] = counts.get(id(layer), 0) + 1
     first: dict[str, str] = {}
     out = []
     for s in sites:
         for p in s.params:
             layer = idx.owner.get(p)
-            reused = len(getattr(layer, "_inbound_nodes", ())) > 1
+            reused = len(getattr(layer, "_inbound_nodes", ())) > 1 or counts.get(id(layer), 0) > 1
             if p in first and not reused:
                 out.append(f"{p} guarded by {first[p]} and {s.name}")
             first.setdefault(p, s.name)
