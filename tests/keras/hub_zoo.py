@@ -46,6 +46,7 @@ TINY: dict[str, Any] = {
     "max_sequence_length": 16,
     "max_position_embeddings": 16,
     "rope_theta": 10000.0,
+    "rotary_percentage": 0.5,  # head size 4: a rotary dimension of 2 (0.25 makes it odd)
     "patch_size": 4,
     "image_shape": (32, 32, 3),
     "image_size": 32,
