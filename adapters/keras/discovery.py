@@ -72,10 +72,12 @@ class ModelIndex:
     call_order: list[Any] = field(default_factory=list)
     #: every layer call of that forward in order, repeats included (empty: not known)
     calls: list[Any] = field(default_factory=list)
+    #: the input the forward of :meth:`check_calls` runs on (None: one guessed from the specs)
+    example: Any = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def build(cls, model: Any) -> ModelIndex:
+    def build(cls, model: Any, example_input: Any = None) -> ModelIndex:
         if not isinstance(model, keras.layers.Layer):
             raise bad_argument(
                 "model",
@@ -83,7 +85,7 @@ class ModelIndex:
                 type(model).__name__,
                 "pass a keras.Model (Sequential, functional or subclassed)",
             )
-        idx = cls(model)
+        idx = cls(model, example=example_input)
         paths: dict[int, tuple[str, ...]] = {}
 
         def visit(layer: Any, path: tuple[str, ...]) -> None:
@@ -187,6 +189,7 @@ class ModelIndex:
                 self.attention,
                 (watched, self.call_order),
                 self.calls,
+                self.example,
             )
             if called is None:
                 self.call_order.clear()
@@ -209,7 +212,8 @@ class ModelIndex:
         return (
             "no training forward ran on an input guessed from the model's input specs, so "
             "whether every dropout layer is called was not checked (a dropout layer the forward "
-            "never calls would be profiled and installed like the others)"
+            "never calls would be profiled and installed like the others); pass "
+            "example_input=<one small batch> to check it"
         )
 
     def dead_note(self) -> str | None:
@@ -518,7 +522,9 @@ def _check_mapping(idx: ModelIndex, names: list[str], mapping: Any) -> dict[str,
     return site_mapping(mapping, names, idx.variables, sites_hint="adapters.keras.sites(model)")
 
 
-def sites(model: Any, mapping: Mapping[str, Sequence[str]] | None = None) -> list[Any]:
+def sites(
+    model: Any, mapping: Mapping[str, Sequence[str]] | None = None, *, example_input: Any = None
+) -> list[Any]:
     """The model's dropout sites (``gd_core.Site``) in graph order, with canonical names.
 
     Sites are ``Dropout``, ``SpatialDropout1D/2D/3D``, ``AlphaDropout`` and ``GuidedDropout``
@@ -529,6 +535,12 @@ def sites(model: Any, mapping: Mapping[str, Sequence[str]] | None = None) -> lis
     units, in canonical torch layout (Dense kernel ``(in, out)`` = weight ``(out, in)`` -> 0,
     bias/LayerNormalization -> 0, Embedding -> 1).
 
+    One training forward (on ``example_input``, else on an input guessed from a functional
+    model's input specs; a subclassed model is checked only with ``example_input``) tells which
+    dropout layers are called (the others are dead sites: a warning names them) and in which
+    order; a dropout layer called more than once guards the union over its calls. A given
+    ``example_input`` the model cannot run on raises ArgumentError.
+
     Example:
         >>> import keras
         >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="fc"),
@@ -537,7 +549,7 @@ def sites(model: Any, mapping: Mapping[str, Sequence[str]] | None = None) -> lis
         >>> s.name, s.params, s.units, s.unit_axes
         ('drop', ('fc.weight', 'fc.bias'), 4, {'fc.weight': 0, 'fc.bias': 0})
     """
-    idx = ModelIndex.build(model)
+    idx = ModelIndex.build(model, example_input)
     found = sites_of(idx, mapping)
     note = idx.dead_note()
     if note is not None:

@@ -121,6 +121,7 @@ def apply(
     sites: Mapping[str, Sequence[str]] | Sequence[Site] | None = None,
     tokenizer: Any = None,
     auto_profile: Any = True,
+    example_input: Any = None,
     **options: Unpack[ApplyOptions],
 ) -> ApplyReport:
     """Replace the model's dropout layers by ``GuidedDropout`` layers at the plan's probabilities.
@@ -150,6 +151,9 @@ def apply(
             (:mod:`gd_core.auto`, the contrastive objective on the model's outputs): a Hugging
             Face tokenizer or a callable ``list[str] -> token ids`` turns the text into the
             model's integer input. Without one, ``apply`` raises ProfileNotFoundError.
+        example_input: the input of the forward that finds the sites (which dropout layers
+            are called, in which order), as in :func:`~adapters.keras.sites`; default one
+            guessed from a functional model's input specs.
         auto_profile: options of that computation (``{"samples": 192, "corpus": None,
             "seq_len": 128, "progress": True, ...}``); False never computes one.
 
@@ -182,7 +186,7 @@ def apply(
     """
     opts = ApplySettings.of(options, "apply")
     sched = None if opts.schedule is None else Schedule.from_config(opts.schedule)
-    idx = ModelIndex.build(model)
+    idx = ModelIndex.build(model, example_input)
     pairs = resolve_sites(idx, sites)
     current = {site.name: layer_rate(layer) for site, layer in pairs}
     auto_notes: list[str] = []
