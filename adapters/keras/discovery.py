@@ -441,12 +441,20 @@ def discover(model: Any, mapping: Mapping[str, Sequence[str]] | None = None) -> 
     return sites_of(idx, mapping)
 
 
+#: what a dropout-free model is told (adapters.torch inserts sites there; this binding does not)
+NOT_INSERTED = (
+    "adapters.keras does not insert dropout into a dropout-free model (adapters.torch does: "
+    "on the embedding output and every residual branch); build a keras_hub model with "
+    "dropout > 0 (e.g. Backbone.from_preset(preset, dropout=0.1)) so its dropout layers are "
+    "called, or add keras.layers.Dropout layers where dropout belongs"
+)
+
+
 def sites_of(idx: ModelIndex, mapping: Mapping[str, Sequence[str]] | None = None) -> list[Site]:
     if not idx.site_layers:
         raise no_sites(
-            "add keras.layers.Dropout (or SpatialDropout, AlphaDropout, GuidedDropout) layers "
-            "where dropout belongs; dropout drawn inside call() with keras.random.dropout "
-            "cannot be guided",
+            NOT_INSERTED + " (or SpatialDropout, AlphaDropout, GuidedDropout layers); dropout "
+            "drawn inside call() with keras.random.dropout cannot be guided",
             detail=f"{type(idx.model).__name__} {idx.model.name!r}",
         )
     names = [idx.site_name(layer) for layer in idx.site_layers]
@@ -462,7 +470,7 @@ def sites_of(idx: ModelIndex, mapping: Mapping[str, Sequence[str]] | None = None
     if not live:
         raise no_sites(
             "none of the model's dropout layers is called in a training forward (dead sites: "
-            f"{names[:4]}); add dropout where the forward uses it",
+            f"{names[:4]}, e.g. skipped at rate 0); " + NOT_INSERTED,
             detail=f"{type(idx.model).__name__} {idx.model.name!r}",
         )
     if mapping is not None:
