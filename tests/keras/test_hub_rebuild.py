@@ -138,6 +138,7 @@ def test_a_dropout_free_backbone_says_sites_are_not_inserted():
     residual branches, this binding does not yet: the error says so and how to get sites."""
     keras_hub = pytest.importorskip("keras_hub")
     import hub_zoo  # tests/keras is on sys.path (conftest)
+
     from gd_core.errors import NoSitesError
 
     cls = keras_hub.models.GemmaBackbone
