@@ -64,6 +64,9 @@ class FullLength(keras.layers.Layer):
     def call(self, x):
         return x + self.pos
 
+    def compute_output_shape(self, shape):
+        return shape
+
 
 def _full_length_model():
     inp = keras.Input((None, 3))
