@@ -159,7 +159,9 @@ def apply(
 
     Sequential and functional models are rebuilt with ``keras.models.clone_model`` (same layer
     names, weights copied, compile config copied when the model was compiled); the input model is
-    unchanged. Subclassed models are changed *in place* (dropout attributes, including items of
+    unchanged. Where ``clone_model`` fails (a keras_hub layer whose config does not rebuild it),
+    a model whose class builds it from its config is built again that way and its dropout layers
+    replaced in the copy (:mod:`adapters.keras.rebuild`). Subclassed models are changed *in place* (dropout attributes, including items of
     lists and dicts, are replaced); recompile them before training. A subclassed model, or a
     layer of a graph that makes its own dropout layers (keras_hub's transformer layers), gets a
     ``Guided<Name>`` subclass of its class whose config keeps the new dropout layers, so a saved
