@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from gd_core.errors import bad_argument
+
 from .layer import keras
 
 
@@ -64,6 +66,8 @@ def called_layers(
     layers: Sequence[Any],
     distributions: set[int] | None = None,
     order: tuple[Sequence[Any], list[Any]] | None = None,
+    every: list[Any] | None = None,
+    example: Any = None,
 ) -> set[int] | None:
     """Ids of ``layers`` that one training forward of ``model`` on a guessed input calls
     (``None``: no input could be guessed, or the forward failed on it). Ids of those whose
@@ -71,8 +75,13 @@ def called_layers(
     a softmax output, whose last axis is key positions, not features) are added to
     ``distributions``. With ``order=(watched, out)``, the layers of ``watched`` are appended
     to ``out`` in the order the forward first calls them (call order, which inside a custom
-    layer can differ from the order its sublayers were made in)."""
-    x = guessed_input(model)
+    layer can differ from the order its sublayers were made in); with ``every``, each call of
+    those and of ``layers`` is appended to it, repeats included (a layer called more than once,
+    such as one dropout layer a block calls after attention and after its feed-forward, is in
+    it once per call). ``example``: the input to use (a model whose guessed input does not
+    fit, or a subclassed model, whose input is not known); a forward that fails on a given
+    example raises ArgumentError naming ``example_input`` and the cause."""
+    x = guessed_input(model) if example is None else example
     if x is None or not layers:
         return None
     called: set[int] = set()
@@ -89,6 +98,8 @@ def called_layers(
 
         def counting(*args: Any, _call: Any = original, _layer: Any = layer, **kw: Any) -> Any:
             _id = id(_layer)
+            if every is not None:
+                every.append(_layer)
             if order is not None and _id not in seen:
                 seen.add(_id)
                 order[1].append(_layer)
@@ -102,7 +113,17 @@ def called_layers(
         patched.append(layer)
     try:
         model(x, training=True)
-    except Exception:  # noqa: BLE001 - the guess does not fit this model: nothing is known
+    except Exception as exc:  # noqa: BLE001 - the guess does not fit this model: nothing known
+        if every is not None:
+            every.clear()
+        if example is not None:
+            raise bad_argument(
+                "example_input",
+                f"an input {type(model).__name__} {model.name!r} can be called with",
+                f"one whose training forward fails ({type(exc).__name__}: {exc!s:.200})",
+                "pass one small batch in the form model(x) takes (a dict of arrays for a "
+                "keras_hub backbone), or leave example_input out to use a guessed input",
+            ) from exc
         return None
     finally:
         for layer in patched:

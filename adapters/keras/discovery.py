@@ -70,10 +70,14 @@ class ModelIndex:
     attention: set[int] = field(default_factory=set)
     #: layers in the order that forward first called them (empty: not known)
     call_order: list[Any] = field(default_factory=list)
+    #: every layer call of that forward in order, repeats included (empty: not known)
+    calls: list[Any] = field(default_factory=list)
+    #: the input the forward of :meth:`check_calls` runs on (None: one guessed from the specs)
+    example: Any = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def build(cls, model: Any) -> ModelIndex:
+    def build(cls, model: Any, example_input: Any = None) -> ModelIndex:
         if not isinstance(model, keras.layers.Layer):
             raise bad_argument(
                 "model",
@@ -81,7 +85,7 @@ class ModelIndex:
                 type(model).__name__,
                 "pass a keras.Model (Sequential, functional or subclassed)",
             )
-        idx = cls(model)
+        idx = cls(model, example=example_input)
         paths: dict[int, tuple[str, ...]] = {}
 
         def visit(layer: Any, path: tuple[str, ...]) -> None:
@@ -180,7 +184,12 @@ class ModelIndex:
 
             watched = [x for x in self.layers[1:] if not is_site(x)]
             called = called_layers(
-                self.model, self.site_layers, self.attention, (watched, self.call_order)
+                self.model,
+                self.site_layers,
+                self.attention,
+                (watched, self.call_order),
+                self.calls,
+                self.example,
             )
             if called is None:
                 self.call_order.clear()
@@ -203,7 +212,8 @@ class ModelIndex:
         return (
             "no training forward ran on an input guessed from the model's input specs, so "
             "whether every dropout layer is called was not checked (a dropout layer the forward "
-            "never calls would be profiled and installed like the others)"
+            "never calls would be profiled and installed like the others); pass "
+            "example_input=<one small batch> to check it"
         )
 
     def dead_note(self) -> str | None:
@@ -347,12 +357,14 @@ def _trailing(idx: ModelIndex, holder: Any) -> list[Any]:
     the forward was seen, else layer order)."""
     if is_site(holder):
         return []
-    order = idx.call_order or idx.layers
+    order = idx.calls or idx.layers  # every call: a dropout layer called again late counts
     inside = [layer for layer in order if _is_under(idx, layer, holder)]
     last = max((i for i, layer in enumerate(inside) if is_site(layer)), default=-1)
-    return [
-        layer for layer in inside[last + 1 :] if own_weights(layer) and not idx.contains_site(layer)
-    ]
+    out: dict[int, Any] = {}
+    for layer in inside[last + 1 :]:
+        if own_weights(layer) and not idx.contains_site(layer):
+            out.setdefault(id(layer), layer)
+    return list(out.values())
 
 
 def _is_under(idx: ModelIndex, layer: Any, ancestor: Any) -> bool:
@@ -378,22 +390,24 @@ def _graph_level(idx: ModelIndex, layer: Any) -> Any | None:
 def _walk_order(idx: ModelIndex, site: Any) -> list[Any]:
     """Weight-carrying layers between the previous site and ``site`` in layer order, within the
     layer a functional graph calls (a transformer block's first inner site does not reach back
-    into the layers before the block: the graph decides those)."""
+    into the layers before the block: the graph decides those). Where the forward was seen,
+    its calls decide: a dropout layer called more than once (ESM's block calls one before
+    attention, after it and after the feed-forward) guards the union over its calls."""
     order = idx.layers
-    if idx.call_order and any(x is site for x in idx.call_order):
-        order = idx.call_order  # the forward's call order, where one was seen
-    pos = next(i for i, layer in enumerate(order) if layer is site)
-    out = []
+    if idx.calls and any(x is site for x in idx.calls):
+        order = idx.calls  # the forward's calls, where they were seen
     dead = {id(x) for x in idx.dead or ()}
     top = _graph_level(idx, site)
-    for layer in reversed(order[:pos]):
-        if top is not None and top is not site and not _is_under(idx, layer, top):
-            break
-        if is_site(layer) and id(layer) not in dead:
-            break
-        if own_weights(layer) and not idx.contains_site(layer):
-            out.append(layer)
-    return out[::-1]
+    out: dict[int, Any] = {}
+    for pos in [i for i, layer in enumerate(order) if layer is site]:
+        for layer in reversed(order[:pos]):
+            if top is not None and top is not site and not _is_under(idx, layer, top):
+                break
+            if is_site(layer) and id(layer) not in dead:
+                break
+            if own_weights(layer) and not idx.contains_site(layer):
+                out.setdefault(id(layer), layer)
+    return list(out.values())
 
 
 def default_params(idx: ModelIndex, site: Any) -> list[str]:
@@ -427,12 +441,20 @@ def discover(model: Any, mapping: Mapping[str, Sequence[str]] | None = None) -> 
     return sites_of(idx, mapping)
 
 
+#: what a dropout-free model is told (adapters.torch inserts sites there; this binding does not)
+NOT_INSERTED = (
+    "adapters.keras does not insert dropout into a dropout-free model (adapters.torch does: "
+    "on the embedding output and every residual branch); build a keras_hub model with "
+    "dropout > 0 (e.g. Backbone.from_preset(preset, dropout=0.1)) so its dropout layers are "
+    "called, or add keras.layers.Dropout layers where dropout belongs"
+)
+
+
 def sites_of(idx: ModelIndex, mapping: Mapping[str, Sequence[str]] | None = None) -> list[Site]:
     if not idx.site_layers:
         raise no_sites(
-            "add keras.layers.Dropout (or SpatialDropout, AlphaDropout, GuidedDropout) layers "
-            "where dropout belongs; dropout drawn inside call() with keras.random.dropout "
-            "cannot be guided",
+            NOT_INSERTED + " (or SpatialDropout, AlphaDropout, GuidedDropout layers); dropout "
+            "drawn inside call() with keras.random.dropout cannot be guided",
             detail=f"{type(idx.model).__name__} {idx.model.name!r}",
         )
     names = [idx.site_name(layer) for layer in idx.site_layers]
@@ -448,7 +470,7 @@ def sites_of(idx: ModelIndex, mapping: Mapping[str, Sequence[str]] | None = None
     if not live:
         raise no_sites(
             "none of the model's dropout layers is called in a training forward (dead sites: "
-            f"{names[:4]}); add dropout where the forward uses it",
+            f"{names[:4]}, e.g. skipped at rate 0); " + NOT_INSERTED,
             detail=f"{type(idx.model).__name__} {idx.model.name!r}",
         )
     if mapping is not None:
@@ -508,7 +530,9 @@ def _check_mapping(idx: ModelIndex, names: list[str], mapping: Any) -> dict[str,
     return site_mapping(mapping, names, idx.variables, sites_hint="adapters.keras.sites(model)")
 
 
-def sites(model: Any, mapping: Mapping[str, Sequence[str]] | None = None) -> list[Any]:
+def sites(
+    model: Any, mapping: Mapping[str, Sequence[str]] | None = None, *, example_input: Any = None
+) -> list[Any]:
     """The model's dropout sites (``gd_core.Site``) in graph order, with canonical names.
 
     Sites are ``Dropout``, ``SpatialDropout1D/2D/3D``, ``AlphaDropout`` and ``GuidedDropout``
@@ -519,6 +543,12 @@ def sites(model: Any, mapping: Mapping[str, Sequence[str]] | None = None) -> lis
     units, in canonical torch layout (Dense kernel ``(in, out)`` = weight ``(out, in)`` -> 0,
     bias/LayerNormalization -> 0, Embedding -> 1).
 
+    One training forward (on ``example_input``, else on an input guessed from a functional
+    model's input specs; a subclassed model is checked only with ``example_input``) tells which
+    dropout layers are called (the others are dead sites: a warning names them) and in which
+    order; a dropout layer called more than once guards the union over its calls. A given
+    ``example_input`` the model cannot run on raises ArgumentError.
+
     Example:
         >>> import keras
         >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="fc"),
@@ -527,7 +557,7 @@ def sites(model: Any, mapping: Mapping[str, Sequence[str]] | None = None) -> lis
         >>> s.name, s.params, s.units, s.unit_axes
         ('drop', ('fc.weight', 'fc.bias'), 4, {'fc.weight': 0, 'fc.bias': 0})
     """
-    idx = ModelIndex.build(model)
+    idx = ModelIndex.build(model, example_input)
     found = sites_of(idx, mapping)
     note = idx.dead_note()
     if note is not None:

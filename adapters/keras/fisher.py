@@ -367,6 +367,7 @@ def profile(
     *,
     sites: Mapping[str, Sequence[str]] | Sequence[Site] | None = None,
     with_units: bool = True,
+    example_input: Any = None,
     **options: Unpack[ProfileOptions],
 ) -> SensitivityProfile:
     """Estimate Fisher and aggregate it into a ``gd_core.SensitivityProfile`` for this model.
@@ -376,7 +377,8 @@ def profile(
     ``aggregation`` and ``mapping`` (the score-to-probability mapping stored in the profile,
     default ``linear_rank`` over ``[0.0, 0.1]``), ``cache`` (store the profile in the per-user
     cache, where :func:`apply` with ``profile=None`` finds it) and ``metadata`` (merged into the
-    profile's). The profile carries the model's fingerprint and metadata ``framework="keras"``,
+    profile's), ``example_input`` (the input of the forward that finds the sites, as in
+    :func:`sites`; default one guessed from the input specs). The profile carries the model's fingerprint and metadata ``framework="keras"``,
     ``backend``, ``samples``, ``skipped``, ``loss``, ``fisher_engine`` and (TensorFlow)
     ``fisher_fallback`` (:func:`estimate_fisher`'s report of the weights the jacobian path
     computed).
@@ -394,7 +396,7 @@ def profile(
         (['drop_in', 'drop_mid'], 'keras')
     """
     opts = ProfileSettings.of(options, "profile")
-    idx = ModelIndex.build(model)
+    idx = ModelIndex.build(model, example_input)
     model_sites = [site for site, _ in resolve_sites(idx, sites)]
     trainable = idx.trainable()
     guarded = [n for n in trainable if any(n in s.params for s in model_sites)]

@@ -256,9 +256,13 @@ def _cannot_rewrite(model: Any, why: str) -> ArgumentError:
 
 
 def _rewrite_in_place(
-    root: Any, idx: ModelIndex, factories: Mapping[int, Callable[[], Any]]
+    root: Any,
+    idx: ModelIndex,
+    factories: Mapping[int, Callable[[], Any]],
+    done: set[int] | None = None,
 ) -> None:
-    """Replace site layers held as attributes (or in list/dict attributes) of their parents."""
+    """Replace site layers held as attributes (or in list/dict attributes) of their parents
+    (``done``: ids of those replaced otherwise already, e.g. as nodes of a functional graph)."""
     made: dict[int, Any] = {}
 
     def new_for(old: Any) -> Any:
@@ -298,7 +302,9 @@ def _rewrite_in_place(
                         _swap_tracked(tracker, item, new)
                         dict.__setitem__(value, key, new)
     left = [
-        layer.name for layer in idx.site_layers if id(layer) in factories and id(layer) not in made
+        layer.name
+        for layer in idx.site_layers
+        if id(layer) in factories and id(layer) not in made and id(layer) not in (done or ())
     ]
     if left:
         raise _cannot_rewrite(

@@ -12,6 +12,7 @@ from typing import Any, Unpack
 import numpy as np
 
 from gd_core.auto import lookup as auto_lookup
+from gd_core.errors import ArgumentError
 from gd_core.face import ApplyOptions, ApplySettings
 from gd_core.plan import make_plan
 from gd_core.profile import SensitivityProfile
@@ -30,6 +31,7 @@ from .discovery import (
 )
 from .holders import _cannot_rewrite, _rewrite_in_place, carry
 from .layer import GuidedDropout, GuidedDropoutScheduler, _all_layers, keras
+from .rebuild import align_names, rebuilt
 
 
 def _spatial_noise_shape(layer: Any) -> tuple[int | None, ...] | None:
@@ -119,6 +121,7 @@ def apply(
     sites: Mapping[str, Sequence[str]] | Sequence[Site] | None = None,
     tokenizer: Any = None,
     auto_profile: Any = True,
+    example_input: Any = None,
     **options: Unpack[ApplyOptions],
 ) -> ApplyReport:
     """Replace the model's dropout layers by ``GuidedDropout`` layers at the plan's probabilities.
@@ -148,12 +151,17 @@ def apply(
             (:mod:`gd_core.auto`, the contrastive objective on the model's outputs): a Hugging
             Face tokenizer or a callable ``list[str] -> token ids`` turns the text into the
             model's integer input. Without one, ``apply`` raises ProfileNotFoundError.
+        example_input: the input of the forward that finds the sites (which dropout layers
+            are called, in which order), as in :func:`~adapters.keras.sites`; default one
+            guessed from a functional model's input specs.
         auto_profile: options of that computation (``{"samples": 192, "corpus": None,
             "seq_len": 128, "progress": True, ...}``); False never computes one.
 
     Sequential and functional models are rebuilt with ``keras.models.clone_model`` (same layer
     names, weights copied, compile config copied when the model was compiled); the input model is
-    unchanged. Subclassed models are changed *in place* (dropout attributes, including items of
+    unchanged. Where ``clone_model`` fails (a keras_hub layer whose config does not rebuild it),
+    a model whose class builds it from its config is built again that way and its dropout layers
+    replaced in the copy (:mod:`adapters.keras.rebuild`). Subclassed models are changed *in place* (dropout attributes, including items of
     lists and dicts, are replaced); recompile them before training. A subclassed model, or a
     layer of a graph that makes its own dropout layers (keras_hub's transformer layers), gets a
     ``Guided<Name>`` subclass of its class whose config keeps the new dropout layers, so a saved
@@ -180,7 +188,7 @@ def apply(
     """
     opts = ApplySettings.of(options, "apply")
     sched = None if opts.schedule is None else Schedule.from_config(opts.schedule)
-    idx = ModelIndex.build(model)
+    idx = ModelIndex.build(model, example_input)
     pairs = resolve_sites(idx, sites)
     current = {site.name: layer_rate(layer) for site, layer in pairs}
     auto_notes: list[str] = []
@@ -291,7 +299,14 @@ def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable
     try:
         new_model = keras.models.clone_model(model, clone_function=clone, recursive=True)
     except Exception as exc:  # noqa: BLE001 - any failure to rebuild is reported with its cause
-        raise _cannot_rewrite(model, f"keras.models.clone_model failed ({exc!s:.300})") from exc
+        # a layer clone_model cannot make from its own config (keras_hub): the model is built
+        # again from its config and its dropout layers replaced in that copy
+        try:
+            return _compiled_like(model, rebuilt(model, idx, factories))
+        except ArgumentError as again:
+            raise _cannot_rewrite(
+                model, f"keras.models.clone_model failed ({exc!s:.300}); {again!s:.300}"
+            ) from exc
     for old, new in pairs:
         if getattr(old, "weights", None):
             try:
@@ -314,8 +329,14 @@ def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable
             }
             _rewrite_in_place(new, ModelIndex.build(new), inner)
             carry(new)  # its config alone would make plain dropout layers again when loaded
-    if _fingerprint(ModelIndex.build(new_model)) != _fingerprint(idx):
+    # layers made without a name are named from a process-wide counter: the clone's layers
+    # take the original's names, so its weights keep their canonical names
+    if _fingerprint(align_names(idx, new_model)) != _fingerprint(idx):
         raise _cannot_rewrite(model, "the rebuilt model's weights differ from the original's")
+    return _compiled_like(model, new_model)
+
+
+def _compiled_like(model: Any, new_model: Any) -> Any:
     if getattr(model, "compiled", False):
         try:
             config = model.get_compile_config()
