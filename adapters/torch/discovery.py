@@ -284,6 +284,7 @@ class _Flow:
     seen: set[str]
     module_out: dict[str, str]
     path_out: dict[str, str]
+    sited: list[Any] | None = None  # ops with the hook sites inserted (set by _regroup)
 
 
 def _on_device(example: Any, root: Any) -> Any:
@@ -359,7 +360,7 @@ def _regroup(index: _Index, found: list[SiteHandle], flow: _Flow) -> list[SiteHa
             target = _split(f.site.name)[0]
             if target in flow.path_out:
                 at[flow.path_out[target]] = f.site.name
-    ops = with_sites(flow.ops, at)
+    ops = flow.sited = with_sites(flow.ops, at)
     groups = guarded(ops)
     attention = attention_sites(ops)
     order = {n: i for i, n in enumerate(index.pname.values())}
@@ -490,7 +491,7 @@ def _discover(
     if flow is not None:
         found = _regroup(index, found, flow)
     found = _apply_mapping(index, found, mapping)
-    index.unguarded = _unguarded(index, found, flow)
+    index.unguarded = _unguarded(index, found, flow, mapping is not None)
     if required and not found:
         raise no_sites(
             "use a model with nn.Dropout modules or dropout-rate attributes, or pass "
@@ -500,10 +501,25 @@ def _discover(
     return index, found
 
 
-def _unguarded(index: _Index, found: Sequence[SiteHandle], flow: _Flow | None) -> dict[str, str]:
-    """Every parameter no site guards, with the reason."""
+def _upstream(ops: Sequence[Any]) -> set[str]:
+    """Parameters of the ops whose outputs reach a dropout site (any number of ops away)."""
+    tensors: set[str] = set()
+    out: set[str] = set()
+    for op in reversed(ops):  # execution order reversed: every reader comes before its producer
+        if op.site or any(t in tensors for t in op.outputs):
+            tensors.update(op.inputs)
+            out.update(op.params)
+    return out
+
+
+def _unguarded(
+    index: _Index, found: Sequence[SiteHandle], flow: _Flow | None, mapped: bool = False
+) -> dict[str, str]:
+    """Every parameter no site guards, with the reason (from the traced dataflow)."""
     guarded_now = {p for f in found for p in f.site.params}
-    used = {p for op in flow.ops for p in op.params} if flow is not None else set()
+    ops = (flow.sited or flow.ops) if flow is not None else []
+    used = {p for op in ops for p in op.params}
+    upstream = _upstream(ops)
     out = {}
     for name in index.pname.values():
         if name in guarded_now:
@@ -512,10 +528,18 @@ def _unguarded(index: _Index, found: Sequence[SiteHandle], flow: _Flow | None) -
             out[name] = "unknown: no traced forward (what the sites guard is a structural guess)"
         elif name not in used:
             out[name] = "not read by the traced training-mode forward"
+        elif name not in upstream:
+            out[name] = (
+                "not upstream of any dropout: no dropout acts on its output, nor on anything "
+                "computed from it (e.g. a head after the last dropout)"
+            )
+        elif mapped:
+            out[name] = "upstream of a dropout, but the mapping= given puts it in no site"
         else:
             out[name] = (
-                "no dropout acts on its output: the tensors it computes reach no site before "
-                "a residual branch point, another site or the model's output"
+                "no dropout acts on its own output: what it computes reaches a dropout only "
+                "past a residual branch point, another site's output or a norm an earlier site "
+                "guards (that dropout guards the computation nearer to it)"
             )
     return out
 

@@ -13,8 +13,9 @@ sites the rule placed and which kept the structural guess. Each invariant gets a
   (``F.dropout`` and its variants, ``scaled_dot_product_attention(dropout_p=)``,
   :class:`adapters.torch.GuidedDropout` modules) runs at an installed p, and every installed
   site's p reaches a call;
-- **c** every parameter of the repeated blocks is guarded by a site (the library has no API yet
-  to list the unguarded ones with a reason, so this is ``info``: computed and reported only);
+- **c** every parameter of the repeated blocks is guarded by a site or listed in
+  ``sites(model).unguarded`` with a reason, never both, never neither, and the reason agrees with
+  facts measured independently (:mod:`tests.zoo.coverage_check`);
 - **d** no site falls back to the structural guess without a warning;
 - **e** (a subset) a training-mode TorchScript ONNX export, given ``adapters.onnx.apply(graph,
   torch_profile)``, carries torch's p site by site (``info`` for now).
@@ -31,6 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.zoo import coverage_check
 from tests.zoo.registry import Built, zoo_loss
 
 TOL = 1e-6  # p values are compared within this (float32 rates hold them to ~1e-9)
@@ -57,8 +59,8 @@ class Result:
 
     @property
     def passed(self) -> bool:
-        """Every enforced invariant (a, b, d) passes."""
-        return all(self.verdicts.get(k, Verdict("skip")).status == "pass" for k in "abd")
+        """Every enforced invariant (a, b, c, d) passes."""
+        return all(self.verdicts.get(k, Verdict("skip")).status == "pass" for k in "abcd")
 
     def failures(self) -> list[str]:
         return [f"{k}: {v.reason}" for k, v in self.verdicts.items() if v.status == "fail"]
@@ -193,20 +195,6 @@ def distinct_rates(names: list[str], avoid: list[float]) -> dict[str, float]:
     return out
 
 
-def _repeated_params(model: Any) -> list[str]:
-    """Canonical names of the parameters of repeated blocks (ModuleLists of 2+ same-type blocks)."""
-    import torch
-
-    pname = {id(p): n for n, p in model.named_parameters()}
-    out: dict[str, None] = {}
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.ModuleList) and len(mod) >= 2:
-            if len({type(c) for c in mod}) == 1:
-                for p in mod.parameters():
-                    out[pname[id(p)]] = None
-    return list(out)
-
-
 def check(built: Built, *, onnx: bool = False) -> Result:
     """Run every invariant on ``built`` (the model is changed: sites are installed on copies)."""
     import adapters.torch as gdt
@@ -246,7 +234,7 @@ def check(built: Built, *, onnx: bool = False) -> Result:
         texts = [str(w.message) for w in caught]
     res.details["warnings"] = [t[:200] for t in dict.fromkeys(texts)][:5]
     v["b"] = _check_rates(target, batches[0], rates, report)
-    v["c"] = _check_guarded(model, site_list)
+    v["c"] = Verdict(*coverage_check.check(target, batches[0], site_list))
     v["d"] = _check_fallback(site_list, spy, texts)
     if onnx:
         v["e"] = _check_onnx(pristine, batches[0], prof)
@@ -300,21 +288,6 @@ def _check_rates(model: Any, batch: Any, asked: dict[str, float], report: Any) -
     if dead:
         reasons.append(f"{len(dead)} installed site(s) reach no dropout call: {_few(dead)}")
     return Verdict("fail", "; ".join(reasons)) if reasons else Verdict("pass")
-
-
-def _check_guarded(model: Any, site_list: list[Any]) -> Verdict:
-    repeated = _repeated_params(model)
-    guarded = {p for s in site_list for p in s.params}
-    loose = [p for p in repeated if p not in guarded]
-    if not repeated:
-        return Verdict("info", "no repeated blocks (ModuleList of 2+ same-type blocks) found")
-    if loose:
-        return Verdict(
-            "info",
-            f"{len(loose)}/{len(repeated)} repeated-block parameters guarded by no site, e.g. "
-            f"{_few(loose)} (no API lists unguarded parameters with a reason yet)",
-        )
-    return Verdict("pass")
 
 
 def _check_fallback(site_list: list[Any], spy: _GuardedSpy, texts: list[str]) -> Verdict:
