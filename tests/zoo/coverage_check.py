@@ -213,9 +213,9 @@ def repeated_params(model: Any, calls: dict[str, int]) -> list[str]:
     return list(out)
 
 
-def check(applied: Any, batch: Any, site_list: Any, installed: dict[str, float]) -> tuple[str, str]:
-    """Invariant (c)'s ``(status, reason)`` for ``site_list`` (found on the model before ``apply``) and
-    ``applied`` (that model after ``apply``)."""
+def check(applied: Any, batch: Any, site_list: Any) -> tuple[str, str]:
+    """Invariant (c)'s ``(status, reason)`` for ``site_list`` (found on the model before
+    ``apply``) and ``applied`` (that model after ``apply``)."""
     try:
         facts, read, upstream = measure(applied, batch)
     except Exception as exc:  # noqa: BLE001 - the model's own forward with autograd
