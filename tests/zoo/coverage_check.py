@@ -6,7 +6,8 @@ The facts come from one training forward (with autograd) of the model *after* ``
 inserted hook sites are real dropout calls too), observed by a ``TorchFunctionMode`` of its own:
 
 - **dropout calls**: ``F.dropout`` and its variants, ``scaled_dot_product_attention`` with a
-  ``dropout_p`` above 0, and :class:`adapters.torch.GuidedDropout` modules; each call's p names
+  ``dropout_p`` above 0, ``multi_head_attention_forward`` likewise (its projections run inside,
+  so it counts for the upstream fact only), and :class:`adapters.torch.GuidedDropout` modules; each call's p names
   the site that set it (``apply`` gave every site a distinct p);
 - **read**: parameters with an autograd path to the model's outputs or to a dropout call's input;
 - **upstream**: parameters with an autograd path to a dropout call's input;
@@ -147,6 +148,10 @@ def measure(model: Any, batch: Any) -> tuple[_Facts, set[str], set[str]]:
                     ]:
                         if torch.is_tensor(t):
                             facts.dropped(t, float(p))
+            elif func is F.multi_head_attention_forward:
+                p = kwargs.get("dropout_p", args[10] if len(args) > 10 else 0.0)
+                if float(p) > 0:  # its projections run inside: upstream facts only
+                    facts.drop_inputs += [t for t in args[:3] if torch.is_tensor(t)]
             out = func(*args, **kwargs)
             facts.record(args, kwargs, out)
             return out

@@ -11,6 +11,7 @@ sites the rule placed and which kept the structural guess. Each invariant gets a
   kind (``library error``), anything else a ``crash``;
 - **b** after ``apply`` with a distinct p per site, every dropout call of one training forward
   (``F.dropout`` and its variants, ``scaled_dot_product_attention(dropout_p=)``,
+  ``multi_head_attention_forward(dropout_p=)`` (``nn.MultiheadAttention``, WavLM),
   :class:`adapters.torch.GuidedDropout` modules) runs at an installed p, and every installed
   site's p reaches a call;
 - **c** every parameter of the repeated blocks is guarded by a site or listed in
@@ -131,7 +132,14 @@ def _dropout_functions() -> dict[Any, Any]:
     def sdpa(args: Any, kw: Any) -> tuple[float, bool]:
         return float(kw.get("dropout_p", args[4] if len(args) > 4 else 0.0)), True
 
-    table: dict[Any, Any] = {}
+    def mha(args: Any, kw: Any) -> tuple[float, bool]:
+        # F.multi_head_attention_forward(query, key, value, embed_dim, num_heads, in_proj_weight,
+        # in_proj_bias, bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight,
+        # out_proj_bias, training=True, ...): its dropout runs inside, unseen by this mode
+        p = kw.get("dropout_p", args[10] if len(args) > 10 else 0.0)
+        return float(p), bool(kw.get("training", args[13] if len(args) > 13 else True))
+
+    table: dict[Any, Any] = {F.multi_head_attention_forward: mha}
     for name in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout"):
         table[getattr(F, name)] = module_style
     table[F.feature_alpha_dropout] = module_style

@@ -150,3 +150,21 @@ def test_distinct_rates_avoid_old_rates() -> None:
     assert len(set(values)) == 40
     assert min(b - a for a, b in zip(values, values[1:], strict=False)) > 100 * invariants.TOL
     assert all(abs(v - 0.1) > 1e-4 and abs(v - 0.0244) > 1e-4 for v in values)
+
+
+def test_rate_check_sees_the_dropout_inside_multi_head_attention() -> None:
+    """SigLIP's pooling head and WavLM call ``F.multi_head_attention_forward``, whose dropout runs
+    inside the function (unseen by a mode): the instrument reads its ``dropout_p`` (their sites
+    were reported as reaching no call)."""
+    import torch
+
+    class Pool(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = torch.nn.MultiheadAttention(4, 2, dropout=0.1, batch_first=True)
+
+        def forward(self, x: Any) -> Any:
+            return self.attention(x, x, x)[0]
+
+    calls = invariants._record_calls(Pool(), {"x": torch.randn(2, 3, 4)})
+    assert ("multi_head_attention_forward", 0.1) in [(f, round(p, 6)) for f, p in calls], calls
