@@ -17,6 +17,7 @@ from gd_core.errors import bad_argument, no_sites
 from gd_core.sites import site_mapping
 from gd_core.validate import check_known
 
+from ._unreached import note, revive
 from .layer import HOOK_CHILD, GuidedDropout, torch
 
 nn = torch.nn
@@ -473,6 +474,7 @@ def _discover(
                 for f in found
                 if f.installed and f.site.name not in flow.seen
             }
+            unreached: list[SiteHandle] = [f for f in found if f.site.name in index.dead]
             found = [f for f in found if f.site.name not in index.dead]
             found += [f for f in config if f.site.name in flow.seen]
         else:
@@ -490,6 +492,10 @@ def _discover(
         found.extend(_virtual_hook_site(index, t) for t in _hook_targets(index, add_sites, flow))
     if flow is not None:
         found = _regroup(index, found, flow)
+        back = revive(unreached, found, index.modules, flow.path_out, index.pname.values())
+        found += back  # holders in blocks the input did not reach (experts): sites, with a note
+        index.dead = {k: v for k, v in index.dead.items() if k not in {f.site.name for f in back}}
+        index.notes += [note(back)] if back else []
     found = _apply_mapping(index, found, mapping)
     index.unguarded = _unguarded(index, found, flow, mapping is not None)
     if required and not found:

@@ -346,3 +346,40 @@ def test_frozen_and_parameterless_sites_are_left_out_of_the_profile_with_the_rea
     assert prof.site_names == ["3"]
     report = gdt.apply(net, prof, missing="upper")
     assert {r.site: r.source for r in report}["1"] == "upper"
+
+
+class _Experts(torch.nn.Module):
+    """A mixture of two experts (Linear -> Dropout -> Linear); the router sends every token of a
+    batch to expert e0 unless ``route`` says otherwise (SwitchTransformers' experts, tiny)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(4, 4)
+        self.experts = torch.nn.ModuleDict(
+            {
+                f"e{i}": torch.nn.Sequential(
+                    torch.nn.Linear(4, 8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 4)
+                )
+                for i in range(2)
+            }
+        )
+        self.route = "e0"
+
+    def forward(self, x):
+        h = self.inp(x)
+        return h + self.experts[self.route](h)
+
+
+def test_dropout_in_an_expert_the_input_never_reaches_is_a_site_not_dead():
+    """SwitchTransformers: a dropout in an expert the traced input was not routed to was
+    reported dead (left at its old rate); a batch routed there ran it at 0.1. It is a site
+    guarding what the reached expert's dropout guards, in its own expert, and a note says so."""
+    net = _Experts()
+    found = sites(net, example_input=torch.randn(3, 4))
+    by = {s.name: s for s in found}
+    assert "experts.e1.1" in by and "experts.e1.1" not in found.dead
+    assert by["experts.e0.1"].params == ("experts.e0.0.weight", "experts.e0.0.bias")
+    assert by["experts.e1.1"].params == ("experts.e1.0.weight", "experts.e1.0.bias")
+    assert any("experts.e1.1" in n and "not reached by the traced input" in n for n in found.notes)
+    apply(net, {"experts.e0.1": 0.2, "experts.e1.1": 0.3}, example_input=torch.randn(3, 4))
+    assert net.experts.e1[1].p == pytest.approx(0.3)

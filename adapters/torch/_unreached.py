@@ -1,0 +1,77 @@
+"""Rate holders in blocks the traced input did not reach (mixture-of-experts experts).
+
+A dropout inside an expert that the traced forward's tokens were never routed to is not dead: a
+training batch routed there runs it. When such a holder's block was never called while a block
+of the same type beside it (same parent, e.g. ``experts.expert_0`` for ``experts.expert_3``) was,
+the holder is a site: it guards what the reached sibling's holder guards, its parameter names
+moved to its own block, and the sites are named in a note (``sites(model).notes``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from gd_core import Site
+
+NOTE = "not reached by the traced input"
+
+
+def _sibling(name: str, other: str, modules: Mapping[str, Any], called: Any) -> int | None:
+    """The path depth at which ``name``'s unreached block and ``other``'s reached block differ,
+    when they are same-type children of one parent (None otherwise)."""
+    a, b = name.split("."), other.split(".")
+    if len(a) != len(b):
+        return None
+    diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+    if len(diff) != 1 or diff[0] == len(a) - 1:
+        return None
+    i = diff[0]
+    mine, theirs = ".".join(a[: i + 1]), ".".join(b[: i + 1])
+    if mine not in modules or theirs not in modules or mine in called or theirs not in called:
+        return None
+    if type(modules[mine]) is not type(modules[theirs]):
+        return None
+    return i
+
+
+def revive(
+    dead: Sequence[Any],
+    live: Sequence[Any],
+    modules: Mapping[str, Any],
+    called: Any,
+    params: Any,
+) -> list[Any]:
+    """Site handles for the ``dead`` holders (``SiteHandle``s) whose block the traced forward
+    never called while a same-type sibling block's holder is ``live`` (already regrouped);
+    ``called``: the module paths the forward called; ``params``: every parameter name."""
+    out = []
+    known = set(params)
+    for f in dead:
+        for g in live:
+            i = _sibling(f.site.name, g.site.name, modules, called)
+            if i is None:
+                continue
+            theirs = ".".join(g.site.name.split(".")[: i + 1]) + "."
+            mine = ".".join(f.site.name.split(".")[: i + 1]) + "."
+            moved = [mine + p[len(theirs) :] if p.startswith(theirs) else p for p in g.site.params]
+            moved = [p for p in moved if p in known]
+            axes = {
+                mine + p[len(theirs) :] if p.startswith(theirs) else p: a
+                for p, a in g.site.unit_axes.items()
+            }
+            axes = {p: a for p, a in axes.items() if p in moved}
+            site = Site(f.site.name, moved, g.site.units, axes, f.site.kind)
+            out.append(replace(f, site=site, role=g.role))
+            break
+    return out
+
+
+def note(back: Sequence[Any]) -> str:
+    """The note naming the sites :func:`revive` made."""
+    return (
+        f"{len(back)} site(s) {NOTE} (in blocks it was not routed to, e.g. the experts of a "
+        "mixture of experts): each guards what the same holder of a reached sibling block "
+        f"guards; a batch routed to none of them leaves them unused: {[f.site.name for f in back]}"
+    )
