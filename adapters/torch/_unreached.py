@@ -42,12 +42,14 @@ def revive(
     modules: Mapping[str, Any],
     called: Any,
     params: Any,
-) -> list[Any]:
+) -> tuple[list[Any], list[str]]:
     """Site handles for the ``dead`` holders (``SiteHandle``s) whose block the traced forward
     never called while a same-type sibling block's holder is ``live`` (already regrouped);
-    ``called``: the module paths the forward called; ``params``: every parameter name."""
+    ``called``: the module paths the forward called; ``params``: every parameter name. Returns
+    the new handles and the names of the reached sibling sites they copied."""
     out = []
     known = set(params)
+    reached: dict[str, None] = {}
     for f in dead:
         for g in live:
             i = _sibling(f.site.name, g.site.name, modules, called)
@@ -64,14 +66,17 @@ def revive(
             axes = {p: a for p, a in axes.items() if p in moved}
             site = Site(f.site.name, moved, g.site.units, axes, f.site.kind)
             out.append(replace(f, site=site, role=g.role))
+            reached.setdefault(g.site.name, None)
             break
-    return out
+    return out, list(reached)
 
 
-def note(back: Sequence[Any]) -> str:
-    """The note naming the sites :func:`revive` made."""
+def note(back: Sequence[Any], siblings: Sequence[str]) -> str:
+    """The note naming the sites :func:`revive` made and the reached sites they copied."""
     return (
         f"{len(back)} site(s) {NOTE} (in blocks it was not routed to, e.g. the experts of a "
         "mixture of experts): each guards what the same holder of a reached sibling block "
-        f"guards; a batch routed to none of them leaves them unused: {[f.site.name for f in back]}"
+        f"guards: {[f.site.name for f in back]}; these and their reached siblings "
+        f"{list(siblings)} run only on the tokens routed to their block, so a batch may leave "
+        "some of them unused"
     )

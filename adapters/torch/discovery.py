@@ -492,10 +492,10 @@ def _discover(
         found.extend(_virtual_hook_site(index, t) for t in _hook_targets(index, add_sites, flow))
     if flow is not None:
         found = _regroup(index, found, flow)
-        back = revive(unreached, found, index.modules, flow.path_out, index.pname.values())
+        back, near = revive(unreached, found, index.modules, flow.path_out, index.pname.values())
         found += back  # holders in blocks the input did not reach (experts): sites, with a note
         index.dead = {k: v for k, v in index.dead.items() if k not in {f.site.name for f in back}}
-        index.notes += [note(back)] if back else []
+        index.notes += [note(back, near)] if back else []
     found = _apply_mapping(index, found, mapping)
     index.unguarded = _unguarded(index, found, flow, mapping is not None)
     if required and not found:
