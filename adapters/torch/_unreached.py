@@ -16,6 +16,7 @@ from typing import Any
 from gd_core import Site
 
 NOTE = "not reached by the traced input"
+_CONTAINERS = ("ModuleList", "ModuleDict")
 
 
 def _sibling(name: str, other: str, modules: Mapping[str, Any], called: Any) -> int | None:
@@ -80,3 +81,48 @@ def note(back: Sequence[Any], siblings: Sequence[str]) -> str:
         f"{list(siblings)} run only on the tokens routed to their block, so a batch may leave "
         "some of them unused"
     )
+
+
+def twins(modules: Mapping[str, Any], called: Any, params: Any) -> dict[str, str]:
+    """``{parameter of a block the forward never called: the same parameter of a called
+    same-type sibling block}``, for the outermost such blocks (an expert and the expert beside it
+    that the input was routed to)."""
+    names = list(params)
+    out: dict[str, str] = {}
+    for path, mod in modules.items():
+        if not path or path in called:
+            continue
+        parent, _, leaf = path.rpartition(".")
+        holder = modules[parent]
+        if parent and parent not in called and type(holder).__name__ not in _CONTAINERS:
+            continue  # not the outermost block the forward missed (containers are not called)
+        kids = [f"{parent}.{k}" if parent else k for k, _ in holder.named_children()]
+        twin = next((k for k in kids if k in called and type(modules[k]) is type(mod)), None)
+        if twin is None:
+            continue
+        known = set(names)
+        for p in names:
+            if p.startswith(path + "."):
+                other = twin + p[len(path) :]
+                if other in known:
+                    out[p] = other
+    return out
+
+
+def extend(found: Sequence[Any], twin: Mapping[str, str], axes: Any) -> list[Any]:
+    """Each site also guards the parameters no site guards whose twin it guards (``axes(params,
+    units)``: the unit axes of a parameter list)."""
+    if not twin:
+        return list(found)
+    taken = {p for f in found for p in f.site.params}
+    twin = {p: t for p, t in twin.items() if p not in taken}
+    out = []
+    for f in found:
+        has = set(f.site.params)
+        more = [p for p, t in twin.items() if t in has and p not in has]
+        if more:
+            params = [*f.site.params, *more]
+            site = Site(f.site.name, params, f.site.units, axes(params, f.site.units), f.site.kind)
+            f = replace(f, site=site)
+        out.append(f)
+    return out

@@ -17,7 +17,8 @@ from gd_core.errors import bad_argument, no_sites
 from gd_core.sites import site_mapping
 from gd_core.validate import check_known
 
-from ._unreached import note, revive
+from ._unreached import NOTE as UNREACHED
+from ._unreached import extend, note, revive, twins
 from .layer import HOOK_CHILD, GuidedDropout, torch
 
 nn = torch.nn
@@ -496,8 +497,13 @@ def _discover(
         found += back  # holders in blocks the input did not reach (experts): sites, with a note
         index.dead = {k: v for k, v in index.dead.items() if k not in {f.site.name for f in back}}
         index.notes += [note(back, near)] if back else []
+        twin = twins(index.modules, flow.path_out, index.pname.values())
+        found = extend(found, twin, lambda ps, u: _unit_axes(index, ps, u))
     found = _apply_mapping(index, found, mapping)
     index.unguarded = _unguarded(index, found, flow, mapping is not None)
+    for p, t in (twin if flow is not None else {}).items():  # blocks the input did not reach
+        if p in index.unguarded and t in index.unguarded:
+            index.unguarded[p] = f"{index.unguarded[t]} (as {t}: its block was {UNREACHED})"
     if required and not found:
         raise no_sites(
             "use a model with nn.Dropout modules or dropout-rate attributes, or pass "

@@ -381,5 +381,30 @@ def test_dropout_in_an_expert_the_input_never_reaches_is_a_site_not_dead():
     assert by["experts.e0.1"].params == ("experts.e0.0.weight", "experts.e0.0.bias")
     assert by["experts.e1.1"].params == ("experts.e1.0.weight", "experts.e1.0.bias")
     assert any("experts.e1.1" in n and "not reached by the traced input" in n for n in found.notes)
+    # the parameter after it has the reason of its twin in the reached expert, said to be copied
+    assert found.unguarded["experts.e1.2.weight"].startswith(found.unguarded["experts.e0.2.weight"])
+    assert "as experts.e0.2.weight" in found.unguarded["experts.e1.2.weight"]
     apply(net, {"experts.e0.1": 0.2, "experts.e1.1": 0.3}, example_input=torch.randn(3, 4))
     assert net.experts.e1[1].p == pytest.approx(0.3)
+
+
+def test_a_dropout_after_the_experts_guards_the_experts_the_input_never_reaches_too():
+    """The experts' outputs dropped by one dropout after the mixture: the experts the traced
+    input was not routed to are guarded as the reached one is (they were 'not read')."""
+
+    class Moe(_Experts):
+        def __init__(self) -> None:
+            super().__init__()
+            for e in self.experts.values():
+                e[1] = torch.nn.Identity()
+            self.drop = torch.nn.Dropout(0.1)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return h + self.drop(self.experts[self.route](h))
+
+    found = sites(Moe(), example_input=torch.randn(3, 4))
+    guarded = {s.name: s for s in found}["drop"].params
+    for e in ("e0", "e1"):
+        assert {f"experts.{e}.0.weight", f"experts.{e}.2.weight"} <= set(guarded), guarded
+    assert not any(p.startswith("experts.") for p in found.unguarded)
