@@ -168,3 +168,26 @@ def test_rate_check_sees_the_dropout_inside_multi_head_attention() -> None:
 
     calls = invariants._record_calls(Pool(), {"x": torch.randn(2, 3, 4)})
     assert ("multi_head_attention_forward", 0.1) in [(f, round(p, 6)) for f, p in calls], calls
+
+
+def test_a_model_without_dropout_gets_the_expected_clear_error() -> None:
+    """RegNet (convolutions + BatchNorm, no dropout, nothing to insert after): sites() raises a
+    clear NoSitesError naming add_sites, which the sweep counts as the expected outcome."""
+    res = invariants.check(_built("RegNetForImageClassification"))
+    assert res.details.get("expected_error"), res.verdicts
+    assert res.verdicts["a"].status == "pass" and "NoSitesError" in res.verdicts["a"].reason
+    assert res.verdicts["b"].status == "skip"
+
+
+def test_a_no_sites_error_is_not_expected_when_the_forward_drops() -> None:
+    """The instrument does not take the library's word: a forward that does call dropout (here a
+    hard-coded F.dropout no site holds) makes a NoSitesError a failure."""
+    import torch
+
+    from gd_core.errors import no_sites
+
+    exc = no_sites("pass add_sites=['<module name>', ...]", detail="Net")
+    net = _Net.make(hardcoded=0.1)
+    assert invariants._expected_no_sites(exc, "sites", net, {"x": torch.randn(3, 4)}) is False
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    assert invariants._expected_no_sites(exc, "sites", plain, {"input": torch.randn(3, 4)})
