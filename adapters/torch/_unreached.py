@@ -3,7 +3,8 @@
 A dropout inside an expert that the traced forward's tokens were never routed to is not dead: a
 training batch routed there runs it. When such a holder's block was never called while a block
 of the same type beside it (same parent, e.g. ``experts.expert_0`` for ``experts.expert_3``) was,
-the holder is a site: it guards what the reached sibling's holder guards, its parameter names
+the holder is a site (siblings: children of one ``ModuleList``/``ModuleDict``, never, e.g., a
+decoder's cross-attention beside its self-attention in a model run without an encoder): it guards what the reached sibling's holder guards, its parameter names
 moved to its own block, and the sites are named in a note (``sites(model).notes``).
 """
 
@@ -32,6 +33,8 @@ def _sibling(name: str, other: str, modules: Mapping[str, Any], called: Any) -> 
     mine, theirs = ".".join(a[: i + 1]), ".".join(b[: i + 1])
     if mine not in modules or theirs not in modules or mine in called or theirs not in called:
         return None
+    if type(modules.get(".".join(a[:i]), None)).__name__ not in _CONTAINERS:
+        return None  # experts sit in a ModuleList/ModuleDict (not a decoder's cross-attention)
     if type(modules[mine]) is not type(modules[theirs]):
         return None
     return i
@@ -85,8 +88,8 @@ def note(back: Sequence[Any], siblings: Sequence[str]) -> str:
 
 def twins(modules: Mapping[str, Any], called: Any, params: Any) -> dict[str, str]:
     """``{parameter of a block the forward never called: the same parameter of a called
-    same-type sibling block}``, for the outermost such blocks (an expert and the expert beside it
-    that the input was routed to)."""
+    same-type sibling block in the same ModuleList/ModuleDict}`` (an expert and the expert beside
+    it that the input was routed to)."""
     names = list(params)
     out: dict[str, str] = {}
     for path, mod in modules.items():
@@ -94,8 +97,8 @@ def twins(modules: Mapping[str, Any], called: Any, params: Any) -> dict[str, str
             continue
         parent, _, leaf = path.rpartition(".")
         holder = modules[parent]
-        if parent and parent not in called and type(holder).__name__ not in _CONTAINERS:
-            continue  # not the outermost block the forward missed (containers are not called)
+        if type(holder).__name__ not in _CONTAINERS:
+            continue  # experts sit in a ModuleList/ModuleDict (not a decoder's cross-attention)
         kids = [f"{parent}.{k}" if parent else k for k, _ in holder.named_children()]
         twin = next((k for k in kids if k in called and type(modules[k]) is type(mod)), None)
         if twin is None:

@@ -352,6 +352,9 @@ def _from_config(root: nn.Module, gen: Any) -> dict[str, Any] | None:
         size = _size(getattr(config, "image_size", None), 32)
         chans = _size(getattr(config, "num_channels", None), 3)
         example[name] = torch.randn(2, chans, size, size, generator=gen).to(dtype)
+    elif name == "input_values" and isinstance(getattr(config, "num_mel_bins", None), int):
+        frames = _size(getattr(config, "max_length", None), 32)  # a spectrogram (AST)
+        example[name] = torch.randn(2, frames, config.num_mel_bins, generator=gen).to(dtype)
     elif name == "input_values":  # raw audio: long enough for the feature encoder and masking
         example[name] = torch.randn(2, 8000, generator=gen).to(dtype)
     elif name == "input_features":

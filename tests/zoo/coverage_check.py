@@ -6,7 +6,7 @@ The facts come from one training forward (with autograd) of the model *after* ``
 inserted hook sites are real dropout calls too), observed by a ``TorchFunctionMode`` of its own:
 
 - **dropout calls**: ``F.dropout`` and its variants, ``scaled_dot_product_attention`` with a
-  ``dropout_p`` above 0, ``multi_head_attention_forward`` likewise (its projections run inside,
+  ``dropout_p`` above 0 (it drops the probabilities computed from q and k), ``multi_head_attention_forward`` likewise (its projections run inside,
   so it counts for the upstream fact only), and :class:`adapters.torch.GuidedDropout` modules; each call's p names
   the site that set it (``apply`` gave every site a distinct p);
 - **read**: parameters with an autograd path to the model's outputs or to a dropout call's input;
@@ -143,9 +143,8 @@ def measure(model: Any, batch: Any) -> tuple[_Facts, set[str], set[str]]:
             elif func is sdpa:
                 p = kwargs.get("dropout_p", args[4] if len(args) > 4 else 0.0)
                 if float(p) > 0:
-                    for t in list(args[:3]) + [
-                        kwargs[k] for k in ("query", "key", "value") if k in kwargs
-                    ]:
+                    # it drops softmax(q k^T): q and k are upstream of it, v is not
+                    for t in list(args[:2]) + [kwargs[k] for k in ("query", "key") if k in kwargs]:
                         if torch.is_tensor(t):
                             facts.dropped(t, float(p))
             elif func is F.multi_head_attention_forward:
