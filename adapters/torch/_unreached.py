@@ -20,6 +20,11 @@ NOTE = "not reached by the traced input"
 _CONTAINERS = ("ModuleList", "ModuleDict")
 
 
+def _container(mod: Any) -> bool:
+    """A ``ModuleList``/``ModuleDict`` (or a subclass: SwitchTransformers' experts)."""
+    return any(c.__name__ in _CONTAINERS for c in type(mod).__mro__)
+
+
 def _sibling(name: str, other: str, modules: Mapping[str, Any], called: Any) -> int | None:
     """The path depth at which ``name``'s unreached block and ``other``'s reached block differ,
     when they are same-type children of one parent (None otherwise)."""
@@ -33,7 +38,7 @@ def _sibling(name: str, other: str, modules: Mapping[str, Any], called: Any) -> 
     mine, theirs = ".".join(a[: i + 1]), ".".join(b[: i + 1])
     if mine not in modules or theirs not in modules or mine in called or theirs not in called:
         return None
-    if type(modules.get(".".join(a[:i]), None)).__name__ not in _CONTAINERS:
+    if not _container(modules.get(".".join(a[:i]), None)):
         return None  # experts sit in a ModuleList/ModuleDict (not a decoder's cross-attention)
     if type(modules[mine]) is not type(modules[theirs]):
         return None
@@ -97,7 +102,7 @@ def twins(modules: Mapping[str, Any], called: Any, params: Any) -> dict[str, str
             continue
         parent, _, leaf = path.rpartition(".")
         holder = modules[parent]
-        if type(holder).__name__ not in _CONTAINERS:
+        if not _container(holder):
             continue  # experts sit in a ModuleList/ModuleDict (not a decoder's cross-attention)
         kids = [f"{parent}.{k}" if parent else k for k, _ in holder.named_children()]
         twin = next((k for k in kids if k in called and type(modules[k]) is type(mod)), None)

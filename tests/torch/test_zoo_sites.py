@@ -408,3 +408,38 @@ def test_a_dropout_after_the_experts_guards_the_experts_the_input_never_reaches_
     for e in ("e0", "e1"):
         assert {f"experts.{e}.0.weight", f"experts.{e}.2.weight"} <= set(guarded), guarded
     assert not any(p.startswith("experts.") for p in found.unguarded)
+
+
+def test_a_tensor_filled_by_item_assignment_depends_on_what_was_written():
+    """RWKV and Longformer fill their attention output piece by piece (``out[:, t] = ...``):
+    the trace dropped the write (it returns nothing), so the parameters computing what was
+    written were said to be upstream of no dropout, and guarded by none."""
+
+    class Fill(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.drop = torch.nn.Dropout(0.1)
+
+        def forward(self, x):
+            out = torch.zeros(x.shape)
+            out[:, :2] = self.lin(x)[:, :2]
+            return self.drop(out)
+
+    found = sites(Fill(), example_input=torch.randn(3, 4))
+    assert found[0].params == ("lin.weight", "lin.bias"), found[0].params
+
+
+def test_ast_gets_a_spectrogram_as_its_guessed_input():
+    """AST's ``input_values`` is a spectrogram (frames x mel bins), not raw audio: the guessed
+    input failed, so its sites kept the structural guess (its MLP's fc2, dropped directly by the
+    layer's dropout, was guarded by no site)."""
+    cfg = T.ASTConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_length=32, num_mel_bins=16, hidden_dropout_prob=0.1, num_labels=2,
+    )  # fmt: skip
+    found = _sites(T.ASTForAudioClassification(cfg))  # a structural fallback warns: an error here
+    guarded = {p for s in found for p in s.params}
+    assert "audio_spectrogram_transformer.encoder.layer.0.mlp.fc2.weight" in guarded or any(
+        p.endswith("layers.0.mlp.fc2.weight") for p in guarded
+    ), sorted(guarded)
