@@ -111,23 +111,42 @@ def _site_tensors(g: _Graph) -> set[str]:
     return tainted
 
 
+def _next_ops(g: _Graph, idx: int, target: int) -> list[int]:
+    """The readers of op ``idx``'s outputs that can still lead to ``target`` (ops are in execution
+    order, so a reader after ``target`` cannot); none past a site."""
+    if g.ops[idx].site:
+        return []
+    return [c for t in g.ops[idx].outputs for c in g.consumers.get(t, []) if c <= target]
+
+
 def _leads_to(g: _Graph, start: int, target: int, memo: dict[tuple[int, int], bool]) -> bool:
-    """Whether op ``start``'s output reaches op ``target`` without passing through a site."""
+    """Whether op ``start``'s output reaches op ``target`` without passing through a site.
+
+    Iterative (a long recurrent forward, HRM's, is thousands of ops deep: recursion overflowed);
+    every op explored without reaching ``target`` is remembered as not leading there."""
+    if start == target:
+        return True
+    if start > target:
+        return False
     key = (start, target)
     if key in memo:
         return memo[key]
-    memo[key] = False  # cycles (none in a DAG) terminate
-    if start == target:
-        memo[key] = True
-        return True
-    op = g.ops[start]
-    if op.site:
-        return False
-    for t in op.outputs:
-        for c in g.consumers.get(t, []):
-            if _leads_to(g, c, target, memo):
-                memo[key] = True
+    memo[key] = False
+    stack = [(start, iter(_next_ops(g, start, target)))]
+    while stack:
+        for c in stack[-1][1]:
+            hit = c == target or memo.get((c, target), False)
+            if hit:
+                for node, _ in stack:
+                    memo[(node, target)] = True
                 return True
+            if (c, target) in memo:
+                continue  # explored: does not lead there
+            memo[(c, target)] = False
+            stack.append((c, iter(_next_ops(g, c, target))))
+            break
+        else:
+            stack.pop()
     return False
 
 
@@ -172,28 +191,31 @@ class _Walker:
         return sums[0] if len(sums) == 1 and self.g.ops[sums[0]].norm else None
 
     def back(self, tensor: str, target: int, out: list[str], seen: set[str]) -> None:
-        """Collect parameters upstream of ``tensor`` for the computation ending at ``target``."""
-        if tensor in seen:
-            return
-        seen.add(tensor)
+        """Collect parameters upstream of ``tensor`` for the computation ending at ``target``
+        (depth first, inputs in order; iterative, for forwards thousands of ops deep)."""
         g = self.g
-        if tensor not in g.producer or tensor in self.tainted:
-            return
-        if tensor in self.claimed:
-            return  # the norm after an earlier site's residual add (rule 3) is that site's
-        readers = g.consumers.get(tensor, [])
-        if any(len(g.ops[r].inputs) > 1 and not self._leads(r, target) for r in readers):
-            return  # a residual branch point: joined with something outside this computation
-        op = g.ops[g.producer[tensor]]
-        if op.site:
-            return
-        if len(op.inputs) > 1 and any(t in self.tainted for t in op.inputs):
-            return  # the join where another site's output is used belongs to that site
-        for p in op.params:
-            if p not in out:
-                out.append(p)
-        for t in op.inputs:
-            self.back(t, target, out, seen)
+        todo = [tensor]
+        while todo:
+            tensor = todo.pop()
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            if tensor not in g.producer or tensor in self.tainted:
+                continue
+            if tensor in self.claimed:
+                continue  # the norm after an earlier site's residual add (rule 3) is that site's
+            readers = g.consumers.get(tensor, [])
+            if any(len(g.ops[r].inputs) > 1 and not self._leads(r, target) for r in readers):
+                continue  # a residual branch point: joined with something outside this computation
+            op = g.ops[g.producer[tensor]]
+            if op.site:
+                continue
+            if len(op.inputs) > 1 and any(t in self.tainted for t in op.inputs):
+                continue  # the join where another site's output is used belongs to that site
+            for p in op.params:
+                if p not in out:
+                    out.append(p)
+            todo.extend(reversed(op.inputs))
 
     def _leads(self, reader: int, target: int) -> bool:
         return _leads_to(self.g, reader, target, self.memo)

@@ -51,6 +51,13 @@ _SENTINEL_BASE = 0.0123
 _SENTINEL_STEP = 2.0**-22
 
 
+def _writes_into(func: Any, args: Any) -> bool:
+    """An in-place write that returns nothing (``t[idx] = value``, RWKV's and Longformer's
+    outputs filled piece by piece): the written tensor depends on what was written."""
+    name = getattr(func, "__name__", "")
+    return name == "__setitem__" and bool(args) and torch.is_tensor(args[0])
+
+
 def _rate_arg(func: Any, args: Any, kwargs: Any) -> Any:
     """The rate a dropout function or an attention kernel was called with (None: unknown)."""
     if func is _SDPA:
@@ -138,6 +145,8 @@ class _Recorder(TorchFunctionMode):
         data, params = self.split((args, kwargs))
         site = self.holder(func, args, kwargs) if func in _DROPOUTS or func is _SDPA else None
         outs = self.outs(out)
+        if not outs and _writes_into(func, args):  # t[i] = v: a new version of t reads v too
+            outs = [self.new(args[0])]
         if not outs:
             return out
         if site is not None and func in _DROPOUTS and data:
@@ -352,6 +361,9 @@ def _from_config(root: nn.Module, gen: Any) -> dict[str, Any] | None:
         size = _size(getattr(config, "image_size", None), 32)
         chans = _size(getattr(config, "num_channels", None), 3)
         example[name] = torch.randn(2, chans, size, size, generator=gen).to(dtype)
+    elif name == "input_values" and isinstance(getattr(config, "num_mel_bins", None), int):
+        frames = _size(getattr(config, "max_length", None), 32)  # a spectrogram (AST)
+        example[name] = torch.randn(2, frames, config.num_mel_bins, generator=gen).to(dtype)
     elif name == "input_values":  # raw audio: long enough for the feature encoder and masking
         example[name] = torch.randn(2, 8000, generator=gen).to(dtype)
     elif name == "input_features":

@@ -17,6 +17,8 @@ from gd_core.errors import bad_argument, no_sites
 from gd_core.sites import site_mapping
 from gd_core.validate import check_known
 
+from ._unreached import NOTE as UNREACHED
+from ._unreached import extend, note, revive, twins, unused
 from .layer import HOOK_CHILD, GuidedDropout, torch
 
 nn = torch.nn
@@ -285,20 +287,7 @@ class _Flow:
     module_out: dict[str, str]
     path_out: dict[str, str]
     entry: tuple[str, str] | None = None  # a wrapper traced through its model: (path, class)
-
-
-def _unused(name: str, entry: tuple[str, str] | None) -> str:
-    """Why a holder counts as dead: the traced forward never used it, or (a wrapper traced
-    through the transformers model inside) it lies outside what ran."""
-    if entry is not None and not name.startswith(entry[0] + "."):
-        return (
-            f"outside {entry[1]} (model.{entry[0]}), the only forward traced (on an input guessed "
-            "for it): not traced, left as it is; pass example_input=<one batch for the wrapper's "
-            "forward> to include it"
-        )
-    return (
-        "never used by a training-mode forward (not called, its rate never read by a dropout call)"
-    )
+    sited: list[Any] | None = None  # ops with the hook sites inserted (set by _regroup)
 
 
 def _on_device(example: Any, root: Any) -> Any:
@@ -376,7 +365,7 @@ def _regroup(index: _Index, found: list[SiteHandle], flow: _Flow) -> list[SiteHa
             target = _split(f.site.name)[0]
             if target in flow.path_out:
                 at[flow.path_out[target]] = f.site.name
-    ops = with_sites(flow.ops, at)
+    ops = flow.sited = with_sites(flow.ops, at)
     groups = guarded(ops)
     attention = attention_sites(ops)
     order = {n: i for i, n in enumerate(index.pname.values())}
@@ -484,10 +473,11 @@ def _discover(
             )
         if flow is not None:
             index.dead = {
-                f.site.name: _unused(f.site.name, flow.entry)
+                f.site.name: unused(f.site.name, flow.entry)
                 for f in found
                 if f.installed and f.site.name not in flow.seen
             }
+            unreached: list[SiteHandle] = [f for f in found if f.site.name in index.dead]
             found = [f for f in found if f.site.name not in index.dead]
             found += [f for f in config if f.site.name in flow.seen]
         else:
@@ -505,8 +495,17 @@ def _discover(
         found.extend(_virtual_hook_site(index, t) for t in _hook_targets(index, add_sites, flow))
     if flow is not None:
         found = _regroup(index, found, flow)
+        back, near = revive(unreached, found, index.modules, flow.path_out, index.pname.values())
+        found += back  # holders in blocks the input did not reach (experts): sites, with a note
+        index.dead = {k: v for k, v in index.dead.items() if k not in {f.site.name for f in back}}
+        index.notes += [note(back, near)] if back else []
+        twin = twins(index.modules, flow.path_out, index.pname.values())
+        found = extend(found, twin, lambda ps, u: _unit_axes(index, ps, u))
     found = _apply_mapping(index, found, mapping)
-    index.unguarded = _unguarded(index, found, flow)
+    index.unguarded = _unguarded(index, found, flow, mapping is not None)
+    for p, t in (twin if flow is not None else {}).items():  # blocks the input did not reach
+        if p in index.unguarded and t in index.unguarded:
+            index.unguarded[p] = f"{index.unguarded[t]} (as {t}: its block was {UNREACHED})"
     if required and not found:
         raise no_sites(
             "use a model with nn.Dropout modules or dropout-rate attributes, or pass "
@@ -516,10 +515,25 @@ def _discover(
     return index, found
 
 
-def _unguarded(index: _Index, found: Sequence[SiteHandle], flow: _Flow | None) -> dict[str, str]:
-    """Every parameter no site guards, with the reason."""
+def _upstream(ops: Sequence[Any]) -> set[str]:
+    """Parameters of the ops whose outputs reach a dropout site (any number of ops away)."""
+    tensors: set[str] = set()
+    out: set[str] = set()
+    for op in reversed(ops):  # execution order reversed: every reader comes before its producer
+        if op.site or any(t in tensors for t in op.outputs):
+            tensors.update(op.inputs)
+            out.update(op.params)
+    return out
+
+
+def _unguarded(
+    index: _Index, found: Sequence[SiteHandle], flow: _Flow | None, mapped: bool = False
+) -> dict[str, str]:
+    """Every parameter no site guards, with the reason (from the traced dataflow)."""
     guarded_now = {p for f in found for p in f.site.params}
-    used = {p for op in flow.ops for p in op.params} if flow is not None else set()
+    ops = (flow.sited or flow.ops) if flow is not None else []
+    used = {p for op in ops for p in op.params}
+    upstream = _upstream(ops)
     out = {}
     for name in index.pname.values():
         if name in guarded_now:
@@ -528,10 +542,18 @@ def _unguarded(index: _Index, found: Sequence[SiteHandle], flow: _Flow | None) -
             out[name] = "unknown: no traced forward (what the sites guard is a structural guess)"
         elif name not in used:
             out[name] = "not read by the traced training-mode forward"
+        elif name not in upstream:
+            out[name] = (
+                "not upstream of any dropout: no dropout acts on its output, nor on anything "
+                "computed from it (e.g. a head after the last dropout)"
+            )
+        elif mapped:
+            out[name] = "upstream of a dropout, but the mapping= given puts it in no site"
         else:
             out[name] = (
-                "no dropout acts on its output: the tensors it computes reach no site before "
-                "a residual branch point, another site or the model's output"
+                "no dropout acts on its own output: what it computes reaches a dropout only "
+                "past a residual branch point, another site's output or a norm an earlier site "
+                "guards (that dropout guards the computation nearer to it)"
             )
     return out
 

@@ -252,3 +252,19 @@ def test_insertion_points_of_a_llama_are_its_residual_branches() -> None:
     )
     assert g["site_e"] == ["model.embed_tokens.weight"]
     assert shared_groups(g) == []
+
+
+def test_a_forward_thousands_of_ops_deep_does_not_overflow_the_stack() -> None:
+    """HRM (a recurrent forward) crashed ``sites`` with RecursionError: the walks were recursive,
+    one Python frame per op on the path. A 5000-op chain between a join and its site."""
+    depth = 5000
+    ops = [
+        Op("lin", ("x",), ("a",), ("lin.weight",)),
+        Op("other", ("x",), ("z",), ("other.weight",)),
+        Op("join", ("a", "z"), ("j0",), add=True),
+    ]
+    ops += [Op(f"step{i}", (f"j{i}",), (f"j{i + 1}",), (f"step{i}.weight",)) for i in range(depth)]
+    ops.append(Op("drop", (f"j{depth}",), ("out",), site=True))
+    got = guarded(ops)["drop"]
+    assert len(got) == depth + 2
+    assert got[0] == f"step{depth - 1}.weight" and {"lin.weight", "other.weight"} <= set(got)

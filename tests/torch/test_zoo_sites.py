@@ -346,3 +346,100 @@ def test_frozen_and_parameterless_sites_are_left_out_of_the_profile_with_the_rea
     assert prof.site_names == ["3"]
     report = gdt.apply(net, prof, missing="upper")
     assert {r.site: r.source for r in report}["1"] == "upper"
+
+
+class _Experts(torch.nn.Module):
+    """A mixture of two experts (Linear -> Dropout -> Linear); the router sends every token of a
+    batch to expert e0 unless ``route`` says otherwise (SwitchTransformers' experts, tiny)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(4, 4)
+        self.experts = torch.nn.ModuleDict(
+            {
+                f"e{i}": torch.nn.Sequential(
+                    torch.nn.Linear(4, 8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 4)
+                )
+                for i in range(2)
+            }
+        )
+        self.route = "e0"
+
+    def forward(self, x):
+        h = self.inp(x)
+        return h + self.experts[self.route](h)
+
+
+def test_dropout_in_an_expert_the_input_never_reaches_is_a_site_not_dead():
+    """SwitchTransformers: a dropout in an expert the traced input was not routed to was
+    reported dead (left at its old rate); a batch routed there ran it at 0.1. It is a site
+    guarding what the reached expert's dropout guards, in its own expert, and a note says so."""
+    net = _Experts()
+    found = sites(net, example_input=torch.randn(3, 4))
+    by = {s.name: s for s in found}
+    assert "experts.e1.1" in by and "experts.e1.1" not in found.dead
+    assert by["experts.e0.1"].params == ("experts.e0.0.weight", "experts.e0.0.bias")
+    assert by["experts.e1.1"].params == ("experts.e1.0.weight", "experts.e1.0.bias")
+    assert any("experts.e1.1" in n and "not reached by the traced input" in n for n in found.notes)
+    # the parameter after it has the reason of its twin in the reached expert, said to be copied
+    assert found.unguarded["experts.e1.2.weight"].startswith(found.unguarded["experts.e0.2.weight"])
+    assert "as experts.e0.2.weight" in found.unguarded["experts.e1.2.weight"]
+    apply(net, {"experts.e0.1": 0.2, "experts.e1.1": 0.3}, example_input=torch.randn(3, 4))
+    assert net.experts.e1[1].p == pytest.approx(0.3)
+
+
+def test_a_dropout_after_the_experts_guards_the_experts_the_input_never_reaches_too():
+    """The experts' outputs dropped by one dropout after the mixture: the experts the traced
+    input was not routed to are guarded as the reached one is (they were 'not read')."""
+
+    class Moe(_Experts):
+        def __init__(self) -> None:
+            super().__init__()
+            for e in self.experts.values():
+                e[1] = torch.nn.Identity()
+            self.drop = torch.nn.Dropout(0.1)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return h + self.drop(self.experts[self.route](h))
+
+    found = sites(Moe(), example_input=torch.randn(3, 4))
+    guarded = {s.name: s for s in found}["drop"].params
+    for e in ("e0", "e1"):
+        assert {f"experts.{e}.0.weight", f"experts.{e}.2.weight"} <= set(guarded), guarded
+    assert not any(p.startswith("experts.") for p in found.unguarded)
+
+
+def test_a_tensor_filled_by_item_assignment_depends_on_what_was_written():
+    """RWKV and Longformer fill their attention output piece by piece (``out[:, t] = ...``):
+    the trace dropped the write (it returns nothing), so the parameters computing what was
+    written were said to be upstream of no dropout, and guarded by none."""
+
+    class Fill(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.drop = torch.nn.Dropout(0.1)
+
+        def forward(self, x):
+            out = torch.zeros(x.shape)
+            out[:, :2] = self.lin(x)[:, :2]
+            return self.drop(out)
+
+    found = sites(Fill(), example_input=torch.randn(3, 4))
+    assert found[0].params == ("lin.weight", "lin.bias"), found[0].params
+
+
+def test_ast_gets_a_spectrogram_as_its_guessed_input():
+    """AST's ``input_values`` is a spectrogram (frames x mel bins), not raw audio: the guessed
+    input failed, so its sites kept the structural guess (its MLP's fc2, dropped directly by the
+    layer's dropout, was guarded by no site)."""
+    cfg = T.ASTConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_length=32, num_mel_bins=16, hidden_dropout_prob=0.1, num_labels=2,
+    )  # fmt: skip
+    found = _sites(T.ASTForAudioClassification(cfg))  # a structural fallback warns: an error here
+    guarded = {p for s in found for p in s.params}
+    assert "audio_spectrogram_transformer.encoder.layer.0.mlp.fc2.weight" in guarded or any(
+        p.endswith("layers.0.mlp.fc2.weight") for p in guarded
+    ), sorted(guarded)

@@ -40,7 +40,7 @@ def _built(cls_name: str) -> registry.Built:
 
 def _assert_enforced(res: invariants.Result) -> None:
     failures = res.failures()
-    enforced = [f for f in failures if f[0] in "abd"]
+    enforced = [f for f in failures if f[0] in "abcd"]
     assert not enforced, f"{res.cls_name}: " + " | ".join(enforced)
 
 
@@ -59,7 +59,8 @@ def _params(names: Any, known: dict[str, str]) -> list[Any]:
 @pytest.mark.parametrize("cls_name", _params(SAMPLE, KNOWN))
 def test_sample(cls_name: str) -> None:
     """(a) no internal error, (b) every dropout call at an installed p and every site reaches a
-    call, (d) no structural fallback without a warning; (c) is computed and reported only."""
+    call, (c) every repeated-block parameter guarded or listed unguarded with a reason that holds,
+    (d) no structural fallback without a warning."""
     res = invariants.check(_built(cls_name))
     _assert_enforced(res)
 
@@ -149,3 +150,44 @@ def test_distinct_rates_avoid_old_rates() -> None:
     assert len(set(values)) == 40
     assert min(b - a for a, b in zip(values, values[1:], strict=False)) > 100 * invariants.TOL
     assert all(abs(v - 0.1) > 1e-4 and abs(v - 0.0244) > 1e-4 for v in values)
+
+
+def test_rate_check_sees_the_dropout_inside_multi_head_attention() -> None:
+    """SigLIP's pooling head and WavLM call ``F.multi_head_attention_forward``, whose dropout runs
+    inside the function (unseen by a mode): the instrument reads its ``dropout_p`` (their sites
+    were reported as reaching no call)."""
+    import torch
+
+    class Pool(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = torch.nn.MultiheadAttention(4, 2, dropout=0.1, batch_first=True)
+
+        def forward(self, x: Any) -> Any:
+            return self.attention(x, x, x)[0]
+
+    calls = invariants._record_calls(Pool(), {"x": torch.randn(2, 3, 4)})
+    assert ("multi_head_attention_forward", 0.1) in [(f, round(p, 6)) for f, p in calls], calls
+
+
+def test_a_model_without_dropout_gets_the_expected_clear_error() -> None:
+    """RegNet (convolutions + BatchNorm, no dropout, nothing to insert after): sites() raises a
+    clear NoSitesError naming add_sites, which the sweep counts as the expected outcome."""
+    res = invariants.check(_built("RegNetForImageClassification"))
+    assert res.details.get("expected_error"), res.verdicts
+    assert res.verdicts["a"].status == "pass" and "NoSitesError" in res.verdicts["a"].reason
+    assert res.verdicts["b"].status == "skip"
+
+
+def test_a_no_sites_error_is_not_expected_when_the_forward_drops() -> None:
+    """The instrument does not take the library's word: a forward that does call dropout (here a
+    hard-coded F.dropout no site holds) makes a NoSitesError a failure."""
+    import torch
+
+    from gd_core.errors import no_sites
+
+    exc = no_sites("pass add_sites=['<module name>', ...]", detail="Net")
+    net = _Net.make(hardcoded=0.1)
+    assert invariants._expected_no_sites(exc, "sites", net, {"x": torch.randn(3, 4)}) is False
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    assert invariants._expected_no_sites(exc, "sites", plain, {"input": torch.randn(3, 4)})
