@@ -246,6 +246,16 @@ def sentinel_rates(holders: Sequence[tuple[Any, str, str]]) -> dict[float, str]:
     return {_SENTINEL_BASE + i * _SENTINEL_STEP: name for i, (_, _, name) in enumerate(holders)}
 
 
+def _opaque_leaf(mod: nn.Module) -> bool:
+    """Whether a childless module is recorded as one op (its parameters read by it) rather than
+    through the functions it calls: a module with parameters, a dropout module or a softmax (the
+    tracer adds holders and norms). A parameterless helper (a rotary embedding that reads its input only for the dtype and
+    device) is seen through, so reading a tensor's metadata is not taken for reading its values."""
+    return next(iter(mod.parameters(recurse=False)), None) is not None or isinstance(
+        mod, (nn.Softmax, nn.LogSoftmax, nn.modules.dropout._DropoutNd)
+    )
+
+
 def trace(
     root: nn.Module,
     example: Any,
@@ -274,6 +284,7 @@ def trace(
     handles = []
     for path, mod in root.named_modules():
         leaf = next(iter(mod.children()), None) is None and bool(path)
+        leaf = leaf and (_opaque_leaf(mod) or module_site(path, mod) is not None or is_norm(mod))
         handles.append(mod.register_forward_pre_hook(lambda m, a, p=path, lf=leaf: rec.pre(p, lf)))
         handles.append(
             mod.register_forward_hook(

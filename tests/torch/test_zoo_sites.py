@@ -443,3 +443,26 @@ def test_ast_gets_a_spectrogram_as_its_guessed_input():
     assert "audio_spectrogram_transformer.encoder.layer.0.mlp.fc2.weight" in guarded or any(
         p.endswith("layers.0.mlp.fc2.weight") for p in guarded
     ), sorted(guarded)
+
+
+def test_reading_a_tensor_only_for_its_dtype_is_not_a_dependency():
+    # Llama's rotary embedding takes the embedding output only for its dtype and device; the
+    # trace took that for a data dependency, and layer 1's attention dropout (every reader of the
+    # embedding output led to it) claimed the word embeddings
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        attention_dropout=0.1,
+    )
+    found = sites(T.LlamaForCausalLM(cfg))
+    owners = [s.name for s in found if "model.embed_tokens.weight" in s.params]
+    assert owners == []
+    assert "no dropout acts on its own output" in found.unguarded["model.embed_tokens.weight"]
+    for i in range(3):
+        params = found[f"model.layers.{i}.self_attn.attention_dropout"].params
+        assert all(p.startswith(f"model.layers.{i}.") for p in params), params
