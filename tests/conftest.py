@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,3 +37,102 @@ def _private_profile_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     a test that needs a particular cache still sets GD_CACHE_DIR itself."""
     if "GD_CACHE_DIR" not in os.environ:
         os.environ["GD_CACHE_DIR"] = str(tmp_path_factory.mktemp("gd-cache"))
+
+
+@pytest.fixture(scope="session")
+def once(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[], Any]], Any]:
+    """``once(name, produce)``: ``produce()`` (JSON-able result) runs once per test run, in
+    whichever worker asks first; every other test, in any worker, reads the stored result.
+
+    For expensive subprocesses several tests check (a benchmark run, a nested pytest): each test
+    keeps its own assertions, the interpreter starts once. Under xdist the workers share the
+    run's base folder (the parent of each worker's own); a lock makes the others wait for the
+    first. When ``produce`` raises, nothing is stored and the next test tries again.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    import fcntl
+    import json
+
+    def get(name: str, produce: Callable[[], Any]) -> Any:
+        result = root / f"once-{name}.json"
+        with open(root / f"once-{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if result.exists():
+                return json.loads(result.read_text(encoding="utf-8"))
+            value = produce()
+            tmp = result.with_suffix(".tmp")
+            tmp.write_text(json.dumps(value), encoding="utf-8")
+            os.replace(tmp, result)
+            return value
+
+    return get
+
+
+# Keras fixes its backend at import, so the backend-dependent Keras tests run again under the
+# other backend in a nested pytest. The two callers (tests/keras/test_other_backend.py, and
+# tests/conformance/test_conformance.py for the Keras harness on torch) share ONE nested run per
+# backend: one interpreter start, one import of torch and Keras, one collection.
+OTHER_BACKEND_FILES = {
+    "keras": [f"tests/keras/{f}" for f in ("test_layer.py", "test_apply.py", "test_fisher.py")]
+    + ["tests/keras/test_layout.py"],
+    "conformance": ["tests/conformance/test_conformance.py"],  # the Keras harness only
+}
+
+
+@pytest.fixture
+def keras_backend_run(
+    once: Callable[[str, Callable[[], Any]], Any], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str, str], list[list[str]]]:
+    """``keras_backend_run(backend, group) -> [[test id, outcome], ...]`` for one group of
+    OTHER_BACKEND_FILES, from the nested pytest under ``KERAS_BACKEND=backend`` (the conformance
+    group runs only under torch); fails with the run's output tail when the run itself broke."""
+    import subprocess
+    import sys
+    import xml.etree.ElementTree as ET
+
+    def produce(backend: str) -> dict[str, Any]:
+        groups = ["keras"] + (["conformance"] if backend == "torch" else [])
+        xml = tmp_path_factory.mktemp(f"keras-{backend}") / "junit.xml"
+        env = {
+            **os.environ,
+            "KERAS_BACKEND": backend,
+            "GD_KERAS_OTHER_BACKEND_RUN": "1",  # test_other_backend.py: no nested run in there
+            "GD_CONFORMANCE_ONLY": "keras",  # harness.py: the Keras harness only
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        )
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        cmd += ["-m", "not single_backend", "-k", "not keras_torch_backend"]
+        cmd += ["-W", "ignore::DeprecationWarning", f"--junitxml={xml}"]
+        cmd += [f for g in groups for f in OTHER_BACKEND_FILES[g]]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        cases = []
+        if xml.exists():
+            for case in ET.parse(xml).getroot().iter("testcase"):
+                test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
+                kinds = {child.tag for child in case}
+                outcome = next((k for k in ("failure", "error", "skipped") if k in kinds), "passed")
+                cases.append([test_id, outcome])
+        return {
+            "returncode": proc.returncode,
+            "tail": (proc.stdout + proc.stderr)[-4000:],
+            "cases": cases,
+        }
+
+    def get(backend: str, group: str) -> list[list[str]]:
+        run = once(f"keras-{backend}-run", lambda: produce(backend))
+        prefix = "tests." + OTHER_BACKEND_FILES[group][0].split("/")[1] + "."
+        mine = [c for c in run["cases"] if c[0].startswith(prefix) or f"::{prefix}" in c[0]]
+        bad = [c for c in mine if c[1] in ("failure", "error")]
+        assert not bad, f"{backend} backend run failed: {bad}\n{run['tail']}"
+        assert any(c[1] == "passed" for c in mine), f"no {group} test passed:\n{run['tail']}"
+        # exit 1 is a failure in the other group (its own test reports it); anything else
+        # (interrupted, internal or usage error) is a broken run
+        assert run["returncode"] in (0, 1), run["tail"]
+        return mine
+
+    return get

@@ -166,25 +166,18 @@ def test_glue_deadline_stops_new_runs_and_a_rerun_resumes(
     assert bad.returncode == 2 and "--deadline must be positive" in bad.stderr
 
 
-def test_fisher_smoke_keras_cells(tmp_path, shared_data):  # the smoke runs read the corpus
+def test_fisher_smoke_keras_cells(fisher_smoke):  # one fisher.py run for every smoke cell
     pytest.importorskip("tensorflow")
-    out = tmp_path / "fisher.jsonl"
-    args = ["bench/fisher.py", "--smoke", "--methods", "keras_gd,keras_train_step"]
-    done = _run(*args, "--out", str(out))
-    assert done.returncode == 0, done.stderr[-3000:]
-    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    _, recs = fisher_smoke(["keras_gd", "keras_train_step"])
     assert sorted(r["method"] for r in recs) == ["keras_gd", "keras_train_step"]
     assert all(r["status"] == "ok" and r["seconds"] > 0 for r in recs), recs
 
 
-def test_fisher_smoke_ort_cells(tmp_path, shared_data):  # the smoke runs read the corpus
+def test_fisher_smoke_ort_cells(fisher_smoke):  # one fisher.py run for every smoke cell
     pytest.importorskip("onnxruntime.training")
     pytest.importorskip("transformers")
-    out = tmp_path / "fisher.jsonl"
-    args = ["bench/fisher.py", "--smoke", "--methods", "ort_gd,ort_loop,ort_train_step"]
-    done = _run(*args, "--out", str(out))
-    assert done.returncode == 0, done.stderr[-3000:]
-    recs = {r["method"]: r for r in map(json.loads, out.read_text().splitlines())}
+    _, cells = fisher_smoke(["ort_gd", "ort_loop", "ort_train_step"])
+    recs = {r["method"]: r for r in cells}
     assert sorted(recs) == ["ort_gd", "ort_loop", "ort_train_step"]
     assert all(r["status"] == "ok" and r["seconds"] > 0 for r in recs.values()), recs
     assert recs["ort_gd"]["fallback"] == 0 and recs["ort_loop"]["n_params"] > 0

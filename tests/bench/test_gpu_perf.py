@@ -48,31 +48,12 @@ def test_gpu_perf_smoke_records_every_section(
     assert app["wall_s"] > 0 and app["sites"] > 0
 
 
-def test_fisher_smoke_public_cells(tmp_path, shared_data):  # the smoke runs read the corpus
+def test_fisher_smoke_public_cells(fisher_smoke):  # one fisher.py run for every smoke cell
     """bench/fisher.py's public-call cells (issue 27): the first call, then paired ratios."""
     pytest.importorskip("tensorflow")
     pytest.importorskip("onnxruntime.training")
-    out = tmp_path / "fisher.jsonl"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "bench/fisher.py",
-            "--smoke",
-            "--methods",
-            "keras_public,ort_public",
-            "--pairs",
-            "2",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    recs = {r["method"]: r for r in map(json.loads, out.read_text().splitlines())}
+    _, cells = fisher_smoke(["keras_public", "ort_public"])
+    recs = {r["method"]: r for r in cells}
     assert sorted(recs) == ["keras_public", "ort_public"]
     for r in recs.values():
         assert r["status"] == "ok" and r["first_call_s"] > 0 and r["fallback"] == 0, r

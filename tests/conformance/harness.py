@@ -246,7 +246,8 @@ class KerasHarness(Harness):
         import keras
 
         layer = model.get_layer(to_keras_layer(site))
-        probe = keras.Model(model.inputs, [layer.input, layer.output])
+        # model.input: the structure the model was built with (a list of one would warn)
+        probe = keras.Model(model.input, [layer.input, layer.output])
         i, o = probe(self._x(spec, x), training=training)
         return keras.ops.convert_to_numpy(i), keras.ops.convert_to_numpy(o)
 

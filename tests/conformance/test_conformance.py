@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -313,31 +310,12 @@ _ERRORS: dict[str, dict] = {}
 
 # -- the torch backend of Keras ---------------------------------------------------------------
 @pytest.mark.slow
-def test_keras_torch_backend():
+def test_keras_torch_backend(keras_backend_run):
+    """The whole suite for the Keras harness again under Keras's torch backend, in the nested
+    pytest that also reruns tests/keras under it (tests/conftest.py: one interpreter for both)."""
     pytest.importorskip("keras")
     pytest.importorskip("torch")
     if os.environ.get("KERAS_BACKEND") == "torch":
         pytest.skip("already running on the torch backend")
-    env = {**os.environ, "KERAS_BACKEND": "torch", "GD_CONFORMANCE_ONLY": "keras"}
-    here = Path(__file__).resolve().parent
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-x",
-            str(here / "test_conformance.py"),
-            "-k",
-            "not keras_torch_backend",
-            "-p",
-            "no:cacheprovider",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=here.parents[1],
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert "keras-torch" in out.stdout or " passed" in out.stdout
+    cases = keras_backend_run("torch", "conformance")
+    assert any("keras-torch" in test_id for test_id, _ in cases), cases

@@ -130,9 +130,10 @@ def token_loss(model, batch):  # one value per sample: a stand-in objective for 
 def test_gemma_dead_feedforward_dropout_is_reported_not_profiled():
     model = gemma(0.1)
     with pytest.warns(UserWarning, match="feedforward_dropout"):
-        names = [s.name for s in gdk.sites(model)]
+        sites = gdk.sites(model)
+    names = [s.name for s in sites]
     assert not any(n.endswith("feedforward_dropout") for n in names), names
-    assert all(s.params for s in gdk.sites(model))
+    assert all(s.params for s in sites)  # (a second sites() call would warn again)
     prof = gdk.profile(model, [token_inputs()], token_loss, progress=False)
     assert np.all(np.isfinite(prof.scores))
     assert sorted(prof.metadata["dead_sites"]) == [

@@ -29,20 +29,12 @@ def _env(backend: str) -> dict[str, str]:
 
 @pytest.mark.skipif(NESTED in os.environ, reason="already the other-backend run")
 @pytest.mark.skipif(OTHER is None, reason=f"no other backend to compare with {BACKEND}")
-def test_backend_dependent_tests_pass_under_the_other_backend():
+def test_backend_dependent_tests_pass_under_the_other_backend(keras_backend_run):
+    """test_layer, test_apply, test_fisher and test_layout (tests/conftest.py's
+    OTHER_BACKEND_FILES) pass under the other backend, in one nested pytest shared with the
+    conformance suite's Keras harness."""
     pytest.importorskip("torch" if OTHER == "torch" else "tensorflow")
-    files = [
-        str(HERE / f)
-        for f in ("test_layer.py", "test_apply.py", "test_fisher.py", "test_layout.py")
-    ]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
-    cmd += ["-m", "not single_backend", "-W", "ignore::DeprecationWarning", *files]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=_env(OTHER), capture_output=True, text=True, timeout=600
-    )
-    tail = (proc.stdout + proc.stderr)[-4000:]
-    assert proc.returncode == 0, f"{OTHER} backend run failed:\n{tail}"
-    assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+    keras_backend_run(OTHER, "keras")
 
 
 @pytest.mark.skipif(NESTED in os.environ, reason="checked once, by the main run")

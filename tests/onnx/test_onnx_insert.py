@@ -302,7 +302,9 @@ def test_bert_eval_export_inserted_sites_train_and_eval_equals_original(
         output_names=["logits"],
         dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}},
     )
-    names = [s.name for s in gdo.sites(proto)]
+    # the eager attention's scaling Mul belongs to no module: said, not dropped silently
+    with pytest.warns(UserWarning, match=r"insertion point\(s\) get no site"):
+        names = [s.name for s in gdo.sites(proto)]
     layer = "bert.encoder.layer.0"
     assert names[:4] == [
         f"bert.embeddings.{HOOK_CHILD}",

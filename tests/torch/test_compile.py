@@ -66,7 +66,8 @@ def test_compiled_bert_under_a_schedule_never_recompiles(no_recompile, granulari
 
 def test_compiled_dropout_module_rate_seen_each_step(no_recompile):
     net = torch.nn.Sequential(torch.nn.Identity(), torch.nn.Dropout(0.1)).train()
-    report = gdt.apply(net, {"1": 0.5}, schedule=SCHEDULE)
+    # (an input to trace: with none to guess for a bare Sequential, apply warns)
+    report = gdt.apply(net, {"1": 0.5}, schedule=SCHEDULE, example_input=torch.ones(8))
     compiled = torch.compile(net, backend="eager")
     x = torch.ones(20000)
     for step in range(STEPS):

@@ -30,12 +30,17 @@ def saved(tmp_path_factory):
     return folder, json.loads((folder / "config.json").read_text())
 
 
-def load_with(saved, tmp_path, plan):
+def load_with(saved, tmp_path, plan, malformed=True):
+    """The saved model with ``plan`` in its config.json; a malformed plan warns at load (the
+    model still loads) and ``apply`` raises the error."""
     folder, config = saved
     for f in folder.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
     (tmp_path / "config.json").write_text(json.dumps({**config, "guided_dropout": plan}))
-    return transformers.BertForSequenceClassification.from_pretrained(tmp_path)
+    if not malformed:
+        return transformers.BertForSequenceClassification.from_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="could not be restored at load"):
+        return transformers.BertForSequenceClassification.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +79,7 @@ def test_unknown_and_removed_sites_are_noted(saved, tmp_path):
     plan = json.loads(json.dumps(saved[1]["guided_dropout"]))
     plan["sites"]["bert.encoder.layer.7.output.dropout"] = 0.05  # a site the model lacks
     del plan["sites"][HIDDEN]  # a site of the model the plan lacks
-    loaded = load_with(saved, tmp_path, plan)
+    loaded = load_with(saved, tmp_path, plan, malformed=False)
     report = gdt.apply(loaded)
     notes = " ".join(report.notes)
     assert "does not have, skipped: ['bert.encoder.layer.7.output.dropout']" in notes
