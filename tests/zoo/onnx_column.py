@@ -112,6 +112,22 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:240]}"
 
 
+@contextmanager
+def _no_exporter_log() -> Iterator[None]:
+    """Keep the TorchScript exporter's C++ log off: its ``setup_onnx_logging`` tests the function
+    object ``_jit_is_onnx_log_enabled`` (always true), so every export turns the log on, and an
+    export that fails then prints its whole IR graph (megabytes over the sweep)."""
+    import torch
+
+    switch = torch._C._jit_set_onnx_log_enabled
+    torch._C._jit_set_onnx_log_enabled = lambda on: switch(False)
+    try:
+        yield
+    finally:
+        torch._C._jit_set_onnx_log_enabled = switch
+        switch(False)
+
+
 def _export(model: Any, batch: Any, how: str) -> Any:
     import onnx
     import torch
@@ -131,15 +147,16 @@ def _export(model: Any, batch: Any, how: str) -> Any:
             model.train()
         else:
             model.eval()
-        torch.onnx.export(
-            model,
-            (),
-            buf,
-            kwargs=dict(batch),
-            training=mode,
-            do_constant_folding=False,
-            dynamo=False,
-        )
+        with _no_exporter_log():
+            torch.onnx.export(
+                model,
+                (),
+                buf,
+                kwargs=dict(batch),
+                training=mode,
+                do_constant_folding=False,
+                dynamo=False,
+            )
         return onnx.load_from_string(buf.getvalue())
 
 
