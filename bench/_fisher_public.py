@@ -140,9 +140,8 @@ def ort_public(spec: dict[str, Any], pairs: int = 3) -> dict[str, Any]:
     import torch
     import transformers
 
-    from adapters.onnx import estimate_fisher, make_artifacts
+    from adapters.onnx import estimate_fisher
     from adapters.onnx.train import module_inputs
-    from gd_cli.models import export_training_onnx
 
     torch.manual_seed(0)
     cfg = C.bert_config(spec["model"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -159,15 +158,7 @@ def ort_public(spec: dict[str, Any], pairs: int = 3) -> dict[str, Any]:
         for i in range(0, n, bs)
     ]
     with tempfile.TemporaryDirectory(prefix="gd-bench-ort-public-") as tmp:
-        os.environ["GD_CACHE_DIR"] = str(Path(tmp) / "cache")  # a cold first call
-        example = (torch.ones(2, t, dtype=torch.long), torch.ones(2, t, dtype=torch.long))
-        path = str(export_training_onnx(net, example, Path(tmp) / "model.onnx", opset=17))
-        art = make_artifacts(path, Path(tmp) / "art", "cross_entropy", optimizer="sgd")
-        module, opt, _ = art.open("cpu", optimizer=True)
-        module.train()
-        names = list(module.input_names())
-        zero = np.zeros((), np.float32)
-        fixed = {v: zero for v in art.ratio_inputs.values() if v in names}
+        path, module, opt, names, fixed = ort_training(net, t, tmp)
 
         def step() -> None:
             for b in batches:
@@ -183,6 +174,27 @@ def ort_public(spec: dict[str, Any], pairs: int = 3) -> dict[str, Any]:
         f = estimate_fisher(path, batches[:1], "cross_entropy", progress=False)
         out["fallback"] = len(f.accumulator.metadata.get("fisher_fallback", {}))
         return out
+
+
+def ort_training(net: Any, seq_len: int, tmp: str) -> tuple[str, Any, Any, list[str], dict]:
+    """Export ``net`` for training into ``tmp`` (with an empty cache there, so the first
+    ``estimate_fisher`` call is cold), build SGD artifacts and open ORT's training module: (the
+    ``.onnx`` path, the module in training mode, its optimizer, its input names, the dropout-ratio
+    feeds at 0)."""
+    import torch
+
+    from adapters.onnx import make_artifacts
+    from gd_cli.models import export_training_onnx
+
+    os.environ["GD_CACHE_DIR"] = str(Path(tmp) / "cache")
+    ones = torch.ones(2, seq_len, dtype=torch.long)
+    path = str(export_training_onnx(net, (ones, ones), Path(tmp) / "model.onnx", opset=17))
+    art = make_artifacts(path, Path(tmp) / "art", "cross_entropy", optimizer="sgd")
+    module, opt, _ = art.open("cpu", optimizer=True)
+    module.train()
+    names = list(module.input_names())
+    zero = np.zeros((), np.float32)
+    return path, module, opt, names, {v: zero for v in art.ratio_inputs.values() if v in names}
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:

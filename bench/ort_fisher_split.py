@@ -19,7 +19,6 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import _common as C
@@ -39,10 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from adapters.onnx import estimate_fisher, make_artifacts
+    from adapters.onnx import estimate_fisher
     from adapters.onnx import fisher as F
     from adapters.onnx.train import module_inputs
-    from gd_cli.models import export_training_onnx
 
     torch.manual_seed(0)
     cfg = C.bert_config(args.model, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -52,15 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ids, att, labels = P._texts(bs, t, np.int64)
     batch = {"input_ids": ids, "attention_mask": att, "labels": labels}
     with tempfile.TemporaryDirectory(prefix="gd-bench-ort-split-") as tmp:
-        os.environ["GD_CACHE_DIR"] = str(Path(tmp) / "cache")
-        example = (torch.ones(2, t, dtype=torch.long), torch.ones(2, t, dtype=torch.long))
-        path = str(export_training_onnx(net, example, Path(tmp) / "model.onnx", opset=17))
-        art = make_artifacts(path, Path(tmp) / "art", "cross_entropy", optimizer="sgd")
-        module, opt, _ = art.open("cpu", optimizer=True)
-        module.train()
-        names = list(module.input_names())
-        zero = np.zeros((), np.float32)
-        feeds = {**batch, **{v: zero for v in art.ratio_inputs.values() if v in names}}
+        path, module, opt, names, fixed = P.ort_training(net, t, tmp)
+        feeds = {**batch, **fixed}
         estimate_fisher(path, [batch], "cross_entropy", progress=False)  # builds, checks, warms
         engine = list(F._ENGINES.values())[-1]
         arrays, size = engine._arrays(batch)
