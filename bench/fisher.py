@@ -658,12 +658,10 @@ def ort_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
         run_batch(batches[0])  # warm-up (ort_gd: its one-time first-batch check)
         t0 = time.perf_counter()
-        acc: dict[str, np.ndarray] = {}
         for batch in batches:
             r = run_batch(batch)
-            if engine is not None:  # the float64 sums, as estimate_fisher accumulates
-                for k, v in r.sums.items():
-                    acc[k] = acc[k] + v if k in acc else v
+            if engine is not None:  # the float64 sums, accumulated as estimate_fisher does
+                engine.add(r.sums, len(batches))
         seconds = time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001
         out.update(status="error", error=_describe(exc))
