@@ -35,7 +35,7 @@ test: lint
 
 # the full zoo sweep (docs/zoo.md): every transformers class whose tiny config builds offline,
 # in ZOO_JOBS processes; fails when an outcome differs from tests/zoo/sweep.json
-ZOO_JOBS ?= 4
+ZOO_JOBS ?= $(TEST_JOBS)
 zoo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m tests.zoo.report --check --jobs $(ZOO_JOBS)
 	@# every keras_hub backbone the generic tiny arguments build (docs/zoo-keras.md)

@@ -106,16 +106,44 @@ def _run(args: tuple[str, int]) -> dict[str, Any]:
     return run_one(*args)
 
 
-def sweep(classes: list[str], jobs: int, timeout: int) -> list[dict[str, Any]]:
-    """Every class's outcome, in ``classes`` order, from ``jobs`` worker processes."""
+def sweep(classes: list[str], jobs: int, timeout: int, grace: int = 120) -> list[dict[str, Any]]:
+    """Every class's outcome, in ``classes`` order, from ``jobs`` worker processes.
+
+    A worker that dies in a class (killed by the kernel's out-of-memory killer, a crash in native
+    code) loses its task without a word from ``multiprocessing.Pool``; each result is therefore
+    awaited at most ``timeout`` + ``grace`` s after the previous one arrived (the class started by
+    then: every earlier class is done) and a class whose result never comes is recorded as a
+    timeout naming the likely cause, and the sweep goes on."""
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(jobs, initializer=_init_worker, maxtasksperchild=40) as pool:
+        pending = [(c, pool.apply_async(_run, ((c, timeout),))) for c in classes]
         results = []
-        for row in pool.imap(_run, [(c, timeout) for c in classes], chunksize=1):
+        for cls_name, job in pending:
+            try:
+                row = job.get(timeout=timeout + grace)
+            except multiprocessing.TimeoutError:
+                row = _lost(cls_name, timeout + grace)
+                print(f"zoo sweep: {cls_name}: {row['verdicts']['a'][1]}", file=sys.stderr)
             results.append(row)
             if len(results) % 25 == 0 or len(results) == len(classes):
                 print(f"zoo sweep: {len(results)}/{len(classes)} classes", file=sys.stderr)
     return results
+
+
+def _lost(cls_name: str, waited: int) -> dict[str, Any]:
+    """The outcome of a class whose worker never answered."""
+    why = (
+        f"timeout: no result {waited} s after the previous class's: the worker died "
+        "(killed by the out-of-memory killer, or a crash in native code)"
+    )
+    return {
+        "class": cls_name,
+        "built": True,
+        "verdicts": {"a": ["fail", why]},
+        "timeout": True,
+        "error_kind": "timeout",
+        "seconds": float(waited),
+    }
 
 
 def outcome(row: dict[str, Any]) -> dict[str, Any]:

@@ -191,3 +191,14 @@ def test_a_no_sites_error_is_not_expected_when_the_forward_drops() -> None:
     assert invariants._expected_no_sites(exc, "sites", net, {"x": torch.randn(3, 4)}) is False
     plain = torch.nn.Sequential(torch.nn.Linear(4, 2))
     assert invariants._expected_no_sites(exc, "sites", plain, {"input": torch.randn(3, 4)})
+
+
+def test_a_class_whose_worker_never_answers_is_recorded_and_the_sweep_goes_on():
+    # a worker killed by the out-of-memory killer loses its task without a word from the pool;
+    # the sweep hung for good in CI: now a missing result becomes a timeout row naming the cause
+    from tests.zoo import report
+
+    rows = report.sweep(["BertForMaskedLM"], 1, timeout=60, grace=-59)  # waits 1 s: too short
+    assert [r["class"] for r in rows] == ["BertForMaskedLM"]
+    assert rows[0]["timeout"] and "the worker died" in rows[0]["verdicts"]["a"][1]
+    assert report.outcome(rows[0]) == {"built": True, "timeout": True}
