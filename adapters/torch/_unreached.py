@@ -16,13 +16,14 @@ from typing import Any
 
 from gd_core import Site
 
+from .layer import torch
+
 NOTE = "not reached by the traced input"
-_CONTAINERS = ("ModuleList", "ModuleDict")
 
 
 def _container(mod: Any) -> bool:
     """A ``ModuleList``/``ModuleDict`` (or a subclass: SwitchTransformers' experts)."""
-    return any(c.__name__ in _CONTAINERS for c in type(mod).__mro__)
+    return isinstance(mod, (torch.nn.ModuleList, torch.nn.ModuleDict))
 
 
 def _sibling(name: str, other: str, modules: Mapping[str, Any], called: Any) -> int | None:
