@@ -30,10 +30,8 @@ from typing import Any
 from gd_core.dataflow import Op, guarded, insertion_points, with_sites
 
 from .calls import guessed_input
-from .layer import _children, keras
+from .layer import HOOK, _children, keras
 
-#: the attribute under which a layer holds its inserted site (as torch's hook child)
-HOOK = "gd_dropout"
 #: what a site inserted here is, in ``Site.kind`` and report rows (torch's name for it)
 KIND = "hook"
 _BYPASS: list[bool] = []  # non-empty while a trace reads the model without its hooks
@@ -124,7 +122,9 @@ def trace(model: Any, layers: Sequence[Any], variables: dict[str, Any], example:
         graph = tf.function(lambda inp: model(inp, training=True)).get_concrete_function(specs)
         graph = graph.graph
     except Exception as exc:  # noqa: BLE001 - the caller says why no sites were inserted
-        raise RuntimeError(f"the traced forward failed ({type(exc).__name__}: {exc!s:.160})") from exc
+        raise RuntimeError(
+            f"the traced forward failed ({type(exc).__name__}: {exc!s:.160})"
+        ) from exc
     finally:
         _BYPASS.pop()
         for layer, before in patched:
@@ -141,13 +141,15 @@ def trace(model: Any, layers: Sequence[Any], variables: dict[str, Any], example:
     return _flow(graph, records, resource)
 
 
-def _flow(graph: Any, records: list[tuple[Any, int, int, list[Any]]], resource: dict[str, str]) -> Flow:
+def _flow(
+    graph: Any, records: list[tuple[Any, int, int, list[Any]]], resource: dict[str, str]
+) -> Flow:
     ops = graph.get_operations()
     owner: list[int | None] = [None] * len(ops)  # innermost record whose call made the op
     for r in sorted(range(len(records)), key=lambda i: records[i][1] - records[i][2]):
         for i in range(records[r][1], records[r][2]):
             owner[i] = r  # larger (outer) calls first, inner ones write over them
-    leaf = [not _children(rec[0]) for rec in records]
+    leaf = [all(c is hooked(rec[0]) for c in _children(rec[0])) for rec in records]
     flow = Flow([])
     members: dict[int, list[Any]] = {}
     for i, op in enumerate(ops):
@@ -161,7 +163,9 @@ def _flow(graph: Any, records: list[tuple[Any, int, int, list[Any]]], resource: 
             if r in emitted or op is not members[r][-1]:
                 continue
             emitted.add(r)
-            flow.ops.append(_group(f"{records[r][0].name}#{r}", members[r], records[r][3], resource))
+            flow.ops.append(
+                _group(f"{records[r][0].name}#{r}", members[r], records[r][3], resource)
+            )
             continue
         ins, params = _reads(op, resource)
         if not ins and not params:
