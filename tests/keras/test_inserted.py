@@ -193,3 +193,44 @@ def test_gemma_at_its_presets_dropout_0_gets_residual_sites():
         warnings.simplefilter("ignore")
         new = gdk.apply(m, given).model
     assert hub_zoo._called_rates(new) == given
+
+
+class NoConfigResidual(keras.layers.Layer):
+    """A residual block whose ``get_config`` fails (LlamaTransformerDecoder's): clone_model
+    cannot copy it, so ``apply`` builds the model again from its own config."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.fc = keras.layers.Dense(4, name="fc")
+
+    def call(self, x):
+        return x + self.fc(x)
+
+    def get_config(self):
+        raise AttributeError("'NoConfigResidual' object has no attribute 'rope_scaling_factor'")
+
+
+@keras.saving.register_keras_serializable(package="gd_test_inserted")
+class HyperNet(keras.Model):
+    """A functional model saved by its hyperparameters (a keras_hub backbone)."""
+
+    def __init__(self, units=4, **kwargs):
+        inp = keras.Input((4,), name="x")
+        h = keras.layers.Dense(units, name="stem")(inp)
+        out = keras.layers.Dense(2, name="head")(NoConfigResidual(name="block")(h))
+        super().__init__(inp, out, **kwargs)
+        self.units = units
+
+    def get_config(self):
+        return {"units": self.units, "name": self.name}
+
+
+def test_a_model_saved_by_its_hyperparameters_refuses_to_save_inserted_sites(tmp_path):
+    keras.utils.set_random_seed(0)
+    m = HyperNet()
+    found, _ = quiet_sites(m)
+    assert [s.name for s in found] == ["stem.gd_dropout", "fc.gd_dropout"]  # unique names
+    report = gdk.apply(m, {s.name: 0.05 for s in found})
+    assert any("saving it raises" in n for n in report.notes), report.notes
+    with pytest.raises(Exception, match="keeps its inserted guided dropout sites"):
+        report.model.save(os.path.join(tmp_path, "hyper.keras"))
