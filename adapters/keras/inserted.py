@@ -221,7 +221,7 @@ def _group(name: str, members: list[Any], returned: list[Any], resource: dict[st
         tuple(outs),
         tuple(params),
         norm=bool(types & _NORM) and bool(params),
-        add=False,
+        add=not params and bool(types & _ADD) and types <= _ADD | {"Identity", "Cast"},
         softmax="Softmax" in types,
     )
 

@@ -69,6 +69,37 @@ TINY: dict[str, Any] = {
     "num_decoder_layers": 2,
     "num_encoder_layers": 2,
 }
+#: tiny values of the arguments only one class (or family) takes: image backbones people
+#: fine-tune (ViT, Swin, ResNet) and the mixture-of-experts and encoder-decoder variants
+PER_CLASS: dict[str, dict[str, Any]] = {
+    "ViTBackbone": {"mlp_dim": 16},
+    "SwinTransformerBackbone": {
+        "embed_dim": 8,
+        "depths": [1, 1],
+        "num_heads": [2, 2],
+        "window_size": 4,
+    },
+    "ResNetBackbone": {
+        "input_conv_filters": [64],
+        "input_conv_kernel_sizes": [3],
+        "stackwise_num_filters": [64, 64],
+        "stackwise_num_blocks": [1, 1],
+        "stackwise_num_strides": [1, 2],
+        "block_type": "basic_block",
+        "image_shape": (32, 32, 3),
+    },
+    "QwenMoeBackbone": {"shared_expert_intermediate_dim": 8},
+    "T5GemmaBackbone": {
+        "encoder_num_attention_heads": 2,
+        "encoder_num_key_value_heads": 1,
+        "encoder_head_dim": 4,
+        "encoder_layer_types": ["full_attention"] * 2,
+        "decoder_num_attention_heads": 2,
+        "decoder_num_key_value_heads": 1,
+        "decoder_head_dim": 4,
+        "decoder_layer_types": ["full_attention"] * 2,
+    },
+}
 #: rate arguments set to 0.1, so the backbone has dropout layers to guide
 RATES = ("dropout", "dropout_rate", "attention_dropout", "attention_dropout_rate")
 #: how a problem that is a library error (clear, with a fix) is worded
@@ -126,11 +157,14 @@ def tiny_kwargs(cls: type, defaults: bool = False) -> dict[str, Any]:
     """Generic tiny arguments (rates 0.1, or the class's own with ``defaults``); raises
     ValueError naming a required argument with no value."""
     kw: dict[str, Any] = {}
+    own = PER_CLASS.get(cls.__name__, {})
     for p in inspect.signature(cls.__init__).parameters.values():
         if p.name == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
             continue
         if p.name in RATES and not (defaults and p.default is not inspect.Parameter.empty):
             kw[p.name] = 0.1
+        elif p.name in own:
+            kw[p.name] = own[p.name]
         elif p.name in TINY:
             kw[p.name] = TINY[p.name]
         elif p.default is inspect.Parameter.empty:

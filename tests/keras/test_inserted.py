@@ -234,3 +234,17 @@ def test_a_model_saved_by_its_hyperparameters_refuses_to_save_inserted_sites(tmp
     assert any("saving it raises" in n for n in report.notes), report.notes
     with pytest.raises(Exception, match="keeps its inserted guided dropout sites"):
         report.model.save(os.path.join(tmp_path, "hyper.keras"))
+
+
+def test_a_residual_add_layer_of_the_graph_is_a_residual_join():
+    """ResNet's blocks join with ``keras.layers.Add`` in the functional graph: a leaf layer whose
+    call is one addition is an addition (from its op types)."""
+    inp = keras.Input((4,))
+    h = keras.layers.Dense(4, name="stem")(inp)
+    b = keras.layers.Dense(4, name="branch")(keras.layers.Activation("relu", name="act")(h))
+    out = keras.layers.Dense(2, name="head")(keras.layers.Add(name="join")([h, b]))
+    found, _ = quiet_sites(keras.Model(inp, out))
+    assert [(s.name, s.params) for s in found] == [
+        ("stem.gd_dropout", ("stem.weight", "stem.bias")),
+        ("branch.gd_dropout", ("branch.weight", "branch.bias")),
+    ]
