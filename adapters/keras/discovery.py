@@ -24,6 +24,7 @@ from gd_core.sites import Site, site_mapping
 from gd_core.validate import check_type
 
 from .layer import GuidedDropout, _children, keras
+from .layout import _canonical_axes
 
 SITE_KIND = "layer"
 
@@ -255,30 +256,6 @@ def _attribute_of(holder: Any, layer: Any) -> str | None:
     return None
 
 
-#: Keras layers whose ``kernel`` is stored in another layout than the torch module it mirrors
-_DENSE = frozenset({"Dense"})
-_CONV = frozenset(f"Conv{d}D{t}" for d in (1, 2, 3) for t in ("", "Transpose"))
-
-
-def _canonical_axes(layer: Any, leaf: str, ndim: int) -> tuple[int, ...] | None:
-    """Axes taking a Keras weight to torch layout, or None where the layouts agree.
-
-    A ``Dense`` kernel ``(in, out)`` is a torch ``Linear`` weight ``(out, in)``; a ``ConvND``
-    kernel ``(*k, in, out)`` is a torch ``ConvNd`` weight ``(out, in, *k)`` (``ConvNDTranspose``:
-    ``(*k, out, in)`` -> ``(in, out, *k)``). Embedding, normalization and bias weights already
-    agree; other kernels (``EinsumDense``, custom layers) have no torch counterpart and keep their
-    Keras layout. Subclasses of these layers count as them.
-    """
-    if leaf != "kernel" or ndim < 2:
-        return None
-    kinds = {c.__name__ for c in type(layer).__mro__ if c.__module__.startswith("keras")}
-    if kinds & _DENSE and ndim == 2:
-        return (1, 0)
-    if kinds & _CONV and ndim >= 3:
-        return (ndim - 1, ndim - 2, *range(ndim - 2))
-    return None
-
-
 def own_weights(layer: Any) -> list[Any]:
     """The weights a layer holds itself (not through its sublayers)."""
     try:
@@ -463,6 +440,7 @@ def sites_of(idx: ModelIndex, mapping: Mapping[str, Sequence[str]] | None = None
         mapping = _check_mapping(idx, live_names, mapping)
     flow = _dataflow_groups(idx, names)
     hooks = _hook_groups(idx)
+    traced: dict[str, list[str]] | None = None
     out = []
     for layer, name in zip(idx.site_layers, names, strict=True):
         if id(layer) not in live:
@@ -476,6 +454,9 @@ def sites_of(idx: ModelIndex, mapping: Mapping[str, Sequence[str]] | None = None
             params = flow[name]
         else:
             params = default_params(idx, layer)
+        if not params and mapping is None:  # e.g. a dropout first in a layer (ViT's encoder)
+            traced = traced if traced is not None else _traced_groups(idx, live)
+            params = traced.get(name, [])
         kind = "hook" if id(layer) in hooks else SITE_KIND  # inserted (adapters.keras.inserted)
         out.append(Site(name, tuple(params), units, _unit_axes(idx, params, units), kind))
     return out
@@ -526,6 +507,25 @@ def _inserted_sites(idx: ModelIndex, mapping: Any, names: list[str]) -> list[Sit
         params = sorted(params, key=lambda n: order.get(n, len(order)))
         out.append(Site(p.name, tuple(params), p.units, _unit_axes(idx, params, p.units), KIND))
     return out
+
+
+def _traced_groups(idx: ModelIndex, live: set[int]) -> dict[str, list[str]]:
+    """What each live site guards by the one rule on a traced forward (TensorFlow backend), for
+    a site the graph or layer-order rule gives nothing: a dropout called first inside a layer
+    (ViT's encoder drops its input, the embeddings another layer computed). Empty where no
+    trace can be made."""
+    from .inserted import groups, trace
+
+    sites = {id(x): idx.site_name(x) for x in idx.site_layers if id(x) in live}
+    layers = [x for x in idx.layers[1:] if not is_site(x) or id(x) in sites]
+    try:
+        flow = trace(idx.model, layers, idx.trainable(), idx.example, sites)
+    except RuntimeError:
+        return {}
+    order = {n: i for i, n in enumerate(idx.variables)}
+    return {
+        k: sorted(v, key=lambda n: order.get(n, len(order))) for k, v in groups(flow, {}).items()
+    }
 
 
 def _hook_groups(idx: ModelIndex) -> dict[int, tuple[list[str], int | None]]:

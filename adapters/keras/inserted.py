@@ -85,10 +85,18 @@ def backend_ok() -> bool:
     return str(keras.backend.backend()) == "tensorflow"
 
 
-def trace(model: Any, layers: Sequence[Any], variables: dict[str, Any], example: Any) -> Flow:
+def trace(
+    model: Any,
+    layers: Sequence[Any],
+    variables: dict[str, Any],
+    example: Any,
+    sites: dict[int, str] | None = None,
+) -> Flow:
     """Trace one training forward of ``model`` (TensorFlow backend) into ops. ``layers``: the
     layers to attribute ops to (not the model); ``variables``: ``{canonical name: variable}``
-    of the weights ops own. Raises RuntimeError saying why where no trace can be made."""
+    of the weights ops own; ``sites``: ``{id(dropout layer): site name}`` of dropout layers in
+    ``layers`` to trace as site ops (each call one op, an identity in the trace). Raises
+    RuntimeError saying why where no trace can be made."""
     if not backend_ok():
         raise RuntimeError(
             f"inserting sites reads a traced TensorFlow graph; the Keras backend is "
@@ -100,6 +108,8 @@ def trace(model: Any, layers: Sequence[Any], variables: dict[str, Any], example:
     if x is None:
         raise RuntimeError("no input could be guessed from the model's input specs")
     records: list[tuple[Any, int, int, list[Any]]] = []
+    site_calls: dict[int, tuple[str, str]] = {}  # record -> (site name, tensor it drops)
+    sites = sites or {}
     patched: list[tuple[Any, Any]] = []
     for layer in layers:
         if id(layer) in {id(p) for p, _ in patched}:
@@ -110,7 +120,13 @@ def trace(model: Any, layers: Sequence[Any], variables: dict[str, Any], example:
         def counting(*args: Any, _call: Any = original, _layer: Any = layer, **kw: Any) -> Any:
             graph = tf.compat.v1.get_default_graph()
             start = len(graph.get_operations())
-            out = _call(*args, **kw)
+            site = sites.get(id(_layer))
+            if site is not None:
+                inp = args[0] if args else kw.get("inputs")
+                out = tf.identity(inp)
+                site_calls[len(records)] = (site, inp.name)
+            else:
+                out = _call(*args, **kw)
             records.append((_layer, start, len(graph.get_operations()), keras.tree.flatten(out)))
             return out
 
@@ -138,11 +154,14 @@ def trace(model: Any, layers: Sequence[Any], variables: dict[str, Any], example:
             handles[id(handle)] = name
     # captured resource tensor -> canonical weight name
     resource = {i.name: handles[id(e)] for e, i in graph.captures if id(e) in handles}
-    return _flow(graph, records, resource)
+    return _flow(graph, records, resource, site_calls)
 
 
 def _flow(
-    graph: Any, records: list[tuple[Any, int, int, list[Any]]], resource: dict[str, str]
+    graph: Any,
+    records: list[tuple[Any, int, int, list[Any]]],
+    resource: dict[str, str],
+    site_calls: dict[int, tuple[str, str]],
 ) -> Flow:
     ops = graph.get_operations()
     owner: list[int | None] = [None] * len(ops)  # innermost record whose call made the op
@@ -163,6 +182,10 @@ def _flow(
             if r in emitted or op is not members[r][-1]:
                 continue
             emitted.add(r)
+            if r in site_calls:
+                outs = tuple(t.name for t in records[r][3])
+                flow.ops.append(Op(site_calls[r][0], (site_calls[r][1],), outs, site=True))
+                continue
             flow.ops.append(
                 _group(f"{records[r][0].name}#{r}", members[r], records[r][3], resource)
             )

@@ -248,3 +248,30 @@ def test_a_residual_add_layer_of_the_graph_is_a_residual_join():
         ("stem.gd_dropout", ("stem.weight", "stem.bias")),
         ("branch.gd_dropout", ("branch.weight", "branch.bias")),
     ]
+
+
+class DropFirstEncoder(keras.layers.Layer):
+    """ViT's encoder: a layer whose first call drops its input (the embeddings another layer
+    of the graph computed), then a residual block."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.drop = keras.layers.Dropout(0.1, name="drop")
+        self.fc = keras.layers.Dense(8, name="fc")
+        self.fc_drop = keras.layers.Dropout(0.1, name="fc_drop")
+
+    def call(self, x, training=None):
+        x = self.drop(x, training=training)
+        return x + self.fc_drop(self.fc(x), training=training)
+
+
+def test_a_dropout_first_in_a_layer_guards_what_the_graph_computed_before_it():
+    """ViTBackbone's ``vit_encoder.dropout`` guarded nothing (the layer-order rule stops at the
+    layer's start), so ``profile`` failed on a NaN score; the traced dataflow gives it the
+    embeddings it drops."""
+    ids = keras.Input((None,), dtype="int32")
+    h = keras.layers.Embedding(20, 8, name="embed")(ids)
+    m = keras.Model(ids, keras.layers.Dense(2, name="head")(DropFirstEncoder(name="enc")(h)))
+    found, _ = quiet_sites(m)
+    by = {s.name: s.params for s in found}
+    assert by == {"enc.drop": ("embed.weight",), "enc.fc_drop": ("fc.weight", "fc.bias")}
