@@ -275,3 +275,17 @@ def test_a_dropout_first_in_a_layer_guards_what_the_graph_computed_before_it():
     found, _ = quiet_sites(m)
     by = {s.name: s.params for s in found}
     assert by == {"enc.drop": ("embed.weight",), "enc.fc_drop": ("fc.weight", "fc.bias")}
+
+
+def test_apply_again_on_the_guided_model_sets_the_inserted_sites():
+    m = model()
+    found, _ = quiet_sites(m)
+    first = gdk.apply(m, {s.name: 0.05 for s in found}).model
+    given = {s.name: 0.01 * (i + 1) for i, s in enumerate(found)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = gdk.apply(first, given)
+    assert {r.site: r.old_p for r in report.rows} == {s.name: 0.05 for s in found}
+    idx = ModelIndex.build(report.model)
+    called = called_layers(report.model, idx.site_layers, example=tokens())
+    assert {idx.site_name(x): float(x.rate) for x in idx.site_layers if id(x) in called} == given
