@@ -607,7 +607,9 @@ def sites(
     model's input specs; a subclassed model is checked only with ``example_input``) tells which
     dropout layers are called (the others are dead sites: a warning names them) and in which
     order; a dropout layer called more than once guards the union over its calls. A given
-    ``example_input`` the model cannot run on raises ArgumentError.
+    ``example_input`` the model cannot run on raises ArgumentError. A model whose forward calls
+    no dropout layer gets sites inserted on the embedding output and the residual branches, as
+    in torch (``<layer>.gd_dropout``, kind ``"hook"``; :mod:`adapters.keras.inserted`).
 
     Example:
         >>> import keras
