@@ -193,6 +193,10 @@ def test_gemma_at_its_presets_dropout_0_gets_residual_sites():
         warnings.simplefilter("ignore")
         new = gdk.apply(m, given).model
     assert hub_zoo._called_rates(new) == given
+    # the task model wrapping the backbone has the same inserted sites (a backbone profile
+    # applies to it site for site)
+    lm = keras_hub.models.GemmaCausalLM(backbone=m, preprocessor=None)
+    assert [s.name for s in quiet_sites(lm)[0]] == list(given)
 
 
 class NoConfigResidual(keras.layers.Layer):
