@@ -301,7 +301,9 @@ def residual_joins(ops: Sequence[Op]) -> list[tuple[int, str, str]]:
     """Residual adds: ``(op index, stream tensor, branch tensor)`` for every addition that joins
     a tensor ``s`` read by other ops too (the stream) with a tensor computed from ``s`` (the
     branch), in execution order. Gating (``gate * up``), attention (``q @ k``) and activations
-    written as ``x * f(x)`` are not residual: they are not additions.
+    written as ``x * f(x)`` are not residual: they are not additions; nor is an addition whose
+    branch computes nothing learned from the stream (no op with parameters between them: the
+    ``x + 0.044715 * x**3`` of a tanh GELU written out op by op).
 
     Example — ``y = x + f(x)``:
         >>> ops = [Op("f", ["x"], ["b"], ["f.weight"]), Op("add", ["x", "b"], ["y"], add=True)]
@@ -318,10 +320,32 @@ def residual_joins(ops: Sequence[Op]) -> list[tuple[int, str, str]]:
             others = [r for r in g.consumers.get(s, []) if r != i]
             if not others or b not in g.producer:
                 continue
-            if any(_leads_to(g, r, g.producer[b], memo) for r in others):
+            if any(_leads_to(g, r, g.producer[b], memo) for r in others) and _learned(
+                g, s, b, others, memo
+            ):
                 out.append((i, s, b))
                 break
     return out
+
+
+def _learned(
+    g: _Graph, stream: str, branch: str, readers: list[int], memo: dict[tuple[int, int], bool]
+) -> bool:
+    """Whether an op with parameters lies between ``stream`` and ``branch`` (walked back from
+    the branch, through ops the stream reaches)."""
+    todo, seen = [branch], {stream}
+    while todo:
+        t = todo.pop()
+        if t in seen or t not in g.producer:
+            continue
+        seen.add(t)
+        idx = g.producer[t]
+        if not any(_leads_to(g, r, idx, memo) for r in readers):
+            continue  # not computed from the stream
+        if g.ops[idx].params:
+            return True
+        todo.extend(g.ops[idx].inputs)
+    return False
 
 
 def insertion_points(ops: Sequence[Op]) -> list[str]:

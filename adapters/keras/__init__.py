@@ -4,8 +4,11 @@ A thin translator over :mod:`gd_core`, in modules that show its parts:
 
 - :mod:`~adapters.keras.layer` — :class:`GuidedDropout` (``keras.layers.Dropout`` with per-unit
   rates and a schedule) and :class:`GuidedDropoutScheduler`;
-- :mod:`~adapters.keras.discovery` — :func:`sites`, :func:`fingerprint` (canonical names, torch
-  layout) and :func:`load_state_dict` (canonical, e.g. torch, weights into a Keras replica);
+- :mod:`~adapters.keras.discovery` — :func:`sites` and :func:`fingerprint` (canonical names,
+  torch layout); :mod:`~adapters.keras.statedict` — :func:`load_state_dict` (canonical, e.g.
+  torch, weights into a Keras replica);
+- :mod:`~adapters.keras.inserted` — sites inserted into a dropout-free model (the embedding
+  output and the residual branches, from a traced forward), as :mod:`adapters.torch` does;
 - :mod:`~adapters.keras.fisher` — :func:`estimate_fisher`, :func:`profile` (per-sample gradients
   natively; the loop is :mod:`gd_core.fisher_loop`'s);
 - :mod:`~adapters.keras.install` — :func:`apply` (the plan is :mod:`gd_core.plan`'s);
@@ -45,10 +48,11 @@ from gd_core.fisher import FisherResult
 from gd_core.report import ApplyReport
 
 from .. import _own  # noqa: F401 - raises if `adapters` is AdapterHub's (README)
-from .discovery import LoadedKeys, fingerprint, load_state_dict, sites
+from .discovery import fingerprint, sites
 from .fisher import estimate_fisher, profile
 from .install import apply
 from .layer import GuidedDropout, GuidedDropoutScheduler, keras  # noqa: F401 - the backend in use
+from .statedict import LoadedKeys, load_state_dict
 
 __all__ = [
     "ApplyReport",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from gd_core.sites import Site, site_mapping
 from gd_core.validate import check_type
 
 from .layer import GuidedDropout, _children, keras
+from .layout import _canonical_axes
 
 SITE_KIND = "layer"
 
@@ -74,6 +75,10 @@ class ModelIndex:
     calls: list[Any] = field(default_factory=list)
     #: the input the forward of :meth:`check_calls` runs on (None: one guessed from the specs)
     example: Any = None
+    #: sites to insert into a dropout-free model, by name (``adapters.keras.inserted.Point``)
+    inserted: dict[str, Any] = field(default_factory=dict)
+    #: what the sites found need the user to know (said by ``sites`` and the apply report)
+    notes: list[str] = field(default_factory=list)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -251,30 +256,6 @@ def _attribute_of(holder: Any, layer: Any) -> str | None:
     return None
 
 
-#: Keras layers whose ``kernel`` is stored in another layout than the torch module it mirrors
-_DENSE = frozenset({"Dense"})
-_CONV = frozenset(f"Conv{d}D{t}" for d in (1, 2, 3) for t in ("", "Transpose"))
-
-
-def _canonical_axes(layer: Any, leaf: str, ndim: int) -> tuple[int, ...] | None:
-    """Axes taking a Keras weight to torch layout, or None where the layouts agree.
-
-    A ``Dense`` kernel ``(in, out)`` is a torch ``Linear`` weight ``(out, in)``; a ``ConvND``
-    kernel ``(*k, in, out)`` is a torch ``ConvNd`` weight ``(out, in, *k)`` (``ConvNDTranspose``:
-    ``(*k, out, in)`` -> ``(in, out, *k)``). Embedding, normalization and bias weights already
-    agree; other kernels (``EinsumDense``, custom layers) have no torch counterpart and keep their
-    Keras layout. Subclasses of these layers count as them.
-    """
-    if leaf != "kernel" or ndim < 2:
-        return None
-    kinds = {c.__name__ for c in type(layer).__mro__ if c.__module__.startswith("keras")}
-    if kinds & _DENSE and ndim == 2:
-        return (1, 0)
-    if kinds & _CONV and ndim >= 3:
-        return (ndim - 1, ndim - 2, *range(ndim - 2))
-    return None
-
-
 def own_weights(layer: Any) -> list[Any]:
     """The weights a layer holds itself (not through its sublayers)."""
     try:
@@ -441,22 +422,7 @@ def discover(model: Any, mapping: Mapping[str, Sequence[str]] | None = None) -> 
     return sites_of(idx, mapping)
 
 
-#: what a dropout-free model is told (adapters.torch inserts sites there; this binding does not)
-NOT_INSERTED = (
-    "adapters.keras does not insert dropout into a dropout-free model (adapters.torch does: "
-    "on the embedding output and every residual branch); build a keras_hub model with "
-    "dropout > 0 (e.g. Backbone.from_preset(preset, dropout=0.1)) so its dropout layers are "
-    "called, or add keras.layers.Dropout layers where dropout belongs"
-)
-
-
 def sites_of(idx: ModelIndex, mapping: Mapping[str, Sequence[str]] | None = None) -> list[Site]:
-    if not idx.site_layers:
-        raise no_sites(
-            NOT_INSERTED + " (or SpatialDropout, AlphaDropout, GuidedDropout layers); dropout "
-            "drawn inside call() with keras.random.dropout cannot be guided",
-            detail=f"{type(idx.model).__name__} {idx.model.name!r}",
-        )
     names = [idx.site_name(layer) for layer in idx.site_layers]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -467,28 +433,122 @@ def sites_of(idx: ModelIndex, mapping: Mapping[str, Sequence[str]] | None = None
             "give every dropout layer (and GuidedDropout site) its own name",
         )
     live = {id(x) for x in idx.live_layers()}
-    if not live:
-        raise no_sites(
-            "none of the model's dropout layers is called in a training forward (dead sites: "
-            f"{names[:4]}, e.g. skipped at rate 0); " + NOT_INSERTED,
-            detail=f"{type(idx.model).__name__} {idx.model.name!r}",
-        )
+    if not live:  # a dropout-free model: sites inserted as in torch (adapters.keras.inserted)
+        return _inserted_sites(idx, mapping, names)
     if mapping is not None:
         live_names = [n for x, n in zip(idx.site_layers, names, strict=True) if id(x) in live]
         mapping = _check_mapping(idx, live_names, mapping)
     flow = _dataflow_groups(idx, names)
+    hooks = _hook_groups(idx)
+    traced: dict[str, list[str]] | None = None
     out = []
     for layer, name in zip(idx.site_layers, names, strict=True):
         if id(layer) not in live:
             continue
+        units = _site_units(layer)
         if mapping is not None and name in mapping:
             params = list(mapping[name])
+        elif id(layer) in hooks:
+            params, units = hooks[id(layer)][0], units or hooks[id(layer)][1]
         elif flow is not None and name in flow:
             params = flow[name]
         else:
             params = default_params(idx, layer)
-        units = _site_units(layer)
-        out.append(Site(name, tuple(params), units, _unit_axes(idx, params, units), SITE_KIND))
+        if not params and mapping is None:  # e.g. a dropout first in a layer (ViT's encoder)
+            traced = traced if traced is not None else _traced_groups(idx, live)
+            params = traced.get(name, [])
+        kind = "hook" if id(layer) in hooks else SITE_KIND  # inserted (adapters.keras.inserted)
+        out.append(Site(name, tuple(params), units, _unit_axes(idx, params, units), kind))
+    return out
+
+
+def _inserted_sites(idx: ModelIndex, mapping: Any, names: list[str]) -> list[Site]:
+    """Sites inserted into a model whose forward calls no dropout layer, where
+    ``gd_core.dataflow.insertion_points`` puts them (:mod:`adapters.keras.inserted`)."""
+    from .inserted import KIND, groups, points, trace
+
+    dead = f" (its dropout layers {names[:4]} are never called, e.g. skipped at rate 0)"
+    what = f"{type(idx.model).__name__} {idx.model.name!r}"
+    try:
+        flow = trace(
+            idx.model, [x for x in idx.layers[1:] if not is_site(x)], idx.trainable(), idx.example
+        )
+    except RuntimeError as exc:
+        raise no_sites(
+            f"the model calls no dropout layer{dead if names else ''}, and adapters.keras "
+            f"inserts sites (on the embedding output and the residual branches, as "
+            f"adapters.torch does) only from a traced forward, which could not be made: {exc}; "
+            "pass example_input=<one small batch> on the TensorFlow backend, or build the model "
+            "with dropout > 0 (keras_hub: Backbone.from_preset(preset, dropout=0.1))",
+            detail=what,
+        ) from exc
+    pts, notes = points(flow, lambda layer: idx.layer_names[id(layer)])
+    if not pts:
+        raise no_sites(
+            f"the model calls no dropout layer{dead if names else ''}, and its traced forward "
+            "has no residual branch or embedding output returned by a layer to insert sites on"
+            + (f" ({notes[0]})" if notes else "")
+            + "; add keras.layers.Dropout layers where dropout belongs",
+            detail=what,
+        )
+    idx.inserted = {p.name: p for p in pts}
+    idx.notes += [
+        f"the model calls no dropout layer: {len(pts)} site(s) inserted on the embedding output "
+        "and the residual branches (as adapters.torch does)",
+        *notes,
+    ]
+    found = groups(flow, {p.tensor: p.name for p in pts})
+    if mapping is not None:
+        mapping = _check_mapping(idx, list(idx.inserted), mapping)
+    order = {n: i for i, n in enumerate(idx.variables)}
+    out = []
+    for p in pts:
+        params = list(mapping[p.name]) if mapping and p.name in mapping else found.get(p.name, [])
+        params = sorted(params, key=lambda n: order.get(n, len(order)))
+        out.append(Site(p.name, tuple(params), p.units, _unit_axes(idx, params, p.units), KIND))
+    return out
+
+
+def _traced_groups(idx: ModelIndex, live: set[int]) -> dict[str, list[str]]:
+    """What each live site guards by the one rule on a traced forward (TensorFlow backend), for
+    a site the graph or layer-order rule gives nothing: a dropout called first inside a layer
+    (ViT's encoder drops its input, the embeddings another layer computed). Empty where no
+    trace can be made."""
+    from .inserted import groups, trace
+
+    sites = {id(x): idx.site_name(x) for x in idx.site_layers if id(x) in live}
+    layers = [x for x in idx.layers[1:] if not is_site(x) or id(x) in sites]
+    try:
+        flow = trace(idx.model, layers, idx.trainable(), idx.example, sites)
+    except RuntimeError:
+        return {}
+    order = {n: i for i, n in enumerate(idx.variables)}
+    return {
+        k: sorted(v, key=lambda n: order.get(n, len(order))) for k, v in groups(flow, {}).items()
+    }
+
+
+def _hook_groups(idx: ModelIndex) -> dict[int, tuple[list[str], int | None]]:
+    """``{id(site layer): (guarded weights, units)}`` of the sites inserted by ``apply``
+    (:mod:`adapters.keras.inserted`), from a traced forward, as when they were inserted."""
+    from .inserted import groups, hooked, trace
+
+    hooks = [x for x in idx.site_layers if hooked(idx.parent.get(id(x), x)) is x]
+    if not hooks:
+        return {}
+    try:
+        flow = trace(
+            idx.model, [x for x in idx.layers[1:] if not is_site(x)], idx.trainable(), idx.example
+        )
+    except RuntimeError:
+        return {}  # the layer-order rule stands in (as for a subclassed model)
+    at = {t: idx.site_name(x) for t, x in flow.hooks.items()}
+    found = groups(flow, at)
+    order = {n: i for i, n in enumerate(idx.variables)}
+    out = {}
+    for t, x in flow.hooks.items():
+        params = sorted(found.get(at[t], []), key=lambda n: order.get(n, len(order)))
+        out[id(x)] = (params, flow.units.get(t))
     return out
 
 
@@ -547,7 +607,9 @@ def sites(
     model's input specs; a subclassed model is checked only with ``example_input``) tells which
     dropout layers are called (the others are dead sites: a warning names them) and in which
     order; a dropout layer called more than once guards the union over its calls. A given
-    ``example_input`` the model cannot run on raises ArgumentError.
+    ``example_input`` the model cannot run on raises ArgumentError. A model whose forward calls
+    no dropout layer gets sites inserted on the embedding output and the residual branches, as
+    in torch (``<layer>.gd_dropout``, kind ``"hook"``; :mod:`adapters.keras.inserted`).
 
     Example:
         >>> import keras
@@ -559,9 +621,9 @@ def sites(
     """
     idx = ModelIndex.build(model, example_input)
     found = sites_of(idx, mapping)
-    note = idx.dead_note()
-    if note is not None:
-        warnings.warn(note, UserWarning, stacklevel=2)
+    for note in [idx.dead_note(), *idx.notes]:
+        if note is not None:
+            warnings.warn(note, UserWarning, stacklevel=2)
     return found
 
 
@@ -590,11 +652,11 @@ def resolve_sites(idx: ModelIndex, given: Any) -> list[tuple[Site, Any]]:
     """(Site, layer) pairs: discovered (optionally with a site mapping) or the given Sites."""
     if given is None or isinstance(given, Mapping):
         found = sites_of(idx, given)
-        return list(zip(found, idx.live_layers(), strict=True))
+        return list(zip(found, _layers_of(idx, found), strict=True))
     if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
         given = [given]
     found = sites_of(idx)
-    layer_of = {s.name: layer for s, layer in zip(found, idx.live_layers(), strict=True)}
+    layer_of = {s.name: x for s, x in zip(found, _layers_of(idx, found), strict=True)}
     out = []
     for site in given:
         check_type(
@@ -615,82 +677,6 @@ def resolve_sites(idx: ModelIndex, given: Any) -> list[tuple[Site, Any]]:
     return out
 
 
-class LoadedKeys(NamedTuple):
-    """What :func:`load_state_dict` did not match (as torch's ``load_state_dict`` returns)."""
-
-    missing_keys: list[str]  # weights of the model the state dict lacks (left unchanged)
-    unexpected_keys: list[str]  # state dict keys the model has no weight for (not used)
-
-
-def _as_array(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor (bfloat16 has no NumPy dtype)
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            value = value.float()
-        value = value.numpy()
-    return np.asarray(value)
-
-
-def _some(names: Sequence[str]) -> str:
-    return f"{list(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-
-def load_state_dict(
-    model: Any, state_dict: Mapping[str, Any], *, strict: bool = True
-) -> LoadedKeys:
-    """Set a Keras model's weights from canonical (torch-layout) arrays, by canonical name.
-
-    ``state_dict`` maps canonical names (``<layer name>.weight|bias``, as :func:`fingerprint`
-    lists them) to arrays in torch layout (NumPy arrays or torch tensors), e.g. the
-    ``state_dict()`` of the torch model a Keras replica mirrors. The binding converts what Keras
-    stores in another layout (Dense and convolution kernels, transposed). Like torch's
-    ``load_state_dict``, with ``strict`` (the default) every weight of the model must be given and
-    every key must name one (a key the model lacks, such as a torch buffer, raises; pass
-    ``strict=False`` to load a part and read the returned lists). A mis-shaped array always
-    raises. Nothing is assigned unless every given array fits. Returns
-    ``LoadedKeys(missing_keys, unexpected_keys)``.
-
-    Example:
-        >>> import numpy as np, keras
-        >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="fc")])
-        >>> w = np.arange(6.0).reshape(2, 3)  # torch Linear layout (out, in)
-        >>> load_state_dict(m, {"fc.weight": w, "fc.bias": np.zeros(2)})
-        LoadedKeys(missing_keys=[], unexpected_keys=[])
-        >>> np.asarray(m.get_layer("fc").kernel).tolist()  # Keras stores (in, out)
-        [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
-        >>> load_state_dict(m, {"fc.weight": w, "step": 1}, strict=False)
-        LoadedKeys(missing_keys=['fc.bias'], unexpected_keys=['step'])
-    """
-    fix = "pass e.g. torch_model.state_dict() or dict(zip(names, arrays))"
-    check_type(state_dict, "state_dict", Mapping, "a mapping {canonical name: array}", fix)
-    idx = ModelIndex.build(model)
-    missing = [n for n in idx.variables if n not in state_dict]
-    unexpected = [str(k) for k in state_dict if k not in idx.variables]
-    if strict and (missing or unexpected):
-        todo = [f"add arrays for {_some(missing)}"] if missing else []
-        todo += [f"drop {_some(unexpected)} (the model has no such weight)"] if unexpected else []
-        raise bad_argument(
-            "state_dict",
-            "one canonical (torch-layout) array for every weight of the model and no other key",
-            f"{len(missing)} weight(s) of the model missing, {len(unexpected)} key(s) unexpected",
-            "; ".join(todo) + ", or pass strict=False to load a part (it returns the "
-            "missing and unexpected keys)",
-        )
-    values: dict[str, np.ndarray] = {}
-    for name in idx.variables:
-        if name not in state_dict:
-            continue
-        value = _as_array(state_dict[name])
-        if tuple(value.shape) != idx.shape(name):
-            raise bad_argument(
-                f"state_dict[{name!r}]",
-                f"an array of the canonical (torch-layout) shape {idx.shape(name)}",
-                f"shape {tuple(value.shape)}",
-                "pass the weights of the model this one mirrors, in torch layout (a Dense "
-                "kernel as the Linear weight (out, in))",
-            )
-        values[name] = idx.from_canonical(name, value)
-    for name, value in values.items():
-        var = idx.variables[name]
-        var.assign(value.astype(var.dtype))
-    return LoadedKeys(missing, unexpected)
+def _layers_of(idx: ModelIndex, found: list[Site]) -> list[Any]:
+    """The site layer of each site found (None for a site to insert)."""
+    return [None] * len(found) if idx.inserted else idx.live_layers()

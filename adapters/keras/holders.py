@@ -28,7 +28,7 @@ from typing import Any
 from gd_core.errors import ArgumentError, ProfileError
 
 from .discovery import ModelIndex, _is_graph_model, is_site
-from .layer import keras
+from .layer import HOOK, keras
 
 CONFIG_KEY = "guided_dropout"
 #: the version of the ``guided_dropout`` entry of a ``Guided<Name>`` config
@@ -68,6 +68,9 @@ class GuidedSites:
             "base": _class_info(self._gd_base or type(self)),
             "sites": [keras.saving.serialize_keras_object(layer) for layer in held],
         }
+        hooks = _hooks_of(self, held)
+        if hooks:  # sites inserted on the output of a layer in it (adapters.keras.inserted)
+            config[CONFIG_KEY]["hooks"] = hooks
         return config
 
     @classmethod
@@ -85,7 +88,17 @@ class GuidedSites:
         _check_saved(saved, str(config.get("name") or cls.__name__))
         del config[CONFIG_KEY]
         layer = super().from_config(config)  # type: ignore[misc]
-        object.__setattr__(layer, "_gd_pending", list(saved["sites"]))
+        sites = list(saved["sites"])
+        for h in saved.get("hooks") or ():  # sites inserted on a layer's output: marked
+            i = h.get("site") if isinstance(h, dict) else None
+            if not isinstance(i, int) or not 0 <= i < len(sites):
+                raise ProfileError(
+                    f"layer {config.get('name')!r}: field '{CONFIG_KEY}.hooks': expected "
+                    f"entries {{'site': index into sites, 'layer': position, 'output': index}}, "
+                    f"received {h!r}; fix: save the model again after adapters.keras.apply"
+                )
+            sites[i] = {"hook": h, "site": sites[i]}
+        object.__setattr__(layer, "_gd_pending", sites)
         if layer.built or _default_build(cls._gd_base):
             _install_pending(layer)  # made in __init__ (else when built: see guided_class)
         return layer
@@ -226,6 +239,8 @@ def _install_pending(layer: Any) -> None:
     if saved is None:
         return
     object.__setattr__(layer, "_gd_pending", None)
+    hooks = [h for h in saved if isinstance(h, dict) and h.get("hook") is not None]
+    saved = [s for s in saved if s not in hooks]
     idx = ModelIndex.build(layer)
     found = idx.site_layers
     if len(found) != len(saved):
@@ -244,6 +259,7 @@ def _install_pending(layer: Any) -> None:
         for old, config in zip(found, saved, strict=True)
     }
     _rewrite_in_place(layer, idx, factories)
+    _restore_hooks(layer, hooks)
 
 
 def _cannot_rewrite(model: Any, why: str) -> ArgumentError:
@@ -279,7 +295,9 @@ def _rewrite_in_place(
         for attr, value in holders.items():
             if attr in ("_layers", "_tracker", "_modules", "_parameters", "_buffers"):
                 continue
-            if id(value) in factories:
+            if id(value) in factories and attr == HOOK:  # inserted: untracked, as it was
+                object.__setattr__(parent, attr, new_for(value))
+            elif id(value) in factories:
                 new = new_for(value)
                 _swap_tracked(tracker, value, new)
                 setattr(parent, attr, new)
@@ -324,3 +342,105 @@ def _swap_tracked(tracker: Any, old: Any, new: Any) -> None:
         tracker.replace_tracked_value("layers", old, new)
     else:
         tracker.track(new)
+
+
+# -- sites inserted on a layer's output (adapters.keras.inserted) ------------------------------
+def _plain_layers(layer: Any) -> list[Any]:
+    """The layers under ``layer`` (itself first) that are not sites: laid out alike in a copy
+    built from the same config, before and after sites are inserted."""
+    return [x for x in ModelIndex.build(layer).layers if x is layer or not is_site(x)]
+
+
+def _hooks_of(layer: Any, held: list[Any]) -> list[dict[str, Any]]:
+    """Where each inserted site of ``held`` sits: ``{"site": its index in held, "layer": the
+    position of the layer it drops the output of, "output": which output}``."""
+    from .inserted import hooked
+
+    plain = _plain_layers(layer)
+    out = []
+    for pos, x in enumerate(plain):
+        site = hooked(x)
+        if site is None:
+            continue
+        i = next(i for i, h in enumerate(held) if h is site)
+        out.append({"site": i, "layer": pos, "output": int(getattr(x, "_gd_hook_output", 0))})
+    return out
+
+
+def _restore_hooks(layer: Any, hooks: list[dict[str, Any]]) -> None:
+    from .inserted import hook
+
+    if not hooks:
+        return
+    plain = _plain_layers(layer)
+    for h in hooks:
+        pos = h["hook"].get("layer")
+        if not isinstance(pos, int) or not 0 <= pos < len(plain):
+            warnings.warn(
+                f"{type(layer).__name__} {layer.name!r}: the saved file holds a guided dropout "
+                f"inserted on the output of its layer number {pos!r}, but the layer has "
+                f"{len(plain)} layers, so it was not put back; fix: call "
+                "adapters.keras.apply(model, profile) on the loaded model again",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            continue
+        drop = keras.saving.deserialize_keras_object(h["site"])
+        hook(plain[pos], drop, int(h["hook"].get("output", 0)))
+
+
+def insert_sites(model: Any, idx: ModelIndex, inserts: Mapping[str, Any]) -> list[str]:
+    """Install the sites to insert (``{name: (Point of idx, factory)}``) into ``model``, a copy
+    of ``idx.model`` laid out alike (or that model itself), and make the layers holding them
+    keep them in a ``.keras`` file. Returns notes for the report."""
+    from .inserted import hook
+
+    if not inserts:
+        return []
+    new = ModelIndex.build(model)
+    by_name = {new.layer_names[id(x)]: x for x in new.layers}
+    notes = []
+    tops: dict[int, Any] = {}
+    for name, (point, factory) in inserts.items():
+        target = by_name.get(idx.layer_names[id(point.layer)])
+        if target is None:
+            raise _cannot_rewrite(model, f"the layer {name!r} is inserted on is not in the copy")
+        hook(target, factory(), point.output)
+        top, graph = target, new.parent.get(id(target))
+        while graph is not None and not _is_graph_model(graph):
+            top, graph = graph, new.parent.get(id(graph))
+        if graph is not None:
+            tops[id(top)] = (top, graph)
+    for top, graph in tops.values():
+        carry(top)
+        if not _keeps_layers(graph):
+            notes.append(
+                f"{type(graph).__name__} {graph.name!r} is saved by its own config (not its "
+                "layers), so a .keras file of it would not hold the inserted sites: saving it "
+                "raises; save the weights (model.save_weights) and call apply again after "
+                "building the model"
+            )
+            _refuse_saving(graph)
+    for attr in ("train_function", "test_function", "predict_function"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)  # traced functions captured the model without the sites
+    return notes
+
+
+def _keeps_layers(graph: Any) -> bool:
+    try:
+        return "layers" in graph.get_config()
+    except Exception:  # noqa: BLE001 - a config that cannot be made keeps nothing
+        return False
+
+
+def _refuse_saving(graph: Any) -> None:
+    def get_config() -> Any:
+        raise ArgumentError(
+            f"model: expected a model whose .keras file keeps its inserted guided dropout "
+            f"sites, received {type(graph).__name__} {graph.name!r}, whose config holds its "
+            "hyperparameters, not its layers; fix: save the weights (model.save_weights) and "
+            "call adapters.keras.apply again on the model built from its config"
+        )
+
+    object.__setattr__(graph, "get_config", get_config)

@@ -29,8 +29,8 @@ from .discovery import (
     layer_rate,
     resolve_sites,
 )
-from .holders import _cannot_rewrite, _rewrite_in_place, carry
-from .layer import GuidedDropout, GuidedDropoutScheduler, _all_layers, keras
+from .holders import _cannot_rewrite, _rewrite_in_place, carry, insert_sites
+from .layer import HOOK, GuidedDropout, GuidedDropoutScheduler, _all_layers, keras
 from .rebuild import align_names, rebuilt
 
 
@@ -80,6 +80,16 @@ def _replacement(
         new.step_count.assign(layer.step_count)  # the same schedule goes on where it was
         new.multiplier.assign(layer.multiplier)
     return new
+
+
+def _inserted_dropout(name: str, p: float, rates: Any, schedule: Schedule | None) -> Any:
+    return GuidedDropout(
+        rate=None if rates is not None else p,
+        rates=None if rates is None else [float(r) for r in rates],
+        site=name,
+        schedule=schedule,
+        name=HOOK,
+    )
 
 
 def _row_how(layer: Any, rates: Any, kept: bool, in_mha: bool) -> str:
@@ -190,7 +200,7 @@ def apply(
     sched = None if opts.schedule is None else Schedule.from_config(opts.schedule)
     idx = ModelIndex.build(model, example_input)
     pairs = resolve_sites(idx, sites)
-    current = {site.name: layer_rate(layer) for site, layer in pairs}
+    current = {site.name: 0.0 if layer is None else layer_rate(layer) for site, layer in pairs}
     auto_notes: list[str] = []
     find = auto_lookup(
         _auto.computer(model, tokenizer, sys.modules["adapters.keras"]),
@@ -216,9 +226,31 @@ def apply(
     factories: dict[int, Callable[[], Any]] = {}
     graph = isinstance(model, keras.Sequential) or _is_graph_model(model)
     fixed: list[str] = []  # sites a schedule cannot reach
+    inserts: dict[str, tuple[Any, Callable[[], Any]]] = {}  # sites to insert (a dropout-free model)
     for site, layer in pairs:
         entry = plan[site.name]
         rates, note = entry.rates, entry.note
+        if layer is None:
+            point = idx.inserted[site.name]
+            rows.append(
+                ReportRow(
+                    site.name,
+                    0.0,
+                    entry.p,
+                    entry.source,
+                    None if rates is None else len(rates),
+                    note,
+                    how=f"inserted: GuidedDropout on the output of {idx.layer_names[id(point.layer)]}",
+                    kind=site.kind,
+                )
+            )
+            inserts[site.name] = (
+                point,
+                lambda name=site.name, p=entry.p, rates=rates: _inserted_dropout(
+                    name, p, rates, sched
+                ),
+            )
+            continue
         mha = idx.parent.get(id(layer))
         is_mha = isinstance(mha, keras.layers.MultiHeadAttention)
         in_mha = graph and is_mha
@@ -251,7 +283,7 @@ def apply(
         factories[id(layer)] = lambda layer=layer, name=site.name, p=entry.p, rates=rates: (
             _replacement(layer, name, p, rates, sched)
         )
-    notes: list[str] = []
+    notes: list[str] = list(idx.notes)
     for note in (idx.dead_note(), idx.unchecked_note()):
         if note is not None:
             notes.append(note)
@@ -262,8 +294,10 @@ def apply(
         )
     if graph:
         new_model = _rewrite_graph(model, idx, factories)
+        notes += insert_sites(new_model, idx, inserts)
     else:
         _rewrite_in_place(model, idx, factories)
+        notes += insert_sites(model, idx, inserts)
         carry(model)
         new_model = model
         notes.append(

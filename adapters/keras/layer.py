@@ -377,13 +377,24 @@ def _all_layers(root: Any) -> list[Any]:
     return out
 
 
+#: the attribute under which a layer holds a site inserted on its output (not tracked by
+#: Keras; see :mod:`adapters.keras.inserted`)
+HOOK = "gd_dropout"
+
+
 def _children(layer: Any) -> list[Any]:
-    """Direct sublayers of ``layer`` in their natural order (graph order for models)."""
+    """Direct sublayers of ``layer`` in their natural order (graph order for models), and last
+    the site inserted on its output, if any."""
     if isinstance(layer, keras.Model):
         try:
             kids = list(layer.layers)
         except Exception:  # noqa: BLE001 - some subclassed models raise before being built
             kids = []
         extra = [c for c in getattr(layer, "_layers", []) if all(c is not k for k in kids)]
-        return [k for k in kids + extra if isinstance(k, keras.layers.Layer)]
-    return [c for c in getattr(layer, "_layers", []) if isinstance(c, keras.layers.Layer)]
+        kids = [k for k in kids + extra if isinstance(k, keras.layers.Layer)]
+    else:
+        kids = [c for c in getattr(layer, "_layers", []) if isinstance(c, keras.layers.Layer)]
+    hook = vars(layer).get(HOOK) if hasattr(layer, "__dict__") else None
+    if isinstance(hook, keras.layers.Layer) and all(hook is not k for k in kids):
+        kids.append(hook)
+    return kids

@@ -131,7 +131,8 @@ class _Capture:
                 out = layer.activation(y) if layer.activation is not None else y
             else:  # LayerNormalization, Embedding: the layer's own output, probed
                 out, z = probe(original(inputs, *args, **kwargs))
-            self.records.setdefault(id(layer), []).append((inputs, z))
+            # a Keras variable passed as input (CLIP's position ids) has a str dtype: a tensor
+            self.records.setdefault(id(layer), []).append((tf.convert_to_tensor(inputs), z))
             return out
 
         return call

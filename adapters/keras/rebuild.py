@@ -11,8 +11,9 @@ functional graph by pointing their nodes at the new layer. The input model is le
 
 Keras names a layer made without a name from a process-wide counter, so a copy's layers can be
 named ``moe_block_3`` where the original's are ``moe_block_1``; the copy's layers take the
-original's names (by position in the layer tree, which the same config makes alike), so the copy
-has the original's canonical weight names and a profile of one applies to the other strictly.
+original's names (by position in the layer tree, which the same config makes alike), and so do
+its weights made without a name (SigLIP's attention-pooling probe: ``variable_1`` for
+``variable``), so the copy has the original's canonical weight names and a profile of one applies to the other strictly.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .discovery import ModelIndex, _fingerprint, _is_graph_model, is_site
+from .discovery import ModelIndex, _fingerprint, _is_graph_model, is_site, own_weights
 from .holders import _cannot_rewrite, _rewrite_in_place, _swap_tracked, carry
 
 
@@ -40,6 +41,13 @@ def align_names(old: ModelIndex, new_model: Any) -> ModelIndex:
         if a.name != b.name:
             b.name = a.name
             renamed = True
+        mine, theirs = own_weights(a), own_weights(b)
+        if len(mine) != len(theirs):
+            continue
+        for va, vb in zip(mine, theirs, strict=True):  # weights made without a name, likewise
+            if va.name != vb.name and tuple(va.shape) == tuple(vb.shape) and hasattr(vb, "_name"):
+                vb._name = va.name
+                renamed = True
     return ModelIndex.build(new_model) if renamed else new
 
 

@@ -268,3 +268,24 @@ def test_a_forward_thousands_of_ops_deep_does_not_overflow_the_stack() -> None:
     got = guarded(ops)["drop"]
     assert len(got) == depth + 2
     assert got[0] == f"step{depth - 1}.weight" and {"lin.weight", "other.weight"} <= set(got)
+
+
+def test_an_addition_with_no_learned_branch_is_not_a_residual_join() -> None:
+    """A tanh GELU written op by op (keras_hub's Gemma: ``keras.activations.gelu(x,
+    approximate=True)`` inside the block's call) adds ``x`` and ``0.044715 * x**3``: an addition
+    of the stream and a tensor computed from it, but nothing learned lies between them, so it is
+    no residual branch (issue 23: Keras sites inserted on it)."""
+    from gd_core.dataflow import insertion_points, residual_joins
+
+    ops = [
+        _lin("fc", "x", "h"),
+        Op("cube", ("h",), ("h3",)),
+        Op("scale", ("h3",), ("c",)),
+        Op("inner", ("h", "c"), ("u",), add=True),  # h + 0.044715 h^3
+        Op("tanh", ("u",), ("t",)),
+        Op("gelu", ("h", "t"), ("g",)),
+        _lin("out", "g", "y"),
+        Op("res", ("x", "y"), ("z",), add=True),  # a real residual: fc and out are learned
+    ]
+    assert residual_joins(ops) == [(7, "x", "y")]
+    assert insertion_points(ops) == ["x", "y"]

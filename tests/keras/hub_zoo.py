@@ -69,12 +69,45 @@ TINY: dict[str, Any] = {
     "num_decoder_layers": 2,
     "num_encoder_layers": 2,
 }
+#: tiny values of the arguments only one class (or family) takes: image backbones people
+#: fine-tune (ViT, Swin, ResNet) and the mixture-of-experts and encoder-decoder variants
+PER_CLASS: dict[str, dict[str, Any]] = {
+    "ViTBackbone": {"mlp_dim": 16},
+    "SwinTransformerBackbone": {
+        "embed_dim": 8,
+        "depths": [1, 1],
+        "num_heads": [2, 2],
+        "window_size": 4,
+    },
+    "ResNetBackbone": {
+        "input_conv_filters": [64],
+        "input_conv_kernel_sizes": [3],
+        "stackwise_num_filters": [64, 64],
+        "stackwise_num_blocks": [1, 1],
+        "stackwise_num_strides": [1, 2],
+        "block_type": "basic_block",
+        "image_shape": (32, 32, 3),
+    },
+    "QwenMoeBackbone": {"shared_expert_intermediate_dim": 8},
+    "T5GemmaBackbone": {
+        "encoder_num_attention_heads": 2,
+        "encoder_num_key_value_heads": 1,
+        "encoder_head_dim": 4,
+        "encoder_layer_types": ["full_attention"] * 2,
+        "decoder_num_attention_heads": 2,
+        "decoder_num_key_value_heads": 1,
+        "decoder_head_dim": 4,
+        "decoder_layer_types": ["full_attention"] * 2,
+    },
+}
 #: rate arguments set to 0.1, so the backbone has dropout layers to guide
 RATES = ("dropout", "dropout_rate", "attention_dropout", "attention_dropout_rate")
 #: how a problem that is a library error (clear, with a fix) is worded
 CLEAR = "clear error"
 #: the start of a note saying profile/apply were not checked (not a library problem)
 NOT_CHECKED = "profile/apply not checked: "
+#: the suffix of a row checking a class at its own default rates (0: dropout-free presets)
+DEFAULTS = " (default rates)"
 #: the fixed sample of the normal test run
 SAMPLE = ("DistilBertBackbone", "GemmaBackbone", "GPT2Backbone")
 
@@ -87,6 +120,7 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
     note: str = ""
     seconds: float = 0.0
+    inserted: int = 0  # sites inserted (a dropout-free model: no dropout layer is called)
 
     @property
     def passed(self) -> bool:
@@ -111,14 +145,26 @@ def backbone_classes() -> list[type]:
     return sorted(found, key=lambda c: c.__name__)
 
 
-def tiny_kwargs(cls: type) -> dict[str, Any]:
-    """Generic tiny arguments; raises ValueError naming a required argument with no value."""
+def zero_default(cls: type) -> bool:
+    """Whether the class's rate arguments default to 0 (its presets are dropout-free, as
+    Gemma's): the sweep then checks it at its defaults too (``DEFAULTS`` rows)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    rates = [p for p in params if p.name in RATES]
+    return bool(rates) and all(p.default in (0, 0.0) for p in rates)
+
+
+def tiny_kwargs(cls: type, defaults: bool = False) -> dict[str, Any]:
+    """Generic tiny arguments (rates 0.1, or the class's own with ``defaults``); raises
+    ValueError naming a required argument with no value."""
     kw: dict[str, Any] = {}
+    own = PER_CLASS.get(cls.__name__, {})
     for p in inspect.signature(cls.__init__).parameters.values():
         if p.name == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
             continue
-        if p.name in RATES:
+        if p.name in RATES and not (defaults and p.default is not inspect.Parameter.empty):
             kw[p.name] = 0.1
+        elif p.name in own:
+            kw[p.name] = own[p.name]
         elif p.name in TINY:
             kw[p.name] = TINY[p.name]
         elif p.default is inspect.Parameter.empty:
@@ -126,11 +172,11 @@ def tiny_kwargs(cls: type) -> dict[str, Any]:
     return kw
 
 
-def build(cls: type) -> Any:
+def build(cls: type, defaults: bool = False) -> Any:
     import keras
 
     keras.utils.set_random_seed(0)
-    return cls(**tiny_kwargs(cls))
+    return cls(**tiny_kwargs(cls, defaults))
 
 
 def _first_float(out: Any) -> Any:
@@ -215,8 +261,9 @@ def _runs(model: Any, x: Any) -> str | None:
     return None
 
 
-def check(model: Any) -> tuple[int, list[str], str]:
-    """(number of sites, problems, note) for one built backbone. Where the model's own forward
+def check(model: Any, stats: dict[str, int] | None = None) -> tuple[int, list[str], str]:
+    """(number of sites, problems, note) for one built backbone (``stats["inserted"]``: how
+    many of its sites are inserted, a dropout-free model's). Where the model's own forward
     fails on the guessed input but runs on a full-length one, that one is the ``example_input``
     of ``sites``, ``profile`` and ``apply`` (and the note says so)."""
     import adapters.keras as gdk
@@ -242,6 +289,8 @@ def check(model: Any) -> tuple[int, list[str], str]:
                 ([f"sites: {kind}: {exc}"[:300]] if _internal(exc) else []),
                 (f"{type(exc).__name__}: {str(exc)[:160]}"),
             )
+        if stats is not None:
+            stats["inserted"] = sum(s.kind == "hook" for s in sites)
         problems += twice_guarded(model, sites, given)
         if x is None:
             return len(sites), problems, NOT_CHECKED + "no input could be guessed"
@@ -281,17 +330,19 @@ def check(model: Any) -> tuple[int, list[str], str]:
     return len(sites), problems, note
 
 
-def sweep_one(cls: type) -> Outcome:
-    out = Outcome(cls.__name__)
+def sweep_one(cls: type, defaults: bool = False) -> Outcome:
+    out = Outcome(cls.__name__ + (DEFAULTS if defaults else ""))
     start = time.perf_counter()
     try:
-        model = build(cls)
+        model = build(cls, defaults)
     except Exception as exc:  # noqa: BLE001 - recorded: the generic arguments do not fit
         out.note = f"not built: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         return out
     out.built = True
     try:
-        out.sites, out.problems, out.note = check(model)
+        stats: dict[str, int] = {}
+        out.sites, out.problems, out.note = check(model, stats)
+        out.inserted = stats.get("inserted", 0)
     except Exception as exc:  # noqa: BLE001 - a failure of the sweep itself is a problem too
         out.problems.append(f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
     out.seconds = time.perf_counter() - start
@@ -310,24 +361,28 @@ def summary(rows: list[Outcome], command: str) -> str:
     unchecked = [r for r in with_sites if r.note.startswith(NOT_CHECKED)]
     checked = [r for r in with_sites if r not in unchecked]
     passed = [r for r in checked if r.passed]
-    free = [r for r in built if not r.sites and r.note.startswith("NoSitesError")]
+    free = [r for r in built if r.inserted]
+    nosites = [r for r in built if not r.sites and r.note.startswith("NoSitesError")]
     lines = [
         "# Keras Hub sweep",
         "",
         "Generated by `" + command + "` (do not edit by hand). Every `keras_hub.models` Backbone "
         "class is built offline from generic tiny constructor arguments (random weights, "
-        "dropout 0.1 where the class takes a rate); on each, `sites`, `profile` and `apply` "
+        "dropout 0.1 where the class takes a rate; a class whose rates default to 0, as "
+        "Gemma's presets, is built at its defaults too, in a row marked"
+        + DEFAULTS
+        + "); on each, `sites`, `profile` and `apply` "
         "must raise no internal error, after `apply` with a distinct p per site every dropout "
         "layer a training forward calls must run at an installed p and every site's p reach a "
         "call, and no parameter may be guarded by two sites (`tests/keras/hub_zoo.py`).",
         "",
-        f"- classes: {len(rows)}; built: {len(built)}; with sites: {len(with_sites)}; "
+        f"- rows: {len(rows)}; built: {len(built)}; with sites: {len(with_sites)}; "
         f"profile/apply not checked (the model's own forward fails on the guessed input): "
         f"{len(unchecked)}; pass every check: {len(passed)} of {len(checked)}",
-        f"- dropout-free (no dropout layer the forward calls, at the class's default rate): "
-        f"{len(free)}; they raise NoSitesError saying that adapters.keras does not insert "
-        "sites into a dropout-free model (adapters.torch does: embedding output and residual "
-        "branches), not done yet (docs/keras.md)",
+        f"- dropout-free (no dropout layer the forward calls): "
+        f"{len(free)}, given sites inserted on the embedding output and the residual branches "
+        f"as adapters.torch does (docs/keras.md); with no sites at all (NoSitesError, a clear "
+        f"error): {len(nosites)}",
         "",
         "| backbone | sites | outcome |",
         "|---|---|---|",
@@ -337,12 +392,14 @@ def summary(rows: list[Outcome], command: str) -> str:
             outcome = r.note
         elif r.problems:
             outcome = "FAIL: " + "; ".join(r.problems)
-        elif r in free:
-            outcome = "dropout-free: sites not inserted (clear error: " + r.note[:60] + "...)"
+        elif r in nosites:
+            outcome = "no sites (clear error: " + r.note[:120] + ")"
         elif r.note.startswith(NOT_CHECKED):
             outcome = "not checked: " + r.note[len(NOT_CHECKED) :]
         else:
-            outcome = "pass" + (f" ({r.note})" if r.note else "")
+            note = [f"dropout-free: {r.inserted} sites inserted"] if r.inserted else []
+            note += [r.note] if r.note else []
+            outcome = "pass" + (f" ({'; '.join(note)})" if note else "")
         lines.append(f"| {r.name} | {r.sites} | {_one_line(outcome)} |")
     return "\n".join(lines) + "\n"
 
@@ -352,8 +409,9 @@ def main(argv: list[str]) -> int:
 
     rows = []
     for cls in backbone_classes():
-        rows.append(sweep_one(cls))
-        print(f"{rows[-1].name}: {rows[-1].problems or rows[-1].note or 'pass'}", flush=True)
+        for defaults in (False, True) if zero_default(cls) else (False,):
+            rows.append(sweep_one(cls, defaults))
+            print(f"{rows[-1].name}: {rows[-1].problems or rows[-1].note or 'pass'}", flush=True)
     text = summary(rows, "PYTHONPATH=. python tests/keras/hub_zoo.py --write docs/zoo-keras.md")
     if len(argv) >= 2 and argv[0] == "--write":
         atomic_write_bytes(Path(argv[1]), text.encode())

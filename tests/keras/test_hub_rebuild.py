@@ -2,7 +2,8 @@
 ``keras.models.clone_model`` cannot rebuild (DeiT, Llama, Qwen3: a layer whose ``get_config``
 fails), a clone whose layers made without a name are named anew (Mixtral, T5: the weights kept
 their shapes but lost their canonical names), and one dropout layer a block calls three times
-(ESM: its site guarded nothing, so the profile's scores were NaN)."""
+(ESM: its site guarded nothing, so the profile's scores were NaN). A dropout-free backbone
+(Gemma at dropout 0) gets inserted sites: tests/keras/test_inserted.py."""
 
 from __future__ import annotations
 
@@ -132,17 +133,3 @@ def test_a_dropout_called_three_times_guards_the_union_over_its_calls():
 
     prof = gdk.profile(model, [x], loss, progress=False)
     assert np.all(np.isfinite(prof.scores))
-
-
-def test_a_dropout_free_backbone_says_sites_are_not_inserted():
-    """Gemma at its presets' dropout 0 calls no dropout layer; torch would insert sites on the
-    residual branches, this binding does not yet: the error says so and how to get sites."""
-    keras_hub = pytest.importorskip("keras_hub")
-    import hub_zoo  # tests/keras is on sys.path (conftest)
-
-    from gd_core.errors import NoSitesError
-
-    cls = keras_hub.models.GemmaBackbone
-    model = cls(**{**hub_zoo.tiny_kwargs(cls), "dropout": 0.0})
-    with pytest.raises(NoSitesError, match="does not insert dropout into a dropout-free model"):
-        gdk.sites(model)

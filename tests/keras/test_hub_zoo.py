@@ -18,11 +18,16 @@ import hub_zoo  # noqa: E402  (tests/keras is on sys.path: conftest)
 
 ALL = os.environ.get("GD_ZOO", "") == "all"
 CLASSES = [c for c in hub_zoo.backbone_classes() if ALL or c.__name__ in hub_zoo.SAMPLE]
+#: each class, and again at its own default rates where they are 0 (dropout-free presets,
+#: Gemma's: the sites are inserted)
+CASES = [(c, False) for c in CLASSES] + [(c, True) for c in CLASSES if hub_zoo.zero_default(c)]
 
 
-@pytest.mark.parametrize("cls", CLASSES, ids=[c.__name__ for c in CLASSES])
-def test_keras_hub_backbone_invariants(cls):
-    out = hub_zoo.sweep_one(cls)
+@pytest.mark.parametrize(
+    ("cls", "defaults"), CASES, ids=[c.__name__ + ("-defaults" * d) for c, d in CASES]
+)
+def test_keras_hub_backbone_invariants(cls, defaults):
+    out = hub_zoo.sweep_one(cls, defaults)
     if not out.built:
         pytest.skip(out.note)
     if out.note.startswith(hub_zoo.NOT_CHECKED) and not out.problems:

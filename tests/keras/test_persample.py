@@ -245,3 +245,40 @@ def test_mixed_precision_blocks_are_float32():
     scale = max(float(np.abs(a).max()) for a in ref[0])
     for a, b in zip(ref[0], new[0], strict=True):
         np.testing.assert_allclose(b, a, rtol=2e-2, atol=1e-4 * scale)
+
+
+class _PositionAdd(keras.layers.Layer):
+    """CLIP's vision embedding: an Embedding called on a non-trainable integer variable (its
+    position ids), not on a tensor."""
+
+    def build(self, input_shape):
+        self.ids = self.add_weight(
+            shape=(input_shape[1],), initializer="zeros", dtype="int32", trainable=False
+        )
+        self.ids.assign(np.arange(input_shape[1], dtype="int32"))
+        self.pos = keras.layers.Embedding(input_shape[1], input_shape[-1], name="pos")
+        self.pos.build((input_shape[1],))
+
+    def call(self, x):
+        return x + self.pos(self.ids)
+
+
+def test_an_embedding_called_on_a_variable_is_profiled():
+    """The per-sample engine recorded the variable itself as the embedding's input and read its
+    dtype as a TensorFlow dtype (a Keras variable's is a string): profile raised AttributeError
+    on keras_hub's CLIP and SigLIP vision encoders."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the per-sample engine of the TensorFlow backend")
+    inp = keras.Input((3, 4))
+    h = keras.layers.Dense(4, name="fc")(_PositionAdd(name="embed")(inp))
+    h = keras.layers.Dropout(0.1, name="drop")(h)
+    model = keras.Model(inp, keras.layers.Dense(2, name="head")(h))
+    x = np.random.default_rng(0).normal(size=(4, 3, 4)).astype("float32")
+
+    def loss(m, batch):
+        return keras.ops.mean(keras.ops.square(m(batch, training=False)), axis=(1, 2))
+
+    from adapters.keras import estimate_fisher
+
+    fisher = estimate_fisher(model, [x], loss, progress=False)
+    assert np.all(fisher["pos.weight"] >= 0) and fisher["pos.weight"].any()
