@@ -12,7 +12,7 @@ import numpy as np
 
 from gd_core.errors import bad_argument
 from gd_core.face import ApplyOptions, ApplySettings
-from gd_core.identity import Correspondence, Pair, correspond, placements, regroup
+from gd_core.identity import Correspondence, Pair, correspond, covers, regroup
 from gd_core.plan import _load as _load_profile
 from gd_core.plan import make_plan
 from gd_core.profile import SensitivityProfile
@@ -174,9 +174,12 @@ def apply(
             if more:  # torch sites off the residual stream (a head's dropout): where they act
                 insert_in_place(out, more)
                 infos, table = _discover(out, "model", mapping=sites)
+                named = list(dict.fromkeys(p.name for p in more))
                 inserted_notes.append(
-                    f"{len(more)} profile site(s) off the residual stream inserted where dropping "
-                    "guards exactly their parameters: " + ", ".join(p.name for p in more[:4])
+                    f"{len(named)} profile site(s) inserted where dropping guards exactly their "
+                    f"parameters ({len(more)} Dropout node(s), one per call): "
+                    + ", ".join(named[:4])
+                    + (f" and {len(named) - 4} more" if len(named) > 4 else "")
                 )
         corr, profile, id_notes = _identify(out, infos, table, prof)
         unused = [i for i in infos if i.site.name not in corr.names().values()]
@@ -430,28 +433,34 @@ def _remove_nodes(model: Any, positions: list[int]) -> None:
 def _profile_points(
     model: Any, infos: list[Any], table: Mapping[str, Any], prof: SensitivityProfile
 ) -> list[Point]:
-    """Insertion points, named like the profile's sites, for the profile sites no site of a
-    dropout-free graph guards exactly (a classifier head's dropout off the residual stream, an
-    FFN's inner dropout inside a residual branch): the tensor whose dropping guards exactly their
-    parameters (:func:`gd_core.identity.placements`, with the inserted sites in place)."""
+    """Insertion points, named like the profile's sites, for the profile sites that the sites
+    of a dropout-free graph do not make up (a classifier head's dropout off the residual
+    stream, an FFN's inner dropout inside a residual branch, a rate holder called after the
+    embeddings and after each attention): the tensors whose dropping guards exactly the part
+    of their parameters no inserted site guards (:func:`gd_core.identity.covers`, with the
+    inserted sites in place). An inserted site counts towards a profile site when what it
+    guards lies in that profile site's set and no other's; together with the new points they
+    make up the profile site, which :func:`_regroup` then merges into one site."""
     from gd_core.align import find_renaming
 
     from .dataflow import ops_of
 
-    have = {frozenset(i.site.params) for i in infos}
     model_params = [p.name for p in table.values()]
     prof_params = [p for s in prof.sites for p in s.params]
     ren = find_renaming(prof_params, model_params) if prof_params and model_params else None
     if ren is None:
         return []
     known = set(model_params)
-    want = {
-        ren(s.name): [ren(p) for p in s.params]
-        for s in prof.sites
-        if s.params
-        and frozenset(ren(p) for p in s.params) not in have
-        and {ren(p) for p in s.params} <= known
-    }
+    sets = {ren(s.name): frozenset(ren(p) for p in s.params) for s in prof.sites if s.params}
+    have = [frozenset(i.site.params) for i in infos]
+    want: dict[str, list[str]] = {}
+    for name, full in sets.items():
+        if full in have or not full <= known:
+            continue
+        mine = [h for h in have if h and h <= full and sum(h <= f for f in sets.values()) == 1]
+        left = full - frozenset().union(*mine)
+        if left:
+            want[name] = sorted(left)
     if not want:
         return []
     nodes = {n for info in infos for n in info.nodes}
@@ -462,12 +471,15 @@ def _profile_points(
             lambda i, n: f"#{i}" if i in nodes else None,
         )
         claimed = {ren(p) for s in prof.sites for p in s.params}
-        where = placements(ops, want, unclaimed=frozenset(known - claimed))
+        where = covers(ops, want, unclaimed=frozenset(known - claimed))
     except Exception:  # noqa: BLE001 - a graph the rule cannot read: the sites stay absent
         return []
     index = GraphIndex(model.graph)
     out = [
-        Point(t, site, index.producer[t], ()) for site, t in where.items() if t in index.producer
+        Point(t, site, index.producer[t], ())
+        for site, ts in where.items()
+        for t in ts
+        if t in index.producer
     ]
     return sorted(out, key=lambda p: p.after)
 
