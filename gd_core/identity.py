@@ -390,13 +390,13 @@ def covers(
             plan[site] = found
     while plan:  # all placed together, each site must guard exactly its set
         at = [(site, t) for site, ts in plan.items() for t in ts]
-        got = parts([t for _, t in at])
+        placed = parts([t for _, t in at])
         bad = set()
         for site in plan:
-            mine = [g for (s, _), g in zip(at, got, strict=True) if s == site]
+            mine = [g for (s, _), g in zip(at, placed, strict=True) if s == site]
             whole = frozenset[str]().union(*mine)
             if (
-                any(not g or g - sets[site] - unclaimed for g in mine)
+                any(not g or bool(g - sets[site] - unclaimed) for g in mine)
                 or not sets[site] <= whole
                 or sum(len(g - unclaimed) for g in mine) != len(whole - unclaimed)
             ):
