@@ -232,10 +232,11 @@ def regroup(
     A call belongs to the profile site whose (renamed) guarded set contains its own. A model site
     whose calls belong to several profile sites is split, one site per profile site (an exporter
     named the calls of two rate holders alike: BART's ``dropout`` and ``activation_dropout``, both
-    functional in one layer's scope); model sites that each guard exactly what one profile site
-    guards are merged into one (a shared layer unrolled into several scopes: ALBERT), and so are
-    model sites guarding disjoint parts that make up exactly one profile site's set (the calls
-    of a rate holder called twice, BART's ``dropout``, placed apart in a dropout-free graph). The new sites are named
+    functional in one layer's scope); model sites whose calls all guard parameters of one
+    profile site only, none guarding a strict part of what another guards, and that together
+    guard all of its parameters that the model guards at all, are merged into one: the calls of one rate holder (a shared layer unrolled into several
+    scopes, ALBERT; a module called twice, Dory's attention; a rate holder called at several
+    places and placed apart in a dropout-free graph, BART's ``dropout``, XLM's stack dropout). The new sites are named
     like the profile sites (renamed into the model's parameter names). Calls that guard nothing,
     or whose set no profile site contains, keep their site. Nothing changes where the groupings
     agree.
@@ -271,14 +272,17 @@ def regroup(
             for c in by_site[site]:
                 out[c] = ren(owner[c])
     union = {site: frozenset(p for c in calls for p in parts[c]) for site, calls in by_site.items()}
+    anywhere = frozenset(p for ps in parts.values() for p in ps)
     for prof_site, full in sets.items():
         held = [site for site, owners in owned.items() if owners == {prof_site}]
-        merged = [site for site in held if union[site] == full]  # unrolled: each guards it all
-        if not merged and len(held) > 1:  # called twice: disjoint parts that make it up
-            parts_of = [union[site] for site in held]
-            whole = frozenset[str]().union(*parts_of)
-            if whole == full and sum(map(len, parts_of)) == len(whole):
-                merged = held
+        # a site guarding a strict part of what another of them guards is no call of it (an
+        # embedding site where torch has none, before a first layer guarding the embeddings)
+        held = [s for s in held if not any(union[s] < union[o] for o in held)]
+        merged: list[str] = []
+        if len(held) > 1 and frozenset[str]().union(*(union[s] for s in held)) >= full & anywhere:
+            # the calls of one rate holder: each guards only its parameters, together all of
+            # them the graph guards (a shared layer unrolled, a module called twice)
+            merged = held
         if len(merged) > 1:  # merge: the profile site's one rate on every call
             name = ren(prof_site)
             if name in taken and name not in merged:
