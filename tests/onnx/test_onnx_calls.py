@@ -1,0 +1,175 @@
+"""Issue 24, the ONNX column's categories: a torch site realised by several ONNX sites, and torch
+sites a dropout-free graph has no Dropout node for.
+
+- one torch site, several ONNX sites: a rate holder called at several places (XLM's stack
+  ``dropout`` after the embeddings and after each attention; ALBERT's head ``dropout``, which
+  also guards the shared FFN unrolled per call; Dory's attention module called twice) guards the
+  union of what its calls guard, and the graph's sites each guard one call's part. They were
+  refused ("guarded equally by ..."): now they are that site's calls, one p;
+- torch sites with no Dropout node in an eval export: the parts no inserted site guards are
+  placed where the calls act (one tensor per call), and two branches meeting in one sum
+  (GPT-NeoX's parallel residual) get a site each, before the sum.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gd_core.dataflow import Op
+from gd_core.identity import regroup
+from gd_core.sites import Site
+
+# ---- the rules (framework-neutral) -----------------------------------------------------------
+
+
+def test_regroup_merges_calls_that_guard_the_same_part() -> None:
+    """Dory: the attention module is called twice; both calls guard q, k, v; the torch site also
+    guards a scale the graph folds (no graph site guards it)."""
+    prof = [Site("attn.attention_dropout", ("attn.sqk", "attn.q", "attn.k", "attn.v"))]
+    parts = {"c0": ("attn.q", "attn.k", "attn.v"), "c1": ("attn.q", "attn.k", "attn.v")}
+    grouping = {"c0": "attn.dropout", "c1": "attn_1.dropout"}
+    got = regroup(prof, parts, grouping)
+    assert got == {"c0": "attn.attention_dropout", "c1": "attn.attention_dropout"}
+
+
+def test_regroup_merges_unrolled_calls_with_another_part() -> None:
+    """ALBERT: the head's ``dropout`` guards the shared FFN (two unrolled calls, each guarding
+    all of it) and the pooler (a third site): all three are its calls."""
+    prof = [
+        Site("dropout", ("ffn.w", "ffn.b", "pool.w")),
+        Site("attn.dropout", ("q.w",)),
+    ]
+    parts = {"f0": ("ffn.w", "ffn.b"), "f1": ("ffn.w", "ffn.b"), "p": ("pool.w",), "a": ("q.w",)}
+    grouping = {
+        "f0": "ffn.gd_dropout",
+        "f1": "layer.gd_dropout",
+        "p": "dropout",
+        "a": "attn.dropout",
+    }
+    got = regroup(prof, parts, grouping)
+    assert got == {"f0": "dropout", "f1": "dropout", "p": "dropout", "a": "attn.dropout"}
+
+
+def test_regroup_keeps_sites_that_guard_other_profile_sites_parameters() -> None:
+    """No merge across profile sites: a graph site guarding parameters of two profile sites is
+    no call of either."""
+    prof = [Site("a", ("x", "y")), Site("b", ("z",))]
+    parts = {"n0": ("x",), "n1": ("y", "z")}
+    grouping = {"n0": "s0", "n1": "s1"}
+    assert regroup(prof, parts, grouping) == grouping
+
+
+def _covers() -> Any:
+    from gd_core import identity
+
+    if not hasattr(identity, "covers"):
+        pytest.fail("gd_core.identity.covers is missing")
+    return identity.covers
+
+
+def test_covers_places_each_call_of_a_rate_holder() -> None:
+    """A stack dropout called on the embeddings and again after a projection: two tensors."""
+    ops = [
+        Op("emb", ("ids",), ("e",), ("emb.w",)),
+        Op("blk", ("e",), ("h",), ("blk.w",)),
+        Op("blk.drop", ("h",), ("hd",), site=True),
+        Op("add", ("e", "hd"), ("r",), add=True),
+        Op("final", ("r",), ("n",), ("final.w",)),
+        Op("head", ("n",), ("y",), ("head.w",)),
+    ]
+    assert _covers()(ops, {"drop": ["emb.w", "final.w"]}) == {"drop": ["e", "n"]}
+
+
+def test_covers_places_the_missing_part_only() -> None:
+    """The part an inserted site guards already (an attention output) is not placed again:
+    only the embeddings' part is asked for, and placed on the embeddings' output."""
+    ops = [
+        Op("emb", ("ids",), ("e0",), ("emb.w",)),
+        Op("emb.norm", ("e0",), ("e",), ("emb.norm.w",), norm=True),
+        Op("attn", ("e",), ("a",), ("attn.out.w",)),
+        Op("#site", ("a",), ("ad",), site=True),
+        Op("add", ("e", "ad"), ("r",), add=True),
+    ]
+    got = _covers()(ops, {"drop": ["emb.w", "emb.norm.w"]})
+    assert got == {"drop": ["e"]}
+
+
+def test_covers_gives_parallel_branches_a_site_each_before_their_sum() -> None:
+    """GPT-NeoX's parallel residual: attention and MLP read the same input and meet in one sum;
+    dropping either branch's output alone guards both until the other is placed too."""
+    ops = [
+        Op("emb", ("ids",), ("x",), ("emb.w",)),
+        Op("attn", ("x",), ("a",), ("attn.w",)),
+        Op("mlp", ("x",), ("m",), ("mlp.w",)),
+        Op("sum", ("a", "m"), ("s",), add=True),
+        Op("res", ("x", "s"), ("y",), add=True),
+        Op("head", ("y",), ("z",), ("head.w",)),
+    ]
+    got = _covers()(ops, {"post_attn": ["attn.w"], "post_mlp": ["mlp.w"]})
+    assert got == {"post_attn": ["a"], "post_mlp": ["m"]}
+
+
+def test_covers_leaves_out_a_site_it_cannot_place_exactly() -> None:
+    ops = [
+        Op("f", ("x",), ("a",), ("f.w", "g.w")),  # one op owns both: no tensor splits them
+        Op("head", ("a",), ("y",), ("head.w",)),
+    ]
+    assert _covers()(ops, {"drop": ["f.w"]}) == {}
+
+
+# ---- the exports -------------------------------------------------------------------------------
+
+
+def _helpers() -> Any:
+    import test_onnx_zoo_column as z  # tests/onnx is on sys.path (conftest)
+
+    return z
+
+
+def test_gpt_neox_parallel_residual_eval_export_carries_every_site() -> None:
+    z = _helpers()
+    torch, transformers = z._torch()
+    config = transformers.GPTNeoXConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+        use_parallel_residual=True,
+        use_cache=False,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = z._distinct(transformers.GPTNeoXForCausalLM(config))
+    ids = torch.randint(0, 64, (2, 6))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    torch_p, onnx_p, report = z._carried(model, inputs, "eval")
+    assert any("post_attention_dropout" in s for s in torch_p)
+    z._assert_site_by_site(torch_p, onnx_p)
+    assert report.absent == []
+
+
+def test_albert_head_dropout_over_the_unrolled_ffn_is_one_site_in_eval_exports() -> None:
+    z = _helpers()
+    torch, transformers = z._torch()
+    config = transformers.AlbertConfig(
+        vocab_size=64,
+        embedding_size=8,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        num_labels=2,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = z._distinct(transformers.AlbertForSequenceClassification(config))
+    ids = torch.randint(0, 64, (2, 6))
+    torch_p, onnx_p, _ = z._carried(model, {"input_ids": ids}, "eval")
+    z._assert_site_by_site(torch_p, onnx_p)
