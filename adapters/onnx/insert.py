@@ -40,6 +40,7 @@ class Point:
     name: str
     after: int
     scope: tuple[str, ...]
+    ratio: float = 0.0  # the inserted node's ratio until apply sets it
 
 
 def _parts(node: Any) -> tuple[str, ...]:
@@ -166,6 +167,47 @@ def _attention_points(index: GraphIndex, seen: set[str]) -> list[Point]:
     return out
 
 
+def bare_points(
+    model: Any, ops: Any, wanted: dict[str, float], unclaimed: frozenset[str] = frozenset()
+) -> list[Point]:
+    """Points for profile sites that guard no parameter (a pooler's dropout on the first
+    token, which nothing computed from parameters separates from the previous site): such a
+    site acts in its parent module before the module's first parametrised op, so it is placed
+    on that op's data input, found by the node scopes (``pooler.dropout``: the first node in
+    scope ``pooler`` reading a parameter). ``wanted`` is ``{site: ratio}``: the profile has
+    no score for such a site, so its node starts at the rate the source model gives it, which
+    ``apply`` keeps (``missing="keep"``). Kept only where it guards nothing (or only
+    ``unclaimed`` parameters) and leaves what every other site guards unchanged; a site
+    without a parent module, or with no such place, gets no point (reported absent)."""
+    from gd_core.dataflow import guarded, with_sites
+
+    index = GraphIndex(model.graph)
+    params = set(_g.param_table(model))
+    before = {k: set(v) for k, v in guarded(ops).items()}
+    made = {t for op in ops for t in op.outputs}
+    out: list[Point] = []
+    for site in wanted:
+        parent = site.rsplit(".", 1)[0] if "." in site else ""
+        if not parent:
+            continue
+        for node in index.nodes:
+            scope = ".".join(_parts(node))
+            if not (scope == parent or scope.startswith(parent + ".")):
+                continue
+            if not any(t in params for t in node.input):
+                continue
+            data = [t for t in node.input if t and t not in params and t not in index.inits]
+            t = data[0] if data else ""
+            if t in index.producer and t in made and not _dropped(index, t):
+                got = {k: set(v) for k, v in guarded(with_sites(ops, {t: site})).items()}
+                mine = got.pop(site, set())
+                if mine <= unclaimed and got == before:
+                    at = index.producer[t]
+                    out.append(Point(t, site, at, _parts(node), float(wanted[site])))
+            break
+    return out
+
+
 def insert_in_place(model: Any, where: list[Point]) -> list[str]:
     """Insert one ``Dropout`` node per point (ratio 0.0, ``training_mode`` True); returns the
     site names. Every reader of a point's tensor reads the dropped tensor instead."""
@@ -181,7 +223,7 @@ def insert_in_place(model: Any, where: list[Point]) -> list[str]:
         inits.append(onnx.numpy_helper.from_array(np.array(True), mode))
     for p in where:
         ratio = _g.unique_name(f"{p.name}.ratio", taken)
-        inits.append(onnx.numpy_helper.from_array(np.array(0.0, np.float32), ratio))
+        inits.append(onnx.numpy_helper.from_array(np.array(p.ratio, np.float32), ratio))
         dropped = _g.unique_name(f"{p.tensor}.{HOOK_CHILD}", taken)
         mask = _g.unique_name(f"{dropped}.mask", taken)
         for i, j in index.consumers.get(p.tensor, []):
@@ -281,6 +323,7 @@ def insert_sites(model: Any, *, warn: bool = True) -> tuple[list[str], list[str]
 __all__ = [
     "HOOK_CHILD",
     "Point",
+    "bare_points",
     "insert_in_place",
     "insert_sites",
     "is_inserted",

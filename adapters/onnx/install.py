@@ -10,6 +10,7 @@ from typing import Any, Unpack
 
 import numpy as np
 
+from gd_core.dataflow import with_sites
 from gd_core.errors import bad_argument
 from gd_core.face import ApplyOptions, ApplySettings
 from gd_core.identity import Correspondence, Pair, correspond, covers, regroup
@@ -26,7 +27,7 @@ from . import rewrite as _r
 from . import train as _t
 from .discovery import ModelLike, _copy, _discover, _load, fingerprint
 from .graph import TRAINING_MODE_NAME, GraphIndex, onnx
-from .insert import Point, insert_in_place, insert_sites, is_inserted, wanted
+from .insert import Point, bare_points, insert_in_place, insert_sites, is_inserted, wanted
 from .rewrite import _f32, _owned_by, _refuse_unit_rewritten, _unit_width, _UnitRewrite
 
 INSERTED = "inserted (the graph had no Dropout node here)"
@@ -174,15 +175,28 @@ def apply(
             if more:  # torch sites off the residual stream (a head's dropout): where they act
                 insert_in_place(out, more)
                 infos, table = _discover(out, "model", mapping=sites)
-                named = list(dict.fromkeys(p.name for p in more))
-                inserted_notes.append(
-                    f"{len(named)} profile site(s) inserted where dropping guards exactly their "
-                    f"parameters ({len(more)} Dropout node(s), one per call): "
-                    + ", ".join(named[:4])
-                    + (f" and {len(named) - 4} more" if len(named) > 4 else "")
-                )
+                free = list(_unscored_rates(prof))
+                kept = [p.name for p in more if any(p.name.endswith(n) for n in free)]
+                named = list(dict.fromkeys(p.name for p in more if p.name not in kept))
+                if kept:
+                    inserted_notes.append(
+                        f"{len(kept)} profile site(s) guarding no parameter inserted before "
+                        "their module's first parametrised op, at the rate the source model "
+                        "gives them (the profile has no score for them): " + ", ".join(kept[:4])
+                    )
+                if named:
+                    inserted_notes.append(
+                        f"{len(named)} profile site(s) inserted where dropping guards exactly "
+                        f"their parameters ({len(more) - len(kept)} Dropout node(s), one per "
+                        "call): "
+                        + ", ".join(named[:4])
+                        + (f" and {len(named) - 4} more" if len(named) > 4 else "")
+                    )
         corr, profile, id_notes = _identify(out, infos, table, prof)
-        unused = [i for i in infos if i.site.name not in corr.names().values()]
+        bare = {corr.renaming(n) for n in _unscored_rates(prof)}
+        unused = [
+            i for i in infos if i.site.name not in corr.names().values() and i.site.name not in bare
+        ]
         if (
             dropout_free
             and unused
@@ -461,7 +475,13 @@ def _profile_points(
         left = full - frozenset().union(*mine)
         if left:
             want[name] = sorted(left)
-    if not want:
+    named = {i.site.name for i in infos}
+    bare = {
+        ren(n): float(p)
+        for n, p in _unscored_rates(prof).items()
+        if ren(n) not in named and 0.0 <= float(p) < 1.0
+    }
+    if not want and not bare:
         return []
     nodes = {n for info in infos for n in info.nodes}
     try:
@@ -471,17 +491,29 @@ def _profile_points(
             lambda i, n: f"#{i}" if i in nodes else None,
         )
         claimed = {ren(p) for s in prof.sites for p in s.params}
-        where = covers(ops, want, unclaimed=frozenset(known - claimed))
+        unclaimed = frozenset(known - claimed)
+        where = covers(ops, want, unclaimed=unclaimed)
+        index = GraphIndex(model.graph)
+        out = [
+            Point(t, site, index.producer[t], ())
+            for site, ts in where.items()
+            for t in ts
+            if t in index.producer
+        ]
+        if bare:  # sites guarding nothing: where their module acts, with the others in place
+            placed = with_sites(ops, {p.tensor: p.name for p in out})
+            out.extend(bare_points(model, placed, bare, unclaimed))
     except Exception:  # noqa: BLE001 - a graph the rule cannot read: the sites stay absent
         return []
-    index = GraphIndex(model.graph)
-    out = [
-        Point(t, site, index.producer[t], ())
-        for site, ts in where.items()
-        for t in ts
-        if t in index.producer
-    ]
     return sorted(out, key=lambda p: p.after)
+
+
+def _unscored_rates(prof: SensitivityProfile) -> dict[str, float]:
+    """``{site: rate in the source model}`` of the sites the profile could not score (they
+    guard no parameter; ``adapters.torch.profile`` records both in the metadata)."""
+    unscored = dict(prof.metadata.get("unscored_sites") or {})
+    rates = dict(prof.metadata.get("unscored_rates") or {})
+    return {str(n): rates[n] for n in unscored if isinstance(rates.get(n), (int, float))}
 
 
 def _regroup(

@@ -23,7 +23,7 @@ from gd_core.sites import scorable
 from gd_core.validate import check_choice, check_int, check_known
 
 from . import losses, norms, persample
-from .discovery import _features, _resolve_sites, _unit_axes, _unwrap, fingerprint
+from .discovery import _features, _resolve_sites, _unit_axes, _unwrap, current_p, fingerprint
 from .layer import torch
 
 _LOSS_NAMES = ("mlm", "clm", "contrastive")
@@ -461,6 +461,10 @@ def profile(
     measured, unscored = scorable(measured, frozen)
     if unscored:  # never silent: in the profile's metadata and a warning
         meta["unscored_sites"] = unscored
+        # the rate each has in this model: an export without its Dropout node keeps it there
+        meta["unscored_rates"] = {
+            f.site.name: current_p(f) for f in found if f.site.name in unscored
+        }
         warnings.warn(
             f"adapters.torch.profile: {len(unscored)} site(s) get no score and are left out of "
             f"the profile (apply treats them like any site the profile lacks): {unscored}",
