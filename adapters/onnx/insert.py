@@ -16,6 +16,7 @@ Training's gradient graph drops and its eval graph (``training_mode`` removed) i
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,6 +209,80 @@ def bare_points(
     return out
 
 
+def profile_points(
+    model: Any, infos: list[Any], table: Mapping[str, Any], prof: Any
+) -> list[Point]:
+    """Insertion points, named like the profile's sites, for the profile sites that the sites
+    of a dropout-free graph do not make up (a classifier head's dropout off the residual
+    stream, an FFN's inner dropout inside a residual branch, a rate holder called after the
+    embeddings and after each attention): the tensors whose dropping guards exactly the part
+    of their parameters no inserted site guards (:func:`gd_core.identity.covers`, with the
+    inserted sites in place). An inserted site counts towards a profile site when what it
+    guards lies in that profile site's set and no other's; together with the new points they
+    make up the profile site, which :func:`_regroup` then merges into one site."""
+    from gd_core.align import find_renaming
+    from gd_core.dataflow import with_sites
+    from gd_core.identity import covers
+
+    from .dataflow import ops_of
+
+    model_params = [p.name for p in table.values()]
+    prof_params = [p for s in prof.sites for p in s.params]
+    ren = find_renaming(prof_params, model_params) if prof_params and model_params else None
+    if ren is None:
+        return []
+    known = set(model_params)
+    sets = {ren(s.name): frozenset(ren(p) for p in s.params) for s in prof.sites if s.params}
+    have = [frozenset(i.site.params) for i in infos]
+    want: dict[str, list[str]] = {}
+    for name, full in sets.items():
+        if full in have or not full <= known:
+            continue
+        mine = [h for h in have if h and h <= full and sum(h <= f for f in sets.values()) == 1]
+        left = full - frozenset().union(*mine)
+        if left:
+            want[name] = sorted(left)
+    named = {i.site.name for i in infos}
+    bare = {
+        ren(n): float(p)
+        for n, p in unscored_rates(prof).items()
+        if ren(n) not in named and 0.0 <= float(p) < 1.0
+    }
+    if not want and not bare:
+        return []
+    nodes = {n for info in infos for n in info.nodes}
+    try:
+        ops, _ = ops_of(
+            model,
+            {k: v.name for k, v in table.items()},
+            lambda i, n: f"#{i}" if i in nodes else None,
+        )
+        claimed = {ren(p) for s in prof.sites for p in s.params}
+        unclaimed = frozenset(known - claimed)
+        where = covers(ops, want, unclaimed=unclaimed)
+        index = GraphIndex(model.graph)
+        out = [
+            Point(t, site, index.producer[t], ())
+            for site, ts in where.items()
+            for t in ts
+            if t in index.producer
+        ]
+        if bare:  # sites guarding nothing: where their module acts, with the others in place
+            placed = with_sites(ops, {p.tensor: p.name for p in out})
+            out.extend(bare_points(model, placed, bare, unclaimed))
+    except Exception:  # noqa: BLE001 - a graph the rule cannot read: the sites stay absent
+        return []
+    return sorted(out, key=lambda p: p.after)
+
+
+def unscored_rates(prof: Any) -> dict[str, float]:
+    """``{site: rate in the source model}`` of the sites the profile could not score (they
+    guard no parameter; ``adapters.torch.profile`` records both in the metadata)."""
+    unscored = dict(prof.metadata.get("unscored_sites") or {})
+    rates = dict(prof.metadata.get("unscored_rates") or {})
+    return {str(n): rates[n] for n in unscored if isinstance(rates.get(n), (int, float))}
+
+
 def insert_in_place(model: Any, where: list[Point]) -> list[str]:
     """Insert one ``Dropout`` node per point (ratio 0.0, ``training_mode`` True); returns the
     site names. Every reader of a point's tensor reads the dropped tensor instead."""
@@ -328,5 +403,7 @@ __all__ = [
     "insert_sites",
     "is_inserted",
     "points",
+    "profile_points",
+    "unscored_rates",
     "wanted",
 ]

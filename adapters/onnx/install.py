@@ -10,10 +10,9 @@ from typing import Any, Unpack
 
 import numpy as np
 
-from gd_core.dataflow import with_sites
 from gd_core.errors import bad_argument
 from gd_core.face import ApplyOptions, ApplySettings
-from gd_core.identity import Correspondence, Pair, correspond, covers, regroup
+from gd_core.identity import Correspondence, Pair, correspond, regroup
 from gd_core.plan import _load as _load_profile
 from gd_core.plan import make_plan
 from gd_core.profile import SensitivityProfile
@@ -27,7 +26,14 @@ from . import rewrite as _r
 from . import train as _t
 from .discovery import ModelLike, _copy, _discover, _load, fingerprint
 from .graph import TRAINING_MODE_NAME, GraphIndex, onnx
-from .insert import Point, bare_points, insert_in_place, insert_sites, is_inserted, wanted
+from .insert import (
+    insert_in_place,
+    insert_sites,
+    is_inserted,
+    profile_points,
+    unscored_rates,
+    wanted,
+)
 from .rewrite import _f32, _owned_by, _refuse_unit_rewritten, _unit_width, _UnitRewrite
 
 INSERTED = "inserted (the graph had no Dropout node here)"
@@ -171,11 +177,11 @@ def apply(
     if not given_sites and not isinstance(profile, Mapping) and profile is not None:
         prof = _load_profile(profile, "pass profile=adapters.onnx.profile(...) or a saved path")
         if dropout_free:
-            more = _profile_points(out, infos, table, prof)
+            more = profile_points(out, infos, table, prof)
             if more:  # torch sites off the residual stream (a head's dropout): where they act
                 insert_in_place(out, more)
                 infos, table = _discover(out, "model", mapping=sites)
-                free = list(_unscored_rates(prof))
+                free = list(unscored_rates(prof))
                 kept = [p.name for p in more if any(p.name.endswith(n) for n in free)]
                 named = list(dict.fromkeys(p.name for p in more if p.name not in kept))
                 if kept:
@@ -193,7 +199,7 @@ def apply(
                         + (f" and {len(named) - 4} more" if len(named) > 4 else "")
                     )
         corr, profile, id_notes = _identify(out, infos, table, prof)
-        bare = {corr.renaming(n) for n in _unscored_rates(prof)}
+        bare = {corr.renaming(n) for n in unscored_rates(prof)}
         unused = [
             i for i in infos if i.site.name not in corr.names().values() and i.site.name not in bare
         ]
@@ -442,78 +448,6 @@ def _remove_nodes(model: Any, positions: list[int]) -> None:
     inits = [t for t in graph.initializer if t.name not in ratios or t.name in read]
     del graph.initializer[:]
     graph.initializer.extend(inits)
-
-
-def _profile_points(
-    model: Any, infos: list[Any], table: Mapping[str, Any], prof: SensitivityProfile
-) -> list[Point]:
-    """Insertion points, named like the profile's sites, for the profile sites that the sites
-    of a dropout-free graph do not make up (a classifier head's dropout off the residual
-    stream, an FFN's inner dropout inside a residual branch, a rate holder called after the
-    embeddings and after each attention): the tensors whose dropping guards exactly the part
-    of their parameters no inserted site guards (:func:`gd_core.identity.covers`, with the
-    inserted sites in place). An inserted site counts towards a profile site when what it
-    guards lies in that profile site's set and no other's; together with the new points they
-    make up the profile site, which :func:`_regroup` then merges into one site."""
-    from gd_core.align import find_renaming
-
-    from .dataflow import ops_of
-
-    model_params = [p.name for p in table.values()]
-    prof_params = [p for s in prof.sites for p in s.params]
-    ren = find_renaming(prof_params, model_params) if prof_params and model_params else None
-    if ren is None:
-        return []
-    known = set(model_params)
-    sets = {ren(s.name): frozenset(ren(p) for p in s.params) for s in prof.sites if s.params}
-    have = [frozenset(i.site.params) for i in infos]
-    want: dict[str, list[str]] = {}
-    for name, full in sets.items():
-        if full in have or not full <= known:
-            continue
-        mine = [h for h in have if h and h <= full and sum(h <= f for f in sets.values()) == 1]
-        left = full - frozenset().union(*mine)
-        if left:
-            want[name] = sorted(left)
-    named = {i.site.name for i in infos}
-    bare = {
-        ren(n): float(p)
-        for n, p in _unscored_rates(prof).items()
-        if ren(n) not in named and 0.0 <= float(p) < 1.0
-    }
-    if not want and not bare:
-        return []
-    nodes = {n for info in infos for n in info.nodes}
-    try:
-        ops, _ = ops_of(
-            model,
-            {k: v.name for k, v in table.items()},
-            lambda i, n: f"#{i}" if i in nodes else None,
-        )
-        claimed = {ren(p) for s in prof.sites for p in s.params}
-        unclaimed = frozenset(known - claimed)
-        where = covers(ops, want, unclaimed=unclaimed)
-        index = GraphIndex(model.graph)
-        out = [
-            Point(t, site, index.producer[t], ())
-            for site, ts in where.items()
-            for t in ts
-            if t in index.producer
-        ]
-        if bare:  # sites guarding nothing: where their module acts, with the others in place
-            placed = with_sites(ops, {p.tensor: p.name for p in out})
-            out.extend(bare_points(model, placed, bare, unclaimed))
-    except Exception:  # noqa: BLE001 - a graph the rule cannot read: the sites stay absent
-        return []
-    return sorted(out, key=lambda p: p.after)
-
-
-def _unscored_rates(prof: SensitivityProfile) -> dict[str, float]:
-    """``{site: rate in the source model}`` of the sites the profile could not score (they
-    guard no parameter; ``adapters.torch.profile`` records both in the metadata)."""
-    unscored = dict(prof.metadata.get("unscored_sites") or {})
-    rates = dict(prof.metadata.get("unscored_rates") or {})
-    return {str(n): rates[n] for n in unscored if isinstance(rates.get(n), (int, float))}
 
 
 def _regroup(
