@@ -13,6 +13,7 @@ sites a dropout-free graph has no Dropout node for.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -173,3 +174,44 @@ def test_albert_head_dropout_over_the_unrolled_ffn_is_one_site_in_eval_exports()
     ids = torch.randint(0, 64, (2, 6))
     torch_p, onnx_p, _ = z._carried(model, {"input_ids": ids}, "eval")
     z._assert_site_by_site(torch_p, onnx_p)
+
+
+def test_a_site_guarding_no_parameter_is_inserted_at_the_source_models_rate() -> None:
+    """DeBERTa-v2's ``pooler.dropout`` acts on the first token, with nothing computed from
+    parameters since the previous site: the profile cannot score it and an eval export has no
+    node for it. It is inserted before the pooler's dense, at the rate torch keeps for it."""
+    z = _helpers()
+    torch, transformers = z._torch()
+    import adapters.onnx as gdo
+    import adapters.torch as gdt
+
+    config = transformers.DebertaV2Config(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        num_labels=2,
+        pooler_dropout=0.07,
+    )
+    torch.manual_seed(0)
+    model = z._distinct(transformers.DebertaV2ForSequenceClassification(config))
+    ids = torch.randint(0, 64, (2, 6))
+    from tests.zoo.registry import zoo_loss  # any per-sample loss of the logits
+
+    with pytest.warns(UserWarning, match="get no score"):
+        prof = gdt.profile(
+            copy.deepcopy(model), [{"input_ids": ids}], loss=zoo_loss, progress=False
+        )
+    assert "pooler.dropout" in prof.metadata["unscored_sites"]
+    assert prof.metadata["unscored_rates"]["pooler.dropout"] == pytest.approx(0.07)
+    report = gdo.apply(z._export(model, {"input_ids": ids}, "eval"), prof)
+    torch_p = gdt.apply(copy.deepcopy(model), prof).probabilities()
+    onnx_p = {report.matched.get(s, s): p for s, p in report.probabilities().items()}
+    z._assert_site_by_site(torch_p, onnx_p)
+    assert onnx_p["pooler.dropout"] == pytest.approx(0.07)
+    assert any("guarding no parameter inserted" in n for n in report.notes)
+    node = next(n for n in report.model.graph.node if n.name.startswith("/pooler/dropout/"))
+    dense = next(n for n in report.model.graph.node if n.name.startswith("/pooler/dense/"))
+    assert node.output[0] in dense.input  # dropped before the pooler's dense, as in torch
