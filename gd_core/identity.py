@@ -129,6 +129,16 @@ def _param_renaming(profile_sites: Sequence[Site], model_sites: Sequence[Site]) 
     return find_renaming(prof, model) if prof and model else Renaming()
 
 
+def _by_scope(model_site: str, tied: list[str], ren: Renaming) -> list[str]:
+    """Of profile sites guarding the same parameters equally (T5's ``encoder.dropout`` and
+    ``decoder.dropout``, both on the shared embedding), the one whose parent module holds the
+    model site, when exactly one does; else all of them (a tie)."""
+    if len(tied) < 2:
+        return tied
+    inside = [p for p in tied if "." in p and model_site.startswith(ren(p).rsplit(".", 1)[0] + ".")]
+    return inside if len(inside) == 1 else tied
+
+
 def correspond(
     profile_sites: Sequence[Site],
     model_sites: Sequence[Site],
@@ -137,7 +147,8 @@ def correspond(
     """Pair each profile site with the model site guarding the same canonical parameters.
 
     A profile site and a model site are partners when each is the other's site of largest
-    overlap (ties broken by the smaller symmetric difference); equal sets are ``same
+    overlap (ties broken by the smaller symmetric difference, then by module: of profile sites
+    guarding the same parameters, the one whose parent module holds the model site); equal sets are ``same
     parameters``, others ``overlap``. A profile site left without a partner pairs with a model
     site of the same (renamed) name that no other profile site claims (``name``). Any other
     profile site is :class:`Absent` with its reason; ``model_params``
@@ -174,7 +185,7 @@ def correspond(
         scored = [(rank(ms, ps), p) for p, ps in prof.items() if ps and ps & ms]
         if scored:
             top = max(r for r, _ in scored)
-            best_prof[m] = [p for r, p in scored if r == top]
+            best_prof[m] = _by_scope(m, [p for r, p in scored if r == top], ren)
 
     out = Correspondence(renaming=ren)
     known = (
@@ -341,6 +352,7 @@ def covers(
     wanted: dict[str, Sequence[str]],
     depth: int = 4,
     unclaimed: frozenset[str] = frozenset(),
+    allowed: dict[str, frozenset[str]] | None = None,
 ) -> dict[str, list[str]]:
     """Where each profile site of ``wanted`` (``{site: canonical parameters}``, renamed into the
     graph's names) acts in a dropout-free graph ``ops`` (the sites already inserted in place):
@@ -355,10 +367,16 @@ def covers(
     whole set exactly is taken if there is one (of those, the last in execution order: a
     dropout acts on a module's output). Otherwise the set is covered part by part: each time
     the candidate guarding most of what is left and nothing outside the set (ties: the later
-    one), placed with the parts chosen before, until nothing is left. A place that guards
-    besides only ``unclaimed`` parameters (no profile site guards them, e.g. a frozen position
-    table the profile left out) counts as exact. A site that cannot be covered exactly is left
-    out (the caller reports it absent, with the reason).
+    one), placed with the parts chosen before, until nothing is left. Where every tensor
+    covering the set also drops another wanted site's parameters (two branches meeting in one
+    sum: GPT-NeoX's parallel attention and MLP), the earliest covering tensor (the branch's own
+    output, before the sum) is taken. Then all sites are placed together and each must guard
+    exactly its set, in disjoint parts; a site that does not is left out (the caller reports it
+    absent, with the reason). A place that guards besides only ``unclaimed`` parameters (no
+    profile site guards them, e.g. a frozen position table the profile left out) counts as
+    exact. ``allowed`` (``{site: tensors}``) restricts a site's candidates: the caller's word on
+    where the site's module acts when parameters alone cannot tell (two profile sites guarding
+    the same parameters).
 
     Example — one rate holder called after the embeddings and after the last projection:
         >>> ops = [Op("emb", ["ids"], ["e"], ["emb.w"]), Op("blk", ["e"], ["h"], ["blk.w"]),
@@ -382,11 +400,14 @@ def covers(
     plan: dict[str, list[str]] = {}
     for site, want in sets.items():
         others = frozenset[str]().union(*(v for k, v in sets.items() if k != site)) - want
-        found = _cover(want, _candidates(ops, want, readers, depth), producer, parts, unclaimed)
+        cands = _candidates(ops, want, readers, depth)
+        if allowed is not None and site in allowed:
+            cands = [t for t in cands if t in allowed[site]]
+        found = _cover(want, cands, producer, parts, unclaimed)
         if found is None:  # every tensor covering it also drops another missing site's part
             spill = [
                 t
-                for t in _candidates(ops, want, readers, depth)
+                for t in cands
                 if want <= (got := parts([t])[0]) and got - want <= unclaimed | others
             ]
             found = [min(spill, key=lambda t: producer[t])] if spill else None

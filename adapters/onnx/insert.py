@@ -168,6 +168,25 @@ def _attention_points(index: GraphIndex, seen: set[str]) -> list[Point]:
     return out
 
 
+def _holds(site: str, other: str) -> bool:
+    """Whether ``other`` (a site name) lies in the parent module of ``site``."""
+    return "." in site and other.startswith(site.rsplit(".", 1)[0] + ".")
+
+
+def _returned_in(index: GraphIndex, site: str) -> frozenset[str]:
+    """The tensors a module inside ``site``'s parent module returns (a reader lies outside the
+    module that made it): where a dropout module of that parent can act. Used for two profile
+    sites guarding the same parameters (T5's ``encoder.dropout`` and ``decoder.dropout`` on the
+    shared embedding), which parameters alone cannot place."""
+    parent = tuple(site.split(".")[:-1])
+    out = set()
+    for t in index.producer:
+        scope = _returning(index, t)
+        if parent and scope is not None and scope[: len(parent)] == parent:
+            out.add(t)
+    return frozenset(out)
+
+
 def bare_points(
     model: Any, ops: Any, wanted: dict[str, float], unclaimed: frozenset[str] = frozenset()
 ) -> list[Point]:
@@ -234,9 +253,13 @@ def profile_points(
     known = set(model_params)
     sets = {ren(s.name): frozenset(ren(p) for p in s.params) for s in prof.sites if s.params}
     have = [frozenset(i.site.params) for i in infos]
+    names_of = {frozenset(i.site.params): i.site.name for i in infos}
+    twins = {n for n, f in sets.items() if sum(f == g for g in sets.values()) > 1}
     want: dict[str, list[str]] = {}
     for name, full in sets.items():
-        if full in have or not full <= known:
+        if not full <= known:
+            continue
+        if full in have and (name not in twins or _holds(name, names_of[full])):
             continue
         mine = [h for h in have if h and h <= full and sum(h <= f for f in sets.values()) == 1]
         left = full - frozenset().union(*mine)
@@ -259,8 +282,9 @@ def profile_points(
         )
         claimed = {ren(p) for s in prof.sites for p in s.params}
         unclaimed = frozenset(known - claimed)
-        where = covers(ops, want, unclaimed=unclaimed)
         index = GraphIndex(model.graph)
+        scoped = {n: _returned_in(index, n) for n in want if n in twins}
+        where = covers(ops, want, unclaimed=unclaimed, allowed=scoped)
         out = [
             Point(t, site, index.producer[t], ())
             for site, ts in where.items()
