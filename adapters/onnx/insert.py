@@ -285,11 +285,11 @@ def profile_points(
         index = GraphIndex(model.graph)
         scoped = {n: _returned_in(index, n) for n in want if n in twins}
         where = covers(ops, want, unclaimed=unclaimed, allowed=scoped)
-        out = [
-            Point(t, site, index.producer[t], ())
+        out = [  # before a Cast/Identity that is its one reader, as torch's module sees it
+            Point(u, site, index.producer[u], ())
             for site, ts in where.items()
-            for t in ts
-            if t in index.producer
+            for u in (_upstream(index, t) for t in ts)
+            if u in index.producer
         ]
         if bare:  # sites guarding nothing: where their module acts, with the others in place
             placed = with_sites(ops, {p.tensor: p.name for p in out})

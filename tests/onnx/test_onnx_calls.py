@@ -215,3 +215,33 @@ def test_a_site_guarding_no_parameter_is_inserted_at_the_source_models_rate() ->
     node = next(n for n in report.model.graph.node if n.name.startswith("/pooler/dropout/"))
     dense = next(n for n in report.model.graph.node if n.name.startswith("/pooler/dense/"))
     assert node.output[0] in dense.input  # dropped before the pooler's dense, as in torch
+
+
+def test_t5_stack_dropouts_on_the_shared_embedding_are_told_apart_by_module() -> None:
+    """T5's ``encoder.dropout`` and ``decoder.dropout`` both guard the shared embedding only;
+    an eval export has a site for the encoder's embedding output and none for the decoder's.
+    Each is placed in its own stack, the decoder's on the decoder's embedding output."""
+    z = _helpers()
+    torch, transformers = z._torch()
+    config = transformers.T5Config(
+        vocab_size=64,
+        d_model=16,
+        d_kv=8,
+        d_ff=24,
+        num_layers=2,
+        num_heads=2,
+        dropout_rate=0.1,
+        decoder_start_token_id=0,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = z._distinct(transformers.T5ForConditionalGeneration(config))
+    ids = torch.randint(1, 64, (2, 6))
+    inputs = {"input_ids": ids, "decoder_input_ids": ids}
+    torch_p, onnx_p, report = z._carried(model, inputs, "eval")
+    z._assert_site_by_site(torch_p, onnx_p)
+    graph = report.model.graph
+    decoder = [
+        n for n in graph.node if n.op_type == "Dropout" and n.name.startswith("/decoder/dropout/")
+    ]
+    assert decoder and all("/decoder/embed_tokens/" in n.input[0] for n in decoder), decoder
