@@ -251,14 +251,15 @@ def profile_points(
     if ren is None:
         return []
     known = set(model_params)
-    sets = {ren(s.name): frozenset(ren(p) for p in s.params) for s in prof.sites if s.params}
+    # the part of each set the graph has (an exporter folds constants: a position table
+    # sliced for a fixed-length example is no parameter of the graph)
+    sets = {ren(s.name): frozenset(ren(p) for p in s.params) & known for s in prof.sites}
+    sets = {n: f for n, f in sets.items() if f}
     have = [frozenset(i.site.params) for i in infos]
     names_of = {frozenset(i.site.params): i.site.name for i in infos}
     twins = {n for n, f in sets.items() if sum(f == g for g in sets.values()) > 1}
     want: dict[str, list[str]] = {}
     for name, full in sets.items():
-        if not full <= known:
-            continue
         if full in have and (name not in twins or _holds(name, names_of[full])):
             continue
         mine = [h for h in have if h and h <= full and sum(h <= f for f in sets.values()) == 1]
