@@ -245,3 +245,42 @@ def test_t5_stack_dropouts_on_the_shared_embedding_are_told_apart_by_module() ->
         n for n in graph.node if n.op_type == "Dropout" and n.name.startswith("/decoder/dropout/")
     ]
     assert decoder and all("/decoder/embed_tokens/" in n.input[0] for n in decoder), decoder
+
+
+def test_bart_dynamo_export_places_the_decoder_dropout_on_what_the_graph_has() -> None:
+    """torch's default exporter folds BART's position lookups of a fixed-length example into
+    constants and names the shared embedding ``lm_head.weight``: ``model.decoder.dropout``
+    guards only its ``layernorm_embedding`` here. It is placed on that part (it was ``folded``)."""
+    pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+    z = _helpers()
+    torch, transformers = z._torch()
+    import adapters.onnx as gdo
+    import adapters.torch as gdt
+
+    config = transformers.BartConfig(
+        vocab_size=64,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=24,
+        decoder_ffn_dim=24,
+        max_position_embeddings=32,
+        dropout=0.1,
+        attention_dropout=0.1,
+        activation_dropout=0.1,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = z._distinct(transformers.BartForConditionalGeneration(config)).eval()
+    ids = torch.randint(3, 64, (2, 6))
+    prof = z._profile(model)
+    proto = torch.onnx.export(
+        copy.deepcopy(model), (), kwargs={"input_ids": ids}, dynamo=True, verbose=False
+    ).model_proto
+    report = gdo.apply(proto, prof)
+    torch_p = gdt.apply(copy.deepcopy(model), prof).probabilities()
+    onnx_p = {report.matched.get(s, s): p for s, p in report.probabilities().items()}
+    z._assert_site_by_site(torch_p, onnx_p)
+    assert "model.decoder.dropout" in report.inserted
