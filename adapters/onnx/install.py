@@ -167,9 +167,11 @@ def apply(
     out = _copy(proto)
     given_sites = isinstance(sites, Sequence) and not isinstance(sites, str)
     inserted_notes: list[str] = []
+    if isinstance(profile, SensitivityProfile):  # tied torch parameters under another name
+        inserted_notes += _untie(out, dict(profile.metadata.get("tied_parameters") or {}))
     dropout_free = wanted(out)
     if dropout_free:
-        inserted_notes = insert_sites(out, warn=False)[1]  # sites for a dropout-free graph
+        inserted_notes += insert_sites(out, warn=False)[1]  # sites for a dropout-free graph
     infos, table = _discover(out, "model", mapping=None if given_sites else sites)
     if given_sites:
         infos = _only(infos, sites)
@@ -428,6 +430,30 @@ def _identify(
             f"parameters: {'; '.join(renamed[:4])}" + (" ..." if len(renamed) > 4 else "")
         )
     return corr, prof.translate(lambda n: names_map.get(n, ren(n))), notes
+
+
+def _untie(model: Any, tied: Mapping[str, str]) -> list[str]:
+    """Rename (in place) initializers named by another name of a tied torch parameter
+    (``tied``: ``{alias: name}``, the profile's ``tied_parameters``) to the name the profile
+    uses, where that name is not in the graph: the dynamo exporter names GPT-2's word
+    embedding, tied to the LM head, ``lm_head.weight``. A note says which."""
+    names = {t.name for t in model.graph.initializer}
+    renamed = {a: n for a, n in tied.items() if a in names and n not in names}
+    if not renamed:
+        return []
+    for t in model.graph.initializer:
+        t.name = renamed.get(t.name, t.name)
+    for node in model.graph.node:
+        for j, x in enumerate(node.input):
+            if x in renamed:
+                node.input[j] = renamed[x]
+    for v in model.graph.input:
+        v.name = renamed.get(v.name, v.name)
+    return [
+        f"{len(renamed)} initializer(s) renamed to the name of the torch parameter they are tied "
+        f"to (the profile's tied_parameters): "
+        + ", ".join(f"{a} -> {n}" for a, n in list(renamed.items())[:4])
+    ]
 
 
 def _remove_nodes(model: Any, positions: list[int]) -> None:

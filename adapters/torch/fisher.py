@@ -457,6 +457,13 @@ def profile(
     tf = sys.modules.get("transformers")
     if tf is not None:
         meta["transformers_version"] = getattr(tf, "__version__", "")
+    first: dict[int, str] = {}
+    tied = {}  # a parameter shared by several modules: its other names (an exporter may use one)
+    for n, p in root.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), n) != n:
+            tied[n] = first[id(p)]
+    if tied:
+        meta["tied_parameters"] = tied
     frozen = [n for n, p in root.named_parameters() if not p.requires_grad]
     measured, unscored = scorable(measured, frozen)
     if unscored:  # never silent: in the profile's metadata and a warning

@@ -284,3 +284,35 @@ def test_bart_dynamo_export_places_the_decoder_dropout_on_what_the_graph_has() -
     onnx_p = {report.matched.get(s, s): p for s, p in report.probabilities().items()}
     z._assert_site_by_site(torch_p, onnx_p)
     assert "model.decoder.dropout" in report.inserted
+
+
+def test_gpt2_dynamo_export_names_the_tied_embedding_as_the_profile_does() -> None:
+    """torch's default exporter names GPT-2's word embedding, tied to the LM head,
+    ``lm_head.weight``, and folds the position slice: ``transformer.drop`` was ``not exported``.
+    The torch profile records the tied names; ``apply`` renames the initializer back."""
+    pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+    z = _helpers()
+    torch, transformers = z._torch()
+    import adapters.onnx as gdo
+    import adapters.torch as gdt
+    from tests.zoo.registry import zoo_loss
+
+    config = transformers.GPT2Config(
+        vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32, use_cache=False
+    )
+    torch.manual_seed(0)
+    model = z._distinct(transformers.GPT2LMHeadModel(config)).eval()
+    ids = torch.randint(0, 64, (2, 6))
+    prof = gdt.profile(
+        copy.deepcopy(model).train(), [{"input_ids": ids}], loss=zoo_loss, progress=False
+    )
+    assert prof.metadata["tied_parameters"] == {"lm_head.weight": "transformer.wte.weight"}
+    proto = torch.onnx.export(
+        copy.deepcopy(model), (), kwargs={"input_ids": ids}, dynamo=True, verbose=False
+    ).model_proto
+    assert "lm_head.weight" in {t.name for t in proto.graph.initializer}
+    report = gdo.apply(proto, prof)
+    torch_p = gdt.apply(copy.deepcopy(model), prof).probabilities()
+    onnx_p = {report.matched.get(s, s): p for s, p in report.probabilities().items()}
+    z._assert_site_by_site(torch_p, onnx_p)
+    assert any("lm_head.weight -> transformer.wte.weight" in n for n in report.notes)
