@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Unpack
@@ -167,6 +168,8 @@ def apply(
     out = _copy(proto)
     given_sites = isinstance(sites, Sequence) and not isinstance(sites, str)
     inserted_notes: list[str] = []
+    if isinstance(profile, (str, os.PathLike)):  # a saved profile: loaded once, here
+        profile = _load_profile(profile, "pass profile=adapters.onnx.profile(...)")
     if isinstance(profile, SensitivityProfile):  # tied torch parameters under another name
         inserted_notes += _untie(out, dict(profile.metadata.get("tied_parameters") or {}))
     dropout_free = wanted(out)
