@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .align import Renaming, find_renaming
 from .dataflow import Op, guarded, with_sites
@@ -128,6 +129,16 @@ def _param_renaming(profile_sites: Sequence[Site], model_sites: Sequence[Site]) 
     return find_renaming(prof, model) if prof and model else Renaming()
 
 
+def _by_scope(model_site: str, tied: list[str], ren: Renaming) -> list[str]:
+    """Of profile sites guarding the same parameters equally (T5's ``encoder.dropout`` and
+    ``decoder.dropout``, both on the shared embedding), the one whose parent module holds the
+    model site, when exactly one does; else all of them (a tie)."""
+    if len(tied) < 2:
+        return tied
+    inside = [p for p in tied if "." in p and model_site.startswith(ren(p).rsplit(".", 1)[0] + ".")]
+    return inside if len(inside) == 1 else tied
+
+
 def correspond(
     profile_sites: Sequence[Site],
     model_sites: Sequence[Site],
@@ -136,7 +147,8 @@ def correspond(
     """Pair each profile site with the model site guarding the same canonical parameters.
 
     A profile site and a model site are partners when each is the other's site of largest
-    overlap (ties broken by the smaller symmetric difference); equal sets are ``same
+    overlap (ties broken by the smaller symmetric difference, then by module: of profile sites
+    guarding the same parameters, the one whose parent module holds the model site); equal sets are ``same
     parameters``, others ``overlap``. A profile site left without a partner pairs with a model
     site of the same (renamed) name that no other profile site claims (``name``). Any other
     profile site is :class:`Absent` with its reason; ``model_params``
@@ -173,7 +185,7 @@ def correspond(
         scored = [(rank(ms, ps), p) for p, ps in prof.items() if ps and ps & ms]
         if scored:
             top = max(r for r, _ in scored)
-            best_prof[m] = [p for r, p in scored if r == top]
+            best_prof[m] = _by_scope(m, [p for r, p in scored if r == top], ren)
 
     out = Correspondence(renaming=ren)
     known = (
@@ -231,10 +243,11 @@ def regroup(
     A call belongs to the profile site whose (renamed) guarded set contains its own. A model site
     whose calls belong to several profile sites is split, one site per profile site (an exporter
     named the calls of two rate holders alike: BART's ``dropout`` and ``activation_dropout``, both
-    functional in one layer's scope); model sites that each guard exactly what one profile site
-    guards are merged into one (a shared layer unrolled into several scopes: ALBERT), and so are
-    model sites guarding disjoint parts that make up exactly one profile site's set (the calls
-    of a rate holder called twice, BART's ``dropout``, placed apart in a dropout-free graph). The new sites are named
+    functional in one layer's scope); model sites whose calls all guard parameters of one
+    profile site only, none guarding a strict part of what another guards, and that together
+    guard all of its parameters that the model guards at all, are merged into one: the calls of one rate holder (a shared layer unrolled into several
+    scopes, ALBERT; a module called twice, Dory's attention; a rate holder called at several
+    places and placed apart in a dropout-free graph, BART's ``dropout``, XLM's stack dropout). The new sites are named
     like the profile sites (renamed into the model's parameter names). Calls that guard nothing,
     or whose set no profile site contains, keep their site. Nothing changes where the groupings
     agree.
@@ -270,14 +283,17 @@ def regroup(
             for c in by_site[site]:
                 out[c] = ren(owner[c])
     union = {site: frozenset(p for c in calls for p in parts[c]) for site, calls in by_site.items()}
+    anywhere = frozenset(p for ps in parts.values() for p in ps)
     for prof_site, full in sets.items():
         held = [site for site, owners in owned.items() if owners == {prof_site}]
-        merged = [site for site in held if union[site] == full]  # unrolled: each guards it all
-        if not merged and len(held) > 1:  # called twice: disjoint parts that make it up
-            parts_of = [union[site] for site in held]
-            whole = frozenset[str]().union(*parts_of)
-            if whole == full and sum(map(len, parts_of)) == len(whole):
-                merged = held
+        # a site guarding a strict part of what another of them guards is no call of it (an
+        # embedding site where torch has none, before a first layer guarding the embeddings)
+        held = [s for s in held if not any(union[s] < union[o] for o in held)]
+        merged: list[str] = []
+        if len(held) > 1 and frozenset[str]().union(*(union[s] for s in held)) >= full & anywhere:
+            # the calls of one rate holder: each guards only its parameters, together all of
+            # them the graph guards (a shared layer unrolled, a module called twice)
+            merged = held
         if len(merged) > 1:  # merge: the profile site's one rate on every call
             name = ren(prof_site)
             if name in taken and name not in merged:
@@ -294,15 +310,10 @@ def placements(
     depth: int = 4,
     unclaimed: frozenset[str] = frozenset(),
 ) -> dict[str, str]:
-    """Where a profile site that a dropout-free graph lacks acts: ``{site: tensor}`` for each
-    site of ``wanted`` (``{site: canonical parameters it guards}``, renamed into the graph's
-    names) for which dropping one tensor of ``ops`` guards exactly those parameters
-    (:func:`gd_core.dataflow.guarded` with the site placed there). The candidates are the
-    outputs of the ops owning its parameters and of up to ``depth`` ops after them that own no
-    other parameter (an activation, a reshape); of the exact ones the last in execution order,
-    since a dropout acts on a module's output. A place that guards besides only ``unclaimed``
-    parameters (no profile site guards them, e.g. a frozen position table the profile left out)
-    counts as exact. A site with no exact place is left out.
+    """Where a profile site that a dropout-free graph lacks acts, when one tensor suffices:
+    ``{site: tensor}`` for each site of ``wanted`` (``{site: canonical parameters it guards}``,
+    renamed into the graph's names) for which dropping one tensor of ``ops`` guards exactly
+    those parameters (:func:`covers` with one part).
 
     Example:
         >>> ops = [Op("pool", ["h"], ["a"], ["pool.w"]), Op("tanh", ["a"], ["t"]),
@@ -310,38 +321,161 @@ def placements(
         >>> placements(ops, {"dropout": ["pool.w"]})
         {'dropout': 't'}
     """
+    got = covers(ops, wanted, depth, unclaimed)
+    return {site: ts[0] for site, ts in got.items() if len(ts) == 1}
+
+
+def _candidates(
+    ops: Sequence[Op], want: frozenset[str], readers: dict[str, list[int]], depth: int
+) -> list[str]:
+    """The outputs of the ops owning parameters of ``want`` and of up to ``depth`` ops after
+    them that own no parameter outside it (an activation, a reshape, a norm of the same site)."""
+    cands: dict[str, None] = {}
+    frontier = [(i, 0) for i, op in enumerate(ops) if want & set(op.params) and not op.site]
+    while frontier:
+        i, d = frontier.pop()
+        for t in ops[i].outputs:
+            if t in cands:
+                continue
+            cands[t] = None
+            if d < depth:
+                frontier.extend(
+                    (j, d + 1)
+                    for j in readers.get(t, [])
+                    if not ops[j].site and set(ops[j].params) <= want
+                )
+    return list(cands)
+
+
+def covers(
+    ops: Sequence[Op],
+    wanted: dict[str, Sequence[str]],
+    depth: int = 4,
+    unclaimed: frozenset[str] = frozenset(),
+    allowed: dict[str, frozenset[str]] | None = None,
+) -> dict[str, list[str]]:
+    """Where each profile site of ``wanted`` (``{site: canonical parameters}``, renamed into the
+    graph's names) acts in a dropout-free graph ``ops`` (the sites already inserted in place):
+    ``{site: tensors}``, the tensors whose dropping, all together, guards exactly those
+    parameters (:func:`gd_core.dataflow.guarded`), each tensor a disjoint part.
+
+    The rule: a torch site guards the union of what each of its calls guards (a rate holder
+    called on the embeddings and again after the final norm, a module called once per layer),
+    so in a graph without its Dropout nodes it is realised by one dropped tensor per call. The
+    candidates are the outputs of the ops owning its parameters and of up to ``depth`` ops
+    after them that own no other parameter (an activation, a reshape). One tensor guarding the
+    whole set exactly is taken if there is one (of those, the last in execution order: a
+    dropout acts on a module's output). Otherwise the set is covered part by part: each time
+    the candidate guarding most of what is left and nothing outside the set (ties: the later
+    one), placed with the parts chosen before, until nothing is left. Where every tensor
+    covering the set also drops another wanted site's parameters (two branches meeting in one
+    sum: GPT-NeoX's parallel attention and MLP), the earliest covering tensor (the branch's own
+    output, before the sum) is taken. Then all sites are placed together and each must guard
+    exactly its set, in disjoint parts; a site that does not is left out (the caller reports it
+    absent, with the reason). A place that guards besides only ``unclaimed`` parameters (no
+    profile site guards them, e.g. a frozen position table the profile left out) counts as
+    exact. ``allowed`` (``{site: tensors}``) restricts a site's candidates: the caller's word on
+    where the site's module acts when parameters alone cannot tell (two profile sites guarding
+    the same parameters).
+
+    Example — one rate holder called after the embeddings and after the last projection:
+        >>> ops = [Op("emb", ["ids"], ["e"], ["emb.w"]), Op("blk", ["e"], ["h"], ["blk.w"]),
+        ...        Op("blk.drop", ["h"], ["hd"], site=True), Op("add", ["e", "hd"], ["r"], add=True),
+        ...        Op("final", ["r"], ["n"], ["final.w"]), Op("head", ["n"], ["y"], ["head.w"])]
+        >>> covers(ops, {"drop": ["emb.w", "final.w"]})
+        {'drop': ['e', 'n']}
+    """
     producer = {t: i for i, op in enumerate(ops) for t in op.outputs}
     readers: dict[str, list[int]] = {}
     for i, op in enumerate(ops):
         for t in op.inputs:
             readers.setdefault(t, []).append(i)
-    out: dict[str, str] = {}
-    for site, params in wanted.items():
-        want = frozenset(params)
-        if not want:
-            continue
-        cands: dict[str, None] = {}
-        frontier = [(i, 0) for i, op in enumerate(ops) if want & set(op.params) and not op.site]
-        while frontier:
-            i, d = frontier.pop()
-            for t in ops[i].outputs:
-                if t in cands:
-                    continue
-                cands[t] = None
-                if d < depth:
-                    frontier.extend(
-                        (j, d + 1)
-                        for j in readers.get(t, [])
-                        if not ops[j].site and set(ops[j].params) <= want
-                    )
-        exact = []
+    sets = {site: frozenset(ps) for site, ps in wanted.items() if ps}
+
+    def parts(at: list[str], base: Sequence[Op] = ops) -> list[frozenset[str]]:
+        names = {t: f"#part{k}" for k, t in enumerate(at)}
+        got = guarded(with_sites(base, names))
+        return [frozenset(got.get(names[t], ())) for t in at]
+
+    plan: dict[str, list[str]] = {}
+    for site, want in sets.items():
+        others = frozenset[str]().union(*(v for k, v in sets.items() if k != site)) - want
+        cands = _candidates(ops, want, readers, depth)
+        if allowed is not None and site in allowed:
+            cands = [t for t in cands if t in allowed[site]]
+        found = _cover(want, cands, producer, parts, unclaimed)
+        if found is None:  # every tensor covering it also drops another missing site's part
+            spill = [
+                t
+                for t in cands
+                if want <= (got := parts([t])[0]) and got - want <= unclaimed | others
+            ]
+            found = [min(spill, key=lambda t: producer[t])] if spill else None
+        if found:
+            plan[site] = found
+    while plan:  # all placed together, each site must guard exactly its set
+        at = [(site, t) for site, ts in plan.items() for t in ts]
+        placed = parts([t for _, t in at])
+        bad = set()
+        for site in plan:
+            mine = [g for (s, _), g in zip(at, placed, strict=True) if s == site]
+            whole = frozenset[str]().union(*mine)
+            if (
+                any(not g or bool(g - sets[site] - unclaimed) for g in mine)
+                or not sets[site] <= whole
+                or sum(len(g - unclaimed) for g in mine) != len(whole - unclaimed)
+            ):
+                bad.add(site)
+        if not bad:
+            break
+        plan = {k: v for k, v in plan.items() if k not in bad}
+    return {site: sorted(ts, key=lambda t: producer[t]) for site, ts in plan.items()}
+
+
+def _cover(
+    want: frozenset[str],
+    cands: list[str],
+    producer: dict[str, int],
+    parts: Any,
+    unclaimed: frozenset[str],
+) -> list[str] | None:
+    """:func:`covers` for one site, its other sites absent: one exact tensor (the last), else
+    parts chosen greedily; None when no set of candidates guards exactly ``want``."""
+
+    def fits(got: frozenset[str], allowed: frozenset[str]) -> bool:
+        return bool(got & allowed) and got - allowed <= unclaimed
+
+    exact = [t for t in cands if fits(got := parts([t])[0], want) and want <= got]
+    if exact:
+        return [max(exact, key=lambda t: producer[t])]
+    chosen: list[str] = []
+    left = want
+    while left:
+        best: tuple[int, int] | None = None
+        pick = ""
         for t in cands:
-            got = guarded(with_sites(ops, {t: site})).get(site, [])
-            if want <= frozenset(got) and frozenset(got) - want <= unclaimed:
-                exact.append(t)
-        if exact:
-            out[site] = max(exact, key=lambda t: producer[t])
-    return out
+            if t in chosen:
+                continue
+            got = parts([*chosen, t])
+            if not fits(got[-1], left) or any(not fits(g, want) for g in got[:-1]):
+                continue  # a part may not empty or spill an earlier one
+            score = (len(got[-1] & left), producer[t])
+            if best is None or score > best:
+                best, pick = score, t
+        if best is None:
+            return None
+        chosen.append(pick)
+        left = want - frozenset[str]().union(*parts(chosen))
+    return chosen or None
 
 
-__all__ = ["REASONS", "Absent", "Correspondence", "Pair", "correspond", "placements", "regroup"]
+__all__ = [
+    "REASONS",
+    "Absent",
+    "Correspondence",
+    "Pair",
+    "correspond",
+    "covers",
+    "placements",
+    "regroup",
+]

@@ -481,10 +481,42 @@ def _dataflow_groups(
     return {k: sorted(v, key=lambda n: order.get(n, len(order))) for k, v in found.items()}
 
 
+def _skeleton(model: Any, small: int = 64) -> Any:
+    """``model`` for shape inference only: float initializers of more than ``small`` elements
+    become typed graph inputs of the same shape (inference reads their shapes, not their values;
+    serialising a model's weights for it took most of ``apply``'s time on large vocabularies).
+    Small and integer initializers (reshape targets, indices) stay."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    big = [
+        t
+        for t in model.graph.initializer
+        if t.data_type in floats and int(np.prod(t.dims, dtype=np.int64)) > small
+    ]
+    if not big:
+        return model
+    names = {t.name for t in big}
+    graph = onnx.GraphProto()
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(v for v in model.graph.input if v.name not in names)
+    graph.input.extend(
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in big
+    )
+    graph.output.extend(model.graph.output)
+    graph.initializer.extend(t for t in model.graph.initializer if t.name not in names)
+    graph.sparse_initializer.extend(model.graph.sparse_initializer)
+    out = onnx.ModelProto()
+    out.ir_version = model.ir_version
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    out.graph.CopyFrom(graph)
+    return out
+
+
 def _inferred_last_dims(model: Any) -> dict[str, int]:
     """Static last-axis sizes of tensors, from shape inference (empty if inference fails)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(_skeleton(model))
     except Exception:  # noqa: BLE001 - units are optional information
         return {}
     out: dict[str, int] = {}

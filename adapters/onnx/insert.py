@@ -16,6 +16,7 @@ Training's gradient graph drops and its eval graph (``training_mode`` removed) i
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ class Point:
     name: str
     after: int
     scope: tuple[str, ...]
+    ratio: float = 0.0  # the inserted node's ratio until apply sets it
 
 
 def _parts(node: Any) -> tuple[str, ...]:
@@ -166,6 +168,146 @@ def _attention_points(index: GraphIndex, seen: set[str]) -> list[Point]:
     return out
 
 
+def _holds(site: str, other: str) -> bool:
+    """Whether ``other`` (a site name) lies in the parent module of ``site``."""
+    return "." in site and other.startswith(site.rsplit(".", 1)[0] + ".")
+
+
+def _returned_in(index: GraphIndex, site: str) -> frozenset[str]:
+    """The tensors a module inside ``site``'s parent module returns (a reader lies outside the
+    module that made it): where a dropout module of that parent can act. Used for two profile
+    sites guarding the same parameters (T5's ``encoder.dropout`` and ``decoder.dropout`` on the
+    shared embedding), which parameters alone cannot place."""
+    parent = tuple(site.split(".")[:-1])
+    out = set()
+    for t in index.producer:
+        scope = _returning(index, t)
+        if parent and scope is not None and scope[: len(parent)] == parent:
+            out.add(t)
+    return frozenset(out)
+
+
+def bare_points(
+    model: Any, ops: Any, wanted: dict[str, float], unclaimed: frozenset[str] = frozenset()
+) -> list[Point]:
+    """Points for profile sites that guard no parameter (a pooler's dropout on the first
+    token, which nothing computed from parameters separates from the previous site): such a
+    site acts in its parent module before the module's first parametrised op, so it is placed
+    on that op's data input, found by the node scopes (``pooler.dropout``: the first node in
+    scope ``pooler`` reading a parameter). ``wanted`` is ``{site: ratio}``: the profile has
+    no score for such a site, so its node starts at the rate the source model gives it, which
+    ``apply`` keeps (``missing="keep"``). Kept only where it guards nothing (or only
+    ``unclaimed`` parameters) and leaves what every other site guards unchanged; a site
+    without a parent module, or with no such place, gets no point (reported absent)."""
+    from gd_core.dataflow import guarded, with_sites
+
+    index = GraphIndex(model.graph)
+    params = set(_g.param_table(model))
+    before = {k: set(v) for k, v in guarded(ops).items()}
+    made = {t for op in ops for t in op.outputs}
+    out: list[Point] = []
+    for site in wanted:
+        parent = site.rsplit(".", 1)[0] if "." in site else ""
+        if not parent:
+            continue
+        for node in index.nodes:
+            scope = ".".join(_parts(node))
+            if not (scope == parent or scope.startswith(parent + ".")):
+                continue
+            if not any(t in params for t in node.input):
+                continue
+            data = [t for t in node.input if t and t not in params and t not in index.inits]
+            t = data[0] if data else ""
+            if t in index.producer and t in made and not _dropped(index, t):
+                got = {k: set(v) for k, v in guarded(with_sites(ops, {t: site})).items()}
+                mine = got.pop(site, set())
+                if mine <= unclaimed and got == before:
+                    at = index.producer[t]
+                    out.append(Point(t, site, at, _parts(node), float(wanted[site])))
+            break
+    return out
+
+
+def profile_points(
+    model: Any, infos: list[Any], table: Mapping[str, Any], prof: Any
+) -> list[Point]:
+    """Insertion points, named like the profile's sites, for the profile sites that the sites
+    of a dropout-free graph do not make up (a classifier head's dropout off the residual
+    stream, an FFN's inner dropout inside a residual branch, a rate holder called after the
+    embeddings and after each attention): the tensors whose dropping guards exactly the part
+    of their parameters no inserted site guards (:func:`gd_core.identity.covers`, with the
+    inserted sites in place). An inserted site counts towards a profile site when what it
+    guards lies in that profile site's set and no other's; together with the new points they
+    make up the profile site, which :func:`_regroup` then merges into one site."""
+    from gd_core.align import find_renaming
+    from gd_core.dataflow import with_sites
+    from gd_core.identity import covers
+
+    from .dataflow import ops_of
+
+    model_params = [p.name for p in table.values()]
+    prof_params = [p for s in prof.sites for p in s.params]
+    ren = find_renaming(prof_params, model_params) if prof_params and model_params else None
+    if ren is None:
+        return []
+    known = set(model_params)
+    # the part of each set the graph has (an exporter folds constants: a position table
+    # sliced for a fixed-length example is no parameter of the graph)
+    sets = {ren(s.name): frozenset(ren(p) for p in s.params) & known for s in prof.sites}
+    sets = {n: f for n, f in sets.items() if f}
+    have = [frozenset(i.site.params) for i in infos]
+    names_of = {frozenset(i.site.params): i.site.name for i in infos}
+    twins = {n for n, f in sets.items() if sum(f == g for g in sets.values()) > 1}
+    want: dict[str, list[str]] = {}
+    for name, full in sets.items():
+        if full in have and (name not in twins or _holds(name, names_of[full])):
+            continue
+        mine = [h for h in have if h and h <= full and sum(h <= f for f in sets.values()) == 1]
+        left = full - frozenset().union(*mine)
+        if left:
+            want[name] = sorted(left)
+    named = {i.site.name for i in infos}
+    bare = {
+        ren(n): float(p)
+        for n, p in unscored_rates(prof).items()
+        if ren(n) not in named and 0.0 <= float(p) < 1.0
+    }
+    if not want and not bare:
+        return []
+    nodes = {n for info in infos for n in info.nodes}
+    try:
+        ops, _ = ops_of(
+            model,
+            {k: v.name for k, v in table.items()},
+            lambda i, n: f"#{i}" if i in nodes else None,
+        )
+        claimed = {ren(p) for s in prof.sites for p in s.params}
+        unclaimed = frozenset(known - claimed)
+        index = GraphIndex(model.graph)
+        scoped = {n: _returned_in(index, n) for n in want if n in twins}
+        where = covers(ops, want, unclaimed=unclaimed, allowed=scoped)
+        out = [  # before a Cast/Identity that is its one reader, as torch's module sees it
+            Point(u, site, index.producer[u], ())
+            for site, ts in where.items()
+            for u in (_upstream(index, t) for t in ts)
+            if u in index.producer
+        ]
+        if bare:  # sites guarding nothing: where their module acts, with the others in place
+            placed = with_sites(ops, {p.tensor: p.name for p in out})
+            out.extend(bare_points(model, placed, bare, unclaimed))
+    except Exception:  # noqa: BLE001 - a graph the rule cannot read: the sites stay absent
+        return []
+    return sorted(out, key=lambda p: p.after)
+
+
+def unscored_rates(prof: Any) -> dict[str, float]:
+    """``{site: rate in the source model}`` of the sites the profile could not score (they
+    guard no parameter; ``adapters.torch.profile`` records both in the metadata)."""
+    unscored = dict(prof.metadata.get("unscored_sites") or {})
+    rates = dict(prof.metadata.get("unscored_rates") or {})
+    return {str(n): rates[n] for n in unscored if isinstance(rates.get(n), (int, float))}
+
+
 def insert_in_place(model: Any, where: list[Point]) -> list[str]:
     """Insert one ``Dropout`` node per point (ratio 0.0, ``training_mode`` True); returns the
     site names. Every reader of a point's tensor reads the dropped tensor instead."""
@@ -181,7 +323,7 @@ def insert_in_place(model: Any, where: list[Point]) -> list[str]:
         inits.append(onnx.numpy_helper.from_array(np.array(True), mode))
     for p in where:
         ratio = _g.unique_name(f"{p.name}.ratio", taken)
-        inits.append(onnx.numpy_helper.from_array(np.array(0.0, np.float32), ratio))
+        inits.append(onnx.numpy_helper.from_array(np.array(p.ratio, np.float32), ratio))
         dropped = _g.unique_name(f"{p.tensor}.{HOOK_CHILD}", taken)
         mask = _g.unique_name(f"{dropped}.mask", taken)
         for i, j in index.consumers.get(p.tensor, []):
@@ -281,9 +423,12 @@ def insert_sites(model: Any, *, warn: bool = True) -> tuple[list[str], list[str]
 __all__ = [
     "HOOK_CHILD",
     "Point",
+    "bare_points",
     "insert_in_place",
     "insert_sites",
     "is_inserted",
     "points",
+    "profile_points",
+    "unscored_rates",
     "wanted",
 ]

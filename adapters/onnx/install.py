@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Unpack
@@ -12,7 +13,7 @@ import numpy as np
 
 from gd_core.errors import bad_argument
 from gd_core.face import ApplyOptions, ApplySettings
-from gd_core.identity import Correspondence, Pair, correspond, placements, regroup
+from gd_core.identity import Correspondence, Pair, correspond, regroup
 from gd_core.plan import _load as _load_profile
 from gd_core.plan import make_plan
 from gd_core.profile import SensitivityProfile
@@ -26,7 +27,14 @@ from . import rewrite as _r
 from . import train as _t
 from .discovery import ModelLike, _copy, _discover, _load, fingerprint
 from .graph import TRAINING_MODE_NAME, GraphIndex, onnx
-from .insert import Point, insert_in_place, insert_sites, is_inserted, wanted
+from .insert import (
+    insert_in_place,
+    insert_sites,
+    is_inserted,
+    profile_points,
+    unscored_rates,
+    wanted,
+)
 from .rewrite import _f32, _owned_by, _refuse_unit_rewritten, _unit_width, _UnitRewrite
 
 INSERTED = "inserted (the graph had no Dropout node here)"
@@ -160,9 +168,13 @@ def apply(
     out = _copy(proto)
     given_sites = isinstance(sites, Sequence) and not isinstance(sites, str)
     inserted_notes: list[str] = []
+    if isinstance(profile, (str, os.PathLike)):  # a saved profile: loaded once, here
+        profile = _load_profile(profile, "pass profile=adapters.onnx.profile(...)")
+    if isinstance(profile, SensitivityProfile):  # tied torch parameters under another name
+        inserted_notes += _untie(out, dict(profile.metadata.get("tied_parameters") or {}))
     dropout_free = wanted(out)
     if dropout_free:
-        inserted_notes = insert_sites(out, warn=False)[1]  # sites for a dropout-free graph
+        inserted_notes += insert_sites(out, warn=False)[1]  # sites for a dropout-free graph
     infos, table = _discover(out, "model", mapping=None if given_sites else sites)
     if given_sites:
         infos = _only(infos, sites)
@@ -170,16 +182,32 @@ def apply(
     if not given_sites and not isinstance(profile, Mapping) and profile is not None:
         prof = _load_profile(profile, "pass profile=adapters.onnx.profile(...) or a saved path")
         if dropout_free:
-            more = _profile_points(out, infos, table, prof)
+            more = profile_points(out, infos, table, prof)
             if more:  # torch sites off the residual stream (a head's dropout): where they act
                 insert_in_place(out, more)
                 infos, table = _discover(out, "model", mapping=sites)
-                inserted_notes.append(
-                    f"{len(more)} profile site(s) off the residual stream inserted where dropping "
-                    "guards exactly their parameters: " + ", ".join(p.name for p in more[:4])
-                )
+                free = list(unscored_rates(prof))
+                kept = [p.name for p in more if any(p.name.endswith(n) for n in free)]
+                named = list(dict.fromkeys(p.name for p in more if p.name not in kept))
+                if kept:
+                    inserted_notes.append(
+                        f"{len(kept)} profile site(s) guarding no parameter inserted before "
+                        "their module's first parametrised op, at the rate the source model "
+                        "gives them (the profile has no score for them): " + ", ".join(kept[:4])
+                    )
+                if named:
+                    inserted_notes.append(
+                        f"{len(named)} profile site(s) inserted where dropping guards exactly "
+                        f"their parameters ({len(more) - len(kept)} Dropout node(s), one per "
+                        "call): "
+                        + ", ".join(named[:4])
+                        + (f" and {len(named) - 4} more" if len(named) > 4 else "")
+                    )
         corr, profile, id_notes = _identify(out, infos, table, prof)
-        unused = [i for i in infos if i.site.name not in corr.names().values()]
+        bare = {corr.renaming(n) for n in unscored_rates(prof)}
+        unused = [
+            i for i in infos if i.site.name not in corr.names().values() and i.site.name not in bare
+        ]
         if (
             dropout_free
             and unused
@@ -407,6 +435,30 @@ def _identify(
     return corr, prof.translate(lambda n: names_map.get(n, ren(n))), notes
 
 
+def _untie(model: Any, tied: Mapping[str, str]) -> list[str]:
+    """Rename (in place) initializers named by another name of a tied torch parameter
+    (``tied``: ``{alias: name}``, the profile's ``tied_parameters``) to the name the profile
+    uses, where that name is not in the graph: the dynamo exporter names GPT-2's word
+    embedding, tied to the LM head, ``lm_head.weight``. A note says which."""
+    names = {t.name for t in model.graph.initializer}
+    renamed = {a: n for a, n in tied.items() if a in names and n not in names}
+    if not renamed:
+        return []
+    for t in model.graph.initializer:
+        t.name = renamed.get(t.name, t.name)
+    for node in model.graph.node:
+        for j, x in enumerate(node.input):
+            if x in renamed:
+                node.input[j] = renamed[x]
+    for v in model.graph.input:
+        v.name = renamed.get(v.name, v.name)
+    return [
+        f"{len(renamed)} initializer(s) renamed to the name of the torch parameter they are tied "
+        f"to (the profile's tied_parameters): "
+        + ", ".join(f"{a} -> {n}" for a, n in list(renamed.items())[:4])
+    ]
+
+
 def _remove_nodes(model: Any, positions: list[int]) -> None:
     """Remove inserted Dropout nodes (their readers read the node's input again) and the ratio
     initializers only they read."""
@@ -425,51 +477,6 @@ def _remove_nodes(model: Any, positions: list[int]) -> None:
     inits = [t for t in graph.initializer if t.name not in ratios or t.name in read]
     del graph.initializer[:]
     graph.initializer.extend(inits)
-
-
-def _profile_points(
-    model: Any, infos: list[Any], table: Mapping[str, Any], prof: SensitivityProfile
-) -> list[Point]:
-    """Insertion points, named like the profile's sites, for the profile sites no site of a
-    dropout-free graph guards exactly (a classifier head's dropout off the residual stream, an
-    FFN's inner dropout inside a residual branch): the tensor whose dropping guards exactly their
-    parameters (:func:`gd_core.identity.placements`, with the inserted sites in place)."""
-    from gd_core.align import find_renaming
-
-    from .dataflow import ops_of
-
-    have = {frozenset(i.site.params) for i in infos}
-    model_params = [p.name for p in table.values()]
-    prof_params = [p for s in prof.sites for p in s.params]
-    ren = find_renaming(prof_params, model_params) if prof_params and model_params else None
-    if ren is None:
-        return []
-    known = set(model_params)
-    want = {
-        ren(s.name): [ren(p) for p in s.params]
-        for s in prof.sites
-        if s.params
-        and frozenset(ren(p) for p in s.params) not in have
-        and {ren(p) for p in s.params} <= known
-    }
-    if not want:
-        return []
-    nodes = {n for info in infos for n in info.nodes}
-    try:
-        ops, _ = ops_of(
-            model,
-            {k: v.name for k, v in table.items()},
-            lambda i, n: f"#{i}" if i in nodes else None,
-        )
-        claimed = {ren(p) for s in prof.sites for p in s.params}
-        where = placements(ops, want, unclaimed=frozenset(known - claimed))
-    except Exception:  # noqa: BLE001 - a graph the rule cannot read: the sites stay absent
-        return []
-    index = GraphIndex(model.graph)
-    out = [
-        Point(t, site, index.producer[t], ()) for site, t in where.items() if t in index.producer
-    ]
-    return sorted(out, key=lambda p: p.after)
 
 
 def _regroup(
@@ -558,9 +565,9 @@ def _summarise_changes(changes: Sequence[str]) -> list[str]:
 
 
 def _check_model(model: Any) -> None:
-    try:
-        onnx.checker.check_model(model, full_check=True)
-        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    try:  # full_check's strict inference, on the weights' shapes only (_skeleton: faster)
+        onnx.checker.check_model(model)
+        onnx.shape_inference.infer_shapes(_g._skeleton(model), check_type=True, strict_mode=True)
     except Exception as exc:
         raise bad_argument(
             "model_proto",

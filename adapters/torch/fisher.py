@@ -23,7 +23,7 @@ from gd_core.sites import scorable
 from gd_core.validate import check_choice, check_int, check_known
 
 from . import losses, norms, persample
-from .discovery import _features, _resolve_sites, _unit_axes, _unwrap, fingerprint
+from .discovery import _features, _resolve_sites, _unit_axes, _unwrap, current_p, fingerprint
 from .layer import torch
 
 _LOSS_NAMES = ("mlm", "clm", "contrastive")
@@ -457,10 +457,21 @@ def profile(
     tf = sys.modules.get("transformers")
     if tf is not None:
         meta["transformers_version"] = getattr(tf, "__version__", "")
+    first: dict[int, str] = {}
+    tied = {}  # a parameter shared by several modules: its other names (an exporter may use one)
+    for n, p in root.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), n) != n:
+            tied[n] = first[id(p)]
+    if tied:
+        meta["tied_parameters"] = tied
     frozen = [n for n, p in root.named_parameters() if not p.requires_grad]
     measured, unscored = scorable(measured, frozen)
     if unscored:  # never silent: in the profile's metadata and a warning
         meta["unscored_sites"] = unscored
+        # the rate each has in this model: an export without its Dropout node keeps it there
+        meta["unscored_rates"] = {
+            f.site.name: current_p(f) for f in found if f.site.name in unscored
+        }
         warnings.warn(
             f"adapters.torch.profile: {len(unscored)} site(s) get no score and are left out of "
             f"the profile (apply treats them like any site the profile lacks): {unscored}",
