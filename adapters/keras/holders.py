@@ -413,7 +413,7 @@ def insert_sites(model: Any, idx: ModelIndex, inserts: Mapping[str, Any]) -> lis
             tops[id(top)] = (top, graph)
     for top, graph in tops.values():
         carry(top)
-        if not _keeps_layers(graph):
+        if getattr(graph, "_gd_own_get_config", None) is None and not _keeps_layers(graph):
             notes.append(
                 f"{type(graph).__name__} {graph.name!r} is saved by its own config (not its "
                 "layers), so a .keras file of it would not hold the inserted sites: saving it "
@@ -434,13 +434,42 @@ def _keeps_layers(graph: Any) -> bool:
         return False
 
 
+def refuse_saving_plain(graph: Any, notes: list[str]) -> None:
+    """Make saving ``graph`` raise when its config holds hyperparameters, not its layers: a
+    ``.keras`` file of it would load plain dropout layers at the config's rates (a rebuilt
+    keras_hub backbone). A note saying so goes to ``notes``."""
+    if _keeps_layers(graph):
+        return
+    notes.append(
+        f"{type(graph).__name__} {graph.name!r} is saved by its own config (its "
+        "hyperparameters, not its layers), so a .keras file of it would load plain dropout "
+        "layers at the config's rates (and no inserted sites): saving it raises; save the weights "
+        "(model.save_weights) and call apply again after building the model"
+    )
+    _refuse_saving(graph)
+
+
+def config_of(graph: Any) -> Any:
+    """``graph.get_config()``, or the config it had before saving it was refused."""
+    own = getattr(graph, "_gd_own_get_config", None)
+    return own() if own is not None else graph.get_config()
+
+
 def _refuse_saving(graph: Any) -> None:
+    if getattr(graph, "_gd_own_get_config", None) is None:
+        object.__setattr__(graph, "_gd_own_get_config", graph.get_config)
+
     def get_config() -> Any:
         raise ArgumentError(
-            f"model: expected a model whose .keras file keeps its inserted guided dropout "
-            f"sites, received {type(graph).__name__} {graph.name!r}, whose config holds its "
-            "hyperparameters, not its layers; fix: save the weights (model.save_weights) and "
-            "call adapters.keras.apply again on the model built from its config"
+            f"model: expected a model whose .keras file keeps its guided dropout sites, "
+            f"received {type(graph).__name__} {graph.name!r}, whose config holds its "
+            "hyperparameters, not its layers (loaded, it would run its config's dropout "
+            "rates); fix: save the weights (model.save_weights) and call adapters.keras.apply "
+            "again on the model built from its config"
         )
 
+    def save(*args: Any, **kwargs: Any) -> Any:
+        get_config()  # before Keras opens the file: nothing half-written on disk
+
     object.__setattr__(graph, "get_config", get_config)
+    object.__setattr__(graph, "save", save)

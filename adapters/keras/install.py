@@ -29,7 +29,7 @@ from .discovery import (
     layer_rate,
     resolve_sites,
 )
-from .holders import _cannot_rewrite, _rewrite_in_place, carry, insert_sites
+from .holders import _cannot_rewrite, _rewrite_in_place, carry, insert_sites, refuse_saving_plain
 from .layer import HOOK, GuidedDropout, GuidedDropoutScheduler, _all_layers, keras
 from .rebuild import align_names, rebuilt
 
@@ -293,7 +293,7 @@ def apply(
             "fixed dropout rate in its config (the guided rate, without the schedule)"
         )
     if graph:
-        new_model = _rewrite_graph(model, idx, factories)
+        new_model = _rewrite_graph(model, idx, factories, notes)
         notes += insert_sites(new_model, idx, inserts)
     else:
         _rewrite_in_place(model, idx, factories)
@@ -314,7 +314,9 @@ def apply(
     )
 
 
-def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable[[], Any]]) -> Any:
+def _rewrite_graph(
+    model: Any, idx: ModelIndex, factories: Mapping[int, Callable[[], Any]], notes: list[str]
+) -> Any:
     pairs: list[tuple[Any, Any]] = []
 
     def clone(layer: Any) -> Any:
@@ -336,7 +338,9 @@ def _rewrite_graph(model: Any, idx: ModelIndex, factories: Mapping[int, Callable
         # a layer clone_model cannot make from its own config (keras_hub): the model is built
         # again from its config and its dropout layers replaced in that copy
         try:
-            return _compiled_like(model, rebuilt(model, idx, factories))
+            new_model = rebuilt(model, idx, factories)
+            refuse_saving_plain(new_model, notes)
+            return _compiled_like(model, new_model)
         except ArgumentError as again:
             raise _cannot_rewrite(
                 model, f"keras.models.clone_model failed ({exc!s:.300}); {again!s:.300}"

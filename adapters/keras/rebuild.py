@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .discovery import ModelIndex, _fingerprint, _is_graph_model, is_site, own_weights
-from .holders import _cannot_rewrite, _rewrite_in_place, _swap_tracked, carry
+from .holders import _cannot_rewrite, _rewrite_in_place, _swap_tracked, carry, config_of
 
 
 def _kind(layer: Any) -> str:
@@ -85,7 +85,7 @@ def rebuilt(model: Any, idx: ModelIndex, factories: Mapping[int, Callable[[], An
     """A copy of graph ``model`` built from its config, weights copied, the site layers of
     ``factories`` (by id in ``idx``) replaced by what the factories make."""
     try:
-        new_model = type(model).from_config(model.get_config())
+        new_model = type(model).from_config(config_of(model))
     except Exception as exc:  # noqa: BLE001 - reported with its cause
         raise _cannot_rewrite(
             model, f"the model could not be built again from its config ({exc!s:.200})"

@@ -16,6 +16,7 @@ keras = pytest.importorskip("keras")
 gdk = pytest.importorskip("adapters.keras")
 from adapters.keras.calls import called_layers  # noqa: E402
 from adapters.keras.discovery import ModelIndex  # noqa: E402
+from gd_core.errors import ArgumentError  # noqa: E402
 
 
 class NoConfigBlock(keras.layers.Layer):
@@ -73,6 +74,26 @@ def test_apply_rebuilds_a_model_clone_model_cannot():
     assert _rates(model) == {inner: 0.1, top: 0.1}  # the input is unchanged
     np.testing.assert_allclose(keras.ops.convert_to_numpy(new(x)), before, rtol=1e-6)
     assert gdk.fingerprint(new) == gdk.fingerprint(model)
+
+
+def test_a_rebuilt_model_saved_by_its_hyperparameters_refuses_to_save(tmp_path):
+    # its .keras file would hold the hyperparameters only and load plain dropout layers at the
+    # config's rates: keras_hub's LlamaBackbone loaded at 0.1 everywhere, silently
+    keras.utils.set_random_seed(0)
+    model = NoConfigNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inner, top = (s.name for s in gdk.sites(model))
+        report = gdk.apply(model, {inner: 0.03, top: 0.07})
+    assert any("saved by its own config" in n and "save_weights" in n for n in report.notes)
+    with pytest.raises(ArgumentError, match="save the weights"):
+        report.model.save(tmp_path / "guided.keras")
+    assert not (tmp_path / "guided.keras").exists()
+    report.model.save_weights(tmp_path / "guided.weights.h5")  # the way the note gives
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = gdk.apply(report.model, {inner: 0.05, top: 0.02})  # apply again still works
+    assert _rates(again.model) == {inner: 0.05, top: 0.02}
 
 
 class AutoNamedBlock(keras.layers.Layer):

@@ -236,7 +236,7 @@ def test_a_model_saved_by_its_hyperparameters_refuses_to_save_inserted_sites(tmp
     assert [s.name for s in found] == ["stem.gd_dropout", "fc.gd_dropout"]  # unique names
     report = gdk.apply(m, {s.name: 0.05 for s in found})
     assert any("saving it raises" in n for n in report.notes), report.notes
-    with pytest.raises(Exception, match="keeps its inserted guided dropout sites"):
+    with pytest.raises(Exception, match="keeps its guided dropout sites"):
         report.model.save(os.path.join(tmp_path, "hyper.keras"))
 
 
