@@ -26,12 +26,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy gd_core
 
-# one pytest worker per core (at most 4; each single-threaded, tests/conftest.py)
+# one pytest worker per core (at most 4; each single-threaded, tests/conftest.py); a worker
+# that runs out of tests takes half of another's queue (--dist worksteal), so the workers end
+# together instead of one waiting for the other's last long tests
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+TEST_DIST ?= --dist worksteal
 
 test: lint
 	@# pytest exits 5 when it collects no tests: that is a failure here too
-	$(PY) -m pytest -q -n $(TEST_JOBS); rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests collected' >&2; exit 1; fi; exit $$rc
+	$(PY) -m pytest -q -n $(TEST_JOBS) $(TEST_DIST); rc=$$?; if [ $$rc -eq 5 ]; then echo 'no tests collected' >&2; exit 1; fi; exit $$rc
 
 # the full zoo sweep (docs/zoo.md): every transformers class whose tiny config builds offline,
 # in ZOO_JOBS processes; fails when an outcome differs from tests/zoo/sweep.json
@@ -46,7 +49,7 @@ zoo-doc: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m tests.zoo.report --jobs $(ZOO_JOBS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_JOBS) -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_JOBS) $(TEST_DIST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

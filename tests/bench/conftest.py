@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,41 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
+
+
+@pytest.fixture
+def bench_main(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., tuple[int, str, str]]:
+    """``bench_main("glue", *args) -> (exit status, stdout, stderr)``: ``bench/glue.py ARGS`` run
+    in this process through the script's ``main(argv)`` (what ``python bench/glue.py ARGS`` runs),
+    from the repository root; no interpreter start-up nor second import of torch per call.
+
+    The output is captured at the file descriptors, so worker processes a script starts (glue's
+    ``--jobs``, ``spawn_worker``) are in it too; environment variables a script sets (a cache
+    folder, a backend) are restored afterwards. Tests whose point is the script's own process
+    (a shell recipe, a fresh interpreter) run it as a subprocess instead.
+    """
+    monkeypatch.chdir(ROOT)
+    monkeypatch.syspath_prepend(str(BENCH))
+
+    def run(script: str, *args: str) -> tuple[int, str, str]:
+        saved = dict(os.environ)
+        capfd.readouterr()
+        try:
+            try:
+                rc = importlib.import_module(script).main([str(a) for a in args])
+            except SystemExit as exc:  # argparse: bad arguments
+                rc = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        out, err = capfd.readouterr()
+        return int(rc or 0), out, err
+
+    return run
+
 
 # bench/fisher.py --smoke cells the tests check, and the modules each needs: one run (one
 # interpreter, one TensorFlow and one ONNX Runtime import) serves test_bench.py's Keras and ORT
@@ -41,30 +75,21 @@ def fisher_smoke(
     once: Callable[[str, Callable[[], Any]], Any],
     shared_data: Path,  # the smoke runs read the corpus
     tmp_path_factory: pytest.TempPathFactory,
+    bench_main: Callable[..., tuple[int, str, str]],
 ) -> Callable[[list[str]], tuple[dict[str, Any], list[dict[str, Any]]]]:
     """``fisher_smoke(methods) -> (run, records of those methods)``: ``bench/fisher.py --smoke
     --pairs 2`` over every cell of FISHER_SMOKE whose modules are installed, run once per test
-    run; ``run`` holds its exit status, stderr tail and the methods it was asked for."""
+    run (in the first worker that asks; --smoke runs its cells in-process); ``run`` holds its exit
+    status, stderr tail and the methods it was asked for."""
 
     def produce() -> dict[str, Any]:
         methods = [m for m, mods in FISHER_SMOKE.items() if all(map(_found, mods))]
         out = tmp_path_factory.mktemp("fisher-smoke") / "fisher.jsonl"
-        done = subprocess.run(
-            [sys.executable, "bench/fisher.py", "--smoke", "--methods", ",".join(methods)]
-            + ["--pairs", "2", "--out", str(out)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        rc, _, err = bench_main(
+            "fisher", "--smoke", "--methods", ",".join(methods), "--pairs", "2", "--out", str(out)
         )
         recs = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-        return {
-            "methods": methods,
-            "returncode": done.returncode,
-            "stderr": done.stderr[-3000:],
-            "records": recs,
-        }
+        return {"methods": methods, "returncode": rc, "stderr": err[-3000:], "records": recs}
 
     def get(wanted: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         run = once("fisher-smoke", produce)

@@ -4,27 +4,21 @@ model; not a timed test."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def test_fisher_bench_norms_methods_smoke(tmp_path, shared_data):  # the smoke runs read the corpus
+def test_fisher_bench_norms_methods_smoke(
+    tmp_path, shared_data, bench_main
+):  # the smoke runs read the corpus
     out = tmp_path / "fisher.jsonl"
     methods = "gd_norms,gd_norms_gram,gd_norms_blocks,floor,opacus_ghost"
-    args = ["bench/fisher.py", "--smoke", "--methods", methods, "--out", str(out)]
-    args += ["--ref-dir", str(tmp_path / "refs")]
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    args = ["--smoke", "--methods", methods, "--out", str(out), "--ref-dir", str(tmp_path / "refs")]
+    rc, _, err = bench_main("fisher", *args)  # --smoke: the cells in this process
+    assert rc == 0, err[-2000:]
     rows = {r["method"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == set(methods.split(","))
     for m in ("gd_norms", "gd_norms_gram", "gd_norms_blocks"):

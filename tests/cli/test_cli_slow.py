@@ -55,7 +55,7 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def test_torchrun_two_processes_equal_one(tiny_model, corpus_file, tmp_path: Path) -> None:
+def test_torchrun_two_processes_equal_one(gd, tiny_model, corpus_file, tmp_path: Path) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun is not installed next to this Python")
@@ -70,12 +70,9 @@ def test_torchrun_two_processes_equal_one(tiny_model, corpus_file, tmp_path: Pat
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     assert "2 process(es)" in res.stdout
-    one = tmp_path / "one.npz"
-    res = subprocess.run(
-        [sys.executable, "-m", "gd_cli", *common, "--out", str(one), "--device", "cpu"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
+    one = tmp_path / "one.npz"  # one process: this one (no second interpreter start-up)
+    rc, _, err = gd(*common, "--out", one, "--device", "cpu")
+    assert rc == 0, err[-2000:]
     a, b = SensitivityProfile.load(two), SensitivityProfile.load(one)
     assert a.metadata["world_size"] == 2 and a.metadata["samples"] == 16
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-9)

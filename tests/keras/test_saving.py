@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,40 +52,78 @@ def test_applied_model_takes_the_original_weights(tmp_path, kind):
     np.testing.assert_allclose(fresh(x, training=False), original(x, training=False), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", sorted(BUILDERS))
-def test_keras_file_saved_after_apply_loads_in_a_fresh_process(tmp_path, kind):
-    model = BUILDERS[kind]()
-    x = example_input(kind)
-    model(x)
-    guided = _applied(model, _site_probs(model))
-    expected = np.asarray(guided(x, training=False))
-    rates = sorted(
-        round(float(layer.rate), 6)
-        for layer in guided._flatten_layers()
-        if isinstance(layer, (gdk.GuidedDropout, keras.layers.Dropout))
-    )
-    path = tmp_path / "guided.keras"
-    guided.save(path)
-    np.save(tmp_path / "x.npy", x)
-    code = f"""
-import sys
-sys.path.insert(0, {str(HERE)!r})
+# The fresh process that loads the saved files: ONE interpreter (one TensorFlow import) loads
+# every kind's file, each in its own try, and reports per kind; each kind stays its own test.
+_LOADER = """
+import json, sys, traceback
+sys.path.insert(0, sys.argv[1])
 import numpy as np, keras
 import adapters.keras as gdk
 import keras_saving_models
-m = keras.models.load_model({str(path)!r})
-x = np.load({str(tmp_path / "x.npy")!r})
-np.save({str(tmp_path / "got.npy")!r}, np.asarray(m(x, training=False)))
-rates = sorted(round(float(l.rate), 6) for l in m._flatten_layers() if isinstance(l, (gdk.GuidedDropout, keras.layers.Dropout)))
-print(repr(rates))
+out = {}
+for kind, folder in json.loads(sys.argv[2]).items():
+    try:
+        m = keras.models.load_model(folder + "/guided.keras")
+        x = np.load(folder + "/x.npy")
+        np.save(folder + "/got.npy", np.asarray(m(x, training=False)))
+        out[kind] = {"rates": sorted(round(float(l.rate), 6) for l in m._flatten_layers()
+                     if isinstance(l, (gdk.GuidedDropout, keras.layers.Dropout)))}
+    except Exception:
+        out[kind] = {"error": traceback.format_exc()[-3000:]}
+print(json.dumps(out))
 """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+
+
+def _rates(model) -> list[float]:
+    return sorted(
+        round(float(layer.rate), 6)
+        for layer in model._flatten_layers()
+        if isinstance(layer, (gdk.GuidedDropout, keras.layers.Dropout))
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert eval(done.stdout.strip().splitlines()[-1]) == rates
-    np.testing.assert_allclose(np.load(tmp_path / "got.npy"), expected, atol=1e-6)
+
+
+@pytest.fixture
+def fresh_loads(once, tmp_path_factory):
+    """Every kind saved after ``apply`` (here) and loaded in one fresh process, once per run:
+    ``{kind: {"folder", "rates" (here), "loaded": {"rates"} or {"error"}}}``."""
+
+    def produce():
+        made = {}
+        for kind in sorted(BUILDERS):
+            folder = tmp_path_factory.mktemp(f"saved-{kind}")
+            model = BUILDERS[kind]()
+            x = example_input(kind)
+            model(x)
+            guided = _applied(model, _site_probs(model))
+            np.save(folder / "expected.npy", np.asarray(guided(x, training=False)))
+            guided.save(folder / "guided.keras")
+            np.save(folder / "x.npy", x)
+            made[kind] = {"folder": str(folder), "rates": _rates(guided)}
+        folders = json.dumps({kind: m["folder"] for kind, m in made.items()})
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        done = subprocess.run(
+            [sys.executable, "-c", _LOADER, str(HERE), folders],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        loaded = json.loads(done.stdout.strip().splitlines()[-1])
+        return {kind: {**m, "loaded": loaded[kind]} for kind, m in made.items()}
+
+    return lambda: once("keras-saving-fresh-loads", produce)
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_keras_file_saved_after_apply_loads_in_a_fresh_process(fresh_loads, kind):
+    made = fresh_loads()[kind]
+    assert "error" not in made["loaded"], made["loaded"].get("error")
+    assert made["loaded"]["rates"] == made["rates"]
+    folder = Path(made["folder"])
+    np.testing.assert_allclose(
+        np.load(folder / "got.npy"), np.load(folder / "expected.npy"), atol=1e-6
+    )
 
 
 def _guided_encoder():

@@ -39,29 +39,35 @@ def loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Te
     return nn.functional.cross_entropy(model(x), y, reduction="none")
 
 
-def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def diagonal_and_ddp(rank: int, world: int, out_dir: str) -> None:
+    """In an initialised group: the diagonal Fisher of this rank's shard (all-reduced), then
+    ``apply`` and one DDP training step; rank 0 writes ``rank0.npz``."""
     import adapters.torch as gdt
 
+    model = make_model()
+    shard = make_batches()[rank::world]
+    result = gdt.estimate_fisher(model, shard, loss=loss, progress=False)
+    # apply then wrap in DDP and take one training step: the profile survives wrapping
+    report = gdt.apply(model, {"2": 0.05})
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    x, y = shard[0]
+    nn.functional.cross_entropy(ddp(x), y).backward()
+    opt.step()
+    if rank == 0:
+        arrays = {k.replace(".", "_"): v for k, v in result.items()}
+        arrays["count"] = np.array(result.count)
+        arrays["p"] = np.array(report.probabilities()["2"])
+        arrays["p_after"] = np.array(model[2].p)
+        np.savez(Path(out_dir) / "rank0.npz", **arrays)
+
+
+def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
     )
     try:
-        model = make_model()
-        shard = make_batches()[rank::world]
-        result = gdt.estimate_fisher(model, shard, loss=loss, progress=False)
-        # apply then wrap in DDP and take one training step: the profile survives wrapping
-        report = gdt.apply(model, {"2": 0.05})
-        ddp = nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        x, y = shard[0]
-        nn.functional.cross_entropy(ddp(x), y).backward()
-        opt.step()
-        if rank == 0:
-            arrays = {k.replace(".", "_"): v for k, v in result.items()}
-            arrays["count"] = np.array(result.count)
-            arrays["p"] = np.array(report.probabilities()["2"])
-            arrays["p_after"] = np.array(model[2].p)
-            np.savez(Path(out_dir) / "rank0.npz", **arrays)
+        diagonal_and_ddp(rank, world, out_dir)
         torch.distributed.barrier()  # no rank tears gloo down while another still uses it
     finally:
         torch.distributed.destroy_process_group()

@@ -30,8 +30,6 @@ from gd_core import (  # noqa: E402
 )
 from gd_core.fisher import FisherAccumulator  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-
 # ------------------------------------------------------------------------------------------
 # tiny random transformers models
 # ------------------------------------------------------------------------------------------
@@ -715,20 +713,13 @@ def test_wrapped_models_are_unwrapped():
 # distributed, compile, fine-tuning
 # ------------------------------------------------------------------------------------------
 @pytest.mark.slow  # spawning two interpreters that import torch takes 15-25 s on 2 cores
-def test_two_process_gloo_equals_single_process(tmp_path, monkeypatch):
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    # the spawned children import the worker by name with the parent's sys.path
-    monkeypatch.syspath_prepend(str(HERE))
-    import _torch_dist_worker as worker
+def test_two_process_gloo_equals_single_process(gloo_two_process_run):
+    import _torch_dist_worker as worker  # on sys.path: the fixture put it there
 
-    torch.multiprocessing.spawn(
-        worker.run, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
-    )
     single = gdt.estimate_fisher(
         worker.make_model(), worker.make_batches(), loss=worker.loss, progress=False
     )
-    with np.load(tmp_path / "rank0.npz", allow_pickle=False) as got:
+    with np.load(gloo_two_process_run / "rank0.npz", allow_pickle=False) as got:
         assert int(got["count"]) == single.count == 18
         for name, f in single.items():
             np.testing.assert_allclose(got[name.replace(".", "_")], f, rtol=1e-12, err_msg=name)

@@ -450,20 +450,13 @@ def test_nonfinite_names_the_parameter():
 
 
 @pytest.mark.slow  # spawning two interpreters that import torch takes 15-25 s on 2 cores
-def test_two_process_gloo_norms_equal_single_process(tmp_path, monkeypatch):
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    monkeypatch.syspath_prepend(str(HERE))
-    import _torch_dist_worker as base
-    import _torch_norms_dist_worker as worker
+def test_two_process_gloo_norms_equal_single_process(gloo_two_process_run):
+    import _torch_dist_worker as base  # on sys.path: the fixture put it there
 
-    torch.multiprocessing.spawn(
-        worker.run, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
-    )
     single = gdt.estimate_fisher(
         base.make_model(), base.make_batches(), loss=base.loss, progress=False, output="norms"
     )
-    with np.load(tmp_path / "rank0.npz", allow_pickle=False) as got:
+    with np.load(gloo_two_process_run / "rank0-norms.npz", allow_pickle=False) as got:
         assert int(got["count"]) == single.count == 18
         for name, total in single.items():
             key = name.replace(".", "_")
