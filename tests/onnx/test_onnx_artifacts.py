@@ -39,7 +39,11 @@ def _counted(monkeypatch, module, name):
     return calls
 
 
-def test_a_later_call_reuses_the_artifacts_and_the_checked_engine(monkeypatch):
+def test_a_later_call_reuses_the_artifacts_and_the_checked_engine(monkeypatch, tmp_path):
+    # a fresh cache and no engine from an earlier test in this worker: the first call builds
+    monkeypatch.setenv("GD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(of, "_ENGINES", type(of._ENGINES)())
+    monkeypatch.setattr(of, "_KNOWN", type(of._KNOWN)())
     built = _counted(monkeypatch, of, "make_artifacts")
     opened = _counted(monkeypatch, of, "Engine")
     model, data = example_model(0.1), _data()
