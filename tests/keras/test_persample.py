@@ -280,5 +280,8 @@ def test_an_embedding_called_on_a_variable_is_profiled():
 
     from adapters.keras import estimate_fisher
 
-    fisher = estimate_fisher(model, [x], loss, progress=False)
+    # the one-backward engine cannot run this graph (its gather of a variable): the fallback
+    # says so, and the values come from the jacobian path
+    with pytest.warns(RuntimeWarning, match="falls back to the GradientTape.jacobian path"):
+        fisher = estimate_fisher(model, [x], loss, progress=False)
     assert np.all(fisher["pos.weight"] >= 0) and fisher["pos.weight"].any()
