@@ -206,3 +206,29 @@ print(json.dumps({{idx.site_name(l): [round(float(l.rate), 6),
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert {k: tuple(v) for k, v in got.items()} == state
     np.testing.assert_allclose(np.load(tmp_path / "got.npy"), expected, atol=1e-6)
+
+
+def test_a_rebuilt_llama_backbone_refuses_a_file_that_would_drop_its_rates(tmp_path):
+    # keras_hub's LlamaBackbone cannot be cloned (a layer's get_config fails) and is rebuilt from
+    # its hyperparameters: its .keras file loaded every site at the config's 0.1, silently
+    import warnings
+
+    from gd_core.errors import ArgumentError
+
+    model = keras_hub.models.LlamaBackbone(
+        vocabulary_size=64,
+        num_layers=2,
+        num_query_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        num_key_value_heads=1,
+        dropout=0.1,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        names = [s.name for s in gdk.sites(model)]
+        report = gdk.apply(model, {n: 0.01 * (i + 1) for i, n in enumerate(names)})
+    assert any("saved by its own config" in n for n in report.notes), report.notes
+    with pytest.raises(ArgumentError, match="save the weights"):
+        report.model.save(tmp_path / "llama.keras")
+    assert not (tmp_path / "llama.keras").exists()
