@@ -136,3 +136,54 @@ def keras_backend_run(
         return mine
 
     return get
+
+
+@pytest.fixture
+def minilm_auto_profile(
+    once: Callable[[str, Callable[[], Any]], Any], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[Path], dict[str, Any]]:
+    """``minilm_auto_profile(cache_dir) -> facts``: the bundled MiniLM's automatic profile
+    (``adapters.torch.apply(AutoModel)`` with the default settings, the expensive part of the
+    README's first block) computed ONCE per test run, in whichever worker asks first, into a
+    cache folder of the run's own; each caller gets a copy of that cache in ``cache_dir`` and the
+    facts of the one cold computation (its notes, row sources, site count). The README test runs
+    its block on the copy (a task model on the same checkpoint finds the encoder's profile);
+    tests/torch/test_auto_profile.py checks the computation's facts."""
+    import shutil
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    shared = root / "minilm-auto-profile-cache"
+
+    def produce() -> dict[str, Any]:
+        transformers = pytest.importorskip("transformers")
+        import adapters.torch as gdt
+        from gd_cli.models import minilm_path
+
+        saved = os.environ.get("GD_CACHE_DIR")
+        os.environ["GD_CACHE_DIR"] = str(shared)
+        try:
+            model = transformers.AutoModel.from_pretrained(minilm_path())
+            report = gdt.apply(model, auto_profile={"progress": False})
+        finally:
+            if saved is None:
+                os.environ.pop("GD_CACHE_DIR", None)
+            else:
+                os.environ["GD_CACHE_DIR"] = saved
+        return {
+            "notes": list(report.notes),
+            "sources": sorted({r.source for r in report}),
+            "rows": len(report.rows),
+            "sites": len(gdt.sites(model)),
+            "cached": sorted(p.name for p in shared.glob("*.profile.npz")),
+        }
+
+    def get(cache_dir: Path) -> dict[str, Any]:
+        facts = once("minilm-auto-profile", produce)
+        assert facts["cached"], f"the automatic profile was not cached in {shared}"
+        shutil.copytree(shared, cache_dir, dirs_exist_ok=True)
+
+        return facts
+
+    return get

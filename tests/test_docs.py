@@ -88,13 +88,32 @@ def test_self_contained_pages_run_each_block_alone(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", _params())
-def test_doc_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_doc_runs(path: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    monkeypatch = request.getfixturevalue("monkeypatch")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("GD_CACHE_DIR", str(tmp_path / "gd-cache"))
+    cache = tmp_path / "gd-cache"
+    monkeypatch.setenv("GD_CACHE_DIR", str(cache))
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    before: list[tuple[str, int, int]] = []
+    if path.name == "README.md":
+        # the first block's `apply(model)` on the bundled MiniLM finds the encoder's automatic
+        # profile, computed once per test run (tests/conftest.py::minilm_auto_profile; the
+        # computation itself is checked by tests/torch/test_auto_profile.py)
+        request.getfixturevalue("minilm_auto_profile")(cache)
+        before = cached_files(cache)
     run_blocks(path, REPO)
+    if before:
+        assert cached_files(cache) == before, "README's apply(model) computed a profile again"
+
+
+def cached_files(cache: Path) -> list[tuple[str, int, int]]:
+    """Name, inode and modification time of each cached profile (a profile stored again is a
+    new file: written to a temporary file, then renamed)."""
+    return sorted(
+        (p.name, p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.glob("*.profile.npz")
+    )
 
 
 def run_blocks(path: Path, root: Path) -> None:
