@@ -138,12 +138,16 @@ def keras_backend_run(
     return get
 
 
+MINILM_SAMPLES = 48  # the shared MiniLM automatic profile's sample count (minilm_auto_profile)
+
+
 @pytest.fixture
 def minilm_auto_profile(
     once: Callable[[str, Callable[[], Any]], Any], tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[[Path], dict[str, Any]]:
     """``minilm_auto_profile(cache_dir) -> facts``: the bundled MiniLM's automatic profile
-    (``adapters.torch.apply(AutoModel)`` with the default settings, the expensive part of the
+    (``adapters.torch.apply(AutoModel)`` with the default settings but MINILM_SAMPLES, the
+    expensive part of the
     README's first block) computed ONCE per test run, in whichever worker asks first, into a
     cache folder of the run's own; each caller gets a copy of that cache in ``cache_dir`` and the
     facts of the one cold computation (its notes, row sources, site count). The README test runs
@@ -165,7 +169,10 @@ def minilm_auto_profile(
         os.environ["GD_CACHE_DIR"] = str(shared)
         try:
             model = transformers.AutoModel.from_pretrained(minilm_path())
-            report = gdt.apply(model, auto_profile={"progress": False})
+            # every default but the sample count: the Fisher loop is the same at 48 samples as
+            # at DEFAULT_SAMPLES (192), a quarter of the cost; the default corpus's size is
+            # checked by tests/cli/test_corpus.py, the default count by test_auto_profile.py
+            report = gdt.apply(model, auto_profile={"progress": False, "samples": MINILM_SAMPLES})
         finally:
             if saved is None:
                 os.environ.pop("GD_CACHE_DIR", None)

@@ -98,11 +98,18 @@ def test_no_objective_or_no_tokenizer_or_disabled(tokenizer):
 @pytest.mark.slow
 def test_default_profile_of_minilm(minilm_auto_profile, tmp_path):
     """The one-liner on the real MiniLM: a profile of every site from the default corpus (its
-    wall time is measured by bench/auto_profile.py, not here). Computed once per test run
-    (tests/conftest.py::minilm_auto_profile); the README's first block uses the same cache."""
+    wall time is measured by bench/auto_profile.py, not here). Computed once per test run, at 48
+    samples instead of the default 192 (the same loop; tests/conftest.py::minilm_auto_profile);
+    the README's first block uses the same cache."""
+    from gd_core.auto import AutoSettings
+    from gd_core.corpus import load_corpus
+
     facts = minilm_auto_profile(tmp_path / "cache")
-    assert facts["notes"][0].startswith("profile computed by apply(): contrastive objective")
-    assert f"{DEFAULT_SAMPLES} paragraphs of python-docs" in facts["notes"][0]
+    note = facts["notes"][0]
+    assert note.startswith("profile computed by apply(): contrastive objective on BertModel")
+    assert "48 paragraphs of python-docs (128 tokens)" in note
     assert facts["sources"] == ["profile"]
     assert facts["rows"] == facts["sites"] > 0
     assert len(facts["cached"]) == 1
+    # what the one-liner does with no settings: the default count, which the corpus can give
+    assert AutoSettings().samples == DEFAULT_SAMPLES <= len(load_corpus(None).texts)
