@@ -1,17 +1,14 @@
-"""Workers of the issue-14 distributed edge-case tests (spawned, not collected)."""
+"""The issue-14 distributed edge cases, run inside the shared two-process gloo spawn
+(tests/torch/_torch_norms_dist_worker.run; not collected)."""
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
-
-TIMEOUT_S = 30
 
 
 def tiny_mlm() -> torch.nn.Module:
@@ -36,30 +33,11 @@ def mlm_batches(n_batches: int = 6, batch_size: int = 2) -> list[dict[str, torch
     ]
 
 
-def _init(rank: int, world: int, init_file: str) -> None:
-    torch.distributed.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
-
-
-def unequal(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """Rank 0 gets 2 batches, rank 1 gets 5; checkpoint after every batch."""
-    _unequal(rank, world, init_file, out_dir, "diagonal")
-
-
-def unequal_norms(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """:func:`unequal` on the norms path (``output="norms"``, what ``profile`` uses)."""
-    _unequal(rank, world, init_file, out_dir, "norms")
-
-
-def _unequal(rank: int, world: int, init_file: str, out_dir: str, output: str) -> None:
+def unequal_in_group(rank: int, world: int, out_dir: str, output: str) -> None:
+    """In an initialised group: rank 0 gets 2 batches, rank 1 gets 5; checkpoint after every
+    batch; each rank writes ``rank{r}.json`` (its Fisher and count, or the error it raised)."""
     import adapters.torch as gdt
 
-    _init(rank, world, init_file)
     out: dict[str, object] = {}
     try:
         from _torch_dist_worker import loss, make_batches, make_model
@@ -81,36 +59,34 @@ def _unequal(rank: int, world: int, init_file: str, out_dir: str, output: str) -
         out = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
     finally:
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(out))
-        torch.distributed.destroy_process_group()
-    _exit_cleanly()
 
 
-def masked(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """MaskedLMLoss under 2 processes: each rank its strided shard."""
+def masked_in_group(rank: int, world: int, out_dir: str) -> None:
+    """In an initialised group: MaskedLMLoss under 2 processes, each rank its strided shard;
+    rank 0 writes ``masked.npz``."""
     import adapters.torch as gdt
 
-    _init(rank, world, init_file)
-    try:
-        result = gdt.estimate_fisher(
-            tiny_mlm(),
-            mlm_batches()[rank::world],
-            loss=gdt.MaskedLMLoss(mask_token_id=4, seed=0),
-            progress=False,
-        )
-        if rank == 0:
-            arrays = {k.replace(".", "_"): v for k, v in result.items()}
-            arrays["count"] = np.array(result.count)
-            np.savez(Path(out_dir) / "masked.npz", **arrays)
-        torch.distributed.barrier()  # no rank tears gloo down while another still uses it
-    finally:
-        torch.distributed.destroy_process_group()
-    _exit_cleanly()
+    result = gdt.estimate_fisher(
+        tiny_mlm(),
+        mlm_batches()[rank::world],
+        loss=gdt.MaskedLMLoss(mask_token_id=4, seed=0),
+        progress=False,
+    )
+    if rank == 0:
+        arrays = {k.replace(".", "_"): v for k, v in result.items()}
+        arrays["count"] = np.array(result.count)
+        np.savez(Path(out_dir) / "masked.npz", **arrays)
 
 
-def _exit_cleanly() -> None:
-    """Reached only on success (an exception reaches torch.multiprocessing.spawn as a failure).
-    As in ``_torch_dist_worker``: under pytest (and more often with parallel test workers) a
-    gloo worker sometimes aborted at interpreter exit after all its work had finished
-    ("terminate called without an active exception"); skipping the interpreter's teardown keeps
-    these tests about the results they check."""
-    os._exit(0)
+def run_all(rank: int, world: int, out_dir: str) -> None:
+    """The edge cases of tests/torch/test_integrity.py in the shared gloo run
+    (tests/torch/_torch_norms_dist_worker.run): unequal batch counts on the diagonal and the norms
+    path, then MaskedLMLoss; each in its own subfolder of ``out_dir``."""
+    for output in ("diagonal", "norms"):
+        sub = Path(out_dir) / f"unequal-{output}"
+        sub.mkdir(exist_ok=True)
+        unequal_in_group(rank, world, str(sub), output)
+        torch.distributed.barrier()
+    sub = Path(out_dir) / "masked"
+    sub.mkdir(exist_ok=True)
+    masked_in_group(rank, world, str(sub))

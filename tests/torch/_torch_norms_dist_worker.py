@@ -1,9 +1,11 @@
 """Worker of the 2-process gloo tests of ``estimate_fisher`` (spawned, not collected): the norms
-path and the diagonal path in one spawn, shared by tests/torch/test_norms.py and test_adapter.py
-through tests/torch/conftest.py::gloo_two_process_run."""
+path, the diagonal path and the distributed edge cases in one spawn, shared by
+tests/torch/test_norms.py, test_adapter.py and test_integrity.py through
+tests/torch/conftest.py::gloo_two_process_run."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 from pathlib import Path
@@ -32,15 +34,25 @@ def norms(rank: int, world: int, out_dir: str) -> None:
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    """Both two-process checks in one spawn (two interpreter start-ups instead of four): the
-    norms path, then the diagonal path with apply and a DDP step (``_torch_dist_worker``)."""
+    """Every two-process check in one spawn (two interpreter start-ups instead of ten): the
+    norms path, then the diagonal path with apply and a DDP step (``_torch_dist_worker``), then
+    the edge cases of test_integrity.py (``_dist_edge_worker.run_all``)."""
+    import _dist_edge_worker as edge
+
+    # a collective one rank never reaches fails after 30 s instead of gloo's default 30 min
     torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=30),
     )
     try:
         norms(rank, world, out_dir)
         torch.distributed.barrier()
         diagonal_and_ddp(rank, world, out_dir)
+        torch.distributed.barrier()
+        edge.run_all(rank, world, out_dir)
         torch.distributed.barrier()  # no rank tears gloo down while another still uses it
     finally:
         torch.distributed.destroy_process_group()

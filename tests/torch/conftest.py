@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,10 @@ def tokenizer():
 @pytest.fixture
 def gloo_two_process_run(once, tmp_path_factory, monkeypatch) -> Path:
     """The folder of ONE two-process gloo run (``_torch_norms_dist_worker.run``: the norms path,
-    then the diagonal path with apply and a DDP step), shared by the two tests that check it:
-    ``rank0-norms.npz`` and ``rank0.npz`` of rank 0."""
+    the diagonal path with apply and a DDP step, the edge cases of test_integrity.py), shared by
+    the tests that check it: ``rank0-norms.npz`` and ``rank0.npz`` of rank 0,
+    ``unequal-{diagonal,norms}/rank{0,1}.json``, ``masked/masked.npz``. A run that hangs is
+    killed and fails every test that asks for it."""
     torch = pytest.importorskip("torch")
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
@@ -33,9 +36,16 @@ def gloo_two_process_run(once, tmp_path_factory, monkeypatch) -> Path:
         import _torch_norms_dist_worker as worker
 
         out = tmp_path_factory.mktemp("gloo")
-        torch.multiprocessing.spawn(
-            worker.run, args=(2, str(out / "init"), str(out)), nprocs=2, join=True
+        ctx = torch.multiprocessing.spawn(
+            worker.run, args=(2, str(out / "init"), str(out)), nprocs=2, join=False
         )
+        end = time.monotonic() + 180
+        while not ctx.join(timeout=1):
+            if time.monotonic() > end:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                pytest.fail("the two-process gloo run hung (killed after 180 s)")
         return str(out)
 
     return Path(once("torch-gloo-two-process", produce))

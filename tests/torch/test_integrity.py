@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -141,32 +140,13 @@ def test_masked_lm_masks_do_not_depend_on_batching():
     assert not torch.equal(other.mask(model, {"input_ids": ids})[1], m_all)
 
 
-def _spawn(fn, tmp_path, monkeypatch, deadline_s: float = 90.0) -> None:
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    monkeypatch.syspath_prepend(str(HERE))
-    monkeypatch.setenv("PYTHONPATH", str(HERE))
-    ctx = torch.multiprocessing.spawn(
-        fn, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False
-    )
-    end = time.monotonic() + deadline_s
-    while not ctx.join(timeout=1):
-        if time.monotonic() > end:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail("the distributed run hung")
-
-
 @pytest.mark.parametrize("output", ["diagonal", "norms"])
-def test_unequal_batch_counts_across_ranks_never_hang_or_lie(tmp_path, monkeypatch, output):
-    monkeypatch.syspath_prepend(str(HERE))
-    import _dist_edge_worker as worker
+def test_unequal_batch_counts_across_ranks_never_hang_or_lie(gloo_two_process_run, output):
+    """Rank 0 gets 2 batches, rank 1 gets 5 (in the shared gloo run, tests/torch/conftest.py)."""
     import _torch_dist_worker as base
 
-    fn = worker.unequal if output == "diagonal" else worker.unequal_norms
-    _spawn(fn, tmp_path, monkeypatch)
-    outs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    folder = gloo_two_process_run / f"unequal-{output}"
+    outs = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
     if all("error" in o for o in outs):  # a clear error on every rank
         assert all("batch" in o["error"] for o in outs), outs
         return
@@ -180,18 +160,17 @@ def test_unequal_batch_counts_across_ranks_never_hang_or_lie(tmp_path, monkeypat
             np.testing.assert_allclose(o["fisher"][name], np.asarray(f), rtol=1e-10, err_msg=name)
 
 
-def test_masked_lm_two_processes_equal_one(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(HERE))
+def test_masked_lm_two_processes_equal_one(gloo_two_process_run):
+    """MaskedLMLoss, each rank its strided shard (in the shared gloo run)."""
     import _dist_edge_worker as worker
 
-    _spawn(worker.masked, tmp_path, monkeypatch)
     single = gdt.estimate_fisher(
         worker.tiny_mlm(),
         worker.mlm_batches(),
         loss=gdt.MaskedLMLoss(mask_token_id=4, seed=0),
         progress=False,
     )
-    with np.load(tmp_path / "masked.npz", allow_pickle=False) as got:
+    with np.load(gloo_two_process_run / "masked" / "masked.npz", allow_pickle=False) as got:
         assert int(got["count"]) == single.count
         for name, f in single.items():
             np.testing.assert_allclose(
