@@ -824,6 +824,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = C.Results(out_path)
     todo = [p for p in plan if not results.done(p[0])]
     C.log(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {out_path}")
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()  # what bench/gpu_grid.sh's log shows per phase
+    C.log(f"torch {torch.__version__}, transformers {transformers.__version__}, cuda {cuda}")
     est = sum(estimate_seconds(t, s, len_examples(t.name)) for _, t, s, _, _ in todo)
     if args.jobs < 1:
         ap.error(f"--jobs must be at least 1, got {args.jobs}")

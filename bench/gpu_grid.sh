@@ -41,8 +41,7 @@ else
   common+=(--profile bench/carry/minilm-wikitext2-contrastive-512x128.profile.npz --seeds 0-4)
   methods_full=standard,guided,random_order,guided_unit
 fi
-"$py" --version
-"$py" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())'
+"$py" --version  # each bench/glue.py call logs its torch, transformers and CUDA availability
 run() { echo "== $*"; "$py" bench/glue.py "${common[@]}" "$@"; }
 run --tasks STS-B,MRPC --settings full --methods "$methods_full" --out "$out/glue-gpu.jsonl" "$@"
 run --quick --jobs "$jobs" --tasks STS-B,MRPC --methods standard,guided,guided_unit \

@@ -117,6 +117,8 @@ def test_gpu_grid_script_runs_every_phase_once_on_cpu(
         env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+    # every phase logs the versions and whether CUDA is there (the recipe's first check there)
+    assert (done.stdout + done.stderr).count(", cuda False") == 4, done.stderr[-3000:]
     grid = [json.loads(line) for line in (tmp_path / "glue-gpu.jsonl").read_text().splitlines()]
     keys = sorted((r["task"], r["setting"], r["method"]) for r in grid)
     expected = sorted(
