@@ -90,21 +90,6 @@ def fits(model, x) -> bool:
 
 
 @pytest.mark.parametrize("build", [tiny_bert, tiny_gpt2], ids=["bert", "gpt2"])
-def test_keras_hub_backbone_sites_apply_save_fit(build, tmp_path):
-    model = build()
-    sites = gdk.sites(model)
-    names = [s.name for s in sites]
-    assert len(names) == len(set(names)) >= 5, names  # unique names across transformer layers
-    assert all(s.params for s in sites)
-    x = inputs_for(model)
-    given = {n: round(0.01 * (i + 1), 4) for i, n in enumerate(names)}
-    report = gdk.apply(model, given)
-    guided = report.model
-    assert report.probabilities() == pytest.approx(given)
-    assert fits(guided, x)
-
-
-@pytest.mark.parametrize("build", [tiny_bert, tiny_gpt2], ids=["bert", "gpt2"])
 def test_keras_hub_profile_and_apply(build):
     model = build()
     prof = gdk.profile(model, [inputs_for(model)], pooled_loss, progress=False)
@@ -131,11 +116,16 @@ def site_state(model):
 
 
 @pytest.mark.parametrize("build", [tiny_bert, tiny_gpt2], ids=["bert", "gpt2"])
-def test_keras_hub_save_load(build, tmp_path):
+def test_keras_hub_backbone_sites_apply_fit_save_load(build, tmp_path):
     model = build()
-    names = [s.name for s in gdk.sites(model)]
+    sites = gdk.sites(model)
+    names = [s.name for s in sites]
+    assert len(names) == len(set(names)) >= 5, names  # unique names across transformer layers
+    assert all(s.params for s in sites)
     given = {n: round(0.01 * (i + 1), 4) for i, n in enumerate(names)}
-    guided = gdk.apply(model, given).model
+    report = gdk.apply(model, given)
+    assert report.probabilities() == pytest.approx(given)
+    guided = report.model
     x = inputs_for(model)
     expected = sequence_of(guided(x, training=False))
     guided.save(tmp_path / "guided.keras")
@@ -148,6 +138,7 @@ def test_keras_hub_save_load(build, tmp_path):
     np.testing.assert_allclose(sequence_of(loaded(x, training=False)), expected, atol=1e-6)
     loaded.save(tmp_path / "again.keras")  # a loaded model saves and loads again
     assert site_state(keras.saving.load_model(tmp_path / "again.keras")) == site_state(guided)
+    assert fits(guided, x)  # the guided model trains, and so does the one loaded from its file
     assert fits(loaded, x)
 
 
