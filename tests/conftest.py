@@ -39,6 +39,13 @@ def _private_profile_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
         os.environ["GD_CACHE_DIR"] = str(tmp_path_factory.mktemp("gd-cache"))
 
 
+def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test run's base folder, shared by every xdist worker (the parent of each worker's
+    own base folder)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 @pytest.fixture(scope="session")
 def once(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[], Any]], Any]:
     """``once(name, produce)``: ``produce()`` (JSON-able result) runs once per test run, in
@@ -49,9 +56,7 @@ def once(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[]
     run's base folder (the parent of each worker's own); a lock makes the others wait for the
     first. When ``produce`` raises, nothing is stored and the next test tries again.
     """
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
+    root = run_root(tmp_path_factory)
     import fcntl
     import json
 
@@ -147,37 +152,27 @@ def minilm_auto_profile(
 ) -> Callable[[Path], dict[str, Any]]:
     """``minilm_auto_profile(cache_dir) -> facts``: the bundled MiniLM's automatic profile
     (``adapters.torch.apply(AutoModel)`` with the default settings but MINILM_SAMPLES, the
-    expensive part of the
-    README's first block) computed ONCE per test run, in whichever worker asks first, into a
+    expensive part of the README's first block) computed ONCE per test run, in whichever worker asks first, into a
     cache folder of the run's own; each caller gets a copy of that cache in ``cache_dir`` and the
     facts of the one cold computation (its notes, row sources, site count). The README test runs
     its block on the copy (a task model on the same checkpoint finds the encoder's profile);
     tests/torch/test_auto_profile.py checks the computation's facts."""
     import shutil
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
-    shared = root / "minilm-auto-profile-cache"
+    shared = run_root(tmp_path_factory) / "minilm-auto-profile-cache"
 
     def produce() -> dict[str, Any]:
         transformers = pytest.importorskip("transformers")
         import adapters.torch as gdt
         from gd_cli.models import minilm_path
 
-        saved = os.environ.get("GD_CACHE_DIR")
-        os.environ["GD_CACHE_DIR"] = str(shared)
-        try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("GD_CACHE_DIR", str(shared))
             model = transformers.AutoModel.from_pretrained(minilm_path())
             # every default but the sample count: the Fisher loop is the same at 48 samples as
             # at DEFAULT_SAMPLES (192), a quarter of the cost; the default corpus's size is
             # checked by tests/cli/test_corpus.py, the default count by test_auto_profile.py
             report = gdt.apply(model, auto_profile={"progress": False, "samples": MINILM_SAMPLES})
-        finally:
-            if saved is None:
-                os.environ.pop("GD_CACHE_DIR", None)
-            else:
-                os.environ["GD_CACHE_DIR"] = saved
         return {
             "notes": list(report.notes),
             "sources": sorted({r.source for r in report}),

@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench_path() -> Any:
+    """``bench/`` on ``sys.path`` for the module's tests (its scripts import by bare name)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield BENCH
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 @pytest.fixture

@@ -18,15 +18,6 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-@pytest.fixture(scope="module")
-def bench_path():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield BENCH
-    finally:
-        sys.path.remove(str(BENCH))
-
-
 @pytest.mark.parametrize("name", ["_common", "glue", "report", "auto_profile"])
 def test_docstring_examples(bench_path, name):
     module = importlib.import_module(name)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,6 @@ def signed(v: float) -> str:
     return f"{v:+.3f}".replace("-", "\N{MINUS SIGN}")
 
 
-@pytest.fixture(scope="module")
-def report():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        yield importlib.import_module("report")
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-
-
 @pytest.mark.parametrize(
     "a, b",
     [
@@ -39,7 +29,8 @@ def report():
         ("guided_rescaled", "standard"),
     ],
 )
-def test_readme_states_the_cpu_cells_paired_differences(report, a, b):
+def test_readme_states_the_cpu_cells_paired_differences(bench_path, a, b):
+    report = importlib.import_module("report")
     recs = [json.loads(line) for line in RESULTS.read_text(encoding="utf-8").splitlines()]
     by = {(r["method"], r["seed"]): r["metrics"]["pearson"] for r in recs}
     seeds = sorted({s for m, s in by if m == a} & {s for m, s in by if m == b})
