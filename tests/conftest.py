@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
     os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+
+# the environment the session started with (tests change theirs): the warm interpreter's
+_ENV_AT_START = dict(os.environ)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GD_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -189,3 +194,86 @@ def minilm_auto_profile(
         return facts
 
     return get
+
+
+def _warm_server(root: Path, wait: bool) -> str | None:
+    """Start the run's warm interpreter server (tests/_warm.py) unless a worker already did;
+    with ``wait``, wait until it listens and return the client's path."""
+    import fcntl
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    folder = root / "warm"
+    folder.mkdir(exist_ok=True)
+    with open(folder / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "started.json").exists():
+            sock = str(folder / "s.sock")
+            if len(sock) > 100:  # AF_UNIX paths are short
+                sock = tempfile.mkdtemp(prefix="gd-warm-") + "/s.sock"
+            # the run's controller (xdist's parent process, or this pytest): the server ends
+            # with it
+            watch = os.getppid() if os.environ.get("PYTEST_XDIST_WORKER") else os.getpid()
+            env = {k: v for k, v in _ENV_AT_START.items() if not k.startswith("PYTEST_")}
+            with open(folder / "server.log", "w") as log:
+                server = subprocess.Popen(
+                    [sys.executable, str(REPO / "tests" / "_warm.py"), "serve", sock, str(watch)],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                    cwd=REPO,
+                )
+            started = {"pid": server.pid, "sock": sock, "client": str(folder / "python")}
+            (folder / "started.json").write_text(json.dumps(started), encoding="utf-8")
+        started = json.loads((folder / "started.json").read_text(encoding="utf-8"))
+    if not wait:
+        return None
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.connect(started["sock"])  # it listens once its imports are done
+            break
+        except OSError:
+            alive = os.path.exists(f"/proc/{started['pid']}")
+            if not alive or time.monotonic() > deadline:
+                tail = (folder / "server.log").read_text(encoding="utf-8")[-3000:]
+                pytest.fail(f"the warm interpreter did not start:\n{tail}")
+            time.sleep(0.2)
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        import _warm
+    finally:
+        sys.path.remove(str(REPO / "tests"))
+    return _warm.write_client(started["client"], started["sock"], sys.executable)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, items: list[pytest.Item]) -> None:
+    # a run with tests that use the warm interpreter starts it now, in the background: its
+    # imports run while the first tests do
+    if not os.environ.get("GD_TEST_COLD") and any(
+        "warm_python" in getattr(item, "fixturenames", ()) for item in items
+    ):
+        _warm_server(run_root(session.config._tmp_path_factory), wait=False)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def warm_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The path of a ``python`` that runs each command in a fork of ONE interpreter per test run
+    that has already imported torch, transformers and TensorFlow (tests/_warm.py: never this
+    repository's modules; a command whose import-time environment differs, or whose options it
+    does not handle, runs cold). For subprocesses whose point is a process of their own (a saved
+    model loading elsewhere, a shell recipe, torchrun, benchmark workers), not a cold import:
+    tests of what a bare interpreter imports keep ``sys.executable``. ``GD_TEST_COLD=1`` makes
+    it ``sys.executable`` (to compare)."""
+    import sys
+
+    if os.environ.get("GD_TEST_COLD"):
+        return sys.executable
+    client = _warm_server(run_root(tmp_path_factory), wait=True)
+    assert client is not None
+    return client

@@ -29,7 +29,7 @@ def bench_path() -> Any:
 
 @pytest.fixture
 def bench_main(
-    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, warm_python: str
 ) -> Callable[..., tuple[int, str, str]]:
     """``bench_main("glue", *args) -> (exit status, stdout, stderr)``: ``bench/glue.py ARGS`` run
     in this process through the script's ``main(argv)`` (what ``python bench/glue.py ARGS`` runs),
@@ -39,8 +39,12 @@ def bench_main(
     ``--jobs``, ``spawn_worker``) are in it too; environment variables a script sets (a cache
     folder, a backend) are restored afterwards. Tests whose point is the script's own process
     (a shell recipe, a fresh interpreter) run it as a subprocess instead.
+
+    The worker processes a script starts with ``sys.executable`` are forked warm
+    (tests/_warm.py): they still import the library and run the script's worker code themselves.
     """
     monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "executable", warm_python)
     monkeypatch.syspath_prepend(str(BENCH))
 
     def run(script: str, *args: str) -> tuple[int, str, str]:

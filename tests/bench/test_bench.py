@@ -9,7 +9,6 @@ import importlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +81,7 @@ def test_glue_smoke_grid_parallel_workers_append_and_resume(
 
 
 def test_gpu_grid_script_runs_every_phase_once_on_cpu(
-    tmp_path, shared_data
+    tmp_path, shared_data, warm_python
 ):  # the smoke runs read the corpus
     """bench/gpu_grid.sh (the one-command GPU recipe) on the CPU with the smoke model: every
     phase runs, appending to and resuming the shared files (each run exactly once), and
@@ -97,7 +96,7 @@ def test_gpu_grid_script_runs_every_phase_once_on_cpu(
         "GD_DEVICE": "cpu",
         "GD_SMOKE": "1",
         "GD_JOBS": "1",
-        "PYTHON": sys.executable,
+        "PYTHON": warm_python,  # each phase's interpreter forked warm (tests/_warm.py)
     }
     done = subprocess.run(
         ["bash", "bench/gpu_grid.sh", str(tmp_path)],

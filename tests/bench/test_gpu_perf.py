@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_perf_smoke_records_every_section(
-    tmp_path, shared_data
+    tmp_path, shared_data, warm_python
 ):  # the smoke runs read the corpus
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    # the recipe's interpreters forked warm (tests/_warm.py)
+    env = {**os.environ, "PYTHON": warm_python, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         ["bash", "bench/gpu_perf.sh", "--smoke", str(tmp_path)],
         cwd=ROOT,

@@ -68,7 +68,9 @@ def test_a_lock_from_another_host_is_refused_with_the_way_out(
 
 
 @pytest.mark.slow
-def test_torchrun_refused_on_every_rank_without_hanging(tiny_model, corpus_file, tmp_path):
+def test_torchrun_refused_on_every_rank_without_hanging(
+    tiny_model, corpus_file, tmp_path, warm_python
+):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun is not installed next to this Python")
@@ -76,8 +78,8 @@ def test_torchrun_refused_on_every_rank_without_hanging(tiny_model, corpus_file,
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         _lock(out, other.pid)
-        res = subprocess.run(
-            [str(torchrun), "--nproc-per-node", "2", "-m", "gd_cli",
+        res = subprocess.run(  # what the torchrun script runs, warm (tests/_warm.py)
+            [warm_python, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "gd_cli",
              *_args(tiny_model, corpus_file, out), "--device", "cpu"],
             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
             timeout=240,

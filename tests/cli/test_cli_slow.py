@@ -55,7 +55,9 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def test_torchrun_two_processes_equal_one(gd, tiny_model, corpus_file, tmp_path: Path) -> None:
+def test_torchrun_two_processes_equal_one(
+    gd, tiny_model, corpus_file, tmp_path: Path, warm_python
+) -> None:
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun is not installed next to this Python")
@@ -63,9 +65,11 @@ def test_torchrun_two_processes_equal_one(gd, tiny_model, corpus_file, tmp_path:
               "16", "--seq-len", "16", "--batch-size", "4", "--quiet"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = tmp_path / "two.npz"
+    # what the torchrun script runs, in a warm interpreter (tests/_warm.py), whose workers are
+    # forked warm too
     res = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "-m", "gd_cli", *common, "--out", str(two),
-         "--device", "cpu"],
+        [warm_python, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "gd_cli",
+         *common, "--out", str(two), "--device", "cpu"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
@@ -120,7 +124,7 @@ def test_keras_replica_matches_torch_and_takes_the_profile(tmp_path: Path) -> No
     )
 
 
-def test_a_saved_keras_replica_loads_in_a_fresh_process(tmp_path: Path) -> None:
+def test_a_saved_keras_replica_loads_in_a_fresh_process(tmp_path: Path, warm_python) -> None:
     """What `gd demo` tells its user to do with the .keras file it writes."""
     pytest.importorskip("keras")
     from gd_cli.models import keras_bert_classifier
@@ -132,6 +136,7 @@ def test_a_saved_keras_replica_loads_in_a_fresh_process(tmp_path: Path) -> None:
         "gd_cli.models.register_keras_layers()\n"
         f"print(keras.models.load_model({str(path)!r}).output.shape)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # a process of its own, forked warm (tests/_warm.py)
+    out = subprocess.run([warm_python, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("(None, 2)"), out.stdout

@@ -212,9 +212,8 @@ def test_onnx_eval_export_gets_sites() -> None:
     ]
 
 
-def test_keras_mha_model_loads_in_fresh_process_after_apply(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_keras_mha_model_loads_in_fresh_process_after_apply(tmp_path, warm_python) -> None:  # type: ignore[no-untyped-def]
     import subprocess
-    import sys
 
     import adapters.keras as gdk
 
@@ -230,7 +229,8 @@ def test_keras_mha_model_loads_in_fresh_process_after_apply(tmp_path) -> None:  
         "print(sorted({round(float(d.rate), 4) for d in ds if 'ropout' in type(d).__name__}))\n"
         "print(sorted(s.name for s in gdk.sites(m)))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # a process of its own, forked warm (tests/_warm.py)
+    done = subprocess.run([warm_python, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert lines[-2] == "[0.25]"  # the MHA layers' guided rates survive save and load

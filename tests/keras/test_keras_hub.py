@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +158,7 @@ def test_keras_hub_task_model_save_load(tmp_path):
     )
 
 
-def test_keras_hub_save_load_in_a_fresh_process(tmp_path):
+def test_keras_hub_save_load_in_a_fresh_process(tmp_path, warm_python):
     model = tiny_bert()
     x = inputs_for(model)
     prof = gdk.profile(model, [x], pooled_loss, progress=False)
@@ -189,9 +188,9 @@ print(json.dumps({{idx.site_name(l): [round(float(l.rate), 6),
     None if getattr(l, "rates", None) is None else [round(r, 6) for r in l.rates],
     getattr(l, "current_step", None)] for l in idx.site_layers}}))
 """
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(  # a process of its own, forked warm (tests/_warm.py)
+        [warm_python, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +82,7 @@ def _rates(model) -> list[float]:
 
 
 @pytest.fixture
-def fresh_loads(once, tmp_path_factory):
+def fresh_loads(once, tmp_path_factory, warm_python):
     """Every kind saved after ``apply`` (here) and loaded in one fresh process, once per run:
     ``{kind: {"folder", "rates" (here), "loaded": {"rates"} or {"error"}}}``."""
 
@@ -101,8 +100,8 @@ def fresh_loads(once, tmp_path_factory):
             made[kind] = {"folder": str(folder), "rates": _rates(guided)}
         folders = json.dumps({kind: m["folder"] for kind, m in made.items()})
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        done = subprocess.run(
-            [sys.executable, "-c", _LOADER, str(HERE), folders],
+        done = subprocess.run(  # a process of its own, forked warm (tests/_warm.py)
+            [warm_python, "-c", _LOADER, str(HERE), folders],
             env=env,
             capture_output=True,
             text=True,
