@@ -67,8 +67,9 @@ SENSITIVE_PREFIXES = (
     "XDG_CACHE_HOME",
     "HOME",
 )
-# ... except these, which torchrun sets for its workers and nothing reads at import
-NOT_SENSITIVE_PREFIXES = ("TORCHELASTIC_", "TORCH_NCCL_")
+# ... except these, read when used, not at import: torchrun's settings for its workers, and
+# what a test process's imports set while it runs (lightning sets the NVML check)
+NOT_SENSITIVE_PREFIXES = ("TORCHELASTIC_", "TORCH_NCCL_", "PYTORCH_NVML_BASED_CUDA_CHECK")
 PRELOAD = (
     "numpy",
     "torch",
