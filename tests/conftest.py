@@ -253,12 +253,47 @@ def _warm_server(root: Path, wait: bool) -> str | None:
 
 
 def pytest_collection_modifyitems(session: pytest.Session, items: list[pytest.Item]) -> None:
+    _long_tests_first(items)
     # a run with tests that use the warm interpreter starts it now, in the background: its
     # imports run while the first tests do
     if not os.environ.get("GD_TEST_COLD") and any(
         "warm_python" in getattr(item, "fixturenames", ()) for item in items
     ):
         _warm_server(run_root(session.config._tmp_path_factory), wait=False)  # type: ignore[attr-defined]
+
+
+def _long_tests_first(items: list[pytest.Item]) -> None:
+    """Reorder ``items`` (in place) so that each xdist worker's share starts with its part of
+    the long tests of tests/durations.json, longest first (tests/durations.py says why and how
+    to refresh the list). xdist's worksteal gives worker k the k-th contiguous chunk of the
+    collection (``len(left) // workers left``) and steals from the end of a queue. Every worker
+    computes the same order from the same collection. Only the time depends on it."""
+    listed = REPO / "tests" / "durations.json"
+    known = json.loads(listed.read_text(encoding="utf-8")) if listed.exists() else {}
+    long = sorted((i for i in items if i.nodeid in known), key=lambda i: -known[i.nodeid])
+    if not long:
+        return
+    taken = {id(i) for i in long}
+    short = [i for i in items if id(i) not in taken]
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    order: list[pytest.Item] = []
+    left = len(items)
+    for k in range(workers):
+        mine = long[k::workers]
+        size = left // (workers - k)
+        fill = max(0, size - len(mine))
+        order += mine + short[:fill]
+        short = short[fill:]
+        left -= len(mine) + fill
+    items[:] = order + short
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # GD_TEST_DURATIONS_OUT=FILE: each phase's duration, for tests/durations.py
+    out = os.environ.get("GD_TEST_DURATIONS_OUT")
+    if out:
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(json.dumps([report.nodeid, report.when, round(report.duration, 3)]) + "\n")
 
 
 @pytest.fixture(scope="session")
