@@ -112,6 +112,7 @@ def keras_backend_run(
             "GD_CONFORMANCE_ONLY": "keras",  # harness.py: the Keras harness only
             "TF_CPP_MIN_LOG_LEVEL": "2",
         }
+        env.pop("GD_TEST_DURATIONS_OUT", None)  # the nested run's tests are not this run's
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(
             os.pathsep
         )
@@ -291,7 +292,8 @@ def _long_tests_first(items: list[pytest.Item]) -> None:
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     # GD_TEST_DURATIONS_OUT=FILE: each phase's duration, for tests/durations.py
     out = os.environ.get("GD_TEST_DURATIONS_OUT")
-    if out:
+    # once per phase: in the worker that ran it (xdist's controller gets each report again)
+    if out and getattr(report, "node", None) is None:
         with open(out, "a", encoding="utf-8") as f:
             f.write(json.dumps([report.nodeid, report.when, round(report.duration, 3)]) + "\n")
 
