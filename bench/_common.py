@@ -300,14 +300,14 @@ TINY_BERT = {
 }
 SMOKE_BERT = {
     "hidden_size": 32,
-    "num_hidden_layers": 2,
+    "num_hidden_layers": 1,
     "num_attention_heads": 2,
     "intermediate_size": 37,
 }
 
 
 def bert_config(model: str, **overrides: Any) -> Any:
-    """Config of ``minilm`` (the packaged one), ``tiny`` (2x128) or ``smoke`` (2x32).
+    """Config of ``minilm`` (the packaged one), ``tiny`` (2x128) or ``smoke`` (1x32).
 
     The random configs use MiniLM's vocabulary so the same tokenizer serves every model.
     """
