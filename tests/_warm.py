@@ -37,7 +37,6 @@ import os
 import signal
 import socket
 import sys
-import time
 
 # variables a preloaded framework reads when it is imported: a command whose value differs from
 # the server's runs cold
@@ -319,9 +318,9 @@ def _serve_one(conn: socket.socket, listener: socket.socket, base: dict) -> None
             poller.unregister(conn)
 
 
-def serve(sock_path: str, watch_pid: int, idle_s: float = 1800.0) -> None:
+def serve(sock_path: str, watch_pid: int) -> None:
     """Import the frameworks, then serve clients on ``sock_path`` until ``watch_pid`` (the test
-    run) is gone or nobody asked for ``idle_s`` seconds."""
+    run) is gone."""
     import importlib
     import warnings
 
@@ -354,7 +353,6 @@ def serve(sock_path: str, watch_pid: int, idle_s: float = 1800.0) -> None:
     listener.listen(64)
     os.replace(tmp, sock_path)  # clients connect only once everything is imported
     listener.settimeout(1.0)
-    last = time.monotonic()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     while True:
@@ -365,10 +363,7 @@ def serve(sock_path: str, watch_pid: int, idle_s: float = 1800.0) -> None:
                 os.kill(watch_pid, 0)
             except ProcessLookupError:
                 break
-            if time.monotonic() - last > idle_s:
-                break
             continue
-        last = time.monotonic()
         conn.settimeout(None)
         if os.fork() == 0:
             try:
