@@ -170,7 +170,8 @@ def _run_command(req: dict, opts: dict, fds: list[int], base: dict) -> int:
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
-    os.environ.update(base["env_set_by_imports"])
+    for key, value in base["env_set_by_imports"].items():  # as the imports set them: by default
+        os.environ.setdefault(key, value)
     sys.executable = req["exe"]
     sys._base_executable = req["exe"]  # type: ignore[attr-defined]
     if "multiprocessing.spawn" in sys.modules:  # it read sys.executable when imported
