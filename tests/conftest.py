@@ -14,12 +14,17 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# `make test` runs one worker per core: one intra-op thread each, so the workers do not
+# oversubscribe the cores (set before torch or TensorFlow is imported; in xdist's controller too,
+# whose environment the workers and their warm interpreter start with)
+WORKER_THREADS = {
+    "OMP_NUM_THREADS": "1",
+    "TF_NUM_INTRAOP_THREADS": "1",
+    "TF_NUM_INTEROP_THREADS": "1",
+}
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs one worker per core: one intra-op thread each, so the workers do not
-    # oversubscribe the cores (set before torch or TensorFlow is imported)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    for _key, _value in WORKER_THREADS.items():
+        os.environ.setdefault(_key, _value)
 
 # the environment the session started with (tests change theirs): the warm interpreter's
 _ENV_AT_START = dict(os.environ)
@@ -197,9 +202,10 @@ def minilm_auto_profile(
     return get
 
 
-def _warm_server(root: Path, wait: bool) -> str | None:
-    """Start the run's warm interpreter server (tests/_warm.py) unless a worker already did;
-    with ``wait``, wait until it listens and return the client's path."""
+def _warm_server(root: Path, wait: bool, env: dict[str, str] | None = None) -> str | None:
+    """Start the run's warm interpreter server (tests/_warm.py) unless xdist's controller or a
+    worker already did, with ``env`` (default: this session's starting environment); with
+    ``wait``, wait until it listens and return the client's path."""
     import fcntl
     import socket
     import subprocess
@@ -217,7 +223,7 @@ def _warm_server(root: Path, wait: bool) -> str | None:
             # the run's controller (xdist's parent process, or this pytest): the server ends
             # with it
             watch = os.getppid() if os.environ.get("PYTEST_XDIST_WORKER") else os.getpid()
-            env = {k: v for k, v in _ENV_AT_START.items() if not k.startswith("PYTEST_")}
+            env = {k: v for k, v in (env or _ENV_AT_START).items() if not k.startswith("PYTEST_")}
             with open(folder / "server.log", "w") as log:
                 server = subprocess.Popen(
                     [sys.executable, str(REPO / "tests" / "_warm.py"), "serve", sock, str(watch)],
@@ -251,6 +257,42 @@ def _warm_server(root: Path, wait: bool) -> str | None:
     finally:
         sys.path.remove(str(REPO / "tests"))
     return _warm.write_client(started["client"], started["sock"], sys.executable)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        for key, value in WORKER_THREADS.items():  # xdist's controller: for its workers
+            os.environ.setdefault(key, value)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_setupnodes(config: pytest.Config, specs: list[Any]) -> None:
+    """xdist's controller, before it starts the workers: the workers themselves are forks of
+    the warm interpreter (tests/_warm.py), so each collects the tests without importing torch,
+    transformers and TensorFlow again (about 12 of its 18 CPU s); ``sys.executable`` stays the
+    real interpreter there (cold subprocesses stay cold)."""
+    if os.environ.get("GD_TEST_COLD"):
+        return
+    import sys
+
+    root = run_root(config._tmp_path_factory)  # type: ignore[attr-defined]
+    try:
+        _warm_server(root, wait=True, env=dict(os.environ))
+    except pytest.fail.Exception as exc:  # the tests still run, in cold workers: say so
+        sys.stderr.write(f"the workers start cold: {exc}\n")
+        return
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        import _warm
+    finally:
+        sys.path.remove(str(REPO / "tests"))
+    started = json.loads((root / "warm" / "started.json").read_text(encoding="utf-8"))
+    worker = _warm.write_client(
+        str(root / "warm" / "python-worker"), started["sock"], sys.executable, as_real=True
+    )
+    for spec in specs:
+        if spec.popen and not spec.python:
+            spec.python = worker
 
 
 def pytest_collection_modifyitems(session: pytest.Session, items: list[pytest.Item]) -> None:
