@@ -339,6 +339,12 @@ def serve(sock_path: str, watch_pid: int) -> None:
     own = _own_modules()
     if own:
         raise SystemExit(f"warm server: this repository's modules were imported: {own}")
+    import gc
+
+    # what the imports made lives as long as a cold interpreter's imports would: out of the
+    # collector's sight, so a fork's collections neither walk nor copy those pages
+    gc.collect()
+    gc.freeze()
     base = {
         "env": env_before,
         # what importing the frameworks set in the environment (torch sets KMP_* variables):

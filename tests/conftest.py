@@ -270,8 +270,9 @@ def pytest_xdist_setupnodes(config: pytest.Config, specs: list[Any]) -> None:
     """xdist's controller, before it starts the workers: the workers themselves are forks of
     the warm interpreter (tests/_warm.py), so each collects the tests without importing torch,
     transformers and TensorFlow again (about 12 of its 18 CPU s); ``sys.executable`` stays the
-    real interpreter there (cold subprocesses stay cold)."""
-    if os.environ.get("GD_TEST_COLD"):
+    real interpreter there (cold subprocesses stay cold). ``GD_TEST_COLD_WORKERS=1``: cold
+    workers (to compare)."""
+    if os.environ.get("GD_TEST_COLD") or os.environ.get("GD_TEST_COLD_WORKERS"):
         return
     import sys
 
