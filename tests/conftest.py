@@ -332,6 +332,16 @@ def _long_tests_first(items: list[pytest.Item]) -> None:
     items[:] = order + short
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # what the imports and the collection made lives for the whole session: out of the
+    # collector's sight, so the session's many full collections do not walk it again and again
+    # (the frameworks' modules are most of a test process's objects)
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     # GD_TEST_DURATIONS_OUT=FILE: each phase's duration, for tests/durations.py
     out = os.environ.get("GD_TEST_DURATIONS_OUT")
