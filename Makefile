@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	# without dependencies, plus the runtime needs a random-initialised backbone has (docs/keras.md)
 	$(PY) -m pip install --quiet --no-deps keras-hub==0.32.0 kagglehub==1.0.2 kagglesdk==0.1.28
 	touch $(STAMP)
+	@# the install writes a few GB: flush them to disk now, so that the kernel's writeback does not
+	@# compete with the first test run for the two cores
+	sync
 
 demo: $(STAMP)
 	$(VENV)/bin/gd demo
