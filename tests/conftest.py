@@ -202,6 +202,17 @@ def minilm_auto_profile(
     return get
 
 
+def _warm_module() -> Any:
+    """tests/_warm.py (a script the server runs, not a package module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_warm", REPO / "tests" / "_warm.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _warm_server(root: Path, wait: bool, env: dict[str, str] | None = None) -> str | None:
     """Start the run's warm interpreter server (tests/_warm.py) unless xdist's controller or a
     worker already did, with ``env`` (default: this session's starting environment); with
@@ -251,11 +262,7 @@ def _warm_server(root: Path, wait: bool, env: dict[str, str] | None = None) -> s
                 tail = (folder / "server.log").read_text(encoding="utf-8")[-3000:]
                 pytest.fail(f"the warm interpreter did not start:\n{tail}")
             time.sleep(0.2)
-    sys.path.insert(0, str(REPO / "tests"))
-    try:
-        import _warm
-    finally:
-        sys.path.remove(str(REPO / "tests"))
+    _warm = _warm_module()
     return _warm.write_client(started["client"], started["sock"], sys.executable)
 
 
@@ -282,11 +289,7 @@ def pytest_xdist_setupnodes(config: pytest.Config, specs: list[Any]) -> None:
     except pytest.fail.Exception as exc:  # the tests still run, in cold workers: say so
         sys.stderr.write(f"the workers start cold: {exc}\n")
         return
-    sys.path.insert(0, str(REPO / "tests"))
-    try:
-        import _warm
-    finally:
-        sys.path.remove(str(REPO / "tests"))
+    _warm = _warm_module()
     started = json.loads((root / "warm" / "started.json").read_text(encoding="utf-8"))
     worker = _warm.write_client(
         str(root / "warm" / "python-worker"), started["sock"], sys.executable, as_real=True
