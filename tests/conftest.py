@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -68,7 +69,6 @@ def once(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[]
     """
     root = run_root(tmp_path_factory)
     import fcntl
-    import json
 
     def get(name: str, produce: Callable[[], Any]) -> Any:
         result = root / f"once-{name}.json"
@@ -104,7 +104,6 @@ def keras_backend_run(
     OTHER_BACKEND_FILES, from the nested pytest under ``KERAS_BACKEND=backend`` (the conformance
     group runs only under torch); fails with the run's output tail when the run itself broke."""
     import subprocess
-    import sys
     import xml.etree.ElementTree as ET
 
     def produce(backend: str) -> dict[str, Any]:
@@ -163,11 +162,12 @@ def minilm_auto_profile(
 ) -> Callable[[Path], dict[str, Any]]:
     """``minilm_auto_profile(cache_dir) -> facts``: the bundled MiniLM's automatic profile
     (``adapters.torch.apply(AutoModel)`` with the default settings but MINILM_SAMPLES, the
-    expensive part of the README's first block) computed ONCE per test run, in whichever worker asks first, into a
-    cache folder of the run's own; each caller gets a copy of that cache in ``cache_dir`` and the
-    facts of the one cold computation (its notes, row sources, site count). The README test runs
-    its block on the copy (a task model on the same checkpoint finds the encoder's profile);
-    tests/torch/test_auto_profile.py checks the computation's facts."""
+    expensive part of the README's first block) computed ONCE per test run, in whichever worker
+    asks first, into a cache folder of the run's own; each caller gets a copy of that cache in
+    ``cache_dir`` and the facts of the one cold computation (its notes, row sources, site
+    count). The README test runs its block on the copy (a task model on the same checkpoint
+    finds the encoder's profile); tests/torch/test_auto_profile.py checks the computation's
+    facts."""
     import shutil
 
     shared = run_root(tmp_path_factory) / "minilm-auto-profile-cache"
@@ -213,14 +213,14 @@ def _warm_module() -> Any:
     return module
 
 
-def _warm_server(root: Path, wait: bool, env: dict[str, str] | None = None) -> str | None:
+def _warm_server(root: Path, wait: bool, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Start the run's warm interpreter server (tests/_warm.py) unless xdist's controller or a
     worker already did, with ``env`` (default: this session's starting environment); with
-    ``wait``, wait until it listens and return the client's path."""
+    ``wait``, wait until it listens. Returns ``{"pid", "sock", "client"}`` (the client's path,
+    written by the caller)."""
     import fcntl
     import socket
     import subprocess
-    import sys
     import tempfile
 
     folder = root / "warm"
@@ -249,7 +249,7 @@ def _warm_server(root: Path, wait: bool, env: dict[str, str] | None = None) -> s
             (folder / "started.json").write_text(json.dumps(started), encoding="utf-8")
         started = json.loads((folder / "started.json").read_text(encoding="utf-8"))
     if not wait:
-        return None
+        return started
     deadline = time.monotonic() + 300
     while True:
         try:
@@ -262,8 +262,7 @@ def _warm_server(root: Path, wait: bool, env: dict[str, str] | None = None) -> s
                 tail = (folder / "server.log").read_text(encoding="utf-8")[-3000:]
                 pytest.fail(f"the warm interpreter did not start:\n{tail}")
             time.sleep(0.2)
-    _warm = _warm_module()
-    return _warm.write_client(started["client"], started["sock"], sys.executable)
+    return started
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -281,17 +280,14 @@ def pytest_xdist_setupnodes(config: pytest.Config, specs: list[Any]) -> None:
     workers (to compare)."""
     if os.environ.get("GD_TEST_COLD") or os.environ.get("GD_TEST_COLD_WORKERS"):
         return
-    import sys
 
     root = run_root(config._tmp_path_factory)  # type: ignore[attr-defined]
     try:
-        _warm_server(root, wait=True, env=dict(os.environ))
+        started = _warm_server(root, wait=True, env=dict(os.environ))
     except pytest.fail.Exception as exc:  # the tests still run, in cold workers: say so
         sys.stderr.write(f"the workers start cold: {exc}\n")
         return
-    _warm = _warm_module()
-    started = json.loads((root / "warm" / "started.json").read_text(encoding="utf-8"))
-    worker = _warm.write_client(
+    worker = _warm_module().write_client(
         str(root / "warm" / "python-worker"), started["sock"], sys.executable, as_real=True
     )
     for spec in specs:
@@ -363,10 +359,8 @@ def warm_python(tmp_path_factory: pytest.TempPathFactory) -> str:
     model loading elsewhere, a shell recipe, torchrun, benchmark workers), not a cold import:
     tests of what a bare interpreter imports keep ``sys.executable``. ``GD_TEST_COLD=1`` makes
     it ``sys.executable`` (to compare)."""
-    import sys
 
     if os.environ.get("GD_TEST_COLD"):
         return sys.executable
-    client = _warm_server(run_root(tmp_path_factory), wait=True)
-    assert client is not None
-    return client
+    started = _warm_server(run_root(tmp_path_factory), wait=True)
+    return _warm_module().write_client(started["client"], started["sock"], sys.executable)
